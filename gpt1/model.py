@@ -1,0 +1,192 @@
+"""GPT-1 (Radford et al., 2018): a post-LayerNorm Transformer decoder with a tied LM head.
+
+Module names follow Hugging Face's OpenAIGPTModel so that gpt1.hf maps weights one to one
+(our Linear layers store (out, in) where HF's Conv1D stores (in, out)).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels import reference
+
+from .config import GPT1Config
+
+
+@dataclass
+class GPT1Output:
+    loss: torch.Tensor | None = None  # mean next-token loss over labels != -100
+    logits: torch.Tensor | None = None  # (B, T, V); None when a fused loss consumed them
+
+
+def resolve_attn_impl(impl, device):
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "sdpa"
+    return impl
+
+
+def resolve_loss_impl(impl, device):
+    if impl == "auto":
+        return "triton_linear" if device.type == "cuda" else "eager"
+    return impl
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.attn_pdrop = config.attn_pdrop
+        self.attn_impl = config.attn_impl
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        # (B, T, 3, nh, hs) -> three (B, nh, T, hs) views; the kernels take the strides as they are
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        p = self.attn_pdrop if self.training else 0.0
+        impl = resolve_attn_impl(self.attn_impl, x.device)
+        if impl == "triton":
+            y = kernels.fused_attention(q, k, v, causal=True, dropout_p=p)
+        elif impl == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            y = reference.attention(q, k, v, causal=True, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Post-LN block as in the paper's code: LayerNorm after each residual add."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn = CausalSelfAttention(config)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+    def forward(self, x):
+        x = self.ln_1(x + self.attn(x))
+        return self.ln_2(x + self.mlp(x))
+
+
+class GPT1(nn.Module):
+    def __init__(self, config: GPT1Config):
+        super().__init__()
+        self.config = config
+        self.tokens_embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.positions_embed = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self, exclude_positions=False):
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.positions_embed.weight.numel() if exclude_positions else n
+
+    def set_impl(self, attn_impl=None, loss_impl=None):
+        """Switch the attention and loss kernels of a built model (the weights are unchanged)."""
+        cfg = GPT1Config.from_dict({**self.config.to_dict(), **{k: v for k, v in
+                                    dict(attn_impl=attn_impl, loss_impl=loss_impl).items() if v}})
+        self.config = cfg
+        for block in self.h:
+            block.attn.attn_impl = cfg.attn_impl
+        return self
+
+    def hidden_states(self, input_ids):
+        """The final hidden states (B, T, C) of the decoder (there is no final LayerNorm)."""
+        B, T = input_ids.shape
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))  # (B, T, C)
+        for block in self.h:
+            x = block(x)
+        return x
+
+    def lm_logits(self, hidden):
+        return F.linear(hidden, self.tokens_embed.weight)  # tied head: (B, T, V)
+
+    def lm_loss(self, hidden, labels):
+        """Mean cross-entropy of the tied LM head on `hidden` (..., C) against `labels` (...);
+        returns (loss, logits), logits being None when the chosen kernel never materializes them."""
+        impl = resolve_loss_impl(self.config.loss_impl, hidden.device)
+        flat_h, flat_y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        if impl == "triton_linear":
+            return kernels.fused_linear_cross_entropy(flat_h, self.tokens_embed.weight, flat_y), None
+        logits = self.lm_logits(hidden)
+        if impl == "triton":
+            # the kernel writes the gradient into the logits buffer, so they are not handed back
+            loss = kernels.fused_cross_entropy(logits.view(-1, logits.shape[-1]), flat_y)
+            return loss, (logits if not torch.is_grad_enabled() else None)
+        return reference.cross_entropy(logits.view(-1, logits.shape[-1]), flat_y), logits
+
+    def forward(self, input_ids, labels=None):
+        """input_ids (B, T); labels (B, T) are the targets of each position, already shifted
+        (labels[:, t] is the token after input_ids[:, t]), -100 where no loss is wanted."""
+        hidden = self.hidden_states(input_ids)
+        if labels is None:
+            return GPT1Output(logits=self.lm_logits(hidden))
+        loss, logits = self.lm_loss(hidden, labels)
+        return GPT1Output(loss=loss, logits=logits)
+
+    def param_groups(self, weight_decay):
+        """Weight decay on matrices and embeddings; none on biases and LayerNorm gains."""
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6N for the matmuls plus 12*L*C*T for attention (PaLM appendix B)."""
+        c = self.config
+        return 6 * self.num_parameters(exclude_positions=True) + 12 * c.n_layer * c.n_embd * seq_len
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Sample max_new_tokens after input_ids (B, T); temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            context = input_ids[:, -self.config.n_positions:]
+            logits = self(context).logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            input_ids = torch.cat([input_ids, nxt], dim=1)
+        return input_ids
+
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Keep the top_k largest logits and the smallest set whose probability reaches top_p."""
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)
+    return logits
