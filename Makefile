@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+NUM_GPUS ?= 2
+DATA ?= data/shakespeare
+RUN ?= runs/demo
+DEMO_STEPS ?= 600
+
+.PHONY: install demo test lint finetune-demo bench clean
+
+# CPU machines take torch 2.13.0, the CPU build; an unpinned `torch` would pull a CUDA build of several GB.
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/gpt1 prepare --out $(DATA) --vocab-size 8192
+	rm -rf $(RUN)
+	$(BIN)/deepspeed --num_gpus $(NUM_GPUS) --module gpt1.train --deepspeed_config ds_configs/zero2_bf16.json \
+		--data $(DATA) --model gpt1-tiny --out $(RUN) --max-steps $(DEMO_STEPS) --warmup-steps 50 --lr 1e-3 \
+		--eval-interval 100 --log-interval 20 --save-interval 300
+	$(BIN)/python -m gpt1.cli metrics $(RUN)
+	$(BIN)/gpt1 generate --run $(RUN) --prompt "ROMEO." --max-new-tokens 120 --temperature 0.8 --top-k 40
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check --line-length 120 gpt1 kernels bench tests
+
+clean:
+	rm -rf $(VENV) *.egg-info

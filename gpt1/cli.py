@@ -1,0 +1,102 @@
+"""The `gpt1` command: prepare, train, finetune, generate, export-hf, metrics."""
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import GPT1Error, cli_errors
+
+USAGE = """usage: gpt1 <command> [options]
+
+commands:
+  prepare     tokenize a corpus (Shakespeare by default) into a data directory
+  train       pre-train (same flags as `python -m gpt1.train`; use the deepspeed launcher for several ranks)
+  finetune    fine-tune on a GLUE-format task (same flags as `python -m gpt1.finetune`)
+  generate    sample text from a run directory
+  export-hf   write a run as a Hugging Face OpenAIGPTLMHeadModel directory
+  metrics     summarize a run's metrics.jsonl
+
+`gpt1 <command> --help` describes each."""
+
+
+def prepare(argv):
+    from .data import prepare as build
+
+    p = argparse.ArgumentParser(prog="gpt1 prepare", description="Tokenize a corpus into DIR.")
+    p.add_argument("--out", required=True, help="data directory to write")
+    p.add_argument("--text", nargs="+", action="extend", default=None,
+                   help="text files or directories of .txt files (default: the complete works of Shakespeare)")
+    p.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int, default=40478)
+    p.add_argument("--val-fraction", "--val_fraction", dest="val_fraction", type=float, default=0.1)
+    p.add_argument("--vocab", help="an existing vocab.json to use instead of training one (with --merges)")
+    p.add_argument("--merges", help="the merges.txt that goes with --vocab")
+    a = p.parse_args(argv)
+    if not 0.0 < a.val_fraction < 1.0:
+        raise GPT1Error(f"--val-fraction must be in (0, 1), got {a.val_fraction}")
+    meta = build(a.out, texts=a.text, vocab_size=a.vocab_size, val_fraction=a.val_fraction, vocab=a.vocab,
+                 merges=a.merges)
+    print(f"{a.out}: vocab {meta['vocab_size']}, {meta['tokens']['train']} train tokens in "
+          f"{meta['documents']['train']} documents, {meta['tokens']['val']} val tokens in "
+          f"{meta['documents']['val']} documents")
+
+
+def export_hf(argv):
+    from .checkpoint import load_run
+    from .hf import save_hf
+
+    p = argparse.ArgumentParser(prog="gpt1 export-hf", description="Export a run as an HF OpenAIGPT directory.")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    a = p.parse_args(argv)
+    model, tokenizer = load_run(a.run_dir)
+    save_hf(model, a.out_dir, tokenizer)
+    print(f"wrote {a.out_dir}: load it with transformers.OpenAIGPTLMHeadModel.from_pretrained({a.out_dir!r})")
+
+
+def metrics(argv):
+    p = argparse.ArgumentParser(prog="gpt1 metrics", description="Summarize RUN_DIR/metrics.jsonl.")
+    p.add_argument("run_dir")
+    a = p.parse_args(argv)
+    path = os.path.join(a.run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise GPT1Error(f"{path} not found")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "val_loss" in r]
+    for r in train:
+        print(f"step {r['step']:>6}  train loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tokens/s")
+    for r in evals:
+        print(f"step {r['step']:>6}  val loss {r['val_loss']:.4f}  ppl {r['val_ppl']:.1f}  acc {r['val_acc']:.3f}")
+    if len(train) > 1:
+        print(f"train loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}")
+
+
+@cli_errors
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "prepare":
+        return prepare(rest)
+    if cmd == "train":
+        from .train import main as train
+        return train(rest)
+    if cmd == "finetune":
+        from .finetune import main as finetune
+        return finetune(rest)
+    if cmd == "generate":
+        from .generate import main as generate
+        return generate(rest)
+    if cmd == "export-hf":
+        return export_hf(rest)
+    if cmd == "metrics":
+        return metrics(rest)
+    raise GPT1Error(f"unknown command {cmd!r}; commands: prepare, train, finetune, generate, export-hf, metrics")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Sample text from a finished run: `gpt1 generate --run RUN_DIR --prompt "..."`."""
+
+import argparse
+
+import torch
+
+from .checkpoint import load_run
+from .errors import GPT1Error, cli_errors
+
+
+def add_arguments(parser):
+    parser.add_argument("--run", required=True, help="a run directory written by gpt1.train")
+    parser.add_argument("--prompt", default="\n", help="text to continue")
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
+    parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=None)
+    parser.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=None)
+    parser.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def generate(args):
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.num_samples < 1:
+        raise GPT1Error("--max-new-tokens and --temperature must be >= 0, --num-samples >= 1")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise GPT1Error(f"--top-p must be in (0, 1], got {args.top_p}")
+    model, tokenizer = load_run(args.run, args.device)
+    model.set_impl(attn_impl="auto", loss_impl="auto")
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise GPT1Error("the prompt encodes to no tokens")
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    x = torch.tensor([ids] * args.num_samples, device=args.device)
+    out = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         generator=gen)
+    return [tokenizer.decode(row.tolist()) for row in out]
+
+
+@cli_errors
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Sample text from a trained GPT-1 run.")
+    add_arguments(parser)
+    for i, text in enumerate(generate(parser.parse_args(argv))):
+        print(text if i == 0 else f"\n---\n{text}")
+
+
+if __name__ == "__main__":
+    main()

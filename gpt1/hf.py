@@ -1,0 +1,83 @@
+"""Hugging Face interop: our weights as an `OpenAIGPTLMHeadModel` directory, and back.
+
+HF's GPT-1 stores its projections as Conv1D, (in, out); ours are nn.Linear, (out, in). HF's "gelu"
+for this model is the tanh approximation, the one the paper and our model use.
+"""
+
+import json
+import os
+
+import torch
+
+from .config import GPT1Config
+from .errors import GPT1Error
+from .model import GPT1
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def hf_config(cfg: GPT1Config):
+    from transformers import OpenAIGPTConfig
+
+    if cfg.n_inner != 4 * cfg.n_embd:
+        raise GPT1Error(f"HF's OpenAIGPT has no n_inner: it needs n_inner == 4 * n_embd, got {cfg.n_inner}")
+    return OpenAIGPTConfig(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+                           n_layer=cfg.n_layer, n_head=cfg.n_head, afn="gelu", embd_pdrop=cfg.embd_pdrop,
+                           attn_pdrop=cfg.attn_pdrop, resid_pdrop=cfg.resid_pdrop,
+                           layer_norm_epsilon=cfg.layer_norm_epsilon, initializer_range=cfg.initializer_range)
+
+
+def save_hf(model: GPT1, out_dir, tokenizer=None):
+    """Write `out_dir` so that OpenAIGPTLMHeadModel.from_pretrained(out_dir) gives our logits."""
+    from transformers import OpenAIGPTLMHeadModel
+
+    state = {}
+    for k, v in model.state_dict().items():
+        state["transformer." + k] = (v.t() if k.endswith(CONV1D) else v).detach().float().cpu().contiguous()
+    hf = OpenAIGPTLMHeadModel(hf_config(model.config))
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the token embedding
+    if missing or unexpected:
+        raise GPT1Error(f"weights do not map onto OpenAIGPTLMHeadModel: missing {missing}, unexpected {unexpected}")
+    hf.tie_weights()
+    hf.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
+
+
+def read_state_dict(path):
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+                return load_file(f)
+            return torch.load(f, map_location="cpu", weights_only=True)
+    raise GPT1Error(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def load_hf(path, **overrides):
+    """A GPT1 from an HF OpenAIGPT directory (ours, or the public openai-gpt layout, with or without
+    the `transformer.` key prefix); `overrides` set config fields such as attn_impl."""
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise GPT1Error(f"{path} is not a Hugging Face model directory (no config.json)")
+    with open(cfg_file) as f:
+        hf = json.load(f)
+    keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "embd_pdrop", "attn_pdrop", "resid_pdrop",
+            "layer_norm_epsilon", "initializer_range")
+    cfg = GPT1Config(**{k: hf[k] for k in keys if k in hf}, **overrides)
+    if hf.get("afn", "gelu") != "gelu":
+        raise GPT1Error(f"{cfg_file}: activation {hf['afn']!r} is not GPT-1's GELU")
+    state = {}
+    for k, v in read_state_dict(path).items():
+        k = k.removeprefix("transformer.")
+        if k == "lm_head.weight" or k.endswith((".attn.bias", "position_ids")):
+            continue  # the tied head and HF's mask/position buffers
+        state[k] = v.t() if k.endswith(CONV1D) else v
+    model = GPT1(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise GPT1Error(f"{path}: weights do not match its config.json: {str(e).splitlines()[0]}") from None
+    return model.eval()  # as from_pretrained does
