@@ -50,3 +50,47 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
     logits = F.linear(hidden, weight, bias)
     return cross_entropy(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
                          reduction=reduction)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Peers for the benchmarks: other libraries' versions of the same ops, under the signatures above.
+# Each imports its optional package inside the call, so kernels/ still depends on torch and triton only;
+# an ImportError (or torch's RuntimeError for a backend it cannot run) tells the caller to skip it.
+# ----------------------------------------------------------------------------------------------------
+
+SDPA_BACKENDS = ("flash", "efficient", "cudnn")
+
+
+def sdpa_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, backend="flash"):
+    """torch's scaled_dot_product_attention on (B, H, T, D), forced to one backend (flash, efficient, cudnn)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+              "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    with sdpa_kernel(chosen):  # raises RuntimeError when that backend cannot take these inputs
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=softmax_scale)
+
+
+def flash_attn_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0):
+    """flash-attn's flash_attn_func, which takes (B, T, H, D): the transposes are free views."""
+    from flash_attn import flash_attn_func
+
+    o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                        softmax_scale=softmax_scale, causal=causal)
+    return o.transpose(1, 2)  # (B, H, T, D)
+
+
+def liger_cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """Liger-Kernel's cross-entropy (like ours, it writes the gradient into the logits buffer)."""
+    from liger_kernel.transformers.functional import liger_cross_entropy as liger_ce
+
+    return liger_ce(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)
+
+
+def liger_fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, label_smoothing=0.0,
+                                     reduction="mean"):
+    """Liger-Kernel's chunked linear + cross-entropy, which never materializes the whole (N, V) logits."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger_flce
+
+    return liger_flce(hidden, weight, target, bias=bias, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                      reduction=reduction)

@@ -1,0 +1,180 @@
+"""Ahead-of-time compile report: every kernel configuration compiled for sm_80 and sm_90 on a machine without GPU.
+
+    python -m bench.compile_report [--arch 80 90] [--filter attn_fwd] [--jobs N] [--json out.json]
+
+The Triton interpreter cannot show what the compiler does with a kernel, so this compiles each kernel
+configuration of the GPT-1 shapes with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, ...))`
+(no GPU needed) and reads the cubin with the `cuobjdump -res-usage` that ships in triton's nvidia backend.
+It prints one row per (kernel, configuration, arch): registers per thread, shared memory (dynamic, as the
+launch needs it), local memory (the stack frame plus local arrays: register spills land there), and
+whether the sm_90 PTX uses wgmma (Hopper's warpgroup MMA). Must run WITHOUT TRITON_INTERPRET=1.
+
+Registry format. A kernel module takes part by defining a module-level list `COMPILE_SPECS`; the modules
+listed in `SPEC_MODULES` are imported (a missing module is skipped). Each entry is a dict
+
+    {"name": ..., "fn": ..., "signature": ..., "constexprs": ..., "num_warps": ..., "num_stages": ...,
+     "archs": (80, 90)}                                                   # "archs" optional, default both
+
+or the same fields as a tuple, in that order (archs again optional):
+
+    (name, fn, signature, constexprs, num_warps, num_stages[, archs])
+
+- name: str, the row label, e.g. "attn_fwd D=64 bf16 causal dropout".
+- fn: the @triton.jit kernel (the function object, not a launcher).
+- signature: dict {argument name: type} for every argument that is not in constexprs; types as in
+  triton/tools/compile.py: "*fp16", "*bf16", "*fp32", "*i32", "*i64", "*i8", "i32", "i64", "fp32".
+  A ":16" suffix ("*bf16:16", "i32:16") promises 16-byte alignment / divisibility by 16, as the JIT
+  specializes for the actual GPT-1 tensors (torch allocations are aligned; strides like 768 divide by 16).
+- constexprs: dict {argument name: value} for every tl.constexpr argument, plus integer arguments the
+  JIT would turn into constants (an argument equal to 1, e.g. the innermost stride).
+- num_warps, num_stages: the launch options of that configuration.
+- archs: the compute capabilities the configuration is for (a table entry for Hopper only: (90,)).
+"""
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+SPEC_MODULES = ("kernels.attention", "kernels.cross_entropy")
+ARCHS = (80, 90)
+
+
+_FIELDS = ("name", "fn", "signature", "constexprs", "num_warps", "num_stages", "archs")
+
+
+def _normalize(spec):
+    spec = dict(spec) if isinstance(spec, dict) else dict(zip(_FIELDS, spec))
+    spec.setdefault("archs", ARCHS)
+    return spec
+
+
+def load_specs(modules=SPEC_MODULES):
+    """[(module, index, spec dict)] for every COMPILE_SPECS entry of the modules that exist."""
+    out = []
+    for mod_name in modules:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name != mod_name:
+                raise
+            continue
+        for i, spec in enumerate(getattr(mod, "COMPILE_SPECS", [])):
+            out.append((mod_name, i, _normalize(spec)))
+    return out
+
+
+def _ast_source(fn, signature, constexprs):
+    from triton.compiler import ASTSource
+
+    # triton 3.6 and 3.9 both want every argument in the signature (constexprs as "constexpr") and
+    # divisibility hints as attrs keyed by (argument index,)
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+            continue
+        if name not in signature:
+            raise KeyError(f"{fn.__name__}: argument {name!r} is in neither signature nor constexprs")
+        ty, _, hint = signature[name].partition(":")
+        sig[name] = ty
+        if hint == "16":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
+
+
+def _cuobjdump():
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _res_usage(cubin):
+    """REG, SHARED, STACK, LOCAL of the (single) function in a cubin, from cuobjdump -res-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|SHARED|STACK|LOCAL):(\d+)", out))
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+def compile_one(mod_name, index, arch):
+    """Compile COMPILE_SPECS[index] of mod_name for sm_<arch>; returns a report row (dict)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    spec = _normalize(importlib.import_module(mod_name).COMPILE_SPECS[index])
+    name, fn, signature, constexprs, num_warps, num_stages = (spec[k] for k in _FIELDS[:6])
+    row = dict(kernel=name, fn=fn.__name__, arch=arch, num_warps=num_warps, num_stages=num_stages,
+               config=_config_label(constexprs, num_warps, num_stages))
+    try:
+        kernel = triton.compile(_ast_source(fn, signature, constexprs),
+                                target=GPUTarget("cuda", arch, 64 if arch >= 90 else 32),
+                                options=dict(num_warps=num_warps, num_stages=num_stages))
+    except Exception as e:  # noqa: BLE001 -- report it, the table goes on
+        return dict(row, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+    usage = _res_usage(kernel.asm["cubin"])
+    return dict(row, ok=True, registers=usage.get("reg"), shared=kernel.metadata.shared,
+                local=usage.get("stack", 0) + usage.get("local", 0), wgmma="wgmma" in kernel.asm["ptx"])
+
+
+def _config_label(constexprs, num_warps, num_stages):
+    blocks = "x".join(str(v) for k, v in constexprs.items() if k.startswith("BLOCK"))
+    return f"{blocks} w{num_warps} s{num_stages}"
+
+
+def _jobs(specs, archs):
+    for mod_name, i, spec in specs:
+        for arch in spec["archs"]:
+            if arch in archs:
+                yield mod_name, i, arch
+
+
+def run(archs=ARCHS, name_filter=None, jobs=None):
+    specs = [s for s in load_specs() if not name_filter or name_filter in s[2]["name"]]
+    work = list(_jobs(specs, archs))
+    with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
+        return list(pool.map(compile_one, *zip(*work))) if work else []
+
+
+def format_table(rows):
+    head = ("kernel", "config", "arch", "regs", "smem", "local", "wgmma")
+    lines = [f"{head[0]:<44} {head[1]:<18} {head[2]:>5} {head[3]:>5} {head[4]:>7} {head[5]:>6} {head[6]:>6}"]
+    for r in rows:
+        if not r["ok"]:
+            lines.append(f"{r['kernel']:<44} {r['config']:<18} sm_{r['arch']:<2} FAILED {r['error']}")
+            continue
+        wgmma = ("yes" if r["wgmma"] else "no") if r["arch"] >= 90 else "-"
+        lines.append(f"{r['kernel']:<44} {r['config']:<18} sm_{r['arch']:<2} {r['registers']:>5} {r['shared']:>7} "
+                     f"{r['local']:>6} {wgmma:>6}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities")
+    parser.add_argument("--filter", default=None, help="only kernels whose name contains this")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        sys.exit("compile_report: unset TRITON_INTERPRET, the interpreter does not compile")
+    rows = run(tuple(args.arch), args.filter, args.jobs)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if not r["ok"] or r["local"]]
+    print(f"\n{len(rows)} compiled, {sum(not r['ok'] for r in rows)} failed, "
+          f"{sum(r['ok'] and r['local'] > 0 for r in rows)} with local memory (spills)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

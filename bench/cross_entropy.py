@@ -1,0 +1,150 @@
+"""Cross-entropy, and linear + cross-entropy: our fused kernels against the eager reference and its peers.
+
+    python -m bench.cross_entropy --out DIR [--smoke]
+
+Two tables per vocabulary size V (40478, GPT-1's; 50257, GPT-2's), N = 2k..32k tokens, bf16:
+
+- cross-entropy of given (N, V) logits. Providers: ours (kernels.fused_cross_entropy), eager (the reference,
+  in fp32), torch.compile of the reference, liger (Liger-Kernel's cross-entropy). GB/s counts the bytes that
+  must move: the logits read once (fwd), the gradient written once (bwd), both for fwd+bwd.
+- linear + cross-entropy of (N, C=768) hidden states and the (V, C) tied head. Providers: ours
+  (kernels.fused_linear_cross_entropy, chunked), ours-unfused (F.linear, then our fused cross-entropy: the
+  model's loss_impl="triton"), eager (reference.linear_cross_entropy), torch.compile of it, liger (Liger's
+  fused linear cross-entropy). TFLOP/s counts the head's matmuls: 2*N*V*C forward, twice that backward.
+
+Ours and Liger compute the gradient during the forward and write it into the logits buffer: their "fwd" does
+the backward's work and their "bwd" only scales, so compare them on fwd+bwd. Their cost does not depend on
+the values, so iterations reuse the overwritten buffer rather than timing a clone of it.
+"""
+
+import functools
+import os
+
+from . import common
+
+GRID = {"N": (2048, 4096, 8192, 16384, 32768), "V": (40478, 50257), "C": 768}
+SMOKE_GRID = {"N": (16, 24), "V": (300,), "C": 16}
+BWD_FACTOR = {"fwd": 1, "bwd": 1, "fwd+bwd": 2}  # logits reads / gradient writes per mode
+MATMULS = {"fwd": 1, "bwd": 2, "fwd+bwd": 3}  # (N, V, C) matmuls per mode
+
+
+def ce_bytes(N, V, elem_size=2, mode="fwd+bwd"):
+    """Bytes that must move: the (N, V) logits read once and/or their gradient written once."""
+    return N * V * elem_size * BWD_FACTOR[mode]
+
+
+def linear_ce_flops(N, V, C, mode="fwd+bwd"):
+    """Matmul FLOPs of the head: logits = h W^T forward; dh = dlogits W and dW = dlogits^T h backward."""
+    return 2 * N * V * C * MATMULS[mode]
+
+
+def ce_providers(smoke):
+    import kernels
+    from kernels import reference
+
+    return {"ours": kernels.fused_cross_entropy, "eager": reference.cross_entropy,
+            "torch.compile": common.compiled(reference.cross_entropy, smoke), "liger": reference.liger_cross_entropy}
+
+
+def linear_providers(smoke):
+    import kernels
+    from kernels import reference
+
+    return {"ours": kernels.fused_linear_cross_entropy, "ours-unfused": _linear_then_fused_ce,
+            "eager": reference.linear_cross_entropy,
+            "torch.compile": common.compiled(reference.linear_cross_entropy, smoke),
+            "liger": reference.liger_fused_linear_cross_entropy}
+
+
+def _linear_then_fused_ce(hidden, weight, target):
+    import torch.nn.functional as F
+
+    import kernels
+
+    return kernels.fused_cross_entropy(F.linear(hidden, weight), target)
+
+
+def run(smoke, deadline=None):
+    import torch
+
+    grid, dev = (SMOKE_GRID if smoke else GRID), common.device()
+    deadline, env, rows = deadline or common.Deadline(0), common.environment(smoke), []
+    ce, linear = ce_providers(smoke), linear_providers(smoke)
+    for V in grid["V"]:
+        for N in grid["N"]:
+            base = dict(env, bench="cross_entropy", x=N, N=N, V=V, dtype="bf16")
+            target = torch.randint(0, V, (N,), device=dev)
+            logits = torch.randn(N, V, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            for name, fn in ce.items():
+                rows += bench_provider(dict(base, table=f"cross-entropy V={V} bf16"), name,
+                                       functools.partial(fn, logits, target), [logits], smoke, deadline)
+            logits = None
+            common.free_memory()
+            hidden = torch.randn(N, grid["C"], device=dev, dtype=torch.bfloat16, requires_grad=True)
+            weight = (0.02 * torch.randn(V, grid["C"], device=dev, dtype=torch.bfloat16)).requires_grad_()
+            for name, fn in linear.items():
+                rows += bench_provider(dict(base, table=f"linear + cross-entropy C={grid['C']} V={V} bf16",
+                                            C=grid["C"]), name, functools.partial(fn, hidden, weight, target),
+                                       [hidden, weight], smoke, deadline)
+            hidden = weight = None
+            common.free_memory()
+    return rows
+
+
+def bench_provider(base, name, call, inputs, smoke, deadline):
+    if deadline.passed():
+        return [dict(base, provider=name, mode=m, status="skipped", reason="time budget") for m in common.MODES]
+    rows = []
+    for mode, res in common.time_modes(call, inputs, common.MODES, smoke).items():
+        row = dict(base, provider=name, mode=mode, **res)
+        if res["status"] == "ok" and "C" in base:
+            row["tflops"] = linear_ce_flops(base["N"], base["V"], base["C"], mode) / (res["ms"] * 1e-3) / 1e12
+        elif res["status"] == "ok":
+            row["gbps"] = ce_bytes(base["N"], base["V"], 2, mode) / (res["ms"] * 1e-3) / 1e9
+        rows.append(row)
+    return rows
+
+
+def _columns(throughput, label):
+    return [("N", "N"), ("provider", "provider"), ("ms", common.value_or_status("ms")),
+            (label, common.value_or_status(throughput)), ("peak MiB", common.value_or_status("peak_mb", 5)),
+            ("vs eager", common.ratio("vs_eager")), ("vs best peer", common.ratio("vs_best_peer")),
+            ("best peer", "best_peer"), ("note", "reason")]
+
+
+def markdown(rows):
+    rows = [r for r in rows if r["bench"] == "cross_entropy"]
+    plain = [r for r in rows if "C" not in r]
+    linear = [r for r in rows if "C" in r]
+    note = ("## Cross-entropy\n\nGB/s against the bytes that must move: N*V*2 (bf16 logits read once) for fwd, "
+            "the same for the gradient written once in bwd, twice that for fwd+bwd. Ours and liger compute the "
+            "gradient in the forward (written over the logits), so their fwd includes the backward's work and "
+            "their bwd is only a scale: compare on fwd+bwd.")
+    linear_note = ("## Linear + cross-entropy\n\nTFLOP/s of the head's matmuls: 2*N*V*C forward, x2 backward, x3 "
+                   "fwd+bwd. ours = chunked fused linear cross-entropy; ours-unfused = F.linear then our fused "
+                   "cross-entropy (the model's loss_impl=\"triton\").")
+    return (common.tables_markdown(plain, _columns("gbps", "GB/s"), note)
+            + common.tables_markdown(linear, _columns("tflops", "TFLOP/s"), linear_note)
+            + common.unavailable(rows) + [""])
+
+
+def plot(rows, out_dir):
+    rows, paths = [r for r in rows if r["bench"] == "cross_entropy"], []
+    for table in dict.fromkeys(r["table"] for r in rows):
+        slug = "linear_cross_entropy" if table.startswith("linear") else "cross_entropy"
+        V = next(r["V"] for r in rows if r["table"] == table)
+        path = os.path.join(out_dir, f"{slug}_V{V}.png")
+        paths.append(common.line_plot(rows, "ms", path, f"{table}: ms against N (lower is better)", "N tokens",
+                                      "ms", [(table, m) for m in common.MODES]))
+    return paths
+
+
+def main(argv=None):
+    args = common.cli_parser(__doc__.splitlines()[0]).parse_args(argv)
+    common.use_interpreter_without_gpu(args.smoke)
+    rows = run(args.smoke, common.Deadline(args.budget_s))
+    common.write_outputs(rows, common.out_dir(args), "Cross-entropy benchmark", [(markdown, plot)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Fused softmax cross-entropy and fused linear cross-entropy in Triton.
+
+Algorithm (the idea of Liger-Kernel's cross-entropy, written anew here): one program per row of the
+(N, V) logits makes two passes over the row in blocks of BLOCK_V columns. The first keeps an online
+max and sum of exponentials in fp32 (as in online softmax / FlashAttention), giving the log-sum-exp,
+the loss and, for label smoothing, the sum of the logits. The second rewrites the row with the
+gradient of the loss, d loss / d x_j = scale * (softmax_j - (1 - eps) [j == y] - eps / V), computed in
+fp32 and rounded to the logits dtype only at the store (the true-class term is not rounded first).
+The gradient goes INTO the logits buffer, so no second N x V tensor exists; the backward only scales
+it by the incoming gradient, and skips even that when the incoming gradient is 1.
+
+fused_linear_cross_entropy never builds the full logits: it walks the tokens in chunks, computes a
+chunk's logits with one matmul, runs the kernel on them in place and turns the chunk's gradient into
+d hidden (a matmul with the weight) and d weight / d bias (accumulated in fp32) before the next
+chunk. All of that happens in the forward; the backward scales the stored gradients.
+
+Dtypes: logits / hidden / weight in fp32, bf16 or fp16; target int64; the loss is fp32. Label
+smoothing follows torch.nn.functional.cross_entropy: loss = (1 - eps) nll + eps mean_j(-log p_j).
+A row whose target is ignore_index has loss 0 and a zero gradient; the mean is over the other rows
+and is 0 (not NaN) when every row is ignored.
+
+Limits and side effects:
+- fused_cross_entropy OVERWRITES its input logits with the (unscaled) gradient when the logits
+  require grad: do not read them after the call. The call bumps the tensor's autograd version, so an
+  earlier op that saved these logits for its own backward raises autograd's in-place error instead
+  of silently using the gradient. Gradients are returned in the buffer itself, so a second backward
+  through the same graph (retain_graph=True) is not supported.
+- Targets are validated on the host with one torch reduction and a device sync per call, and the
+  backward syncs once to test whether the incoming gradient is 1 (to skip the scaling pass).
+- fp16: the 1 / n_valid factor of the mean is not folded into the stored fp16 gradient (p_j / n
+  would underflow fp16 for most classes at GPT-1 batch sizes); it is applied in the backward,
+  together with the loss scale, in fp32 before rounding. bf16 and fp32 fold it in the kernel.
+- fused_linear_cross_entropy with reduction="none" cannot fold the per-row incoming gradient into
+  d weight during the forward, so it computes only the loss there and recomputes the chunks in the
+  backward (twice the matmuls).
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_REDUCTIONS = ("mean", "sum", "none")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# 8192 fp32 columns over 32 warps is 8 elements per thread: few loop trips for V = 40478 without
+# spilling. Liger-Kernel measured 32 warps as the best for this row-per-program shape.
+_MAX_BLOCK_V = 8192
+_NUM_WARPS = 32
+# Default budget for one chunk's logits in fused_linear_cross_entropy (see _default_chunk_size).
+_CHUNK_BYTES = 512 * 1024 * 1024
+_MIN_CHUNK_ROWS = 1024
+# Triton's CPU interpreter truncates fp32 -> bf16 (measured with triton 3.9) where the GPU rounds to
+# nearest even; round by hand there so that interpreter runs show the GPU's numerics.
+_INTERPRET_RTNE = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _row_stats(ROW, n_cols, BLOCK_V: tl.constexpr):
+    """One pass over a row: running max m, sum of exp(x - m), and sum of x (for label smoothing)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    m = tl.full([], float("-inf"), tl.float32)
+    d = tl.zeros([], dtype=tl.float32)
+    x_sum = tl.zeros([], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        x = tl.load(ROW + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # subtract before scaling by log2(e): x - m is exact near the max even for |x| ~ 1e4
+        d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((x - m_new) * LOG2E), axis=0)
+        x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        m = m_new
+    return m, d, x_sum
+
+
+@triton.jit
+def _round_bf16_rtne(x):
+    """fp32 values already rounded to the nearest bf16 (ties to even), still stored as fp32."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _write_row_grad(ROW, n_cols, y, m, d, eps, scale, BLOCK_V: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """Second pass: overwrite the row with scale * (softmax - (1 - eps) onehot(y) - eps / V)."""
+    LOG2E: tl.constexpr = 1.4426950408889634
+    inv_d = 1.0 / d
+    smooth = eps / n_cols
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < n_cols
+        x = tl.load(ROW + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        g = tl.exp2((x - m) * LOG2E) * inv_d - smooth
+        g = tl.where(cols == y, g - (1.0 - eps), g) * scale
+        if RTNE_BF16:
+            g = _round_bf16_rtne(g)
+        tl.store(ROW + cols, g.to(ROW.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _zero_row(ROW, n_cols, BLOCK_V: tl.constexpr):
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        tl.store(ROW + cols, tl.zeros([BLOCK_V], dtype=ROW.dtype.element_ty), mask=cols < n_cols)
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, n_cols, ignore_index, eps, grad_scale,
+    BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, RTNE_BF16: tl.constexpr,
+):
+    """LOSS[r] = CE(LOGITS[r], TARGET[r]); if COMPUTE_GRAD, LOGITS[r] <- its gradient times
+    grad_scale (times ROW_SCALE[r] if HAS_ROW_SCALE)."""
+    row = tl.program_id(0).to(tl.int64)
+    ROW = LOGITS + row * stride_row
+    y = tl.load(TARGET + row)
+    if y == ignore_index:  # loss 0, gradient 0, and the row is never read
+        tl.store(LOSS + row, 0.0)
+        if COMPUTE_GRAD:
+            _zero_row(ROW, n_cols, BLOCK_V)
+        return
+    m, d, x_sum = _row_stats(ROW, n_cols, BLOCK_V)
+    lse = m + tl.log(d)
+    x_y = tl.load(ROW + y).to(tl.float32)
+    loss = (1.0 - eps) * (lse - x_y) + eps * (lse - x_sum / n_cols)
+    tl.store(LOSS + row, loss)
+    if COMPUTE_GRAD:
+        scale = grad_scale
+        if HAS_ROW_SCALE:
+            scale = scale * tl.load(ROW_SCALE + row).to(tl.float32)
+        _write_row_grad(ROW, n_cols, y, m, d, eps, scale, BLOCK_V, RTNE_BF16)
+
+
+# ----------------------------------------------------------------------------- host launchers
+
+
+def _check_options(ignore_index, label_smoothing, reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_target(target, n_rows, n_classes, ignore_index):
+    """Validate shape and range; return the number of non-ignored targets (one host sync)."""
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be int64, got {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != n_rows:
+        raise ValueError(f"target must have shape ({n_rows},), got {tuple(target.shape)}")
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= n_classes))
+    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
+    if n_bad:
+        first = int(target[bad][0])
+        raise ValueError(f"{n_bad} target(s) outside [0, {n_classes}) and != ignore_index={ignore_index} "
+                         f"(first: {first})")
+    return n_valid
+
+
+def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, row_scale=None):
+    """Run the kernel on (n, V) logits with unit column stride; loss is an fp32 (n,) output."""
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        return
+    block_v = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_V)
+    _cross_entropy_kernel[(n_rows,)](
+        logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
+        n_cols, ignore_index, eps, grad_scale,
+        BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, HAS_ROW_SCALE=row_scale is not None,
+        RTNE_BF16=_INTERPRET_RTNE and logits.dtype == torch.bfloat16, num_warps=_NUM_WARPS,
+    )
+
+
+def _reduce(loss_rows, reduction, n_valid):
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / max(n_valid, 1) if reduction == "mean" else total
+
+
+def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                          compute_grad=True):
+    """Loss of (N, V) logits; if compute_grad, the logits are overwritten with d loss / d logits
+    divided by post_scale. Returns (loss, logits, post_scale): the backward multiplies by post_scale
+    (1.0 except for fp16 mean, see the module docstring)."""
+    _check_options(ignore_index, label_smoothing, reduction)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
+    if logits.dtype not in _DTYPES:
+        raise TypeError(f"logits must be one of {_DTYPES}, got {logits.dtype}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    n_valid = _check_target(target, logits.shape[0], logits.shape[1], ignore_index)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()  # the gradient then lives in this copy, which we return
+    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    post_scale = 1.0
+    if logits.dtype == torch.float16 and scale != 1.0:
+        scale, post_scale = 1.0, scale
+    loss_rows = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    _launch(logits, target.contiguous(), loss_rows, ignore_index, float(label_smoothing), scale, compute_grad)
+    return _reduce(loss_rows, reduction, n_valid), logits, post_scale
+
+
+def cross_entropy_backward(grad_logits, grad_output, post_scale):
+    """Scale the stored gradient in place by grad_output (and post_scale); returns it."""
+    if grad_output.dim() == 0:
+        if post_scale == 1.0 and grad_output.item() == 1.0:
+            return grad_logits
+        return grad_logits.mul_(grad_output.float() * post_scale)
+    return grad_logits.mul_(grad_output.float().unsqueeze(1) * post_scale)
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, label_smoothing, reduction, grad_enabled):
+        compute_grad = grad_enabled and ctx.needs_input_grad[0]
+        loss, grad, ctx.post_scale = cross_entropy_forward(logits, target, ignore_index, label_smoothing,
+                                                           reduction, compute_grad)
+        if compute_grad:
+            # the kernel wrote through a raw pointer: tell autograd that logits changed in place
+            torch.autograd.graph.increment_version(logits)
+            ctx.save_for_backward(grad.detach())
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return cross_entropy_backward(grad, grad_output, ctx.post_scale), None, None, None, None, None
+
+
+def fused_cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
+    """Cross-entropy of (N, V) logits against (N,) int64 targets; fp32 loss.
+
+    When logits require grad, their buffer is overwritten with the gradient (see module docstring).
+    """
+    # apply() runs forward with grad mode off, so read it here: under no_grad the logits stay intact
+    return CrossEntropyFunction.apply(logits, target, ignore_index, float(label_smoothing), reduction,
+                                      torch.is_grad_enabled())
+
+
+# ----------------------------------------------------------------------------- fused linear
+
+
+def _default_chunk_size(n_rows, n_classes, dtype):
+    """Rows per chunk: the fewest equal chunks whose logits fit in _CHUNK_BYTES, at least 1024 rows.
+
+    Each chunk re-reads and re-writes the whole (V, C) fp32 d weight accumulator (~0.3 GB of traffic
+    at GPT-1 size, ~0.1 ms on an H100), while its matmuls cost ~0.3 us per row, so chunks under a
+    few thousand rows lose real time (Liger's small chunks make it slower than the unfused path).
+    512 MiB of logits is ~6.6k bf16 rows at V = 40478: GPT-1's 64 x 512 batch runs in 5 chunks of
+    ~6.5k rows, ~5x less than the 2.6 GB of full logits (before their fp32 copy and gradient).
+    """
+    rows_in_budget = _CHUNK_BYTES // (n_classes * torch.empty((), dtype=dtype).element_size())
+    max_rows = max(_MIN_CHUNK_ROWS, rows_in_budget)
+    n_chunks = max(1, math.ceil(n_rows / max_rows))
+    return math.ceil(n_rows / n_chunks)
+
+
+def _check_linear_inputs(hidden, weight, target, bias):
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"hidden must be (N, C) and weight (V, C); got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden has {hidden.shape[1]} features but weight has {weight.shape[1]}")
+    if hidden.dtype not in _DTYPES or weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden and weight must share one of {_DTYPES}; got {hidden.dtype}, {weight.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"bias must be ({weight.shape[0]},) {hidden.dtype}; got {tuple(bias.shape)} {bias.dtype}")
+    if len({hidden.device, weight.device, target.device}) != 1:
+        raise ValueError("hidden, weight and target must be on the same device")
+
+
+def _chunk_grads(logits, h, weight, grad_hidden, grad_weight, grad_bias):
+    """Turn one chunk's d logits into d hidden (written) and d weight, d bias (fp32, accumulated)."""
+    if grad_hidden is not None:
+        torch.mm(logits, weight, out=grad_hidden)
+    if grad_weight is not None:
+        if logits.dtype == torch.float32:
+            grad_weight.addmm_(logits.t(), h)
+        else:
+            grad_weight += torch.mm(logits.t(), h)
+    if grad_bias is not None:
+        grad_bias += logits.sum(0, dtype=torch.float32)
+
+
+def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps, grad_scale, chunk_size,
+                                needs=(True, True, True), row_scale=None):
+    """The chunk loop. Returns (loss_rows, d hidden, d weight fp32, d bias fp32), each gradient
+    None when its needs flag is off, and all scaled by grad_scale (times row_scale per row)."""
+    n_rows, n_classes = hidden.shape[0], weight.shape[0]
+    need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+    compute_grad = need_h or need_w or need_b
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_bias = torch.zeros(n_classes, dtype=torch.float32, device=weight.device) if need_b else None
+    for start in range(0, n_rows, chunk_size):
+        end = min(start + chunk_size, n_rows)
+        h = hidden[start:end]
+        logits = torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())  # (n, V)
+        rs = row_scale[start:end] if row_scale is not None else None
+        _launch(logits, target[start:end], loss_rows[start:end], ignore_index, eps, grad_scale, compute_grad, rs)
+        if compute_grad:
+            _chunk_grads(logits, h, weight, grad_hidden[start:end] if need_h else None, grad_weight, grad_bias)
+        del logits  # free this chunk before the next one is allocated
+    return loss_rows, grad_hidden, grad_weight, grad_bias
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
+                grad_enabled):
+        _check_options(ignore_index, label_smoothing, reduction)
+        _check_linear_inputs(hidden, weight, target, bias)
+        n_valid = _check_target(target, hidden.shape[0], weight.shape[0], ignore_index)
+        hidden, target = hidden.contiguous(), target.contiguous()
+        chunk = chunk_size or _default_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype)
+        needs = tuple(grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
+        # "none" needs the per-row incoming gradient inside d weight: the backward recomputes
+        defer = reduction == "none" and any(needs)
+        # global 1 / n_valid: every chunk's gradient is scaled by the count over the whole batch
+        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+        ctx.post_scale = 1.0
+        if hidden.dtype == torch.float16 and scale != 1.0:
+            scale, ctx.post_scale = 1.0, scale  # keep p / n out of fp16 (module docstring)
+        loss_rows, *grads = linear_cross_entropy_chunks(
+            hidden, weight, target, bias, ignore_index, label_smoothing, scale, chunk,
+            needs=(False, False, False) if defer else needs)
+        ctx.args = ignore_index, label_smoothing, chunk, needs, defer
+        ctx.dtype = weight.dtype
+        ctx.save_for_backward(*(hidden, weight, target, bias) if defer else grads)
+        return _reduce(loss_rows, reduction, n_valid)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ignore_index, eps, chunk, needs, defer = ctx.args
+        if defer:
+            hidden, weight, target, bias = ctx.saved_tensors
+            _, *grads = linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps, 1.0, chunk,
+                                                    needs, row_scale=grad_output.float().contiguous())
+            grad_hidden, grad_weight, grad_bias = grads
+        else:
+            grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+            # these are (N, C) and (V, C): scaling them costs little next to the forward's matmuls
+            scale = grad_output.float() * ctx.post_scale
+            grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype) if needs[0] else None
+            grad_weight = grad_weight * scale if needs[1] else None
+            grad_bias = grad_bias * scale if needs[2] and grad_bias is not None else None
+        return grad_hidden, _cast(grad_weight, ctx.dtype), None, _cast(grad_bias, ctx.dtype), *[None] * 5
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, label_smoothing=0.0,
+                               reduction="mean", chunk_size=None):
+    """cross_entropy(hidden @ weight^T + bias, target) without materializing the (N, V) logits.
+
+    hidden (N, C), weight (V, C), bias (V,) or None, target (N,) int64; fp32 loss. chunk_size rows of
+    logits exist at a time (default: _default_chunk_size). The gradients are computed in the forward.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
+    return LinearCrossEntropyFunction.apply(hidden, weight, target, bias, ignore_index, float(label_smoothing),
+                                            reduction, chunk_size, torch.is_grad_enabled())
+
+
+def _compile_spec(name, dtype, compute_grad, n_classes=40478):
+    """One ahead-of-time compile of _cross_entropy_kernel as _launch would run it for GPT-1."""
+    return {
+        "name": name,
+        "fn": _cross_entropy_kernel,
+        "signature": {"LOGITS": f"*{dtype}:16", "stride_row": "i32", "TARGET": "*i64:16", "LOSS": "*fp32:16",
+                      "ROW_SCALE": "*fp32:16", "n_cols": "i32", "ignore_index": "i32", "eps": "fp32",
+                      "grad_scale": "fp32"},
+        "constexprs": {"BLOCK_V": min(triton.next_power_of_2(n_classes), _MAX_BLOCK_V),
+                       "COMPUTE_GRAD": compute_grad, "HAS_ROW_SCALE": False, "RTNE_BF16": False},
+        "num_warps": _NUM_WARPS,
+        "num_stages": 3,
+    }
+
+
+# For bench/compile_report.py: triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget(...)).
+COMPILE_SPECS = [
+    _compile_spec("cross_entropy_fwd_bwd_bf16_V40478", "bf16", True),
+    _compile_spec("cross_entropy_fwd_bwd_fp32_V40478", "fp32", True),
+    _compile_spec("cross_entropy_fwd_only_bf16_V40478", "bf16", False),
+]

@@ -1,0 +1,52 @@
+"""bench.compile_report: every kernel configuration compiles ahead of time for sm_80 and sm_90, without
+spilling, and the sm_90 attention kernels use wgmma. Runs in a subprocess: the tests' interpreter mode
+(TRITON_INTERPRET=1, set by conftest.py) does not compile."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kernels.attention import _CONFIGS
+
+# fp32 dK/dV tiles at D=128 do not fit a warpgroup's registers, so that kernel uses mma.sync (tf32) on sm_90
+NO_WGMMA = {"attn_dkdv D=128 fp32 causal dropout"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compile_report") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.compile_report", "--json", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500, check=False)
+    assert out.exists(), f"compile_report wrote no rows:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def test_everything_compiles_without_spills(rows):
+    assert rows
+    failed = [(r["kernel"], r["arch"], r["error"]) for r in rows if not r["ok"]]
+    assert not failed, failed
+    spilled = [(r["kernel"], r["config"], r["arch"], r["local"]) for r in rows if r["local"]]
+    assert not spilled, f"local memory (spills): {spilled}"
+    for r in rows:
+        assert r["registers"] <= 255 and r["shared"] <= (227 if r["arch"] == 90 else 163) * 1024, r
+
+
+def test_every_attention_config_is_compiled_for_its_arch(rows):
+    compiled = {(r["kernel"], r["arch"], r["config"]) for r in rows}
+    for (major, d, fp32), cfg in _CONFIGS.items():
+        for kind, (block_m, block_n, warps, stages) in cfg.items():
+            name = f"attn_{kind} D={d} {'fp32' if fp32 else 'bf16'} causal dropout"
+            assert (name, major * 10, f"{block_m}x{block_n} w{warps} s{stages}") in compiled, name
+    assert {r["arch"] for r in rows} == {80, 90}
+
+
+def test_sm90_attention_uses_wgmma(rows):
+    matmul_rows = [r for r in rows if r["arch"] == 90 and r["fn"] in
+                   ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel") and r["kernel"] not in NO_WGMMA]
+    assert matmul_rows
+    assert all(r["wgmma"] for r in matmul_rows), [(r["kernel"], r["config"]) for r in matmul_rows if not r["wgmma"]]

@@ -1,0 +1,296 @@
+"""kernels.fused_cross_entropy / fused_linear_cross_entropy against float64 truth and kernels.reference.
+
+Numerics criterion (flash-attention's): the kernel's max error against a float64 computation may be
+at most 2x that of the eager reference run in the kernel's dtype, plus a small dtype slack.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+from kernels import fused_cross_entropy, fused_linear_cross_entropy, reference
+from kernels.cross_entropy import COMPILE_SPECS, _default_chunk_size
+
+IGNORE = -100
+# (dtype, slack): slack is added to 2x the reference's own error, relative to the output's scale
+DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 1e-3), (torch.float16, 1e-4)]
+
+
+def _truth_ce(logits, target, label_smoothing=0.0, reduction="mean", ignore_index=IGNORE):
+    """float64 cross-entropy with the reference's reduction rules (reference.cross_entropy computes in
+    fp32 even for float64 input, so it cannot serve as the truth)."""
+    loss = F.cross_entropy(logits.double(), target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           reduction="none")
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / (target != ignore_index).sum().clamp(min=1) if reduction == "mean" else total
+
+
+def _leaf(x, dtype=None):
+    return x.detach().clone().to(dtype or x.dtype).requires_grad_()
+
+
+def _check(name, actual, ref, truth, slack):
+    """|actual - truth| <= 2 |ref - truth| + slack * max|truth|, elementwise at the worst element."""
+    actual, ref, truth = actual.detach().double(), ref.detach().double(), truth.detach().double()
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
+    scale = truth.abs().max().clamp(min=1e-30)
+    err, ref_err = (actual - truth).abs().max(), (ref - truth).abs().max()
+    assert err <= 2 * ref_err + slack * scale, (f"{name}: max err {err:.3g} > 2 x reference err {ref_err:.3g} "
+                                                 f"+ {slack} x {scale:.3g}")
+
+
+def _targets(n, v, device, ignore_every=3):
+    target = torch.randint(0, v, (n,), device=device)
+    if ignore_every:
+        target[::ignore_every] = IGNORE
+    return target
+
+
+def _compare_ce(x, target, dtype, slack, label_smoothing=0.0, reduction="mean", grad_weights=None):
+    kern, ref, truth = _leaf(x, dtype), _leaf(x, dtype), _leaf(x.to(dtype), torch.float64)
+    losses = [fused_cross_entropy(kern, target, label_smoothing=label_smoothing, reduction=reduction),
+              reference.cross_entropy(ref, target, label_smoothing=label_smoothing, reduction=reduction),
+              _truth_ce(truth, target, label_smoothing, reduction)]
+    assert losses[0].dtype == torch.float32
+    for loss in losses:
+        (loss * grad_weights.to(loss.dtype) if grad_weights is not None else loss).sum().backward()
+    _check("loss", losses[0], losses[1], losses[2], slack)
+    _check("grad", kern.grad, ref.grad, truth.grad, slack)
+    return kern, losses[0]
+
+
+@pytest.mark.parametrize("n,v", [(3, 40478), (1, 40478), (37, 1000), (5, 8193), (9, 7)])
+@pytest.mark.parametrize("dtype,slack", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_matches_reference(n, v, dtype, slack, reduction, label_smoothing, device):
+    torch.manual_seed(n * v)
+    x = torch.randn(n, v, device=device) * 4
+    _compare_ce(x, _targets(n, v, device, ignore_every=3 if n > 1 else 0), dtype, slack, label_smoothing, reduction)
+
+
+@pytest.mark.parametrize("dtype,slack", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_scales_by_grad_output(dtype, slack, reduction, device):
+    """Non-unit incoming gradients, including an fp16-style loss scale of 2^16."""
+    torch.manual_seed(1)
+    x = torch.randn(33, 3001, device=device)
+    weights = torch.rand(33, device=device) * 4 if reduction == "none" else torch.tensor(65536.0, device=device)
+    _compare_ce(x, _targets(33, 3001, device), dtype, slack, reduction=reduction, grad_weights=weights)
+
+
+@pytest.mark.parametrize("dtype,slack", DTYPES)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_cross_entropy_extreme_logits(dtype, slack, label_smoothing, device):
+    torch.manual_seed(2)
+    n, v = 7, 40478
+    x = torch.randn(n, v, device=device)
+    x[:, ::5] = 1e4
+    x[:, 1::7] = -1e4
+    x[0] = -1e4
+    target = torch.randint(0, v, (n,), device=device)
+    target[1] = 0  # a +1e4 class
+    target[2] = 1  # a -1e4 class: loss ~2e4
+    _compare_ce(x, target, dtype, slack, label_smoothing, "sum")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_ignored(reduction, dtype, device):
+    x = _leaf(torch.randn(5, 1001, device=device), dtype)
+    loss = fused_cross_entropy(x, torch.full((5,), IGNORE, device=device), label_smoothing=0.1, reduction=reduction)
+    assert torch.equal(loss, torch.zeros_like(loss)), f"all-ignored loss should be 0, got {loss}"
+    loss.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x.grad))
+
+
+def test_custom_ignore_index(device):
+    torch.manual_seed(3)
+    x, target = torch.randn(6, 500, device=device), torch.randint(0, 500, (6,), device=device)
+    target[1] = 7
+    kern, truth = _leaf(x), _leaf(x, torch.float64)
+    fused_cross_entropy(kern, target, ignore_index=7).backward()
+    _truth_ce(truth, target, ignore_index=7).backward()
+    assert_close(kern.grad, truth.grad, atol=1e-7, rtol=1e-5, name="grad")
+    assert torch.equal(kern.grad[1], torch.zeros_like(kern.grad[1]))
+
+
+def test_gradient_is_written_in_place(device):
+    torch.manual_seed(4)
+    x, target = torch.randn(4, 300, device=device), torch.randint(0, 300, (4,), device=device)
+    logits = _leaf(x)
+    fused_cross_entropy(logits, target, reduction="sum")
+    expected = torch.softmax(x.double(), -1) - F.one_hot(target, 300)
+    assert_close(logits.detach(), expected, atol=1e-7, rtol=1e-5, name="logits buffer")
+    # without a gradient to compute the buffer is left alone
+    frozen = x.clone()
+    fused_cross_entropy(frozen, target)
+    assert torch.equal(frozen, x)
+    with torch.no_grad():
+        fused_cross_entropy(logits.detach().copy_(x).requires_grad_(), target)
+    assert torch.equal(logits.detach(), x)
+
+
+def test_in_place_write_is_visible_to_autograd(device):
+    """An op that saved the logits for its backward must not silently see the gradient."""
+    x, target = _leaf(torch.randn(4, 300, device=device)), torch.randint(0, 300, (4,), device=device)
+    logits = x.exp()  # exp saves its output
+    loss = fused_cross_entropy(logits, target)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("bad", [300, -1, 10**9])
+def test_bad_target_raises(bad, device):
+    target = torch.tensor([0, bad, 2], device=device)
+    with pytest.raises(ValueError, match=r"outside \[0, 300\)"):
+        fused_cross_entropy(torch.randn(3, 300, device=device), target)
+    with pytest.raises(ValueError, match=r"outside \[0, 300\)"):
+        fused_linear_cross_entropy(torch.randn(3, 8, device=device), torch.randn(300, 8, device=device), target)
+
+
+@pytest.mark.parametrize("logits_shape,target,kwargs,error,match", [
+    ((3, 10), torch.zeros(4, dtype=torch.long), {}, ValueError, r"target must have shape \(3,\)"),
+    ((3, 10), torch.zeros(3, dtype=torch.int32), {}, TypeError, "target must be int64"),
+    ((30,), torch.zeros(3, dtype=torch.long), {}, ValueError, "logits must be 2-D"),
+    ((3, 10), torch.zeros(3, dtype=torch.long), {"reduction": "avg"}, ValueError, "reduction must be"),
+    ((3, 10), torch.zeros(3, dtype=torch.long), {"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+])
+def test_bad_arguments_raise(logits_shape, target, kwargs, error, match, device):
+    with pytest.raises(error, match=match):
+        fused_cross_entropy(torch.randn(logits_shape, device=device), target.to(device), **kwargs)
+
+
+def test_bad_linear_shapes_raise(device):
+    h, w, t = torch.randn(5, 8, device=device), torch.randn(20, 8, device=device), torch.zeros(5, dtype=torch.long)
+    with pytest.raises(ValueError, match="hidden has 8 features but weight has 6"):
+        fused_linear_cross_entropy(h, w[:, :6], t.to(device))
+    with pytest.raises(ValueError, match=r"bias must be \(20,\)"):
+        fused_linear_cross_entropy(h, w, t.to(device), bias=torch.zeros(21, device=device))
+    with pytest.raises(TypeError, match="must share one of"):
+        fused_linear_cross_entropy(h, w.bfloat16(), t.to(device))
+    with pytest.raises(ValueError, match=r"target must have shape \(5,\)"):
+        fused_linear_cross_entropy(h, w, t[:4].to(device))
+
+
+# ----------------------------------------------------------------------------- fused linear
+
+
+def _run_linear(fn, hidden, weight, bias, target, dtype, grad_weights, **kwargs):
+    h, w = _leaf(hidden, dtype), _leaf(weight, dtype)
+    b = _leaf(bias, dtype) if bias is not None else None
+    loss = fn(h, w, target, bias=b, **kwargs)
+    (loss * grad_weights.to(loss.dtype) if grad_weights is not None else loss).sum().backward()
+    return [loss, h.grad, w.grad] + ([b.grad] if b is not None else [])
+
+
+def _truth_linear(h, w, target, *, bias=None, label_smoothing=0.0, reduction="mean", chunk_size=None):
+    return _truth_ce(F.linear(h, w, bias), target, label_smoothing, reduction)
+
+
+@pytest.mark.parametrize("n,c,v,chunk_size", [(37, 16, 1000, 10), (37, 16, 1000, None), (5, 8, 40478, 3),
+                                              (64, 32, 257, 64)])
+@pytest.mark.parametrize("dtype,slack", DTYPES)
+@pytest.mark.parametrize("reduction,label_smoothing,with_bias", [("mean", 0.0, True), ("sum", 0.1, False),
+                                                                  ("none", 0.1, True)])
+def test_linear_cross_entropy_matches_reference(n, c, v, chunk_size, dtype, slack, reduction, label_smoothing,
+                                                with_bias, device):
+    torch.manual_seed(n + v)
+    hidden, weight = torch.randn(n, c, device=device), torch.randn(v, c, device=device) / c**0.5
+    bias = torch.randn(v, device=device) if with_bias else None
+    target = _targets(n, v, device)
+    grad_weights = torch.rand(n, device=device) if reduction == "none" else None
+    kw = {"label_smoothing": label_smoothing, "reduction": reduction}
+    kern = _run_linear(fused_linear_cross_entropy, hidden, weight, bias, target, dtype, grad_weights,
+                       chunk_size=chunk_size, **kw)
+    ref = _run_linear(reference.linear_cross_entropy, hidden, weight, bias, target, dtype, grad_weights, **kw)
+    truth = _run_linear(_truth_linear, hidden.to(dtype), weight.to(dtype), bias.to(dtype) if with_bias else None,
+                        target, torch.float64, grad_weights, **kw)
+    for name, k, r, t in zip(["loss", "grad hidden", "grad weight", "grad bias"], kern, ref, truth):
+        assert k.dtype == (torch.float32 if name == "loss" else dtype), name
+        _check(name, k, r, t, slack)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "hidden"])
+def test_linear_cross_entropy_frozen_inputs(frozen, device):
+    torch.manual_seed(5)
+    hidden, weight = torch.randn(9, 8, device=device), torch.randn(100, 8, device=device)
+    target = _targets(9, 100, device)
+    h, w = _leaf(hidden), _leaf(weight)
+    (w if frozen == "weight" else h).requires_grad_(False)
+    fused_linear_cross_entropy(h, w, target, chunk_size=4).backward()
+    th, tw = _leaf(hidden, torch.float64), _leaf(weight, torch.float64)
+    _truth_linear(th, tw, target).backward()
+    live, truth = (h, th) if frozen == "weight" else (w, tw)
+    assert (w if frozen == "weight" else h).grad is None
+    assert_close(live.grad, truth.grad, atol=1e-6, rtol=1e-4, name=f"grad with {frozen} frozen")
+
+
+def test_linear_cross_entropy_no_grad(device):
+    hidden, weight = torch.randn(9, 8, device=device), torch.randn(100, 8, device=device)
+    target = _targets(9, 100, device)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=4)
+    assert_close(loss, _truth_linear(hidden.double(), weight.double(), target), atol=1e-6, rtol=1e-5, name="loss")
+
+
+def test_default_chunk_size():
+    # GPT-1's 64 x 512 tokens, V = 40478 bf16: 5 equal chunks of ~512 MiB instead of 2.6 GB of logits
+    assert _default_chunk_size(64 * 512, 40478, torch.bfloat16) == 6554
+    assert _default_chunk_size(64 * 512, 40478, torch.float32) == 3277
+    assert _default_chunk_size(100, 40478, torch.bfloat16) == 100  # small batches stay one chunk
+    assert _default_chunk_size(5000, 10**7, torch.float32) == 1000  # never below ~1024 rows
+
+
+def _peak_cpu_bytes(fn):
+    """Peak of live CPU tensor bytes allocated while fn runs, and the largest single allocation, from the
+    profiler's allocation events (profile_memory records every allocator call with its signed size)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+    assert events, "the profiler recorded no allocations"
+    live = peak = largest = 0
+    for _, size in sorted(events):
+        live += size
+        peak, largest = max(peak, live), max(largest, size)
+    return peak, largest
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="measures the CPU allocator; the CUDA bench reports GPU peaks")
+def test_linear_cross_entropy_memory_stays_near_one_chunk():
+    torch.manual_seed(6)
+    n, c, v, chunk = 192, 8, 6000, 16
+    hidden, weight, target = torch.randn(n, c), torch.randn(v, c), torch.randint(0, v, (n,))
+    full_logits, chunk_logits = n * v * 4, chunk * v * 4
+    small = (3 * v * c + 3 * n * c + 2 * n) * 4  # d weight fp32 + its scaled copy, d hidden, losses
+    # On CPU up to three chunk-sized buffers can be live at once: the chunk's logits, a copy of their
+    # transpose that CPU BLAS may make for d weight, and the previous chunk, which the Triton interpreter
+    # keeps referenced until its next launch. The full logits are 12 chunks.
+    allowed = 3.5 * chunk_logits + small
+
+    def run(fn, **kw):
+        h, w = _leaf(hidden), _leaf(weight)
+        return lambda: fn(h, w, target, **kw).backward()
+
+    fused_peak, fused_largest = _peak_cpu_bytes(run(fused_linear_cross_entropy, chunk_size=chunk))
+    eager_peak, _ = _peak_cpu_bytes(run(reference.linear_cross_entropy))
+    assert eager_peak >= full_logits, f"the eager path should hold the {full_logits} B logits, peak {eager_peak}"
+    assert fused_largest <= chunk_logits, f"largest fused allocation {fused_largest} B > one chunk {chunk_logits} B"
+    assert fused_peak <= allowed, f"fused peak {fused_peak} B > {allowed} B (one chunk is {chunk_logits} B)"
+
+
+def test_compile_specs_describe_the_kernel():
+    for spec in COMPILE_SPECS:
+        names = spec["fn"].arg_names
+        assert set(spec["signature"]) | set(spec["constexprs"]) == set(names), spec["name"]
+        assert spec["constexprs"]["BLOCK_V"] >= 1 and spec["num_warps"] >= 1
