@@ -31,11 +31,11 @@ def attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, dropou
 
 
 def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
-    """Softmax cross-entropy of (N, V) logits against (N,) targets, computed in fp32.
+    """Softmax cross-entropy of (N, V) logits against (N,) targets, computed in fp32 (fp64 stays fp64).
 
     Unlike torch's, the mean over a batch whose targets are all ignored is 0 rather than NaN.
     """
-    loss = F.cross_entropy(logits.float(), target, ignore_index=ignore_index,
+    loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, reduction="none")
     if reduction == "none":
         return loss

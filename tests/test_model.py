@@ -1,0 +1,189 @@
+"""The GPT-1 model: the paper's architecture, the presets, and every attention / loss kernel giving the
+same model (same losses, same gradients, same training trajectory)."""
+
+import pytest
+import torch
+
+from gpt1 import GPT1, GPT1Config, get_config
+from gpt1.model import filter_logits
+
+from helpers import assert_close
+
+SMALL = dict(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT1(GPT1Config(**{**SMALL, **overrides}))
+
+
+def batch(B=2, T=16, V=100, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T + 1), generator=g)
+    return ids[:, :-1].clone().to(device), ids[:, 1:].clone().to(device)
+
+
+def test_paper_preset_has_117m_parameters():
+    with torch.device("meta"):
+        model = GPT1(get_config("gpt1", vocab_size=40478))
+    cfg = model.config
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_inner, cfg.n_positions) == (12, 768, 12, 3072, 512)
+    assert (cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop, cfg.layer_norm_epsilon) == (0.1, 0.1, 0.1, 1e-5)
+    assert 116.0e6 < model.num_parameters() < 117.5e6  # "117M" in the paper
+    assert not hasattr(model, "ln_f")  # post-LN: no final LayerNorm
+
+
+@pytest.mark.parametrize("name", ["gpt1-mini", "gpt1-tiny"])
+def test_small_presets_build(name):
+    model = GPT1(get_config(name, vocab_size=100))
+    assert model.config.n_inner == 4 * model.config.n_embd
+    assert model.num_parameters() > 0
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(n_embd=30, n_head=4), "divisible"),
+    (dict(attn_impl="nope"), "attn_impl"),
+    (dict(loss_impl="nope"), "loss_impl"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(attn_pdrop=1.0), "attn_pdrop"),
+])
+def test_config_rejects_bad_values(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        GPT1Config(**{**SMALL, **bad})
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown model preset"):
+        get_config("gpt9")
+
+
+def test_init_and_tied_head():
+    model = small_model()
+    assert model.lm_logits(torch.zeros(1, 32)).shape == (1, 100)
+    assert all(b.abs().max() == 0 for n, b in model.named_parameters() if n.endswith("c_fc.bias"))
+    w = model.h[0].mlp.c_fc.weight
+    assert abs(w.std().item() - 0.02) < 0.004 and abs(w.mean().item()) < 0.002
+    ids, _ = batch()
+    logits = model(ids).logits
+    assert logits.shape == (2, 16, 100)
+    # the head is the token embedding: one (V, C) matrix in the model, and the logits are h @ E^T
+    assert [tuple(p.shape) for p in model.parameters()].count((100, 32)) == 1
+    model.eval()
+    with torch.no_grad():
+        assert_close(model(ids).logits, model.hidden_states(ids) @ model.tokens_embed.weight.T, atol=1e-5, rtol=0)
+
+
+def test_post_layernorm_block_output_is_normalized():
+    model = small_model().eval()
+    ids, _ = batch()
+    h = model.hidden_states(ids)  # the last op of the last block is ln_2, whose gain starts at 1
+    assert_close(h.mean(-1), torch.zeros_like(h[..., 0]), atol=1e-5, rtol=0)
+    assert_close(h.var(-1, unbiased=False), torch.ones_like(h[..., 0]), atol=1e-3, rtol=0)
+
+
+def test_forward_without_labels_has_no_loss_and_matches_loss_with_labels():
+    model = small_model().eval()
+    ids, y = batch()
+    out = model(ids)
+    assert out.loss is None
+    y[0, :3] = -100
+    loss = model(ids, labels=y).loss
+    keep = y != -100
+    ref = torch.nn.functional.cross_entropy(out.logits[keep], y[keep])
+    assert_close(loss, ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("attn_impl", ["eager", "sdpa", "triton"])
+def test_causal(attn_impl, device):
+    model = small_model(attn_impl=attn_impl).to(device).eval()
+    ids, _ = batch(device=device)
+    ids2 = ids.clone()
+    ids2[:, 10:] = (ids2[:, 10:] + 1) % 100
+    with torch.no_grad():
+        a, b = model(ids).logits, model(ids2).logits
+    assert_close(a[:, :10], b[:, :10], atol=1e-5, rtol=1e-5)
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-3
+
+
+def test_sequence_longer_than_context_is_refused():
+    model = small_model()
+    with pytest.raises(ValueError, match="exceeds n_positions"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+IMPLS = [("sdpa", "eager"), ("triton", "eager"), ("eager", "triton"), ("eager", "triton_linear"),
+         ("triton", "triton_linear")]
+
+
+def _tol(device):
+    # fp32 throughout; on a GPU the Triton dots run in TF32, like torch's matmuls with TF32 allowed
+    return dict(atol=1e-4, rtol=1e-4) if device == "cpu" else dict(atol=3e-3, rtol=3e-3)
+
+
+@pytest.mark.parametrize("attn_impl, loss_impl", IMPLS)
+def test_kernels_give_the_same_loss_and_gradients(attn_impl, loss_impl, device):
+    ref = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
+    ours = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
+    ours.set_impl(attn_impl=attn_impl, loss_impl=loss_impl)
+    ids, y = batch(device=device)
+    y[1, 5:9] = -100
+    losses = []
+    for m in (ref, ours):
+        loss = m(ids, labels=y).loss
+        loss.backward()
+        losses.append(loss)
+    assert_close(losses[1], losses[0], **_tol(device))
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        assert_close(q.grad, p.grad, name=name, **_tol(device))
+
+
+@pytest.mark.parametrize("attn_impl, loss_impl", [("triton", "triton"), ("triton", "triton_linear")])
+def test_kernels_follow_the_eager_training_trajectory(attn_impl, loss_impl, device):
+    """Twelve AdamW steps from the same weights on the same batches: the per-step losses stay together."""
+    trajectories = []
+    for impls in (("eager", "eager"), (attn_impl, loss_impl)):
+        model = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
+        model.set_impl(*impls)
+        opt = torch.optim.AdamW(model.param_groups(0.01), lr=1e-2)
+        losses = []
+        for step in range(12):
+            ids, y = batch(B=4, T=32, seed=step % 4, device=device)  # four batches, seen three times
+            loss = model(ids, labels=y).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        trajectories.append(torch.tensor(losses))
+    eager, ours = trajectories
+    assert eager[-1] < eager[0] - 0.3  # it learns
+    assert_close(ours, eager, atol=2e-3 if device == "cpu" else 2e-2, rtol=0)
+
+
+def test_kernel_dropout_trains_like_eager_dropout(device):
+    """With dropout on, the Triton attention draws its own mask: losses differ per step, not on average."""
+    ids, y = batch(B=4, T=32, device=device)
+    means = []
+    for impl in ("eager", "triton"):
+        model = small_model(attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0, attn_impl=impl).to(device).train()
+        with torch.no_grad():
+            means.append(torch.stack([model(ids, labels=y).loss for _ in range(40)]).mean())
+        model.eval()
+        with torch.no_grad():
+            means.append(model(ids, labels=y).loss)
+    assert_close(means[2], means[0], atol=0.02, rtol=0)  # the dropout-averaged training losses agree
+    assert_close(means[3], means[1], atol=1e-4, rtol=1e-4)  # and in eval mode nothing is dropped
+
+
+def test_generate_and_filter_logits():
+    model = small_model().eval()
+    ids = torch.tensor([[1, 2, 3]])
+    out = model.generate(ids, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 8) and torch.equal(out[:, :3], ids)
+    greedy = model.generate(ids, max_new_tokens=5, top_k=1)
+    assert torch.equal(greedy, model.generate(ids, max_new_tokens=5, top_k=1))
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, True, True]]
+    # generation runs past the context by keeping its last n_positions tokens
+    long = model.generate(torch.zeros(1, 30, dtype=torch.long), max_new_tokens=10, top_k=1)
+    assert long.shape == (1, 40)
