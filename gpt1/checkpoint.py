@@ -70,6 +70,8 @@ def check_run_dir(run, cfg, ds, meta, rank):
                         "that run or choose another --out")
     if run.resume and not tags:
         raise GPT1Error(f"--resume: no complete checkpoint under {checkpoint_root(run)}")
+    if run.resume:
+        verify(checkpoint_root(run), tags[-1], cfg)  # before anything in the run directory is rewritten
     dist.barrier()
     if rank == 0:
         os.makedirs(os.path.join(run.out, "tokenizer"), exist_ok=True)

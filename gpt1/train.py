@@ -250,25 +250,37 @@ def main(argv=None):
     step = 0
     if run.resume:  # restores the data generator and every RNG as they were at the checkpoint
         step, data_rng = checkpoint.load(engine, run, cfg, rank, data_rng)
+        if rank == 0:
+            print(f"resumed from step{step:08d} in {checkpoint.checkpoint_root(run)}", flush=True)
     if rank == 0:
         print(f"model {run.model}: {model.num_parameters() / 1e6:.2f}M parameters; {world} rank(s), "
               f"micro batch {micro} x accumulation {gas}, {tokens_per_step} tokens/step; "
               f"{len(train_data)} train / {len(val_data)} val tokens", flush=True)
     metrics = os.path.join(run.out, "metrics.jsonl")
     stop, nonfinite, skipped = StopSignal(), 0, 0
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    # fault injection for the tests: a NaN loss on rank 0 at these (1-based) steps
+    nan_steps = {int(s) for s in os.environ.get("GPT1_INJECT_NAN_STEPS", "").split(",") if s.strip()}
     bar = tqdm(total=run.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)
-    t0 = time.time()
+    t0, logged = time.time(), step
     while step < run.max_steps:
         losses = []
         for _ in range(gas):
             w = torch.from_numpy(train_data.windows(data_rng, micro, run.seq_len + 1)).to(device)
             loss = engine(w[:, :-1], labels=w[:, 1:]).loss
+            if rank == 0 and step + 1 in nan_steps:
+                loss = loss * float("nan")
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
         step += 1
-        if optimizer.skipped + engine.skipped_steps > skipped:  # non-finite gradients: the update was skipped
-            nonfinite, skipped = nonfinite + 1, optimizer.skipped + engine.skipped_steps
+        # A non-finite gradient skips the update: DeepSpeed's own overflow check does it under ZeRO 1-3
+        # (engine.skipped_steps), GuardedAdamW where DeepSpeed does not check. With fp16 that is the loss
+        # scaler at work (it lowers the scale, and gives up itself at its minimum); with bf16 and fp32 a
+        # run of skipped steps means training has diverged.
+        if optimizer.skipped + engine.skipped_steps > skipped:
+            skipped = optimizer.skipped + engine.skipped_steps
+            nonfinite = 0 if fp16 else nonfinite + 1
             if nonfinite >= run.max_nonfinite:
                 raise GPT1Error(f"stopping at step {step}: {nonfinite} steps in a row had a non-finite loss "
                                 f"or gradient and were skipped")
@@ -276,9 +288,9 @@ def main(argv=None):
             nonfinite = 0
         if step % run.log_interval == 0 or step == run.max_steps:
             loss = all_reduce([sum(losses) / len(losses)], device)[0] / world
-            dt, t0 = time.time() - t0, time.time()
+            dt, t0, n_steps, logged = time.time() - t0, time.time(), step - logged, step
             row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": tokens_per_step * run.log_interval / dt, "skipped_steps": skipped}
+                   "tokens_per_s": tokens_per_step * n_steps / dt, "skipped_steps": skipped}
             if rank == 0:
                 log_row(metrics, row)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
