@@ -28,8 +28,10 @@ Limits and side effects:
 - Targets are validated on the host with one torch reduction and a device sync per call, and the
   backward syncs once to test whether the incoming gradient is 1 (to skip the scaling pass).
 - fp16: the 1 / n_valid factor of the mean is not folded into the stored fp16 gradient (p_j / n
-  would underflow fp16 for most classes at GPT-1 batch sizes); it is applied in the backward,
-  together with the loss scale, in fp32 before rounding. bf16 and fp32 fold it in the kernel.
+  would underflow fp16 for most classes at GPT-1 batch sizes). The kernel stores the gradient times
+  2^k / n_valid, in [1, 2), and the backward multiplies by 2^-k and the loss scale in fp32, which is
+  exact (one rounding in all) when the loss scale is a power of two. bf16 and fp32 fold 1 / n_valid
+  in the kernel.
 - fused_linear_cross_entropy with reduction="none" cannot fold the per-row incoming gradient into
   d weight during the forward, so it computes only the loss there and recomputes the chunks in the
   backward (twice the matmuls).
@@ -51,26 +53,31 @@ _NUM_WARPS = 32
 # Default budget for one chunk's logits in fused_linear_cross_entropy (see _default_chunk_size).
 _CHUNK_BYTES = 512 * 1024 * 1024
 _MIN_CHUNK_ROWS = 1024
+_CHUNK_ALIGN = 128  # default chunks are whole multiples of this many rows
+# fused_linear_cross_entropy pads the vocabulary to a multiple of this (see linear_cross_entropy_chunks):
+# 64 classes are 128 bytes in bf16, so each padded logits row starts on its own cache line.
+_VOCAB_ALIGN = 64
 # Triton's CPU interpreter truncates fp32 -> bf16 (measured with triton 3.9) where the GPU rounds to
 # nearest even; round by hand there so that interpreter runs show the GPU's numerics.
 _INTERPRET_RTNE = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _row_stats(ROW, n_cols, BLOCK_V: tl.constexpr):
-    """One pass over a row: running max m, sum of exp(x - m), and sum of x (for label smoothing)."""
+def _row_stats(ROW, n_cols, row_len, BLOCK_V: tl.constexpr):
+    """One pass over a row: running max m, sum of exp(x - m), and sum of x (for label smoothing).
+    Columns [n_cols, row_len) are read (see _cross_entropy_kernel) but count as -inf."""
     LOG2E: tl.constexpr = 1.4426950408889634
     m = tl.full([], float("-inf"), tl.float32)
     d = tl.zeros([], dtype=tl.float32)
     x_sum = tl.zeros([], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
+    for start in range(0, row_len, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
-        x = tl.load(ROW + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        x = tl.load(ROW + cols, mask=cols < row_len, other=float("-inf")).to(tl.float32)
+        x = tl.where(cols < n_cols, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # subtract before scaling by log2(e): x - m is exact near the max even for |x| ~ 1e4
         d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((x - m_new) * LOG2E), axis=0)
-        x_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
+        x_sum += tl.sum(tl.where(cols < n_cols, x, 0.0), axis=0)
         m = m_new
     return m, d, x_sum
 
@@ -84,45 +91,54 @@ def _round_bf16_rtne(x):
 
 
 @triton.jit
-def _write_row_grad(ROW, n_cols, y, m, d, eps, scale, BLOCK_V: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """Second pass: overwrite the row with scale * (softmax - (1 - eps) onehot(y) - eps / V)."""
+def _write_row_grad(ROW, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """Second pass: overwrite the row with scale * (softmax - (1 - eps) onehot(y) - eps / V), and
+    columns [n_cols, row_len) with 0."""
     LOG2E: tl.constexpr = 1.4426950408889634
     inv_d = 1.0 / d
     smooth = eps / n_cols
-    for start in range(0, n_cols, BLOCK_V):
+    for start in range(0, row_len, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
+        mask = cols < row_len
         x = tl.load(ROW + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        x = tl.where(cols < n_cols, x, float("-inf"))  # no inf / NaN from whatever the padding holds
         g = tl.exp2((x - m) * LOG2E) * inv_d - smooth
         g = tl.where(cols == y, g - (1.0 - eps), g) * scale
+        g = tl.where(cols < n_cols, g, 0.0)
         if RTNE_BF16:
             g = _round_bf16_rtne(g)
         tl.store(ROW + cols, g.to(ROW.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _zero_row(ROW, n_cols, BLOCK_V: tl.constexpr):
-    for start in range(0, n_cols, BLOCK_V):
+def _zero_row(ROW, row_len, BLOCK_V: tl.constexpr):
+    for start in range(0, row_len, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        tl.store(ROW + cols, tl.zeros([BLOCK_V], dtype=ROW.dtype.element_ty), mask=cols < n_cols)
+        tl.store(ROW + cols, tl.zeros([BLOCK_V], dtype=ROW.dtype.element_ty), mask=cols < row_len)
 
 
 @triton.jit
 def _cross_entropy_kernel(
-    LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, n_cols, ignore_index, eps, grad_scale,
+    LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, n_cols, row_len, ignore_index, eps, grad_scale,
     BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
-    """LOSS[r] = CE(LOGITS[r], TARGET[r]); if COMPUTE_GRAD, LOGITS[r] <- its gradient times
-    grad_scale (times ROW_SCALE[r] if HAS_ROW_SCALE)."""
+    """LOSS[r] = CE(LOGITS[r, :n_cols], TARGET[r]); if COMPUTE_GRAD, LOGITS[r, :n_cols] <- its gradient
+    times grad_scale (times ROW_SCALE[r] if HAS_ROW_SCALE) and LOGITS[r, n_cols:row_len] <- 0.
+
+    row_len >= n_cols is how many columns are loaded and stored. Loads and stores are masked with
+    cols < row_len, and Triton issues 16-byte vector accesses only when it can prove such a mask
+    constant over each group of 8 columns: with row_len and stride_row multiples of 16 (the padded
+    chunks of fused_linear_cross_entropy) they vectorize, with row_len = V = 40478 they stay scalar.
+    """
     row = tl.program_id(0).to(tl.int64)
     ROW = LOGITS + row * stride_row
     y = tl.load(TARGET + row)
     if y == ignore_index:  # loss 0, gradient 0, and the row is never read
         tl.store(LOSS + row, 0.0)
         if COMPUTE_GRAD:
-            _zero_row(ROW, n_cols, BLOCK_V)
+            _zero_row(ROW, row_len, BLOCK_V)
         return
-    m, d, x_sum = _row_stats(ROW, n_cols, BLOCK_V)
+    m, d, x_sum = _row_stats(ROW, n_cols, row_len, BLOCK_V)
     lse = m + tl.log(d)
     x_y = tl.load(ROW + y).to(tl.float32)
     loss = (1.0 - eps) * (lse - x_y) + eps * (lse - x_sum / n_cols)
@@ -131,7 +147,7 @@ def _cross_entropy_kernel(
         scale = grad_scale
         if HAS_ROW_SCALE:
             scale = scale * tl.load(ROW_SCALE + row).to(tl.float32)
-        _write_row_grad(ROW, n_cols, y, m, d, eps, scale, BLOCK_V, RTNE_BF16)
+        _write_row_grad(ROW, n_cols, row_len, y, m, d, eps, scale, BLOCK_V, RTNE_BF16)
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -162,18 +178,36 @@ def _check_target(target, n_rows, n_classes, ignore_index):
     return n_valid
 
 
-def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, row_scale=None):
-    """Run the kernel on (n, V) logits with unit column stride; loss is an fp32 (n,) output."""
-    n_rows, n_cols = logits.shape
+def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, row_scale=None, n_cols=None):
+    """Run the kernel on (n, row_len) logits with unit column stride, of which the first n_cols (default
+    all) are classes and the rest padding that gets a zero gradient; loss is an fp32 (n,) output."""
+    n_rows, row_len = logits.shape
     if n_rows == 0:
         return
-    block_v = min(triton.next_power_of_2(n_cols), _MAX_BLOCK_V)
+    n_cols = row_len if n_cols is None else n_cols
+    block_v = min(triton.next_power_of_2(row_len), _MAX_BLOCK_V)
     _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
-        n_cols, ignore_index, eps, grad_scale,
+        n_cols, row_len, ignore_index, eps, grad_scale,
         BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, HAS_ROW_SCALE=row_scale is not None,
         RTNE_BF16=_INTERPRET_RTNE and logits.dtype == torch.bfloat16, num_warps=_NUM_WARPS,
     )
+
+
+def _grad_scales(reduction, n_valid, dtype):
+    """(scale folded into the stored gradient, post_scale applied by the backward).
+
+    The mean's 1 / n goes into the kernel, except for fp16, where p_j / n would underflow (module
+    docstring). There the kernel stores the gradient times 2^k / n, in [1, 2), and the backward
+    multiplies by 2^-k: for the usual incoming gradients (1, or a power-of-two loss scale) that product
+    is exact, so each fp16 gradient element is rounded once, as in the eager reference.
+    """
+    if reduction != "mean" or n_valid <= 1:
+        return 1.0, 1.0
+    if dtype != torch.float16:
+        return 1.0 / n_valid, 1.0
+    k = (n_valid - 1).bit_length()  # 2^k >= n_valid > 2^(k-1)
+    return 2.0**k / n_valid, 2.0**-k
 
 
 def _reduce(loss_rows, reduction, n_valid):
@@ -198,10 +232,7 @@ def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0
     n_valid = _check_target(target, logits.shape[0], logits.shape[1], ignore_index)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()  # the gradient then lives in this copy, which we return
-    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-    post_scale = 1.0
-    if logits.dtype == torch.float16 and scale != 1.0:
-        scale, post_scale = 1.0, scale
+    scale, post_scale = _grad_scales(reduction, n_valid, logits.dtype)
     loss_rows = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     _launch(logits, target.contiguous(), loss_rows, ignore_index, float(label_smoothing), scale, compute_grad)
     return _reduce(loss_rows, reduction, n_valid), logits, post_scale
@@ -210,9 +241,11 @@ def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0
 def cross_entropy_backward(grad_logits, grad_output, post_scale):
     """Scale the stored gradient in place by grad_output (and post_scale); returns it."""
     if grad_output.dim() == 0:
-        if post_scale == 1.0 and grad_output.item() == 1.0:
-            return grad_logits
-        return grad_logits.mul_(grad_output.float() * post_scale)
+        # A Python float, not a device tensor: CUDA's mul_ casts a 0-dim tensor operand to grad_logits'
+        # fp16 before multiplying, rounding a factor like 1/3 (that reproduces, to 3 digits, the 1.99e-4
+        # error of an H200 test failure); a Python scalar is applied in fp32.
+        factor = grad_output.item() * post_scale
+        return grad_logits if factor == 1.0 else grad_logits.mul_(factor)
     return grad_logits.mul_(grad_output.float().unsqueeze(1) * post_scale)
 
 
@@ -247,19 +280,28 @@ def fused_cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.
 # ----------------------------------------------------------------------------- fused linear
 
 
+def _padded_vocab(n_classes):
+    """V rounded up to a multiple of _VOCAB_ALIGN: the row length of the padded head (see the chunk loop)."""
+    return -(-n_classes // _VOCAB_ALIGN) * _VOCAB_ALIGN
+
+
 def _default_chunk_size(n_rows, n_classes, dtype):
-    """Rows per chunk: the fewest equal chunks whose logits fit in _CHUNK_BYTES, at least 1024 rows.
+    """Rows per chunk: the fewest equal chunks whose padded logits fit in _CHUNK_BYTES (at least 1024 rows),
+    rounded up to a multiple of _CHUNK_ALIGN rows.
 
     Each chunk re-reads and re-writes the whole (V, C) fp32 d weight accumulator (~0.3 GB of traffic
     at GPT-1 size, ~0.1 ms on an H100), while its matmuls cost ~0.3 us per row, so chunks under a
     few thousand rows lose real time (Liger's small chunks make it slower than the unfused path).
     512 MiB of logits is ~6.6k bf16 rows at V = 40478: GPT-1's 64 x 512 batch runs in 5 chunks of
-    ~6.5k rows, ~5x less than the 2.6 GB of full logits (before their fp32 copy and gradient).
+    6656 rows (the last 6144), ~5x less than the 2.6 GB of full logits (before their fp32 copy and
+    gradient). Whole 128-row chunks fill the matmuls' 128-row tiles and keep each chunk of hidden
+    16-byte aligned whatever C is.
     """
-    rows_in_budget = _CHUNK_BYTES // (n_classes * torch.empty((), dtype=dtype).element_size())
-    max_rows = max(_MIN_CHUNK_ROWS, rows_in_budget)
+    row_bytes = _padded_vocab(n_classes) * torch.empty((), dtype=dtype).element_size()
+    max_rows = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // row_bytes)
     n_chunks = max(1, math.ceil(n_rows / max_rows))
-    return math.ceil(n_rows / n_chunks)
+    rows = -(-math.ceil(n_rows / n_chunks) // _CHUNK_ALIGN) * _CHUNK_ALIGN
+    return max(1, min(n_rows, rows))
 
 
 def _check_linear_inputs(hidden, weight, target, bias):
@@ -276,15 +318,27 @@ def _check_linear_inputs(hidden, weight, target, bias):
         raise ValueError("hidden, weight and target must be on the same device")
 
 
-def _chunk_grads(logits, h, weight, grad_hidden, grad_weight, grad_bias):
-    """Turn one chunk's d logits into d hidden (written) and d weight, d bias (fp32, accumulated)."""
+def _pad_rows(t, n_rows):
+    """t (contiguous) with zero rows appended up to n_rows; t itself when it has that many already."""
+    if t is None or t.shape[0] == n_rows:
+        return t
+    out = t.new_zeros((n_rows, *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
+
+
+def _chunk_grads(logits, h, weight, grad_hidden, grad_weight, grad_bias, dw_chunk):
+    """Turn one chunk's d logits into d hidden (written) and d weight, d bias (fp32, accumulated).
+
+    dw_chunk is a (V, C) buffer in the weight's dtype for the bf16 / fp16 d weight of the chunk (torch's
+    mm has no portable fp32 output for half inputs); fp32 accumulates in the matmul itself."""
     if grad_hidden is not None:
         torch.mm(logits, weight, out=grad_hidden)
     if grad_weight is not None:
-        if logits.dtype == torch.float32:
+        if dw_chunk is None:
             grad_weight.addmm_(logits.t(), h)
         else:
-            grad_weight += torch.mm(logits.t(), h)
+            grad_weight += torch.mm(logits.t(), h, out=dw_chunk)
     if grad_bias is not None:
         grad_bias += logits.sum(0, dtype=torch.float32)
 
@@ -292,23 +346,43 @@ def _chunk_grads(logits, h, weight, grad_hidden, grad_weight, grad_bias):
 def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps, grad_scale, chunk_size,
                                 needs=(True, True, True), row_scale=None):
     """The chunk loop. Returns (loss_rows, d hidden, d weight fp32, d bias fp32), each gradient
-    None when its needs flag is off, and all scaled by grad_scale (times row_scale per row)."""
-    n_rows, n_classes = hidden.shape[0], weight.shape[0]
+    None when its needs flag is off, and all scaled by grad_scale (times row_scale per row).
+
+    The head is padded with zero rows to V_pad = _padded_vocab(V) classes. Unpadded, a bf16 logits row
+    of V = 40478 is 80956 bytes, not a multiple of 16, which keeps cuBLAS off its fast (TMA) kernels
+    for all three matmuls and the cross-entropy kernel off vector loads. Padded, every operand's rows
+    are 16-byte aligned. The kernel reads the padded columns as -inf and writes them a zero gradient, so
+    they add nothing to d hidden (their weight rows are zero too), and the d weight / d bias rows they
+    produce are zero and cut off before returning.
+    """
+    n_rows, n_classes, n_feat = hidden.shape[0], weight.shape[0], weight.shape[1]
     need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
     compute_grad = need_h or need_w or need_b
-    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+    v_pad = _padded_vocab(n_classes)
+    weight, bias = _pad_rows(weight.contiguous(), v_pad), _pad_rows(bias, v_pad)
+    f32 = {"dtype": torch.float32, "device": hidden.device}
+    loss_rows = torch.empty(n_rows, **f32)
     grad_hidden = torch.empty_like(hidden) if need_h else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    grad_bias = torch.zeros(n_classes, dtype=torch.float32, device=weight.device) if need_b else None
+    grad_weight = torch.zeros(v_pad, n_feat, **f32) if need_w else None
+    grad_bias = torch.zeros(v_pad, **f32) if need_b else None
+    # one logits buffer, and one half-precision d weight buffer, serve every chunk
+    buffer = hidden.new_empty((min(chunk_size, n_rows), v_pad))
+    dw_chunk = torch.empty_like(weight) if need_w and weight.dtype != torch.float32 else None
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
-        h = hidden[start:end]
-        logits = torch.addmm(bias, h, weight.t()) if bias is not None else torch.mm(h, weight.t())  # (n, V)
+        h, logits = hidden[start:end], buffer[: end - start]  # (n, C), (n, V_pad)
+        if bias is None:
+            torch.mm(h, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h, weight.t(), out=logits)
         rs = row_scale[start:end] if row_scale is not None else None
-        _launch(logits, target[start:end], loss_rows[start:end], ignore_index, eps, grad_scale, compute_grad, rs)
+        _launch(logits, target[start:end], loss_rows[start:end], ignore_index, eps, grad_scale, compute_grad, rs,
+                n_cols=n_classes)
         if compute_grad:
-            _chunk_grads(logits, h, weight, grad_hidden[start:end] if need_h else None, grad_weight, grad_bias)
-        del logits  # free this chunk before the next one is allocated
+            _chunk_grads(logits, h, weight, grad_hidden[start:end] if need_h else None, grad_weight, grad_bias,
+                         dw_chunk)
+    grad_weight = grad_weight[:n_classes] if need_w else None  # a prefix of rows: still contiguous
+    grad_bias = grad_bias[:n_classes] if need_b else None
     return loss_rows, grad_hidden, grad_weight, grad_bias
 
 
@@ -324,11 +398,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         needs = tuple(grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
         # "none" needs the per-row incoming gradient inside d weight: the backward recomputes
         defer = reduction == "none" and any(needs)
-        # global 1 / n_valid: every chunk's gradient is scaled by the count over the whole batch
-        scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
-        ctx.post_scale = 1.0
-        if hidden.dtype == torch.float16 and scale != 1.0:
-            scale, ctx.post_scale = 1.0, scale  # keep p / n out of fp16 (module docstring)
+        # global 1 / n_valid: every chunk's gradient is scaled by the count over the whole batch (for fp16
+        # only up to a power of two, which the backward applies: see _grad_scales)
+        scale, ctx.post_scale = _grad_scales(reduction, n_valid, hidden.dtype)
         loss_rows, *grads = linear_cross_entropy_chunks(
             hidden, weight, target, bias, ignore_index, label_smoothing, scale, chunk,
             needs=(False, False, False) if defer else needs)
@@ -372,13 +444,16 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
                                             reduction, chunk_size, torch.is_grad_enabled())
 
 
-def _compile_spec(name, dtype, compute_grad, n_classes=40478):
-    """One ahead-of-time compile of _cross_entropy_kernel as _launch would run it for GPT-1."""
+def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False):
+    """One ahead-of-time compile of _cross_entropy_kernel as _launch would run it for GPT-1: on (N, V)
+    logits (row stride V = 40478, no alignment), or on fused_linear_cross_entropy's padded chunk (row stride
+    _padded_vocab(V), a multiple of 16 that the JIT specializes on)."""
     return {
         "name": name,
         "fn": _cross_entropy_kernel,
-        "signature": {"LOGITS": f"*{dtype}:16", "stride_row": "i32", "TARGET": "*i64:16", "LOSS": "*fp32:16",
-                      "ROW_SCALE": "*fp32:16", "n_cols": "i32", "ignore_index": "i32", "eps": "fp32",
+        "signature": {"LOGITS": f"*{dtype}:16", "stride_row": "i32:16" if padded else "i32", "TARGET": "*i64:16",
+                      "LOSS": "*fp32:16", "ROW_SCALE": "*fp32:16", "n_cols": "i32",
+                      "row_len": "i32:16" if padded else "i32", "ignore_index": "i32", "eps": "fp32",
                       "grad_scale": "fp32"},
         "constexprs": {"BLOCK_V": min(triton.next_power_of_2(n_classes), _MAX_BLOCK_V),
                        "COMPUTE_GRAD": compute_grad, "HAS_ROW_SCALE": False, "RTNE_BF16": False},
@@ -392,4 +467,5 @@ COMPILE_SPECS = [
     _compile_spec("cross_entropy_fwd_bwd_bf16_V40478", "bf16", True),
     _compile_spec("cross_entropy_fwd_bwd_fp32_V40478", "fp32", True),
     _compile_spec("cross_entropy_fwd_only_bf16_V40478", "bf16", False),
+    _compile_spec("linear_ce_chunk_fwd_bwd_bf16_V40478_padded", "bf16", True, padded=True),
 ]

@@ -12,7 +12,12 @@ from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
 from kernels import fused_cross_entropy, fused_linear_cross_entropy, reference
-from kernels.cross_entropy import COMPILE_SPECS, _default_chunk_size
+from kernels.cross_entropy import (
+    COMPILE_SPECS,
+    _default_chunk_size,
+    _launch,
+    _padded_vocab,
+)
 
 IGNORE = -100
 # (dtype, slack): slack is added to 2x the reference's own error, relative to the output's scale
@@ -97,6 +102,50 @@ def test_cross_entropy_extreme_logits(dtype, slack, label_smoothing, device):
     target[1] = 0  # a +1e4 class
     target[2] = 1  # a -1e4 class: loss ~2e4
     _compare_ce(x, target, dtype, slack, label_smoothing, "sum")
+
+
+@pytest.mark.parametrize("grad_output", [1.0, 0.25])
+def test_fp16_mean_gradient_is_rounded_once(grad_output, device):
+    """fp16 + mean keeps 1 / n out of the kernel (underflow); the backward's rescale must not add a second
+    rounding: every element within half an fp16 ulp of the exact gradient (plus fp32 noise). A rescale by
+    1/3 after rounding, or by a factor itself rounded to fp16 (the H200 failure), errs up to ~0.8 ulp.
+    Results below fp16's normal range are allowed a quarter of their 2^-24 spacing more: the exact
+    rescale by 2^-k lands them on a 2^-25 grid first, a second rounding inherent to keeping 1 / n out.
+    (So is the loss of precision under a loss scale > 1: values stored below fp16's normal range are
+    scaled up with their rounding error; the check above is for incoming gradients <= 1.)"""
+    torch.manual_seed(7)
+    n, v = 150, 64  # 100 valid rows: n_valid is no power of two
+    x, target = torch.randn(n, v, device=device) * 3, _targets(n, v, device)
+    kern, truth = _leaf(x, torch.float16), _leaf(x.half(), torch.float64)
+    (fused_cross_entropy(kern, target, label_smoothing=0.1) * grad_output).backward()
+    (_truth_ce(truth, target, label_smoothing=0.1) * grad_output).backward()
+    exact = truth.grad
+    ulp = torch.exp2(torch.floor(torch.log2(exact.abs().clamp(min=2.0**-14))) - 10)  # fp16 spacing at |exact|
+    allowed = 0.5 * ulp * (1 + 1e-3) + torch.where(exact.abs() < 2.0**-14, 2.0**-26, 0.0)
+    err = (kern.grad.double() - exact).abs()
+    worst = (err / ulp).max().item()
+    assert (err <= allowed).all(), f"fp16 gradient off by up to {worst:.3f} ulp (one rounding is at most 0.5)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_padding_columns(dtype, device):
+    """The kernel on a row-padded buffer (fused_linear_cross_entropy's chunks): whatever the padding columns
+    hold, they change no loss and receive an exact zero gradient."""
+    torch.manual_seed(8)
+    n, v = 6, 1001
+    width = _padded_vocab(v)
+    assert width % 64 == 0 and width > v
+    x, target = torch.randn(n, v, device=device).to(dtype), _targets(n, v, device)
+    padded = torch.full((n, width), 1e4, device=device).to(dtype)
+    padded[:, :v] = x
+    padded[1, v:] = float("nan")
+    loss_pad, loss_ref = (torch.empty(n, device=device) for _ in range(2))
+    _launch(padded, target, loss_pad, IGNORE, 0.1, 0.5, True, n_cols=v)
+    ref = x.clone()
+    _launch(ref, target, loss_ref, IGNORE, 0.1, 0.5, True)
+    assert torch.equal(loss_pad, loss_ref)
+    assert torch.equal(padded[:, :v], ref), "class columns differ from the unpadded run"
+    assert torch.equal(padded[:, v:], torch.zeros_like(padded[:, v:])), "padding columns got a gradient"
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -239,12 +288,30 @@ def test_linear_cross_entropy_no_grad(device):
     assert_close(loss, _truth_linear(hidden.double(), weight.double(), target), atol=1e-6, rtol=1e-5, name="loss")
 
 
+@pytest.mark.parametrize("n", [0, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_no_valid_rows(n, dtype, device):
+    """No rows, or every row ignored: loss 0 for every reduction and exact zero gradients (the padded
+    head must not leak into them), in the shapes and dtypes of the inputs."""
+    torch.manual_seed(9)
+    for reduction in ("mean", "sum", "none"):
+        h, w, b = _leaf(torch.randn(n, 16, device=device), dtype), _leaf(torch.randn(77, 16, device=device), dtype), \
+            _leaf(torch.randn(77, device=device), dtype)
+        target = torch.full((n,), IGNORE, device=device)
+        loss = fused_linear_cross_entropy(h, w, target, bias=b, reduction=reduction, chunk_size=4)
+        assert torch.equal(loss, torch.zeros_like(loss)) and loss.shape == ((n,) if reduction == "none" else ())
+        loss.sum().backward()
+        for t in (h, w, b):
+            assert t.grad.dtype == dtype and torch.equal(t.grad, torch.zeros_like(t)), reduction
+
+
 def test_default_chunk_size():
     # GPT-1's 64 x 512 tokens, V = 40478 bf16: 5 equal chunks of ~512 MiB instead of 2.6 GB of logits
-    assert _default_chunk_size(64 * 512, 40478, torch.bfloat16) == 6554
-    assert _default_chunk_size(64 * 512, 40478, torch.float32) == 3277
+    assert _default_chunk_size(64 * 512, 40478, torch.bfloat16) == 6656  # 4 x 6656 + 6144
+    assert _default_chunk_size(64 * 512, 40478, torch.float32) == 3328
     assert _default_chunk_size(100, 40478, torch.bfloat16) == 100  # small batches stay one chunk
-    assert _default_chunk_size(5000, 10**7, torch.float32) == 1000  # never below ~1024 rows
+    assert _default_chunk_size(5000, 10**7, torch.float32) == 1024  # never below 1024 rows
+    assert _default_chunk_size(0, 40478, torch.bfloat16) == 1  # a valid range() step for no rows
 
 
 def _peak_cpu_bytes(fn):
@@ -271,7 +338,7 @@ def test_linear_cross_entropy_memory_stays_near_one_chunk():
     torch.manual_seed(6)
     n, c, v, chunk = 192, 8, 6000, 16
     hidden, weight, target = torch.randn(n, c), torch.randn(v, c), torch.randint(0, v, (n,))
-    full_logits, chunk_logits = n * v * 4, chunk * v * 4
+    full_logits, chunk_logits = n * v * 4, chunk * _padded_vocab(v) * 4  # chunks hold the padded vocabulary
     small = (3 * v * c + 3 * n * c + 2 * n) * 4  # d weight fp32 + its scaled copy, d hidden, losses
     # On CPU up to three chunk-sized buffers can be live at once: the chunk's logits, a copy of their
     # transpose that CPU BLAS may make for d weight, and the previous chunk, which the Triton interpreter
