@@ -59,7 +59,7 @@ class GPT1Tokenizer:
     def save(self, path):
         """Write vocab.json (special tokens included) and merges.txt into the directory `path`."""
         os.makedirs(path, exist_ok=True)
-        self.tok.model.save(path)
+        self.tok.model.save(str(path))
         with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(self.tok.get_vocab(with_added_tokens=True), f, ensure_ascii=False)
 

@@ -1,0 +1,149 @@
+"""Tokenizer and corpus preparation: round trips, GPT-2 file format, document split, token files, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gpt1.data import DataError, TokenFile, load_meta, prepare
+from gpt1.tokenizer import GPT1Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXCERPT = os.path.join(ROOT, "tests", "data", "shakespeare")
+ENV = {**os.environ, "PYTHONPATH": ROOT}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return GPT1Tokenizer.train([os.path.join(EXCERPT, "hamlet.txt")], 600)
+
+
+@pytest.mark.parametrize("text", ["To be, or not to be: that is the question.",
+                                  "  leading spaces\n\ttabs and\r\nCRLF  ",
+                                  "Ophélie — naïve façade, 「日本語」, emoji 🎭, Ελληνικά",
+                                  ""])
+def test_tokenizer_round_trips(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_tokens_and_vocab(tok):
+    ids = tok.special_ids()
+    assert set(ids) == {"eot", "pad", "start", "delim", "extract"}
+    assert sorted(ids.values()) == [0, 1, 2, 3, 4]
+    assert tok.vocab_size == 600
+    assert tok.encode("<|start|>a<|delim|>b<|extract|>") == ([ids["start"]] + tok.encode("a") + [ids["delim"]]
+                                                             + tok.encode("b") + [ids["extract"]])
+
+
+def test_saved_files_are_gpt2_format_and_reload(tok, tmp_path):
+    tok.save(tmp_path)
+    vocab = json.load(open(tmp_path / "vocab.json"))
+    merges = open(tmp_path / "merges.txt", encoding="utf-8").read().splitlines()
+    assert len(vocab) == 600 and merges[0].startswith("#version")
+    assert all(len(m.split(" ")) == 2 for m in merges[1:])
+    again = GPT1Tokenizer.from_files(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    text = "Something is rotten in the state of Denmark. Ünïcödé"
+    assert again.encode(text) == tok.encode(text)
+
+
+def test_original_gpt_bpe_files_load(tmp_path):
+    """The original model's files: word-final symbols marked with </w>, no byte-level alphabet."""
+    vocab = {"t": 0, "h": 1, "e": 2, "e</w>": 3, "th": 4, "the</w>": 5, "c": 6, "a": 7, "t</w>": 8,
+             "ca": 9, "cat</w>": 10, "<unk>": 11}
+    (tmp_path / "encoder_bpe.json").write_text(json.dumps(vocab))
+    (tmp_path / "vocab_bpe.txt").write_text("#version: 0.2\nt h\nth e</w>\nc a\nca t</w>\n")
+    tok = GPT1Tokenizer.from_files(str(tmp_path / "encoder_bpe.json"), str(tmp_path / "vocab_bpe.txt"))
+    ids = tok.encode("the cat")
+    assert ids[:2] == [5, 10]
+    assert tok.decode(ids).replace(" ", "") == "thecat"
+
+
+def test_prepare_splits_by_document_and_writes_memmaps(tmp_path):
+    meta = prepare(str(tmp_path / "d"), texts=[EXCERPT], vocab_size=400, val_fraction=0.25)
+    assert meta["documents"] == {"train": 3, "val": 1}
+    assert meta["vocab_size"] == 400 and meta["dtype"] == "uint16"
+    assert meta == load_meta(str(tmp_path / "d"))
+    train = TokenFile(str(tmp_path / "d"), "train", meta["dtype"])
+    assert len(train) == meta["tokens"]["train"]
+    tok = GPT1Tokenizer.from_dir(str(tmp_path / "d"))
+    # the val split decodes back to exactly one of the documents (plus the end-of-text marker)
+    val = np.memmap(tmp_path / "d" / "val.bin", dtype=np.uint16, mode="r")
+    assert val[-1] == meta["special_tokens"]["eot"]
+    texts = {open(os.path.join(EXCERPT, f), encoding="utf-8").read() for f in os.listdir(EXCERPT)}
+    assert tok.decode(val[:-1].tolist()) in texts
+    w = train.windows(np.random.default_rng(0), 3, 17)
+    assert w.shape == (3, 17) and w.dtype == np.int64 and w.max() < 400
+    # each window is a contiguous slice of the file
+    flat = np.asarray(train.tokens)
+    for row in w:
+        starts = np.flatnonzero(flat[:len(flat) - 16] == row[0])
+        assert any((flat[s:s + 17] == row).all() for s in starts)
+
+
+def test_single_document_is_split_at_a_line(tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_text("".join(f"line {i} of the only play\n" for i in range(400)))
+    meta = prepare(str(tmp_path / "d"), texts=[str(f)], vocab_size=300, val_fraction=0.1)
+    assert meta["documents"] == {"train": 1, "val": 1}
+    tok = GPT1Tokenizer.from_dir(str(tmp_path / "d"))
+    val = np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16)
+    assert tok.decode(val[:-1].tolist()).startswith("line 36")
+
+
+def prepare_cli(*args):
+    return subprocess.run([sys.executable, "-m", "gpt1.cli", "prepare", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, check=False)
+
+
+def test_cli_prepare(tmp_path):
+    res = prepare_cli("--out", str(tmp_path / "d"), "--text", os.path.join(EXCERPT, "hamlet.txt"),
+                      os.path.join(EXCERPT, "macbeth.txt"), "--vocab-size", "320")
+    assert res.returncode == 0, res.stderr
+    assert "vocab 320" in res.stdout
+    assert sorted(os.listdir(tmp_path / "d")) == ["merges.txt", "meta.json", "train.bin", "val.bin", "vocab.json"]
+
+
+def bad_corpus(tmp_path, kind):
+    if kind == "missing":
+        return str(tmp_path / "nowhere.txt"), "does not exist"
+    if kind == "empty":
+        (tmp_path / "empty.txt").write_text("")
+        return str(tmp_path / "empty.txt"), "empty"
+    if kind == "empty dir":
+        (tmp_path / "dir").mkdir()
+        return str(tmp_path / "dir"), "no .txt files"
+    (tmp_path / "latin1.txt").write_bytes("Ophélie\n".encode("latin-1") * 10)
+    return str(tmp_path / "latin1.txt"), "not UTF-8"
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "empty dir", "not utf-8"])
+def test_bad_corpus_is_one_line_error_and_keeps_what_was_there(tmp_path, kind):
+    out = tmp_path / "d"
+    assert prepare_cli("--out", str(out), "--text", os.path.join(EXCERPT, "tempest.txt"),
+                       "--vocab-size", "300").returncode == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    path, msg = bad_corpus(tmp_path, kind)
+    res = prepare_cli("--out", str(out), "--text", path, "--vocab-size", "300")
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and msg in lines[0], res.stderr
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+@pytest.mark.parametrize("args, msg", [(["--vocab-size", "100"], "at least 300"),
+                                       (["--val-fraction", "1.5"], "val-fraction"),
+                                       (["--vocab", "v.json"], "together")])
+def test_bad_prepare_flags(tmp_path, args, msg):
+    res = prepare_cli("--out", str(tmp_path / "d"), "--text", EXCERPT, *args)
+    assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_unprepared_data_dir_is_reported(tmp_path):
+    with pytest.raises(DataError, match="not a prepared data directory"):
+        load_meta(str(tmp_path))
+    with pytest.raises(DataError, match="not found"):
+        TokenFile(str(tmp_path), "train", "uint16")

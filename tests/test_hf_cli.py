@@ -1,0 +1,148 @@
+"""Hugging Face interop (same logits as transformers' OpenAIGPTLMHeadModel) and the `gpt1` CLI's
+generate / export-hf / metrics commands on a run directory."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import assert_close
+
+from gpt1 import GPT1, get_config
+from gpt1.hf import load_hf, save_hf
+from gpt1.tokenizer import GPT1Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXCERPT = os.path.join(ROOT, "tests", "data", "shakespeare")
+ENV = {**os.environ, "PYTHONPATH": ROOT}
+
+
+def random_model(vocab_size=320, seed=0):
+    """gpt1-tiny with every parameter random (biases and LayerNorm included), so parity tests all of them."""
+    torch.manual_seed(seed)
+    model = GPT1(get_config("gpt1-tiny", vocab_size=vocab_size, attn_impl="eager", loss_impl="eager"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return GPT1Tokenizer.train([os.path.join(EXCERPT, "tempest.txt")], 320)
+
+
+def test_export_matches_transformers_logits(tmp_path, tok):
+    from transformers import OpenAIGPTLMHeadModel
+
+    model = random_model()
+    save_hf(model, str(tmp_path / "hf"), tok)
+    assert {"config.json", "vocab.json", "merges.txt"} <= set(os.listdir(tmp_path / "hf"))
+    hf = OpenAIGPTLMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = torch.randint(0, 320, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, hf(ids).logits
+    assert_close(theirs, ours, atol=1e-5, rtol=0, name="logits")
+    # and back: load_hf gives the same model
+    again = load_hf(str(tmp_path / "hf"))
+    assert again.config.architecture() == model.config.architecture()
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("prefix", ["transformer.", ""])
+def test_load_hf_public_layout(tmp_path, prefix):
+    """openai-gpt's published files: pytorch_model.bin, keys with or without `transformer.`, Conv1D weights."""
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    cfg = OpenAIGPTConfig(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(2)
+    hf = OpenAIGPTLMHeadModel(cfg).eval()
+    d = tmp_path / "openai-gpt"
+    d.mkdir()
+    cfg.to_json_file(str(d / "config.json"))
+    state = {(prefix + k.removeprefix("transformer.")): v for k, v in hf.state_dict().items()
+             if k != "lm_head.weight"}
+    torch.save(state, d / "pytorch_model.bin")
+    ours = load_hf(str(d))
+    ids = torch.randint(0, 300, (1, 64))
+    with torch.no_grad():
+        assert_close(ours(ids).logits, hf(ids).logits, atol=1e-5, rtol=0, name="logits")
+
+
+def test_load_hf_errors(tmp_path):
+    from gpt1.errors import GPT1Error
+
+    with pytest.raises(GPT1Error, match="no config.json"):
+        load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 300, "n_embd": 64, "n_layer": 1, "n_head": 4,
+                                                      "n_positions": 16}))
+    with pytest.raises(GPT1Error, match="neither model.safetensors nor pytorch_model.bin"):
+        load_hf(str(tmp_path))
+    torch.save({"tokens_embed.weight": torch.zeros(10, 64)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(GPT1Error, match="do not match"):
+        load_hf(str(tmp_path))
+
+
+@pytest.fixture
+def run_dir(tmp_path, tok):
+    """A finished run directory as gpt1.train leaves it (config.json, model.pt, tokenizer/, metrics.jsonl)."""
+    d = tmp_path / "run"
+    model = random_model()
+    tok.save(str(d / "tokenizer"))
+    (d / "config.json").write_text(json.dumps({"model": model.config.to_dict()}))
+    torch.save(model.state_dict(), d / "model.pt")
+    rows = [{"step": 10, "loss": 5.0, "lr": 1e-3, "tokens_per_s": 100.0, "skipped_steps": 0},
+            {"step": 20, "loss": 4.0, "lr": 1e-3, "tokens_per_s": 120.0, "skipped_steps": 0},
+            {"step": 20, "val_loss": 4.5, "val_ppl": 90.0, "val_acc": 0.2}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(d)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "gpt1.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, check=False)
+
+
+def test_cli_generate_is_seeded(run_dir):
+    args = ["generate", "--run", run_dir, "--prompt", "KING:", "--max-new-tokens", "20", "--top-k", "50",
+            "--top-p", "0.9", "--temperature", "0.9"]
+    a, b, c = cli(*args, "--seed", "1"), cli(*args, "--seed", "1"), cli(*args, "--seed", "2")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout.startswith("KING:") and a.stdout == b.stdout != c.stdout
+
+
+def test_cli_export_hf(run_dir, tmp_path):
+    from transformers import OpenAIGPTLMHeadModel
+
+    res = cli("export-hf", run_dir, str(tmp_path / "hf"))
+    assert res.returncode == 0, res.stderr
+    hf = OpenAIGPTLMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    ours = random_model()
+    ids = torch.randint(0, 320, (1, 50))
+    with torch.no_grad():
+        assert_close(hf(ids).logits, ours(ids).logits, atol=1e-5, rtol=0, name="logits")
+    assert os.path.isfile(tmp_path / "hf" / "merges.txt")
+
+
+def test_cli_metrics(run_dir):
+    res = cli("metrics", run_dir)
+    assert res.returncode == 0, res.stderr
+    assert "4.5" in res.stdout and "20" in res.stdout
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["generate", "--run", "/nonexistent"], "not a finished run directory"),
+    (["generate", "--run", "RUN", "--top-p", "1.5"], "--top-p"),
+    (["generate", "--run", "RUN", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["export-hf", "/nonexistent", "/tmp/x"], "not a finished run directory"),
+    (["metrics", "/nonexistent"], "not found"),
+    (["frobnicate"], "unknown command"),
+])
+def test_cli_errors(run_dir, args, msg):
+    res = cli(*[run_dir if a == "RUN" else a for a in args])
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and msg in lines[-1] and "Traceback" not in res.stderr, res.stderr
