@@ -8,31 +8,36 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   log-sum-exp (natural log, fp32, (B, H, T)) is saved for the backward; the T x T matrix never exists.
 - Causal: key blocks left of the diagonal are processed without any mask, the diagonal block(s) with the
   causal mask, blocks above the diagonal are never visited. Tails (T not a multiple of a block) are masked.
-- Backward: a preprocess computes delta = rowsum(dO * O); then one kernel owns a key block and accumulates
-  dK, dV over the query blocks at or below the diagonal, and another owns a query block and accumulates dQ
-  over the key blocks. Each output block is written by exactly one program, with no atomics, so two
-  backward passes on the same inputs give bitwise identical gradients.
-- Dropout (GPT-1 trains with attn_pdrop=0.1; the tutorial and FlashAttention-3 have none): the keep-mask
-  of element (b, h, i, j) is `tl.rand(seed, ((b*H + h)*T + i)*T + j) > p` (Philox-4x32-10), generated in
-  the forward, regenerated in both backward kernels, never stored. The seed is drawn from torch's default
-  CPU generator, so torch.manual_seed reproduces it; `attention_dropout_mask` rebuilds the mask for tests.
+- Backward: one kernel owns a query block, computes delta = rowsum(dO * O) for its rows (saving it) and
+  accumulates dQ over the key blocks; then another owns a key block and accumulates dK, dV over the query
+  blocks at or below the diagonal, reading delta. Each output block is written by exactly one program, with
+  no atomics, so two backward passes on the same inputs give bitwise identical gradients.
+- Dropout (GPT-1 trains with attn_pdrop=0.1; the tutorial and FlashAttention-3 have none): one
+  Philox-4x32-10 call with counter (j // 8, i, b*H + h, 0) gives eight 16-bit draws, for columns j of row i
+  in one group of 8; element (b, h, i, j) is kept iff its draw >= round(p * 65536) (see _dropout_keep), so
+  the dropout rate is p quantized to 1/65536 (FlashAttention-2 uses 8-bit draws, 1/256); kept values are
+  scaled by 1/(1 - p). The mask is generated in the forward, regenerated in both backward kernels, never
+  stored. The seed is drawn from torch's default CPU generator, so torch.manual_seed reproduces it;
+  `attention_dropout_mask` rebuilds the mask for tests.
 
 Dtypes: fp16, bf16 and fp32 inputs; outputs and gradients are in the input dtype. Dot products take
 their operands in the input dtype and accumulate in fp32; all elementwise math is fp32. fp32 inputs use
-TF32 dot products on Ampere/Hopper (about 1e-3 relative error, like torch with allow_tf32=True).
+TF32 dot products on Ampere/Hopper (about 1e-3 relative error, like torch with allow_tf32=True); the
+kernels round fp32 operands to nearest TF32 themselves, since the tensor cores would truncate them.
 
 Shapes: q, k, v of shape (B, H, T, D) with any strides (the model passes permuted views of its fused
 qkv projection); D in {16, 32, 64, 128}; any T >= 1, B, H >= 1. The output is laid out as (B, T, H, D)
 and returned as a (B, H, T, D) view, so the model's transpose back to (B, T, C) is free.
 
 Limits: self-attention only (q, k, v share T); B*H <= 65535 (CUDA grid y); offsets within one
-(batch, head) slice (T * stride of T) must fit in int32; the Philox stream costs one call per score,
-so dropout makes the kernels noticeably slower (FlashAttention-2 has the same cost).
+(batch, head) slice (T * stride of T) must fit in int32; the dropout mask costs one Philox call per 8
+scores; a dropout p below 2^-17 rounds to no dropout.
 Launch configurations come from a table keyed by (arch, head dim, fp32 or not); see `_CONFIGS`. Under the
 Triton interpreter (TRITON_INTERPRET=1, CPU tests) bf16 dot operands are rounded by bit arithmetic and fed
-as fp32 (EMULATE_BF16), because the interpreter multiplies bf16 as raw integers; GPU code is unaffected.
+as fp32 (ROUNDING="bf16"), because the interpreter multiplies bf16 as raw integers; GPU code is unaffected.
 """
 
+import functools
 import math
 import os
 
@@ -52,30 +57,68 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _rounded(x, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """x rounded to the input dtype DTYPE, as a tl.dot operand or for a store. The interpreter multiplies bf16
-    dot operands as raw integers and truncates fp32 -> bf16, so under it (EMULATE_BF16) the value is rounded
-    to nearest-even bf16 by bit arithmetic and kept in fp32, which tl.dot and tl.store then take exactly."""
-    if EMULATE_BF16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+def _round_fp32(x, DROP_BITS: tl.constexpr):
+    """fp32 x rounded to nearest-even with its low DROP_BITS mantissa bits cleared (16: bf16, 13: tf32),
+    still as fp32. Infinities stay infinite; values past the format's largest round to infinity."""
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    if DROP_BITS == 16:
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+    else:
+        tl.static_assert(DROP_BITS == 13)
+        bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _operand(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
+    """x as a tl.dot operand of the input dtype DTYPE.
+    ROUNDING "tf32" (fp32 inputs on a GPU): the tensor cores read only the top 19 bits of an fp32 operand,
+    i.e. truncate it to TF32, which biases every product towards zero (seen on an H200: the lse of a row came
+    out ~1e-3 low, systematically). Rounding to nearest first makes the error unbiased, as in cuBLAS's TF32.
+    ROUNDING "bf16" (bf16 under the interpreter, which multiplies bf16 dot operands as raw integers and
+    truncates fp32 -> bf16): rounded to bf16 by bit arithmetic and kept in fp32, which tl.dot takes exactly."""
+    if ROUNDING == "tf32":
+        return _round_fp32(x, 13)
+    elif ROUNDING == "bf16":
+        return _round_fp32(x, 16)
     else:
         return x.to(DTYPE)
 
 
 @triton.jit
-def _dropout_keep(SEED, BH, T, rows, cols, DROPOUT_P):
-    # Philox counter = flat int64 index of element (bh, row, col) of the (B*H, T, T) probabilities
-    offs = (BH * T + rows) * T + cols
-    return tl.rand(SEED, offs) > DROPOUT_P
+def _stored(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
+    """x converted for a store to a DTYPE tensor (round-to-nearest also under the interpreter)."""
+    if ROUNDING == "bf16":
+        x = _round_fp32(x, 16)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _dropout_keep(SEED, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Keep-mask (BLOCK_R, BLOCK_C) of the probabilities (bh, rows, col_start + [0, BLOCK_C)) of one head,
+    col_start a multiple of 8. One Philox-4x32-10 call, counter (j // 8, i, bh, 0) and key SEED, gives four
+    32-bit words = eight 16-bit draws u for the columns j = 8*(j // 8) + [0, 8) of row i; element (i, j) is
+    kept iff its u >= DROP_THRESHOLD = round(p * 65536). The mask is a function of (SEED, bh, i, j) alone,
+    whatever the block sizes, so the forward and both backward kernels agree; it costs 1/8 of one Philox
+    call per element (tl.rand spends a whole call, 4 words, on each element)."""
+    tl.static_assert(BLOCK_C % 8 == 0)
+    zero = tl.zeros([BLOCK_R, BLOCK_C // 8], dtype=tl.uint32)
+    group = (col_start // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)
+    c0 = zero + group[None, :]
+    c1 = zero + rows.to(tl.uint32)[:, None]
+    r0, r1, r2, r3 = tl.philox(SEED, c0, c1, zero + BH.to(tl.uint32), zero)
+    # (R, C/8, 2, 2): word k of a group at flat index k; then its low and high halves: (R, C/8, 2, 2, 2), flat
+    # index 2k + half within the group, which the row-major reshape turns into column 8g + 2k + half
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    draws = tl.join(words & 0xFFFF, words >> 16)
+    return tl.reshape(draws, [BLOCK_R, BLOCK_C]) >= DROP_THRESHOLD
 
 
 @triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, qk_scale,
-                    SEED, BH, T, DROPOUT_P,
-                    BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,
-                    DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                    SEED, BH, T, DROP_THRESHOLD,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                    BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = k_ptrs.dtype.element_ty
     k_ptrs += lo * stride_kt
     v_ptrs += lo * stride_vt
@@ -87,7 +130,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs
         else:
             kT = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
-        kT, v = _rounded(kT, DTYPE, EMULATE_BF16), _rounded(v, DTYPE, EMULATE_BF16)
+        kT, v = _operand(kT, DTYPE, ROUNDING), _operand(v, DTYPE, ROUNDING)
         s = tl.dot(q, kT) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, base-2 logits
         if BOUND_MASK:
             valid = offs_n[None, :] < T
@@ -101,8 +144,8 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(SEED, BH, T, offs_m[:, None], offs_n[None, :], DROPOUT_P), p, 0.0)
-        acc = tl.dot(_rounded(p, DTYPE, EMULATE_BF16), v, acc)
+            p = tl.where(_dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
+        acc = tl.dot(_operand(p, DTYPE, ROUNDING), v, acc)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
@@ -110,14 +153,15 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROPOUT_P,
+def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SCALE,
                      stride_qb, stride_qh, stride_qt, stride_qd,
                      stride_kb, stride_kh, stride_kt, stride_kd,
                      stride_vb, stride_vh, stride_vt, stride_vd,
                      stride_ob, stride_oh, stride_ot, stride_od,
                      H, T,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+    DTYPE: tl.constexpr = O.dtype.element_ty
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
@@ -127,7 +171,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROPOUT_P,
     q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
     k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
-    q = _rounded(tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0), O.dtype.element_ty, EMULATE_BF16)
+    q = _operand(tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0), DTYPE, ROUNDING)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -135,52 +179,36 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROPOUT_P,
     if CAUSAL:
         # stage 1: key blocks left of the diagonal, unmasked; stage 2: the diagonal block, masked
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        0, start_m, qk_scale, SEED, bh, T, DROPOUT_P,
-                                        BLOCK_N, False, False, DROPOUT, EMULATE_BF16)
+                                        0, start_m, qk_scale, SEED, bh, T, DROP_THRESHOLD,
+                                        BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
                                         start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, SEED, bh, T,
-                                        DROPOUT_P, BLOCK_N, True, True, DROPOUT, EMULATE_BF16)
+                                        DROP_THRESHOLD, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
     else:
         full = (T // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        0, full, qk_scale, SEED, bh, T, DROPOUT_P,
-                                        BLOCK_N, False, False, DROPOUT, EMULATE_BF16)
+                                        0, full, qk_scale, SEED, bh, T, DROP_THRESHOLD,
+                                        BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        full, T, qk_scale, SEED, bh, T, DROPOUT_P,
-                                        BLOCK_N, False, True, DROPOUT, EMULATE_BF16)
+                                        full, T, qk_scale, SEED, bh, T, DROP_THRESHOLD,
+                                        BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
 
     inv_l = 1.0 / l_i
     if DROPOUT:
-        inv_l = inv_l / (1.0 - DROPOUT_P)
+        inv_l = inv_l * DROPOUT_SCALE
     o = acc * inv_l[:, None]
     o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, _rounded(o, O.dtype.element_ty, EMULATE_BF16).to(O.dtype.element_ty), mask=offs_m[:, None] < T)
+    tl.store(o_ptrs, _stored(o, DTYPE, ROUNDING), mask=offs_m[:, None] < T)
     tl.store(LSE + bh * T + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(O, DO, DELTA,
-                                stride_ob, stride_oh, stride_ot, stride_od,
-                                stride_dob, stride_doh, stride_dot, stride_dod,
-                                H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    bh = tl.program_id(1).to(tl.int64)
-    off_b, off_h = bh // H, bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask = offs_m[:, None] < T
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :] * stride_dod, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
-
-
-@triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, offs_n, lo, hi,
-                         qk_scale, SEED, BH, T, DROPOUT_P,
-                         BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,
-                         DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr):
+def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n, lo, hi,
+                         qk_scale, SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                         BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = qT_ptrs.dtype.element_ty
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     # works on transposed scores sT = k q^T (BLOCK_N, BLOCK_M) so that dK, dV come out row-major
     qT_ptrs += lo * stride_qt
     do_ptrs += lo * stride_dot
@@ -196,7 +224,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
             do = tl.load(do_ptrs)
             lse = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
-        qT, do = _rounded(qT, DTYPE, EMULATE_BF16), _rounded(do, DTYPE, EMULATE_BF16)
+        qT, do = _operand(qT, DTYPE, ROUNDING), _operand(do, DTYPE, ROUNDING)
         sT = tl.dot(k, qT) * qk_scale
         pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
         if BOUND_MASK:
@@ -206,21 +234,24 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
             pT = tl.where(valid, pT, 0.0)
         dpT = tl.dot(v, tl.trans(do))  # d(dropped P)^T
         if DROPOUT:
-            keep = _dropout_keep(SEED, BH, T, offs_m[None, :], offs_n[:, None], DROPOUT_P)
-            inv_keep = 1.0 / (1.0 - DROPOUT_P)
-            dv = tl.dot(_rounded(tl.where(keep, pT * inv_keep, 0.0), DTYPE, EMULATE_BF16), do, dv)
-            dpT = tl.where(keep, dpT * inv_keep, 0.0)
+            # the forward's mask, drawn in (query, key) orientation, transposed to these tiles
+            keep = tl.trans(_dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N))
+            pT_dropped = tl.where(keep, pT * DROPOUT_SCALE, 0.0)
+            dpT = tl.where(keep, dpT * DROPOUT_SCALE, 0.0)
         else:
-            dv = tl.dot(_rounded(pT, DTYPE, EMULATE_BF16), do, dv)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(_rounded(dsT, DTYPE, EMULATE_BF16), tl.trans(qT), dk)
+            pT_dropped = pT
+        # dS is formed (and narrowed to the dot dtype) before the dV dot, so the mask and the fp32 pT and
+        # dpT tiles are dead during both dots: this keeps the sm_80 dropout variant from spilling
+        dsT = _operand(pT * (dpT - delta[None, :]), DTYPE, ROUNDING)
+        dv = tl.dot(_operand(pT_dropped, DTYPE, ROUNDING), do, dv)
+        dk = tl.dot(dsT, tl.trans(qT), dk)
         qT_ptrs += BLOCK_M * stride_qt
         do_ptrs += BLOCK_M * stride_dot
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, SEED, DROPOUT_P,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, SEED, DROP_THRESHOLD, DROPOUT_SCALE,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
                           stride_vb, stride_vh, stride_vt, stride_vd,
@@ -229,7 +260,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
                           stride_dvb, stride_dvh, stride_dvt, stride_dvd,
                           H, T,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+    DTYPE: tl.constexpr = DK.dtype.element_ty
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
@@ -239,10 +271,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
     kv_mask = offs_n[:, None] < T
     k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                 mask=kv_mask, other=0.0)
-    k = _rounded(k, DK.dtype.element_ty, EMULATE_BF16)
+    k = _operand(k, DTYPE, ROUNDING)
     v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                 mask=kv_mask, other=0.0)
-    v = _rounded(v, DK.dtype.element_ty, EMULATE_BF16)
+    v = _operand(v, DTYPE, ROUNDING)
     qT_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd
     do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
     LSE += bh * T
@@ -253,35 +285,35 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
     full = (T // BLOCK_M) * BLOCK_M  # query rows below this index need no bound mask
     if CAUSAL:
         # the diagonal block (masked), then the full query blocks below it, then the query tail
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, offs_n,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
                                       start_n, tl.minimum(start_n + BLOCK_N, T), qk_scale, SEED, bh, T,
-                                      DROPOUT_P, BLOCK_M, True, True, DROPOUT, EMULATE_BF16)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, offs_n,
+                                      DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
                                       start_n + BLOCK_N, full, qk_scale, SEED, bh, T,
-                                      DROPOUT_P, BLOCK_M, False, False, DROPOUT, EMULATE_BF16)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, offs_n,
+                                      DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
                                       tl.maximum(full, start_n + BLOCK_N), T, qk_scale, SEED, bh, T,
-                                      DROPOUT_P, BLOCK_M, False, True, DROPOUT, EMULATE_BF16)
+                                      DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
     else:
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, offs_n,
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
                                       0, full, qk_scale, SEED, bh, T,
-                                      DROPOUT_P, BLOCK_M, False, False, DROPOUT, EMULATE_BF16)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, offs_n,
+                                      DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
                                       full, T, qk_scale, SEED, bh, T,
-                                      DROPOUT_P, BLOCK_M, False, True, DROPOUT, EMULATE_BF16)
+                                      DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
 
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-             _rounded(dk, DK.dtype.element_ty, EMULATE_BF16).to(DK.dtype.element_ty), mask=kv_mask)
+             _stored(dk, DTYPE, ROUNDING), mask=kv_mask)
     tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
-             _rounded(dv, DV.dtype.element_ty, EMULATE_BF16).to(DV.dtype.element_ty), mask=kv_mask)
+             _stored(dv, DTYPE, ROUNDING), mask=kv_mask)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, lo, hi,
-                       qk_scale, SEED, BH, T, DROPOUT_P,
-                       BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, BOUND_MASK: tl.constexpr,
-                       DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                       qk_scale, SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+                       BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = kT_ptrs.dtype.element_ty
     kT_ptrs += lo * stride_kt
     vT_ptrs += lo * stride_vt
@@ -293,7 +325,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, strid
         else:
             kT = tl.load(kT_ptrs)
             vT = tl.load(vT_ptrs)
-        kT, vT = _rounded(kT, DTYPE, EMULATE_BF16), _rounded(vT, DTYPE, EMULATE_BF16)
+        kT, vT = _operand(kT, DTYPE, ROUNDING), _operand(vT, DTYPE, ROUNDING)
         s = tl.dot(q, kT) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if BOUND_MASK:
@@ -303,25 +335,27 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, strid
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, vT)
         if DROPOUT:
-            keep = _dropout_keep(SEED, BH, T, offs_m[:, None], offs_n[None, :], DROPOUT_P)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - DROPOUT_P)), 0.0)
+            keep = _dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp * DROPOUT_SCALE, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(_rounded(ds, DTYPE, EMULATE_BF16), tl.trans(kT), dq)
+        dq = tl.dot(_operand(ds, DTYPE, ROUNDING), tl.trans(kT), dq)
         kT_ptrs += BLOCK_N * stride_kt
         vT_ptrs += BLOCK_N * stride_vt
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED, DROPOUT_P,
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED, DROP_THRESHOLD, DROPOUT_SCALE,
                         stride_qb, stride_qh, stride_qt, stride_qd,
                         stride_kb, stride_kh, stride_kt, stride_kd,
                         stride_vb, stride_vh, stride_vt, stride_vd,
+                        stride_ob, stride_oh, stride_ot, stride_od,
                         stride_dob, stride_doh, stride_dot, stride_dod,
                         stride_dqb, stride_dqh, stride_dqt, stride_dqd,
                         H, T,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+    DTYPE: tl.constexpr = DQ.dtype.element_ty
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
@@ -333,39 +367,48 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED, D
                 mask=row_mask[:, None], other=0.0)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
                  + offs_d[None, :] * stride_dod, mask=row_mask[:, None], other=0.0)
-    q, do = _rounded(q, DQ.dtype.element_ty, EMULATE_BF16), _rounded(do, DQ.dtype.element_ty, EMULATE_BF16)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                mask=row_mask[:, None], other=0.0)
+    # delta = rowsum(dO * O) (O as stored, in the input dtype, as FlashAttention does). This kernel owns
+    # these rows, so it computes delta here and saves it for the dK/dV kernel, which is launched after it:
+    # no separate preprocess launch and no extra pass over O and dO.
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + bh * T + offs_m, delta, mask=row_mask)
+    q, do = _operand(q, DTYPE, ROUNDING), _operand(do, DTYPE, ROUNDING)
     lse = tl.load(LSE + bh * T + offs_m, mask=row_mask, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + bh * T + offs_m, mask=row_mask, other=0.0)
     kT_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
     vT_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                0, start_m, qk_scale, SEED, bh, T, DROPOUT_P, BLOCK_N, False, False, DROPOUT, EMULATE_BF16)
+                                0, start_m, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                                BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, SEED, bh, T, DROPOUT_P,
-                                BLOCK_N, True, True, DROPOUT, EMULATE_BF16)
+                                start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, SEED, bh, T, DROP_THRESHOLD,
+                                DROPOUT_SCALE, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
     else:
         full = (T // BLOCK_N) * BLOCK_N
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                0, full, qk_scale, SEED, bh, T, DROPOUT_P, BLOCK_N, False, False, DROPOUT, EMULATE_BF16)
+                                0, full, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                                BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                full, T, qk_scale, SEED, bh, T, DROPOUT_P, BLOCK_N, False, True, DROPOUT, EMULATE_BF16)
+                                full, T, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                                BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
 
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-             _rounded(dq, DQ.dtype.element_ty, EMULATE_BF16).to(DQ.dtype.element_ty), mask=row_mask[:, None])
+             _stored(dq, DTYPE, ROUNDING), mask=row_mask[:, None])
 
 
 @triton.jit
-def _dropout_mask_kernel(MASK, SEED, DROPOUT_P, T, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # rows [program 0 * BLOCK_R, ...) of head program 1, with the counter formula of the attention kernels
+def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # rows [program 0 * BLOCK_R, ...) of head program 1, drawn by the attention kernels' _dropout_keep
     bh = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     for start in range(0, T, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        keep = _dropout_keep(SEED, bh, T, rows[:, None], cols[None, :], DROPOUT_P)
+        keep = _dropout_keep(SEED, bh, rows, start, DROP_THRESHOLD, BLOCK_R, BLOCK_C)
         tl.store(MASK + (bh * T + rows[:, None]) * T + cols[None, :], keep.to(tl.int8),
                  mask=(rows[:, None] < T) & (cols[None, :] < T))
 
@@ -376,7 +419,8 @@ def _dropout_mask_kernel(MASK, SEED, DROPOUT_P, T, BLOCK_R: tl.constexpr, BLOCK_
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by (compute capability major, head dim, is fp32).
 # fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv needs BLOCK_N % BLOCK_M == 0 (the causal stages step through
-# the diagonal block in the smaller block). Chosen with `python -m bench.compile_report`: the largest tiles
+# the diagonal block in the smaller block); BLOCK_N (the key block of every kernel) must be a multiple of
+# 8, the dropout draw group. Chosen with `python -m bench.compile_report`: the largest tiles
 # that compile with dropout (Philox costs registers) without spilling, using wgmma on sm_90 (whose M is
 # BLOCK_M for fwd/dq and BLOCK_N for dkdv, so those stay >= 64 per warpgroup).
 _SMALL_D = (16, 32, 64)
@@ -384,13 +428,14 @@ _CONFIGS = {
     **{(9, d, False): dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)) for d in _SMALL_D},
     (9, 128, False): dict(fwd=(128, 32, 8, 3), dkdv=(16, 64, 8, 3), dq=(64, 32, 8, 3)),
     **{(9, d, True): dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 32, 4, 2)) for d in _SMALL_D},
-    # fp32 k, v, dK, dV tiles of 64 x 128 do not fit one warpgroup's registers: mma.sync (no wgmma) there
-    (9, 128, True): dict(fwd=(64, 16, 4, 2), dkdv=(16, 32, 4, 2), dq=(64, 16, 4, 2)),
+    # fp32 k, v, dK, dV tiles of 64 x 128 do not fit one warpgroup's registers: mma.sync (no wgmma) there;
+    # dkdv 16x32 spilled once the fp32 operands were rounded to TF32 in registers, 16x16 does not
+    (9, 128, True): dict(fwd=(64, 16, 4, 2), dkdv=(16, 16, 4, 2), dq=(64, 16, 4, 2)),
     **{(8, d, False): dict(fwd=(128, 64, 8, 2), dkdv=(32, 128, 8, 2), dq=(128, 32, 8, 2)) for d in (32, 64)},
     (8, 16, False): dict(fwd=(128, 64, 8, 2), dkdv=(32, 128, 8, 2), dq=(64, 32, 4, 2)),
     (8, 128, False): dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2)),
     **{(8, d, True): dict(fwd=(64, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(64, 32, 8, 2)) for d in _SMALL_D},
-    (8, 128, True): dict(fwd=(64, 32, 8, 2), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2)),
+    (8, 128, True): dict(fwd=(64, 32, 8, 2), dkdv=(16, 32, 8, 2), dq=(64, 32, 8, 2)),  # dkdv 32x64 spilled (TF32)
 }
 # The interpreter runs each program in Python: small blocks keep the tests quick and exercise the
 # multi-block, diagonal-stage and tail paths on small T.
@@ -402,7 +447,7 @@ def _compile_specs():
     GPT-1 shapes (T=512, H=12, q/k/v strided views of a (B, T, 3, H, D) tensor), causal with dropout (the
     training case, the most registers); for D=64 also without dropout and in fp16."""
     specs = []
-    tensors = dict(fwd="QKVO", dkdv=("Q", "K", "V", "DO", "DK", "DV"), dq=("Q", "K", "V", "DO", "DQ"))
+    tensors = dict(fwd="QKVO", dkdv=("Q", "K", "V", "DO", "DK", "DV"), dq=("Q", "K", "V", "O", "DO", "DQ"))
     fns = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
     for (major, d, fp32), cfg in _CONFIGS.items():
         variants = [("fp32" if fp32 else "bf16", True)]
@@ -414,22 +459,22 @@ def _compile_specs():
                 sig = {n: "i32:16" for n in fn.arg_names if n.startswith("stride") and not n.endswith("d")}
                 sig.update({n: f"*{dtype}:16" for n in tensors[kind]})
                 sig.update(LSE="*fp32:16", DELTA="*fp32:16", qk_scale="fp32", sm_scale="fp32", SEED="i32",
-                           DROPOUT_P="fp32", H="i32", T="i32:16")
+                           DROP_THRESHOLD="i32", DROPOUT_SCALE="fp32", H="i32", T="i32:16")
                 sig = {n: t for n, t in sig.items() if n in fn.arg_names}
                 consts = {n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")}
                 consts.update(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, DROPOUT=dropout,
-                              EMULATE_BF16=False)
+                              ROUNDING="tf32" if fp32 else "none")
                 name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''}"
                 specs.append((name, fn, sig, consts, num_warps, num_stages, (major * 10,)))
-    for d in HEAD_DIMS:
-        sig = {n: "i32:16" for n in _attn_bwd_preprocess_kernel.arg_names if n.startswith("stride")}
-        sig = {n: t for n, t in sig.items() if not n.endswith("d")}
-        sig.update(O="*bf16:16", DO="*bf16:16", DELTA="*fp32:16", H="i32", T="i32:16")
-        consts = dict(stride_od=1, stride_dod=1, HEAD_DIM=d, BLOCK_M=128)
-        specs.append((f"attn_bwd_preprocess D={d} bf16", _attn_bwd_preprocess_kernel, sig, consts, 4, 1))
     specs.append(("attn_dropout_mask", _dropout_mask_kernel,
-                  dict(MASK="*i8:16", SEED="i32", DROPOUT_P="fp32", T="i32:16"), dict(BLOCK_R=16, BLOCK_C=128), 4, 1))
+                  dict(MASK="*i8:16", SEED="i32", DROP_THRESHOLD="i32", T="i32:16"), dict(BLOCK_R=16, BLOCK_C=128),
+                  4, 1))
     return specs
+
+
+@functools.cache
+def _gpu_config(major, head_dim, fp32):
+    return _CONFIGS[(9 if major >= 9 else 8, head_dim, fp32)]
 
 
 def _config(q):
@@ -437,7 +482,7 @@ def _config(q):
     if q.device.type != "cuda":
         return _INTERPRETER_CONFIG
     major = torch.cuda.get_device_capability(q.device)[0]
-    return _CONFIGS[(9 if major >= 9 else 8, q.shape[-1], q.dtype == torch.float32)]
+    return _gpu_config(major, q.shape[-1], q.dtype == torch.float32)
 
 
 COMPILE_SPECS = _compile_specs()
@@ -473,8 +518,22 @@ def _check_inputs(q, k, v, dropout_p=0.0):
         raise ValueError(f"fused_attention: dropout_p must be in [0, 1), got {dropout_p}")
 
 
-def _emulate_bf16(q):
-    return q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _rounding(q):
+    """The ROUNDING constexpr of the kernels (see _operand): TF32 operands for fp32 on a GPU, bit-exact bf16
+    rounding under the interpreter; otherwise a plain cast to the input dtype."""
+    if q.dtype == torch.float32 and not _INTERPRET:
+        return "tf32"
+    return "bf16" if q.dtype == torch.bfloat16 and _INTERPRET else "none"
+
+
+def _dropout_args(dropout_p):
+    """(DROP_THRESHOLD, DROPOUT_SCALE): an element is dropped when its 16-bit draw is below the threshold, so
+    the dropout rate is p rounded to a multiple of 1/65536 (at most 7.6e-6 away); kept elements are scaled
+    by 1/(1 - p), the exact p, as the eager reference does."""
+    return min(round(dropout_p * 65536), 65535), 1.0 / (1.0 - dropout_p)
 
 
 def _scale(q, softmax_scale):
@@ -485,6 +544,10 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0
     """Returns (o, lse): o (B, H, T, D) in q's dtype (a view of a (B, T, H, D) buffer), lse (B, H, T) fp32
     natural-log log-sum-exp of the scaled, masked scores of each row."""
     _check_inputs(q, k, v, dropout_p)
+    return _forward(q, k, v, causal, softmax_scale, dropout_p, seed, config)
+
+
+def _forward(q, k, v, causal, softmax_scale, dropout_p, seed, config=None):
     B, H, T, D = q.shape
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
@@ -493,10 +556,10 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0
     block_m, block_n, num_warps, num_stages = (config or _config(q))["fwd"]
     sm_scale = _scale(q, softmax_scale)
     grid = (triton.cdiv(T, block_m), B * H)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, sm_scale * LOG2E, seed, float(dropout_p),
+    _attn_fwd_kernel[grid](q, k, v, o, lse, sm_scale * LOG2E, seed, *_dropout_args(dropout_p),
                            *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
-                           HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=bool(causal),
-                           DROPOUT=dropout_p > 0.0, EMULATE_BF16=_emulate_bf16(q), num_warps=num_warps, num_stages=num_stages)
+                           HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+                           ROUNDING=_rounding(q), num_warps=num_warps, num_stages=num_stages)
     return o, lse
 
 
@@ -505,26 +568,29 @@ def attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=None, 
     """Returns (dq, dk, dv) in q's dtype, given the output gradient do and the forward's o and lse.
     seed and dropout_p must be those of the forward: the keep-mask is regenerated from them."""
     _check_inputs(q, k, v, dropout_p)
+    return _backward(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, config)
+
+
+def _backward(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, config=None):
     B, H, T, D = q.shape
     dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     if q.numel() == 0:
         return dq, dk, dv
     cfg = config or _config(q)
     sm_scale = _scale(q, softmax_scale)
-    delta = torch.empty_like(lse)
-    bm = cfg["dq"][0]
-    _attn_bwd_preprocess_kernel[(triton.cdiv(T, bm), B * H)](o, do, delta, *o.stride(), *do.stride(), H, T,
-                                                             HEAD_DIM=D, BLOCK_M=bm)
-    common = dict(HEAD_DIM=D, CAUSAL=bool(causal), DROPOUT=dropout_p > 0.0, EMULATE_BF16=_emulate_bf16(q))
-    block_m, block_n, num_warps, num_stages = cfg["dkdv"]
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * H)](
-        q, k, v, do, dk, dv, lse, delta, sm_scale * LOG2E, sm_scale, seed, float(dropout_p),
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, T,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
+    delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dq kernel, read by the dK/dV kernel
+    args = (sm_scale * LOG2E, sm_scale, seed, *_dropout_args(dropout_p))
+    common = dict(HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q))
+    # dq first: it also computes delta, which the dK/dV kernel (next on the same stream) reads
     block_m, block_n, num_warps, num_stages = cfg["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
-        q, k, v, do, dq, lse, delta, sm_scale * LOG2E, sm_scale, seed, float(dropout_p),
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), H, T,
+        q, k, v, o, do, dq, lse, delta, *args,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, T,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
+    block_m, block_n, num_warps, num_stages = cfg["dkdv"]
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * H)](
+        q, k, v, do, dk, dv, lse, delta, *args,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, T,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
     return dq, dk, dv
 
@@ -535,12 +601,14 @@ def attention_dropout_mask(seed, B, H, T, p, device="cpu"):
     mask = torch.empty((B, H, T, T), dtype=torch.int8, device=device)
     if mask.numel():
         grid = (triton.cdiv(T, 16), B * H)
-        _dropout_mask_kernel[grid](mask, seed, float(p), T, BLOCK_R=16, BLOCK_C=min(128, triton.next_power_of_2(T)))
+        block_c = max(16, min(128, triton.next_power_of_2(T)))
+        _dropout_mask_kernel[grid](mask, seed, _dropout_args(p)[0], T, BLOCK_R=16, BLOCK_C=block_c)
     return mask.bool()
 
 
 def new_dropout_seed():
-    """A Philox seed drawn from torch's default CPU generator, so torch.manual_seed reproduces it."""
+    """A Philox seed drawn from torch's default CPU generator, so torch.manual_seed reproduces it (a CPU
+    draw: no device synchronization)."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
@@ -550,18 +618,18 @@ def new_dropout_seed():
 
 
 class FusedAttentionFunction(torch.autograd.Function):
+    # inputs are checked once, in fused_attention; forward and backward call the unchecked launchers
     @staticmethod
     def forward(ctx, q, k, v, causal, softmax_scale, dropout_p, seed):
-        o, lse = attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
-                                   seed=seed)
+        o, lse = _forward(q, k, v, causal, softmax_scale, dropout_p, seed)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, seed=seed)
+        ctx.args = (causal, softmax_scale, dropout_p, seed)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, o, lse, **ctx.args)
+        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args)
         return dq, dk, dv, None, None, None, None
 
 

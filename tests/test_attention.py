@@ -10,15 +10,20 @@ import pytest
 import torch
 from helpers import assert_close
 
-from kernels import fused_attention, reference
+from kernels import attention, fused_attention, reference
 from kernels.attention import _CONFIGS, attention_backward, attention_dropout_mask, attention_forward
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 # slack added to 2x the reference's own error, relative to the truth's scale: about one rounding of the dtype,
 # because the backward's delta = rowsum(dO * O) uses O rounded to the dtype (as FlashAttention does) where
 # autograd uses the exact softmax (at T=1 the exact dq is 0 and the reference's error exactly 0).
-# fp32 runs as tf32 on a GPU, exactly under the interpreter.
-SLACK = {FP16: 1e-3, BF16: 1e-2, FP32: 2e-3 if torch.cuda.is_available() else 1e-5}
+# fp32 inputs: the GPU kernels' dots take TF32 operands (rounded to nearest, unit roundoff u = 2^-11), while
+# the fp32 reference here runs without TF32, so the slack is 4u: with rounded operands the kernel's error
+# stays near 1.5u on these shapes; truncated ones (the tensor cores' own fp32 -> tf32) reached 5u on an H200.
+# The interpreter computes fp32 dots exactly.
+TF32_U = 2.0**-11
+ON_GPU = torch.cuda.is_available()
+SLACK = {FP16: 1e-3, BF16: 1e-2, FP32: 4 * TF32_U if ON_GPU else 1e-5}
 SEED = 1234
 
 
@@ -38,6 +43,24 @@ def _run(fn, leaves, make_qkv, do, dtype=None):
     out = fn(*make_qkv(leaves))
     grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
     return out, grads
+
+
+def _round_to_tf32(x):
+    """x (fp32) rounded to nearest-even TF32 (10 mantissa bits), as the kernels round fp32 dot operands."""
+    bits = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+def _logsumexp_of_scores(q, k, tf32, causal=True):
+    """float64 lse of the scaled (causal) scores, from q and k as the kernel's dot sees them."""
+    if tf32:
+        q, k = _round_to_tf32(q), _round_to_tf32(k)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if causal:
+        T = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.logsumexp(scores, -1)
 
 
 def _check(name, actual, low_precision, truth, dtype):
@@ -96,9 +119,20 @@ def test_gpu_launch_configs(arch, D, fp32, device):
     _check("out", o, out_lp, out_64, dtype)
     for name, g, g_lp, g_64 in zip(("dq", "dk", "dv"), (dq, dk, dv), grads_lp, grads_64):
         _check(name, g, g_lp, g_64, dtype)
-    scores = (q.double() @ k.double().transpose(-1, -2)) / D**0.5
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=device).triu(1), float("-inf"))
-    assert_close(lse, torch.logsumexp(scores, -1), atol=1e-4, rtol=1e-4, name="lse")
+    # the lse is that of the scores the kernel's dot can compute: from TF32-rounded q, k for fp32 on a GPU
+    assert_close(lse, _logsumexp_of_scores(q, k, tf32=fp32 and ON_GPU), atol=1e-4, rtol=1e-4, name="lse")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp32_dot_operands_are_rounded_to_tf32(causal, device, monkeypatch):
+    """The TF32 path (forced under the interpreter, where fp32 dots are otherwise exact): the lse matches the
+    float64 lse of TF32 round-to-nearest q and k. Truncated operands (what the tensor cores do to raw fp32)
+    bias every score towards zero and miss it by ~6e-4 on average here."""
+    monkeypatch.setattr(attention, "_rounding", lambda q: "tf32" if q.dtype == FP32 else "none")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 70, 32, device=device) for _ in range(3))
+    _, lse = attention_forward(q, k, v, causal=causal)
+    assert_close(lse, _logsumexp_of_scores(q, k, tf32=True, causal=causal), atol=3e-5, rtol=0, name="lse")
 
 
 def test_backward_is_deterministic(device):
@@ -124,6 +158,8 @@ def test_dropout_mask_fraction_and_seeds(device):
     assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
     assert torch.equal(keep, attention_dropout_mask(SEED, *shape, p, device))
     assert not torch.equal(keep, attention_dropout_mask(SEED + 1, *shape, p, device))
+    # a function of (seed, b, h, i, j) only: a shorter T (drawn with other block widths) gives the corner
+    assert torch.equal(keep[:, :, :20, :20], attention_dropout_mask(SEED, 2, 3, 20, p, device))
 
 
 def test_dropout_seed_follows_torch_manual_seed(device):
