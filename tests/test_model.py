@@ -3,11 +3,10 @@ same model (same losses, same gradients, same training trajectory)."""
 
 import pytest
 import torch
+from helpers import assert_close
 
 from gpt1 import GPT1, GPT1Config, get_config
 from gpt1.model import filter_logits
-
-from helpers import assert_close
 
 SMALL = dict(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2)
 
