@@ -39,7 +39,7 @@ test: install
 	$(BIN)/python -m pytest -q tests
 
 lint: install
-	$(BIN)/ruff check --line-length 120 gpt1 kernels bench tests
+	$(BIN)/ruff check gpt1 kernels bench tests
 
 clean:
 	rm -rf $(VENV) *.egg-info

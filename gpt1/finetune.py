@@ -14,13 +14,12 @@ final dev metrics), <Task>.tsv (test predictions in GLUE's submission format, wi
 (the fine-tuned weights, head included) and tokenizer/. Runs are short: there are no mid-run checkpoints.
 """
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,7 +32,7 @@ from . import glue
 from .checkpoint import load_run, save_weights, write_json
 from .errors import GPT1Error, cli_errors
 from .tokenizer import GPT1Tokenizer
-from .train import GuardedAdamW, all_reduce, init_distributed, load_ds_config, log_row, seed_everything
+from .train import GuardedAdamW, all_reduce, init_distributed, load_ds_config, log_row, parse_dataclass, seed_everything
 
 
 @dataclass
@@ -66,14 +65,7 @@ class FinetuneConfig:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="gpt1 finetune", description="Fine-tune GPT-1 on a GLUE-format task.")
-    for f in fields(FinetuneConfig):
-        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default)
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # the launcher's flag
-    args = parser.parse_args(argv)
-    return FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
+    return parse_dataclass(FinetuneConfig, argv, "gpt1 finetune", "Fine-tune GPT-1 on a GLUE-format task.")
 
 
 # ---- input transformations (figure 1): token id lists of one example, special tokens kept whole

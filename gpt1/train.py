@@ -55,18 +55,25 @@ class RunConfig:
     resume: bool = False  # continue from the newest complete checkpoint in --out
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Pre-train GPT-1 with DeepSpeed.")
-    for f in fields(RunConfig):
+def parse_dataclass(cls, argv, prog, description):
+    """An instance of the dataclass `cls` from command-line flags named after its fields (--max-steps and
+    --max_steps), plus the --local_rank / --deepspeed flags that DeepSpeed's launcher passes."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in fields(cls):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         if f.type is bool or f.type == "bool":
             parser.add_argument(*flags, dest=f.name, action="store_true")
         else:
-            parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default)
+            parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default,
+                                help=f"default: {f.default!r}")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # the launcher's flag
     args = parser.parse_args(argv)
-    return RunConfig(**{f.name: getattr(args, f.name) for f in fields(RunConfig)})
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def parse_args(argv=None):
+    return parse_dataclass(RunConfig, argv, "gpt1 train", "Pre-train GPT-1 with DeepSpeed.")
 
 
 def load_ds_config(run, world_size):

@@ -35,7 +35,8 @@ def cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, red
 
     Unlike torch's, the mean over a batch whose targets are all ignored is 0 rather than NaN.
     """
-    loss = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, ignore_index=ignore_index,
+    upcast = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(upcast, target, ignore_index=ignore_index,
                            label_smoothing=label_smoothing, reduction="none")
     if reduction == "none":
         return loss

@@ -138,8 +138,8 @@ def test_choice_task_reads_answers_and_checks_the_index(tmp_path):
                  "Ariel sang .\tAll slept .\tAll woke .\t2\n")
     task = glue.get_task("choice", text_column="context", choice_columns="A,B", label_column="label")
     ex = glue.read_examples(task, str(f))
-    assert (ex[0].text_a, ex[0].choices, ex[0].label) == ("The storm broke .", ["They ran inside .", "They sunbathed ."],
-                                                          "0")
+    expected = ("The storm broke .", ["They ran inside .", "They sunbathed ."], "0")
+    assert (ex[0].text_a, ex[0].choices, ex[0].label) == expected
     with pytest.raises(GPT1Error, match=f"{f}:3: label '2' is not the index of one of the 2 choices"):
         glue.check_labels(task, ex, None)
 
