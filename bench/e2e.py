@@ -118,16 +118,12 @@ def bench_combo(base, attn, loss, s, smoke, deadline):
 
 
 def run(smoke, deadline=None, micro_batch=None, steps=None):
-    import torch
-
     from gpt1.train import init_distributed
 
     s = dict(SMOKE_SETTINGS if smoke else SETTINGS)
     s["micro_batch"], s["steps"] = micro_batch or s["micro_batch"], steps or s["steps"]
     deadline, env = deadline or common.Deadline(0), common.environment(smoke)
-    init_distributed()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(0)
+    init_distributed()  # also selects this rank's GPU
     table = (f"{s['preset']} (V={s['vocab_size']}) training step, T={s['seq_len']}, micro batch {s['micro_batch']}, "
              f"bf16, DeepSpeed ZeRO-2, 1 rank")
     base = dict(env, bench="e2e", table=table, x=s["seq_len"], mode="step", seq_len=s["seq_len"],

@@ -31,8 +31,18 @@ from torch import nn
 from . import glue
 from .checkpoint import load_run, save_weights, write_json
 from .errors import GPT1Error, cli_errors
+from .model import param_groups
 from .tokenizer import GPT1Tokenizer
-from .train import GuardedAdamW, all_reduce, init_distributed, load_ds_config, log_row, parse_dataclass, seed_everything
+from .train import (
+    GuardedAdamW,
+    all_reduce,
+    init_distributed,
+    load_ds_config,
+    log_row,
+    parse_dataclass,
+    register_tied_head,
+    seed_everything,
+)
 
 
 @dataclass
@@ -323,10 +333,7 @@ def main(argv=None):
     labels, train_ex, dev_ex, test_ex = read_task(run, task)
     if run.epochs < 1 or run.batch_size < 1:
         raise GPT1Error("--epochs and --batch-size must be positive")
-    rank, world = init_distributed()
-    device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = init_distributed()
     ds = ds_config(run, world)
     base, tok = load_init(run.init)
     base.set_impl(run.attn_impl or None, run.loss_impl or None)
@@ -342,17 +349,12 @@ def main(argv=None):
     seed_everything(run.seed)  # the same head on every rank
     regression = task.regression
     model = GPT1ForTask(base.train(), task.kind, 1 if regression else len(labels or ()), run.clf_dropout)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": run.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = GuardedAdamW(groups, device, lr=run.lr, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = GuardedAdamW(param_groups(model, run.weight_decay), device, lr=run.lr, betas=(0.9, 0.999), eps=1e-8)
     steps_per_epoch = math.ceil(len(train) / run.batch_size)
     total = run.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, run.warmup))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    if ds.get("zero_optimization", {}).get("stage", 0) == 3:
-        # L1's tied LM head reads the embedding weight outside the embedding's own forward
-        deepspeed.zero.register_external_parameter(engine.module, engine.module.transformer.tokens_embed.weight)
+    register_tied_head(engine, ds, engine.module.transformer.tokens_embed.weight)  # L1's LM head
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     torch.manual_seed(run.seed + 1 + rank)  # dropout masks differ across ranks
 

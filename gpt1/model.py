@@ -154,10 +154,7 @@ class GPT1(nn.Module):
         return GPT1Output(loss=loss, logits=logits)
 
     def param_groups(self, weight_decay):
-        """Weight decay on matrices and embeddings; none on biases and LayerNorm gains."""
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return param_groups(self, weight_decay)
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6N for the matmuls plus 12*L*C*T for attention (PaLM appendix B)."""
@@ -177,6 +174,13 @@ class GPT1(nn.Module):
                 nxt = torch.multinomial(probs, 1, generator=generator)
             input_ids = torch.cat([input_ids, nxt], dim=1)
         return input_ids
+
+
+def param_groups(module, weight_decay):
+    """Optimizer groups of `module`: weight decay on matrices and embeddings, none on biases and LayerNorm gains."""
+    decay = [p for p in module.parameters() if p.dim() >= 2]
+    no_decay = [p for p in module.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def filter_logits(logits, top_k=None, top_p=None):

@@ -111,7 +111,8 @@ def load_ds_config(run, world_size):
 
 
 def init_distributed():
-    """deepspeed.init_distributed, with a one-rank environment when not started by a launcher."""
+    """deepspeed.init_distributed, with a one-rank environment when not started by a launcher;
+    returns (rank, world size, this rank's device)."""
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -121,7 +122,20 @@ def init_distributed():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
     deepspeed.init_distributed(verbose=False)
-    return dist.get_rank(), dist.get_world_size()
+    device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def register_tied_head(engine, ds, weight):
+    """Under ZeRO-3 the tied LM head reads the token embedding's (partitioned) weight outside the
+    embedding's own forward: register it with the top module so that ZeRO gathers it for the whole
+    forward and its gradient reaches ZeRO's reduction."""
+    import deepspeed
+
+    if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        deepspeed.zero.register_external_parameter(engine.module, weight)
 
 
 def build_model_config(run, meta):
@@ -230,10 +244,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     run = parse_args(argv)
-    rank, world = init_distributed()
-    device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", "0")))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    rank, world, device = init_distributed()
     ds = load_ds_config(run, world)
     meta = load_meta(run.data)
     train_data, val_data = TokenFile(run.data, "train", meta["dtype"]), TokenFile(run.data, "val", meta["dtype"])
@@ -245,9 +256,7 @@ def main(argv=None):
     optimizer = GuardedAdamW(model.param_groups(run.weight_decay), device, lr=run.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(run))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    if ds.get("zero_optimization", {}).get("stage", 0) == 3:
-        # the tied LM head reads the embedding weight outside the embedding's own forward
-        deepspeed.zero.register_external_parameter(engine.module, engine.module.tokens_embed.weight)
+    register_tied_head(engine, ds, engine.module.tokens_embed.weight)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     tokens_per_step = micro * gas * world * run.seq_len
 
