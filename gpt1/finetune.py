@@ -31,18 +31,19 @@ from torch import nn
 from . import glue
 from .checkpoint import load_run, save_weights, write_json
 from .errors import GPT1Error, cli_errors
-from .model import param_groups
-from .tokenizer import GPT1Tokenizer
-from .train import (
-    GuardedAdamW,
+from .runtime import (
     all_reduce,
+    build_engine,
+    compile_module,
+    default_compile,
     init_distributed,
+    lean_checks,
     load_ds_config,
     log_row,
     parse_dataclass,
-    register_tied_head,
     seed_everything,
 )
+from .tokenizer import GPT1Tokenizer
 
 
 @dataclass
@@ -72,6 +73,7 @@ class FinetuneConfig:
     loss_impl: str = ""  # overrides the model's loss kernel (eager, triton, triton_linear, auto)
     log_interval: int = 10  # optimizer steps between train-loss rows
     seed: int = 42  # data order, head init and dropout
+    compile: bool | None = None  # torch.compile the model; default: on a CUDA GPU, off on a CPU
 
 
 def parse_args(argv=None):
@@ -272,9 +274,7 @@ def ds_config(run, world):
     if run.batch_size % (world * gas):
         raise GPT1Error(f"--batch-size {run.batch_size} is not divisible by {world} rank(s) x "
                         f"{gas} accumulation steps")
-    shim = SimpleNamespace(deepspeed_config=run.deepspeed_config, micro_batch_size=run.batch_size // (world * gas),
-                           gradient_accumulation_steps=gas)
-    return load_ds_config(shim, world)
+    return load_ds_config(run.deepspeed_config, world, run.batch_size // (world * gas), gas)
 
 
 def lr_lambda(total, warmup_frac):
@@ -325,7 +325,6 @@ def format_metrics(m):
 
 @cli_errors
 def main(argv=None):
-    import deepspeed
     from tqdm import tqdm
 
     run = parse_args(argv)
@@ -334,7 +333,7 @@ def main(argv=None):
     if run.epochs < 1 or run.batch_size < 1:
         raise GPT1Error("--epochs and --batch-size must be positive")
     rank, world, device = init_distributed()
-    ds = ds_config(run, world)
+    ds, max_grad_norm = lean_checks(ds_config(run, world))
     base, tok = load_init(run.init)
     base.set_impl(run.attn_impl or None, run.loss_impl or None)
     max_len = run.max_len or base.config.n_positions
@@ -349,12 +348,12 @@ def main(argv=None):
     seed_everything(run.seed)  # the same head on every rank
     regression = task.regression
     model = GPT1ForTask(base.train(), task.kind, 1 if regression else len(labels or ()), run.clf_dropout)
-    optimizer = GuardedAdamW(param_groups(model, run.weight_decay), device, lr=run.lr, betas=(0.9, 0.999), eps=1e-8)
-    steps_per_epoch = math.ceil(len(train) / run.batch_size)
-    total = run.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, run.warmup))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    register_tied_head(engine, ds, engine.module.transformer.tokens_embed.weight)  # L1's LM head
+    total = run.epochs * math.ceil(len(train) / run.batch_size)
+    engine, _, scheduler = build_engine(
+        model, ds, lr=run.lr, weight_decay=run.weight_decay, lr_lambda=lr_lambda(total, run.warmup),
+        max_grad_norm=max_grad_norm,
+        tied_weight=model.transformer.tokens_embed.weight)  # L1's LM head
+    compile_module(engine, run.compile if run.compile is not None else default_compile(device))
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     torch.manual_seed(run.seed + 1 + rank)  # dropout masks differ across ranks
 
@@ -374,7 +373,7 @@ def main(argv=None):
     for epoch in range(run.epochs):
         order = epoch_order(len(train), micro * gas * world, run.seed, epoch)
         for start in range(0, len(order), micro * gas * world):
-            sums = []
+            sums = torch.zeros(3, device=device)  # L3, L2, L1 summed over the micro-batches, on the device
             for j in range(gas):  # this rank's micro-batch j of the global batch
                 lo = start + (j * world + rank) * micro
                 ids, extract, lm_labels, y = collate([train[k] for k in order[lo:lo + micro]], tok.pad_id, regression)
@@ -382,11 +381,11 @@ def main(argv=None):
                                     run.lm_coef, regression)
                 engine.backward(l3)
                 engine.step()
-                sums.append([l3.item(), l2.item(), l1.item() if l1 is not None else 0.0])
+                sums += torch.stack([l3.detach(), l2.detach(), l1.detach() if l1 is not None else l2.new_zeros(())])
             step += 1
             bar.update(1)
             if step % run.log_interval == 0 or step == total:
-                l3, l2, l1 = (v / world for v in all_reduce(np.mean(sums, 0).tolist(), device))
+                l3, l2, l1 = (v / (world * gas) for v in all_reduce(sums.tolist(), device))
                 if rank == 0:
                     log_row(metrics_path, {"step": step, "loss": l3, "task_loss": l2, "lm_loss": l1,
                                            "lr": scheduler.get_last_lr()[0]})

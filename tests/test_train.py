@@ -17,6 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXCERPT = os.path.join(ROOT, "tests", "data", "shakespeare")
 BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+INJECT_NAN = os.path.join(ROOT, "tests", "inject_nan.py")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def free_port():
         return str(s.getsockname()[1])
 
 
-def train_cmd(data, out, config, ranks=1, **flags):
+def train_cmd(data, out, config, ranks=1, script=None, **flags):
+    """The gpt1.train command line (or that of `script`, a file that runs gpt1.train) on `ranks` ranks."""
     args = {"data": data, "model": "gpt1-tiny", "out": out, "deepspeed_config": config, "seq_len": 32,
             "max_steps": 12, "log_interval": 1, "eval_interval": 1000, "eval_batches": 2, "warmup_steps": 2,
             "lr": 2e-3, **flags}
@@ -53,10 +55,10 @@ def train_cmd(data, out, config, ranks=1, **flags):
             argv.append(f"--{k.replace('_', '-')}")
         elif v is not False:
             argv += [f"--{k.replace('_', '-')}", str(v)]
+    entry = [script] if script else ["--module" if ranks > 1 else "-m", "gpt1.train"]
     if ranks == 1:
-        return [sys.executable, "-m", "gpt1.train"] + argv
-    return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(ranks), "--master_port", free_port(),
-            "--module", "gpt1.train"] + argv
+        return [sys.executable, *entry] + argv
+    return [os.path.join(BIN, "deepspeed"), "--num_gpus", str(ranks), "--master_port", free_port(), *entry] + argv
 
 
 def run(cmd, ok=True, env=None):
@@ -191,11 +193,15 @@ def test_truncated_checkpoint_is_reported_and_nothing_is_overwritten(data, tmp_p
     assert after == before
 
 
-def test_nan_loss_is_skipped_then_stops_the_run(data, tmp_path):
-    config = ds_config(tmp_path, stage=2)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_nan_loss_is_skipped_then_stops_the_run(data, tmp_path, stage):
+    """A NaN loss on one rank skips the step on every rank: found by GuardedAdamW under ZeRO-2 (DeepSpeed's own
+    checks are off there, runtime.lean_checks), by DeepSpeed's overflow check under ZeRO-3; after
+    --max-nonfinite skipped steps in a row, the run stops."""
+    config = ds_config(tmp_path, stage=stage)
     out = str(tmp_path / "skip")
     # two NaN steps on rank 0 of 2: both ranks skip them, training goes on
-    run(train_cmd(data, out, config, ranks=2, max_steps=6), env={"GPT1_INJECT_NAN_STEPS": "2,3"})
+    run(train_cmd(data, out, config, ranks=2, max_steps=6, script=INJECT_NAN), env={"GPT1_TEST_NAN_STEPS": "2,3"})
     rows = {r["step"]: r for r in metrics(out) if "loss" in r}
     assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 1, 2, 2, 2, 2]
     assert all(np.isfinite(rows[s]["loss"]) for s in (1, 4, 5, 6))
@@ -205,8 +211,8 @@ def test_nan_loss_is_skipped_then_stops_the_run(data, tmp_path):
     assert all(torch.isfinite(t).all() for t in state.values())
 
     out = str(tmp_path / "stop")
-    res = run(train_cmd(data, out, config, max_steps=10, max_nonfinite=3), ok=False,
-              env={"GPT1_INJECT_NAN_STEPS": "4,5,6,7"})
+    res = run(train_cmd(data, out, config, max_steps=10, max_nonfinite=3, script=INJECT_NAN), ok=False,
+              env={"GPT1_TEST_NAN_STEPS": "4,5,6,7"})
     assert res.returncode == 2
     assert "stopping at step 6: 3 steps in a row had a non-finite loss" in res.stderr
 

@@ -1,0 +1,289 @@
+"""What every DeepSpeed entry point shares (gpt1.train, gpt1.finetune, bench.e2e): the command line from a
+dataclass, distributed set-up, the DeepSpeed config, the guarded optimizer, compiling, stop signals, logging.
+
+Nothing here waits on the device in the training step: the optimizer's non-finite guard and gradient
+clipping run as a handful of kernels whose results stay on the device; the loop reads them (and the loss)
+only when it logs.
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import time
+from dataclasses import fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .errors import GPT1Error
+
+
+def parse_dataclass(cls, argv, prog, description):
+    """An instance of the dataclass `cls` from command-line flags named after its fields (--max-steps and
+    --max_steps), plus the --local_rank / --deepspeed flags that DeepSpeed's launcher passes. A bool field
+    is a switch (--resume); an optional bool field (default None: decided at run time) takes --x / --no-x."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for f in fields(cls):
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        if f.type in (bool, "bool"):
+            parser.add_argument(*flags, dest=f.name, action="store_true")
+        elif f.type in (bool | None, "bool | None"):
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help="default: on where it pays (see the README)")
+        else:
+            parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default,
+                                help=f"default: {f.default!r}")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # the launcher's flag
+    args = parser.parse_args(argv)
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def init_distributed():
+    """deepspeed.init_distributed, with a one-rank environment when not started by a launcher;
+    returns (rank, world size, this rank's device)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    deepspeed.init_distributed(verbose=False)
+    device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load_ds_config(path, world_size, micro_batch_size=0, gradient_accumulation_steps=0):
+    """The DeepSpeed JSON at `path` as a dict, with the batch-size overrides (when > 0) applied and checked:
+    train_batch_size = micro batch x accumulation x world size."""
+    if not os.path.isfile(path):
+        raise GPT1Error(f"DeepSpeed config {path} not found")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise GPT1Error(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if micro_batch_size > 0 or gradient_accumulation_steps > 0:
+        ds.pop("train_batch_size", None)  # recomputed from the overrides below
+    if micro_batch_size > 0:
+        ds["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if gradient_accumulation_steps > 0:
+        ds["gradient_accumulation_steps"] = gradient_accumulation_steps
+    micro, gas = ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps", 1)
+    total = ds.get("train_batch_size")
+    if micro is None and total is None:
+        raise GPT1Error(f"{path} sets neither train_batch_size nor train_micro_batch_size_per_gpu")
+    if micro is None:
+        if total % (gas * world_size):
+            raise GPT1Error(f"train_batch_size {total} is not divisible by gradient_accumulation_steps {gas} "
+                            f"x world size {world_size}")
+        micro = ds["train_micro_batch_size_per_gpu"] = total // (gas * world_size)
+    if total is not None and total != micro * gas * world_size:
+        raise GPT1Error(f"batch sizes don't multiply out: train_batch_size {total} != micro batch {micro} "
+                        f"x gradient accumulation {gas} x world size {world_size}")
+    ds["train_batch_size"], ds["gradient_accumulation_steps"] = micro * gas * world_size, gas
+    if ds.get("fp16", {}).get("enabled") and not torch.cuda.is_available():
+        raise GPT1Error(f"{path} enables fp16, which DeepSpeed's CPU accelerator does not have; "
+                        "use a bf16 config on CPU")
+    return ds
+
+
+def zero_stage(ds):
+    return ds.get("zero_optimization", {}).get("stage", 0)
+
+
+def lean_checks(ds):
+    """(config, max_grad_norm): under ZeRO-1/2 in bf16 or fp32, DeepSpeed's per-gradient overflow check and
+    fp64 norm (a few kernels and a host sync per parameter) are turned off and their work (the non-finite
+    guard, clipping to the config's gradient_clipping) moves into GuardedAdamW, which does it in O(1) kernels
+    without a host sync. fp16 keeps DeepSpeed's checks (its loss scaler needs them); ZeRO-0 checks flat
+    buffers already and ZeRO-3 cannot turn its checks off, so those clip in DeepSpeed (max_grad_norm 0)."""
+    if zero_stage(ds) not in (1, 2) or ds.get("fp16", {}).get("enabled"):
+        return ds, 0.0
+    max_grad_norm = float(ds.get("gradient_clipping", 0.0))
+    ds = {**ds, "gradient_clipping": 0.0, "zero_optimization": {**ds["zero_optimization"], "compute_grad_norm": False}}
+    if ds.get("bf16", {}).get("enabled"):
+        ds["bf16"] = {**ds["bf16"], "check_grad_overflow": False}
+    return ds, max_grad_norm
+
+
+def build_engine(model, ds, *, lr, weight_decay=0.01, max_grad_norm=1.0, lr_lambda=None, tied_weight=None):
+    """(engine, optimizer, scheduler): GuardedAdamW (betas 0.9, 0.999, eps 1e-8; weight decay on matrices and
+    embeddings only) with an optional LambdaLR schedule, wrapped by deepspeed.initialize with the config dict.
+
+    Under ZeRO-3 the tied LM head reads the token embedding's (partitioned) weight outside the embedding's
+    own forward: `tied_weight` is registered with the top module so that ZeRO gathers it for the whole
+    forward and its gradient reaches ZeRO's reduction."""
+    import deepspeed
+
+    from .model import param_groups
+
+    optimizer = GuardedAdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                             max_grad_norm=max_grad_norm)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    if tied_weight is not None and zero_stage(ds) == 3:
+        deepspeed.zero.register_external_parameter(engine.module, tied_weight)
+    optimizer.attach(engine, zero_stage(ds))
+    return engine, optimizer, scheduler
+
+
+def compile_module(engine, enabled, fullgraph=True):
+    """torch.compile the engine's module in place (state_dict keys unchanged), when enabled; the hooks,
+    gradient reduction and optimizer of DeepSpeed stay eager. Returns whether it compiled."""
+    if not enabled:
+        return False
+    engine.compile(backend="inductor", compile_kwargs={"fullgraph": fullgraph})
+    return True
+
+
+def default_compile(device):
+    """--compile's default: on for a CUDA GPU, off on a CPU (Inductor's CPU code around interpreted kernels
+    costs more compile time than it saves)."""
+    return device.type == "cuda"
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def all_reduce(values, device, op=dist.ReduceOp.SUM):
+    """Host floats reduced over the ranks (a collective and a host sync: for logging and evaluation)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """Fused AdamW with gradient clipping and a non-finite guard, in a few kernels and without a host sync.
+
+    DeepSpeed calls this inner optimizer's step on every rank with that rank's gradients: its fp32 partition
+    under ZeRO 1-3 (once per parameter group), the whole averaged gradient under ZeRO-0. Once per step:
+    - the global gradient norm: one fused norm over all of this rank's gradients, squared, summed over the
+      ranks by one all_reduce when the gradients are partitioned;
+    - found_inf = the norm is not finite (a NaN or inf anywhere on any rank makes it so): the same on every
+      rank, so every rank skips alike;
+    - clipping to max_grad_norm (0: off) by multiplying the gradients with a device scalar;
+    then torch's fused AdamW kernel with found_inf, which leaves weights, moments and step count untouched
+    when found_inf is set. The counters (steps skipped, the longest run of skipped steps) live on the device;
+    `read_counters` fetches them (one sync), which the training loop does when it logs.
+
+    ZeRO-1/2 step the groups one at a time, and when the first group is stepped the others' gradients are
+    still in DeepSpeed's averaged_gradients: `attach` lets the guard read them there, so that the norm and
+    the decision cover the whole step. Elsewhere the guard covers the groups it is called with (ZeRO-0: all
+    of them; ZeRO-3 clips and checks in DeepSpeed itself, see lean_checks).
+    """
+
+    def __init__(self, params, *, max_grad_norm=0.0, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+        self.max_grad_norm = max_grad_norm
+        self._engine, self._zero, self._partitioned, self._guarded_step = None, None, False, None
+        self._clip, self._counters = None, None  # counters: skipped, current run, longest run since the last read
+
+    def attach(self, engine, stage):
+        self._engine, self._partitioned = engine, stage >= 1 and dist.get_world_size() > 1
+        self._zero = engine.optimizer if stage in (1, 2) else None
+
+    def _waiting_grads(self):
+        """The gradients of the groups that ZeRO-1/2 have not stepped yet in this step."""
+        if self._zero is None:
+            return []
+        grads = []
+        for group in getattr(self._zero, "averaged_gradients", {}).values():
+            flat = getattr(group, "flat_partition", None)
+            grads += [flat] if flat is not None else [g for g in group or () if g is not None]
+        return grads
+
+    def _guard(self, grads):
+        sq = torch.stack(torch._foreach_norm(grads, 2.0)).float().square().sum()
+        if self._partitioned:
+            dist.all_reduce(sq)
+        norm = sq.sqrt()
+        self.found_inf = (~torch.isfinite(norm)).float()  # read by the fused AdamW kernel
+        self._clip = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0) if self.max_grad_norm > 0 else None
+        if self._counters is None:
+            self._counters = torch.zeros(3, device=norm.device)
+        self._count(self.found_inf)
+
+    def _count(self, skipped_now):
+        skipped, run, longest = self._counters.unbind()
+        run = (run + 1) * skipped_now
+        self._counters = torch.stack([skipped + skipped_now, run, torch.maximum(longest, run)])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        step_id = self._engine.global_steps if self._zero is not None else None
+        if step_id is None or step_id != self._guarded_step:
+            self._guard(grads + self._waiting_grads())
+            self._guarded_step = step_id
+        if self._clip is not None:
+            torch._foreach_mul_(grads, self._clip)
+        return super().step(closure)
+
+    def count_skip(self, device):
+        """Count a step that DeepSpeed skipped itself (its own overflow check) without calling step()."""
+        if self._counters is None:
+            self._counters = torch.zeros(3, device=device)
+        self._count(torch.ones((), device=device))
+
+    def read_counters(self):
+        """(steps skipped so far, longest run of consecutive skipped steps since the last read); syncs."""
+        if self._counters is None:
+            return 0, 0
+        skipped, run, longest = self._counters.tolist()
+        self._counters[2] = run
+        return int(skipped), int(longest)
+
+
+class StopSignal:
+    """Remembers a SIGTERM/SIGINT so that the loop can finish its step, save and exit cleanly."""
+
+    def __init__(self):
+        self.received, self._pending = None, None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, device):
+        """Whether any rank had received a signal one call ago: the ranks' flags are combined by an all_reduce
+        that is launched now and read at the next call, so that the step does not wait for it. Every rank
+        gets the same answer at the same call."""
+        if dist.get_world_size() == 1:
+            return self.received is not None
+        flag = torch.full((), float(self.received is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        previous, self._pending = self._pending, flag
+        return previous is not None and previous.item() > 0
+
+
+def log_row(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+class Timer:
+    """Wall-clock seconds between laps; the device is synchronized only when a lap is read."""
+
+    def __init__(self, device):
+        self.device, self.t0 = device, time.perf_counter()
+
+    def lap(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0, self.t0 = self.t0, time.perf_counter()
+        return self.t0 - t0
