@@ -1,0 +1,117 @@
+"""gpt1.runtime: GuardedAdamW clips by the global norm and skips non-finite steps whole, inside DeepSpeed's
+ZeRO-2 step (which calls it once per parameter group) as on its own; DeepSpeed config loading."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from gpt1 import GPT1, GPT1Config
+from gpt1.errors import GPT1Error
+from gpt1.model import param_groups
+from gpt1.runtime import GuardedAdamW, build_engine, init_distributed, lean_checks, load_ds_config
+
+SMALL = dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0,
+             resid_pdrop=0.0, attn_impl="eager", loss_impl="eager")
+LR, WD, CLIP = 1e-2, 0.1, 0.05  # CLIP well below the gradient norm: every step is clipped
+
+
+def batches(n, B=2, T=8, V=64):
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(0, V, (B, T + 1), generator=g) for _ in range(n)]
+
+
+def reference_steps(model, data):
+    """The same steps with torch's AdamW and clip_grad_norm_: what GuardedAdamW must do."""
+    opt = torch.optim.AdamW(param_groups(model, WD), lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    for w in data:
+        opt.zero_grad()
+        model(w[:, :-1], labels=w[:, 1:]).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+    return model
+
+
+def test_guarded_adamw_alone_matches_clipped_adamw():
+    torch.manual_seed(0)
+    model, data = GPT1(GPT1Config(**SMALL)), batches(3)
+    ref = reference_steps(copy.deepcopy(model), data)
+    opt = GuardedAdamW(param_groups(model, WD), lr=LR, betas=(0.9, 0.999), eps=1e-8, max_grad_norm=CLIP)
+    for w in data:
+        opt.zero_grad()
+        model(w[:, :-1], labels=w[:, 1:]).loss.backward()
+        opt.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert opt.read_counters() == (0, 0)
+
+
+@pytest.fixture(scope="module")
+def dist_env():
+    init_distributed()  # one rank over gloo, in this process
+
+
+def zero2_engine(model):
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+          "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    ds, max_grad_norm = lean_checks(ds)
+    assert ds["gradient_clipping"] == 0 and max_grad_norm == CLIP  # the clipping moved into GuardedAdamW
+    engine, optimizer, _ = build_engine(model, ds, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm)
+    return engine, optimizer
+
+
+def test_guard_inside_zero2_clips_by_the_global_norm(dist_env):
+    """ZeRO-2 (fp32) steps the two parameter groups one at a time; the clipping still uses the norm over both."""
+    torch.manual_seed(0)
+    model, data = GPT1(GPT1Config(**SMALL)), batches(3)
+    ref = reference_steps(copy.deepcopy(model), data)
+    engine, _ = zero2_engine(model)
+    for w in data:
+        engine.backward(engine(w[:, :-1], labels=w[:, 1:]).loss)
+        engine.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_guard_inside_zero2_skips_the_whole_step(dist_env):
+    """A NaN in one bias (the no-decay group, stepped second) leaves the decayed weights (stepped first)
+    untouched too, and the skip is counted once."""
+    torch.manual_seed(0)
+    model = GPT1(GPT1Config(**SMALL))
+    engine, optimizer = zero2_engine(model)
+    w = batches(1)[0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = model.h[0].ln_2.bias.register_hook(lambda g: torch.full_like(g, float("nan")))
+    engine.backward(engine(w[:, :-1], labels=w[:, 1:]).loss)
+    engine.step()
+    handle.remove()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert optimizer.read_counters() == (1, 1)
+    engine.backward(engine(w[:, :-1], labels=w[:, 1:]).loss)
+    engine.step()
+    assert not torch.equal(model.h[0].attn.c_attn.weight, before["h.0.attn.c_attn.weight"])
+    assert optimizer.read_counters()[0] == 1  # not skipped: the count stays
+
+
+def test_lean_checks_keep_deepspeeds_where_it_needs_them():
+    fp16 = {"fp16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+    zero3 = {"bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}}
+    for ds in (fp16, zero3):
+        assert lean_checks(ds) == (ds, 0.0)
+    lean, clip = lean_checks({"bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}})
+    assert clip == 1.0 and lean["bf16"]["check_grad_overflow"] is False
+    assert lean["zero_optimization"]["compute_grad_norm"] is False
+
+
+def test_load_ds_config_overrides_and_refuses(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 32, "gradient_accumulation_steps": 2}))
+    ds = load_ds_config(str(path), world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 8
+    ds = load_ds_config(str(path), world_size=2, micro_batch_size=4, gradient_accumulation_steps=1)
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (8, 1)
+    path.write_text(json.dumps({"train_batch_size": 30, "gradient_accumulation_steps": 4}))
+    with pytest.raises(GPT1Error, match="not divisible"):
+        load_ds_config(str(path), world_size=2)
