@@ -17,8 +17,10 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   in one group of 8; element (b, h, i, j) is kept iff its draw >= round(p * 65536) (see _dropout_keep), so
   the dropout rate is p quantized to 1/65536 (FlashAttention-2 uses 8-bit draws, 1/256); kept values are
   scaled by 1/(1 - p). The mask is generated in the forward, regenerated in both backward kernels, never
-  stored. The seed is drawn from torch's default CPU generator, so torch.manual_seed reproduces it;
-  `attention_dropout_mask` rebuilds the mask for tests.
+  stored. The 64-bit Philox key is a 1-element int64 tensor drawn with torch.randint on the inputs' device
+  (so torch.manual_seed reproduces it) and read by the kernels with tl.load: no host sync, and under
+  torch.compile a graph tensor, so neither a recompile per value nor a value frozen into a CUDA graph.
+  `attention_dropout_mask` rebuilds the mask of a seed for tests.
 
 Dtypes: fp16, bf16 and fp32 inputs; outputs and gradients are in the input dtype. Dot products take
 their operands in the input dtype and accumulate in fp32; all elementwise math is fp32. fp32 inputs use
@@ -29,9 +31,20 @@ Shapes: q, k, v of shape (B, H, T, D) with any strides (the model passes permute
 qkv projection); D in {16, 32, 64, 128}; any T >= 1, B, H >= 1. The output is laid out as (B, T, H, D)
 and returned as a (B, H, T, D) view, so the model's transpose back to (B, T, C) is free.
 
+Operators: `gpt1_kernels::attention(q, k, v, seed?, causal, softmax_scale, dropout_p) -> (o, lse)` and
+`gpt1_kernels::attention_backward(do, q, k, v, o, lse, seed?, causal, softmax_scale, dropout_p) -> (dq, dk, dv)`,
+torch.library custom ops with fake (meta) implementations of the real output strides (o is the (B, H, T, D)
+view of a (B, T, H, D) buffer) and the backward registered with register_autograd, so
+torch.compile(fullgraph=True) traces fused_attention forward and backward without a graph break; Inductor
+calls the Triton kernels through the ops, opaque to it (no fusion across them). In eager mode fused_attention
+skips the dispatcher and calls the same launchers through FusedAttentionFunction: a custom op's Python
+dispatch costs tens of microseconds per call, and the per-call host work is kept to the checks, a cached
+config lookup, the seed draw (only with dropout) and the output allocation.
+
 Limits: self-attention only (q, k, v share T); B*H <= 65535 (CUDA grid y); offsets within one
 (batch, head) slice (T * stride of T) must fit in int32; the dropout mask costs one Philox call per 8
-scores; a dropout p below 2^-17 rounds to no dropout.
+scores; a dropout p below 2^-17 rounds to no dropout. Under torch.compile, causal, softmax_scale and dropout_p
+are constants of the graph (a new value recompiles); the seed is not.
 Launch configurations come from a table keyed by (arch, head dim, fp32 or not); see `_CONFIGS`. Under the
 Triton interpreter (TRITON_INTERPRET=1, CPU tests) bf16 dot operands are rounded by bit arithmetic and fed
 as fp32 (ROUNDING="bf16"), because the interpreter multiplies bf16 as raw integers; GPU code is unaffected.
@@ -40,6 +53,7 @@ as fp32 (ROUNDING="bf16"), because the interpreter multiplies bf16 as raw intege
 import functools
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -94,11 +108,11 @@ def _stored(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(SEED, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dropout_keep(seed, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Keep-mask (BLOCK_R, BLOCK_C) of the probabilities (bh, rows, col_start + [0, BLOCK_C)) of one head,
-    col_start a multiple of 8. One Philox-4x32-10 call, counter (j // 8, i, bh, 0) and key SEED, gives four
+    col_start a multiple of 8. One Philox-4x32-10 call, counter (j // 8, i, bh, 0) and key seed (64 bits), gives four
     32-bit words = eight 16-bit draws u for the columns j = 8*(j // 8) + [0, 8) of row i; element (i, j) is
-    kept iff its u >= DROP_THRESHOLD = round(p * 65536). The mask is a function of (SEED, bh, i, j) alone,
+    kept iff its u >= DROP_THRESHOLD = round(p * 65536). The mask is a function of (seed, bh, i, j) alone,
     whatever the block sizes, so the forward and both backward kernels agree; it costs 1/8 of one Philox
     call per element (tl.rand spends a whole call, 4 words, on each element)."""
     tl.static_assert(BLOCK_C % 8 == 0)
@@ -106,7 +120,7 @@ def _dropout_keep(SEED, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constex
     group = (col_start // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)
     c0 = zero + group[None, :]
     c1 = zero + rows.to(tl.uint32)[:, None]
-    r0, r1, r2, r3 = tl.philox(SEED, c0, c1, zero + BH.to(tl.uint32), zero)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + BH.to(tl.uint32), zero)
     # (R, C/8, 2, 2): word k of a group at flat index k; then its low and high halves: (R, C/8, 2, 2, 2), flat
     # index 2k + half within the group, which the row-major reshape turns into column 8g + 2k + half
     words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
@@ -115,8 +129,18 @@ def _dropout_keep(SEED, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constex
 
 
 @triton.jit
+def _load_seed(SEED, DROPOUT: tl.constexpr):
+    """The Philox key: an int64 read from device memory (the seed tensor drawn by torch on the inputs' device,
+    so neither a host sync nor a recompile per seed value); no read, and no pointer needed, without dropout."""
+    if DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
+
+
+@triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, qk_scale,
-                    SEED, BH, T, DROP_THRESHOLD,
+                    seed, BH, T, DROP_THRESHOLD,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                     BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = k_ptrs.dtype.element_ty
@@ -144,7 +168,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
+            p = tl.where(_dropout_keep(seed, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
         acc = tl.dot(_operand(p, DTYPE, ROUNDING), v, acc)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kt
@@ -165,6 +189,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SC
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
+    seed = _load_seed(SEED, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -179,18 +204,18 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SC
     if CAUSAL:
         # stage 1: key blocks left of the diagonal, unmasked; stage 2: the diagonal block, masked
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        0, start_m, qk_scale, SEED, bh, T, DROP_THRESHOLD,
+                                        0, start_m, qk_scale, seed, bh, T, DROP_THRESHOLD,
                                         BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, SEED, bh, T,
+                                        start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, seed, bh, T,
                                         DROP_THRESHOLD, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
     else:
         full = (T // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        0, full, qk_scale, SEED, bh, T, DROP_THRESHOLD,
+                                        0, full, qk_scale, seed, bh, T, DROP_THRESHOLD,
                                         BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        full, T, qk_scale, SEED, bh, T, DROP_THRESHOLD,
+                                        full, T, qk_scale, seed, bh, T, DROP_THRESHOLD,
                                         BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
 
     inv_l = 1.0 / l_i
@@ -204,7 +229,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SC
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n, lo, hi,
-                         qk_scale, SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                         qk_scale, seed, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                          BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = qT_ptrs.dtype.element_ty
@@ -235,7 +260,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
         dpT = tl.dot(v, tl.trans(do))  # d(dropped P)^T
         if DROPOUT:
             # the forward's mask, drawn in (query, key) orientation, transposed to these tiles
-            keep = tl.trans(_dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N))
+            keep = tl.trans(_dropout_keep(seed, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N))
             pT_dropped = tl.where(keep, pT * DROPOUT_SCALE, 0.0)
             dpT = tl.where(keep, dpT * DROPOUT_SCALE, 0.0)
         else:
@@ -265,6 +290,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
+    seed = _load_seed(SEED, DROPOUT)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -286,20 +312,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
     if CAUSAL:
         # the diagonal block (masked), then the full query blocks below it, then the query tail
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      start_n, tl.minimum(start_n + BLOCK_N, T), qk_scale, SEED, bh, T,
+                                      start_n, tl.minimum(start_n + BLOCK_N, T), qk_scale, seed, bh, T,
                                       DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      start_n + BLOCK_N, full, qk_scale, SEED, bh, T,
+                                      start_n + BLOCK_N, full, qk_scale, seed, bh, T,
                                       DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      tl.maximum(full, start_n + BLOCK_N), T, qk_scale, SEED, bh, T,
+                                      tl.maximum(full, start_n + BLOCK_N), T, qk_scale, seed, bh, T,
                                       DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
     else:
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      0, full, qk_scale, SEED, bh, T,
+                                      0, full, qk_scale, seed, bh, T,
                                       DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      full, T, qk_scale, SEED, bh, T,
+                                      full, T, qk_scale, seed, bh, T,
                                       DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
 
     dk *= sm_scale
@@ -311,7 +337,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, lo, hi,
-                       qk_scale, SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                       qk_scale, seed, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                        BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = kT_ptrs.dtype.element_ty
@@ -335,7 +361,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, strid
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, vT)
         if DROPOUT:
-            keep = _dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * DROPOUT_SCALE, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(_operand(ds, DTYPE, ROUNDING), tl.trans(kT), dq)
@@ -359,6 +385,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
+    seed = _load_seed(SEED, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -382,18 +409,18 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                0, start_m, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                                0, start_m, qk_scale, seed, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
                                 BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, SEED, bh, T, DROP_THRESHOLD,
+                                start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, seed, bh, T, DROP_THRESHOLD,
                                 DROPOUT_SCALE, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
     else:
         full = (T // BLOCK_N) * BLOCK_N
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                0, full, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                                0, full, qk_scale, seed, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
                                 BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                full, T, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                                full, T, qk_scale, seed, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
                                 BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
 
     dq *= sm_scale
@@ -405,10 +432,11 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED
 def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # rows [program 0 * BLOCK_R, ...) of head program 1, drawn by the attention kernels' _dropout_keep
     bh = tl.program_id(1).to(tl.int64)
+    seed = tl.load(SEED)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     for start in range(0, T, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        keep = _dropout_keep(SEED, bh, rows, start, DROP_THRESHOLD, BLOCK_R, BLOCK_C)
+        keep = _dropout_keep(seed, bh, rows, start, DROP_THRESHOLD, BLOCK_R, BLOCK_C)
         tl.store(MASK + (bh * T + rows[:, None]) * T + cols[None, :], keep.to(tl.int8),
                  mask=(rows[:, None] < T) & (cols[None, :] < T))
 
@@ -445,7 +473,8 @@ _INTERPRETER_CONFIG = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 
 def _compile_specs():
     """COMPILE_SPECS for bench.compile_report (format in its docstring): each table entry for its arch at the
     GPT-1 shapes (T=512, H=12, q/k/v strided views of a (B, T, 3, H, D) tensor), causal with dropout (the
-    training case, the most registers); for D=64 also without dropout and in fp16."""
+    training case, the most registers); for D=64 also without dropout (SEED is then None, as the launchers
+    pass it) and in fp16."""
     specs = []
     tensors = dict(fwd="QKVO", dkdv=("Q", "K", "V", "DO", "DK", "DV"), dq=("Q", "K", "V", "O", "DO", "DQ"))
     fns = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
@@ -458,34 +487,39 @@ def _compile_specs():
                 block_m, block_n, num_warps, num_stages = cfg[kind]
                 sig = {n: "i32:16" for n in fn.arg_names if n.startswith("stride") and not n.endswith("d")}
                 sig.update({n: f"*{dtype}:16" for n in tensors[kind]})
-                sig.update(LSE="*fp32:16", DELTA="*fp32:16", qk_scale="fp32", sm_scale="fp32", SEED="i32",
-                           DROP_THRESHOLD="i32", DROPOUT_SCALE="fp32", H="i32", T="i32:16")
+                sig.update(LSE="*fp32:16", DELTA="*fp32:16", qk_scale="fp32", sm_scale="fp32", DROP_THRESHOLD="i32",
+                           DROPOUT_SCALE="fp32", H="i32", T="i32:16")
+                if dropout:
+                    sig["SEED"] = "*i64:16"
                 sig = {n: t for n, t in sig.items() if n in fn.arg_names}
                 consts = {n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")}
                 consts.update(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, DROPOUT=dropout,
                               ROUNDING="tf32" if fp32 else "none")
+                if not dropout:
+                    consts["SEED"] = None
                 name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''}"
                 specs.append((name, fn, sig, consts, num_warps, num_stages, (major * 10,)))
     specs.append(("attn_dropout_mask", _dropout_mask_kernel,
-                  dict(MASK="*i8:16", SEED="i32", DROP_THRESHOLD="i32", T="i32:16"), dict(BLOCK_R=16, BLOCK_C=128),
-                  4, 1))
+                  dict(MASK="*i8:16", SEED="*i64:16", DROP_THRESHOLD="i32", T="i32:16"),
+                  dict(BLOCK_R=16, BLOCK_C=128), 4, 1))
     return specs
 
 
+COMPILE_SPECS = _compile_specs()
+
+
 @functools.cache
-def _gpu_config(major, head_dim, fp32):
+def _config_for(device, head_dim, fp32):
+    """The launch configuration table entry for a device, head dim and dtype class (cached: the capability
+    query is not free and this runs on every call)."""
+    if device.type != "cuda":
+        return _INTERPRETER_CONFIG
+    major = torch.cuda.get_device_capability(device)[0]
     return _CONFIGS[(9 if major >= 9 else 8, head_dim, fp32)]
 
 
 def _config(q):
-    """The launch configuration table entry for q's device, head dim and dtype."""
-    if q.device.type != "cuda":
-        return _INTERPRETER_CONFIG
-    major = torch.cuda.get_device_capability(q.device)[0]
-    return _gpu_config(major, q.shape[-1], q.dtype == torch.float32)
-
-
-COMPILE_SPECS = _compile_specs()
+    return _config_for(q.device, q.shape[-1], q.dtype == torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -540,21 +574,37 @@ def _scale(q, softmax_scale):
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
 
 
+def _seed_tensor(seed, device):
+    """The seed as the kernels read it, a 1-element int64 tensor on the inputs' device; an int (tests,
+    replays) is copied there. None (no dropout) stays None."""
+    if seed is None or isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def new_dropout_seed(device):
+    """A 62-bit Philox seed drawn with torch.randint on `device`, i.e. from that device's default generator:
+    torch.manual_seed reproduces it, it never leaves the device (no host sync), and under torch.compile it is
+    a tensor in the graph (no recompile per value; CUDA graphs replay fresh draws)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, seed=0, config=None):
     """Returns (o, lse): o (B, H, T, D) in q's dtype (a view of a (B, T, H, D) buffer), lse (B, H, T) fp32
-    natural-log log-sum-exp of the scaled, masked scores of each row."""
+    natural-log log-sum-exp of the scaled, masked scores of each row. seed: an int or a 1-element int64
+    tensor on q's device (see new_dropout_seed); read only when dropout_p > 0."""
     _check_inputs(q, k, v, dropout_p)
-    return _forward(q, k, v, causal, softmax_scale, dropout_p, seed, config)
+    seed = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
+    return _forward(q, k, v, causal, _scale(q, softmax_scale), dropout_p, seed, config)
 
 
-def _forward(q, k, v, causal, softmax_scale, dropout_p, seed, config=None):
+def _forward(q, k, v, causal, sm_scale, dropout_p, seed, config=None):
     B, H, T, D = q.shape
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return o, lse
     block_m, block_n, num_warps, num_stages = (config or _config(q))["fwd"]
-    sm_scale = _scale(q, softmax_scale)
     grid = (triton.cdiv(T, block_m), B * H)
     _attn_fwd_kernel[grid](q, k, v, o, lse, sm_scale * LOG2E, seed, *_dropout_args(dropout_p),
                            *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
@@ -568,16 +618,16 @@ def attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=None, 
     """Returns (dq, dk, dv) in q's dtype, given the output gradient do and the forward's o and lse.
     seed and dropout_p must be those of the forward: the keep-mask is regenerated from them."""
     _check_inputs(q, k, v, dropout_p)
-    return _backward(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, config)
+    seed = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
+    return _backward(do, q, k, v, o, lse, causal, _scale(q, softmax_scale), dropout_p, seed, config)
 
 
-def _backward(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, config=None):
+def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, seed, config=None):
     B, H, T, D = q.shape
     dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     if q.numel() == 0:
         return dq, dk, dv
     cfg = config or _config(q)
-    sm_scale = _scale(q, softmax_scale)
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dq kernel, read by the dK/dV kernel
     args = (sm_scale * LOG2E, sm_scale, seed, *_dropout_args(dropout_p))
     common = dict(HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q))
@@ -596,47 +646,87 @@ def _backward(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed, confi
 
 
 def attention_dropout_mask(seed, B, H, T, p, device="cpu"):
-    """The boolean keep-mask (B, H, T, T) that the kernels use for this seed and dropout probability p
-    (True = kept), for replaying in `kernels.reference.attention(..., dropout_mask=mask)`."""
+    """The boolean keep-mask (B, H, T, T) that the kernels use for this seed (an int or the kernels' 1-element
+    int64 tensor) and dropout probability p (True = kept), for replaying in
+    `kernels.reference.attention(..., dropout_mask=mask)`."""
     mask = torch.empty((B, H, T, T), dtype=torch.int8, device=device)
     if mask.numel():
         grid = (triton.cdiv(T, 16), B * H)
         block_c = max(16, min(128, triton.next_power_of_2(T)))
-        _dropout_mask_kernel[grid](mask, seed, _dropout_args(p)[0], T, BLOCK_R=16, BLOCK_C=block_c)
+        _dropout_mask_kernel[grid](mask, _seed_tensor(seed, mask.device), _dropout_args(p)[0], T,
+                                   BLOCK_R=16, BLOCK_C=block_c)
     return mask.bool()
 
 
-def new_dropout_seed():
-    """A Philox seed drawn from torch's default CPU generator, so torch.manual_seed reproduces it (a CPU
-    draw: no device synchronization)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+# ----------------------------------------------------------------------------------------------------
+# Operators and autograd
+# ----------------------------------------------------------------------------------------------------
 
 
-# ----------------------------------------------------------------------------------------------------
-# Autograd
-# ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("gpt1_kernels::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor], causal: bool,
+                 softmax_scale: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse) of the forward kernel; differentiable in q, k, v (the backward is attention_backward_op)."""
+    return _forward(q, k, v, causal, softmax_scale, dropout_p, seed)
+
+
+@attention_op.register_fake
+def _(q, k, v, seed, causal, softmax_scale, dropout_p):
+    B, H, T, D = q.shape
+    return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt1_kernels::attention_backward", mutates_args=())
+def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                          lse: torch.Tensor, seed: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+                          dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous (B, H, T, D)."""
+    return _backward(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed)
+
+
+@attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, *ctx.args = inputs  # args: causal, softmax_scale, dropout_p
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, seed)
+
+
+def _attention_op_backward(ctx, do, _dlse):
+    q, k, v, o, lse, seed = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, seed, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_op.register_autograd(_attention_op_backward, setup_context=_setup_context)
 
 
 class FusedAttentionFunction(torch.autograd.Function):
-    # inputs are checked once, in fused_attention; forward and backward call the unchecked launchers
+    """The eager path: the launchers the operators wrap, without the dispatcher round trip of a custom op
+    (tens of microseconds of Python per call)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale, dropout_p, seed):
+    def forward(ctx, q, k, v, seed, causal, softmax_scale, dropout_p):
         o, lse = _forward(q, k, v, causal, softmax_scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (causal, softmax_scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.args = (causal, softmax_scale, dropout_p)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args)
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, seed)
         return dq, dk, dv, None, None, None, None
 
 
 def fused_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, _seed=None):
     """softmax(q k^T * scale [+ causal mask]) with dropout, times v, for (B, H, T, D) tensors; same signature
-    and result as `kernels.reference.attention`. `_seed` (tests only) fixes the dropout seed; by default
-    it is drawn from torch's default generator when dropout_p > 0."""
+    and result as `kernels.reference.attention`. `_seed` (tests only; an int or a 1-element int64 tensor)
+    fixes the dropout seed; by default one is drawn on q's device when dropout_p > 0 (new_dropout_seed)."""
     if not isinstance(causal, bool):
         raise TypeError(f"fused_attention: causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
@@ -644,6 +734,10 @@ def fused_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"fused_attention: dropout_p must be a number in [0, 1), got {dropout_p}")
     _check_inputs(q, k, v, dropout_p)
-    dropout_p = float(dropout_p)
-    seed = 0 if dropout_p == 0.0 else (_seed if _seed is not None else new_dropout_seed())
-    return FusedAttentionFunction.apply(q, k, v, causal, softmax_scale, dropout_p, int(seed))
+    dropout_p, sm_scale = float(dropout_p), float(_scale(q, softmax_scale))
+    seed = None
+    if dropout_p > 0.0:
+        seed = _seed_tensor(_seed, q.device) if _seed is not None else new_dropout_seed(q.device)
+    if torch.compiler.is_compiling():
+        return attention_op(q, k, v, seed, causal, sm_scale, dropout_p)[0]
+    return FusedAttentionFunction.apply(q, k, v, seed, causal, sm_scale, dropout_p)

@@ -7,7 +7,7 @@ the loss and, for label smoothing, the sum of the logits. The second rewrites th
 gradient of the loss, d loss / d x_j = scale * (softmax_j - (1 - eps) [j == y] - eps / V), computed in
 fp32 and rounded to the logits dtype only at the store (the true-class term is not rounded first).
 The gradient goes INTO the logits buffer, so no second N x V tensor exists; the backward only scales
-it by the incoming gradient, and skips even that when the incoming gradient is 1.
+it, in place, by the incoming gradient (one pass, always: testing for a gradient of 1 would cost a sync).
 
 fused_linear_cross_entropy never builds the full logits: it walks the tokens in chunks, computes a
 chunk's logits with one matmul, runs the kernel on them in place and turns the chunk's gradient into
@@ -19,26 +19,48 @@ smoothing follows torch.nn.functional.cross_entropy: loss = (1 - eps) nll + eps 
 A row whose target is ignore_index has loss 0 and a zero gradient; the mean is over the other rows
 and is 0 (not NaN) when every row is ignored.
 
+Operators (torch.library custom ops in the gpt1_kernels namespace, with fake implementations, so that
+torch.compile(fullgraph=True) traces all three functions, forward and backward, without a graph break):
+- cross_entropy_(logits!, target, grad_scale, ignore_index, label_smoothing) -> loss rows: declared as
+  mutating its logits, which it overwrites with the gradient; cross_entropy_scale_grad_(grad!, grad_output,
+  post_scale) scales that gradient in place; cross_entropy_loss(...) is the no-gradient variant, which
+  leaves the logits alone. register_autograd refuses mutating ops, so CrossEntropyFunction (an
+  autograd.Function that Dynamo traces) calls the first two. In eager mode the declared mutation bumps the
+  logits' autograd version (see below) and nothing is copied. Under torch.compile, AOTAutograd
+  functionalizes the mutation (the graph sees a new tensor, so no silent aliasing), and Inductor's
+  re-inplacing writes it back into the same buffer when nothing else reads the logits.
+- linear_cross_entropy(hidden, weight, target, bias?, ..., need_hidden, need_weight, need_bias) ->
+  (loss, d hidden, d weight fp32, d bias fp32, post_scale), differentiable via register_autograd, whose
+  backward scales the gradients computed in the forward. A gradient whose need flag is off (the input does
+  not require grad, or grad mode is off) is an empty (0,) tensor, as an op cannot return None.
+  linear_cross_entropy_backward(...) is the recomputing backward of reduction="none".
+The count of valid targets, the 1 / n of the mean and the fp16 power-of-two factors are device scalars
+that the kernels read through pointers: no value goes through the host.
+
 Limits and side effects:
 - fused_cross_entropy OVERWRITES its input logits with the (unscaled) gradient when the logits
   require grad: do not read them after the call. The call bumps the tensor's autograd version, so an
   earlier op that saved these logits for its own backward raises autograd's in-place error instead
   of silently using the gradient. Gradients are returned in the buffer itself, so a second backward
   through the same graph (retain_graph=True) is not supported.
-- Targets are validated on the host with one torch reduction and a device sync per call, and the
-  backward syncs once to test whether the incoming gradient is 1 (to skip the scaling pass).
+- Bad targets (outside [0, V) and not ignore_index). Eager mode: ValueError before any kernel runs; the
+  check costs one reduction and one host sync per call (the only one). Under torch.compile nothing is
+  checked on the host (a data-dependent check would be a graph break or a sync): the kernel gives such a
+  row a NaN loss (so a mean loss is NaN) and a NaN gradient row, and never reads out of bounds.
 - fp16: the 1 / n_valid factor of the mean is not folded into the stored fp16 gradient (p_j / n
   would underflow fp16 for most classes at GPT-1 batch sizes). The kernel stores the gradient times
-  2^k / n_valid, in [1, 2), and the backward multiplies by 2^-k and the loss scale in fp32, which is
-  exact (one rounding in all) when the loss scale is a power of two. bf16 and fp32 fold 1 / n_valid
-  in the kernel.
+  2^k / n_valid, in [1, 2) (2 when n_valid <= 1), and the backward multiplies by 2^-k and the loss scale
+  in fp32, which is exact (one rounding in all) when the loss scale is a power of two. bf16 and fp32 fold
+  1 / n_valid in the kernel.
 - fused_linear_cross_entropy with reduction="none" cannot fold the per-row incoming gradient into
   d weight during the forward, so it computes only the loss there and recomputes the chunks in the
   backward (twice the matmuls).
+- Under torch.compile the options (ignore_index, label_smoothing, reduction, chunk_size) are graph constants.
 """
 
 import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -111,19 +133,21 @@ def _write_row_grad(ROW, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.const
 
 
 @triton.jit
-def _zero_row(ROW, row_len, BLOCK_V: tl.constexpr):
+def _fill_row(ROW, row_len, value, BLOCK_V: tl.constexpr):
     for start in range(0, row_len, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        tl.store(ROW + cols, tl.zeros([BLOCK_V], dtype=ROW.dtype.element_ty), mask=cols < row_len)
+        tl.store(ROW + cols, tl.full([BLOCK_V], value, dtype=ROW.dtype.element_ty), mask=cols < row_len)
 
 
 @triton.jit
 def _cross_entropy_kernel(
-    LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, n_cols, row_len, ignore_index, eps, grad_scale,
+    LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, GRAD_SCALE, n_cols, row_len, ignore_index, eps,
     BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """LOSS[r] = CE(LOGITS[r, :n_cols], TARGET[r]); if COMPUTE_GRAD, LOGITS[r, :n_cols] <- its gradient
-    times grad_scale (times ROW_SCALE[r] if HAS_ROW_SCALE) and LOGITS[r, n_cols:row_len] <- 0.
+    times GRAD_SCALE[0] (times ROW_SCALE[r] if HAS_ROW_SCALE) and LOGITS[r, n_cols:row_len] <- 0.
+    GRAD_SCALE is a device scalar (it depends on the count of valid targets, which the host never reads).
+    A target outside [0, n_cols) that is not ignore_index gets a NaN loss and a NaN gradient row.
 
     row_len >= n_cols is how many columns are loaded and stored. Loads and stores are masked with
     cols < row_len, and Triton issues 16-byte vector accesses only when it can prove such a mask
@@ -136,7 +160,12 @@ def _cross_entropy_kernel(
     if y == ignore_index:  # loss 0, gradient 0, and the row is never read
         tl.store(LOSS + row, 0.0)
         if COMPUTE_GRAD:
-            _zero_row(ROW, row_len, BLOCK_V)
+            _fill_row(ROW, row_len, 0.0, BLOCK_V)
+        return
+    if (y < 0) | (y >= n_cols):  # a bad target: visible as NaN, and ROW + y is never read
+        tl.store(LOSS + row, float("nan"))
+        if COMPUTE_GRAD:
+            _fill_row(ROW, row_len, float("nan"), BLOCK_V)
         return
     m, d, x_sum = _row_stats(ROW, n_cols, row_len, BLOCK_V)
     lse = m + tl.log(d)
@@ -144,10 +173,27 @@ def _cross_entropy_kernel(
     loss = (1.0 - eps) * (lse - x_y) + eps * (lse - x_sum / n_cols)
     tl.store(LOSS + row, loss)
     if COMPUTE_GRAD:
-        scale = grad_scale
+        scale = tl.load(GRAD_SCALE)
         if HAS_ROW_SCALE:
             scale = scale * tl.load(ROW_SCALE + row).to(tl.float32)
         _write_row_grad(ROW, n_cols, row_len, y, m, d, eps, scale, BLOCK_V, RTNE_BF16)
+
+
+@triton.jit
+def _scale_grad_kernel(GRAD, stride_row, row_len, GRAD_OUT, stride_go, POST_SCALE,
+                       BLOCK_V: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """GRAD[r, :row_len] *= GRAD_OUT[r * stride_go] * POST_SCALE[0], in fp32 with one rounding to GRAD's dtype
+    (stride_go = 0: one incoming gradient for every row). The backward of fused_cross_entropy, in place."""
+    row = tl.program_id(0).to(tl.int64)
+    ROW = GRAD + row * stride_row
+    factor = tl.load(GRAD_OUT + row * stride_go).to(tl.float32) * tl.load(POST_SCALE)
+    for start in range(0, row_len, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < row_len
+        g = tl.load(ROW + cols, mask=mask, other=0.0).to(tl.float32) * factor
+        if RTNE_BF16:
+            g = _round_bf16_rtne(g)
+        tl.store(ROW + cols, g.to(ROW.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -163,65 +209,23 @@ def _check_options(ignore_index, label_smoothing, reduction):
 
 
 def _check_target(target, n_rows, n_classes, ignore_index):
-    """Validate shape and range; return the number of non-ignored targets (one host sync)."""
+    """Validate dtype and shape; in eager mode also the values (one reduction and one host sync). Under
+    torch.compile the values are not read on the host (that would be a graph break): the kernel turns a bad
+    target into a NaN loss instead."""
     if target.dtype != torch.int64:
         raise TypeError(f"target must be int64, got {target.dtype}")
     if target.dim() != 1 or target.shape[0] != n_rows:
         raise ValueError(f"target must have shape ({n_rows},), got {tuple(target.shape)}")
-    valid = target != ignore_index
-    bad = valid & ((target < 0) | (target >= n_classes))
-    n_bad, n_valid = torch.stack([bad.sum(), valid.sum()]).tolist()
-    if n_bad:
-        first = int(target[bad][0])
-        raise ValueError(f"{n_bad} target(s) outside [0, {n_classes}) and != ignore_index={ignore_index} "
-                         f"(first: {first})")
-    return n_valid
-
-
-def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, row_scale=None, n_cols=None):
-    """Run the kernel on (n, row_len) logits with unit column stride, of which the first n_cols (default
-    all) are classes and the rest padding that gets a zero gradient; loss is an fp32 (n,) output."""
-    n_rows, row_len = logits.shape
-    if n_rows == 0:
+    if torch.compiler.is_compiling():
         return
-    n_cols = row_len if n_cols is None else n_cols
-    block_v = min(triton.next_power_of_2(row_len), _MAX_BLOCK_V)
-    _cross_entropy_kernel[(n_rows,)](
-        logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
-        n_cols, row_len, ignore_index, eps, grad_scale,
-        BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, HAS_ROW_SCALE=row_scale is not None,
-        RTNE_BF16=_INTERPRET_RTNE and logits.dtype == torch.bfloat16, num_warps=_NUM_WARPS,
-    )
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    n_bad = int(bad.sum())
+    if n_bad:
+        raise ValueError(f"{n_bad} target(s) outside [0, {n_classes}) and != ignore_index={ignore_index} "
+                         f"(first: {int(target[bad][0])})")
 
 
-def _grad_scales(reduction, n_valid, dtype):
-    """(scale folded into the stored gradient, post_scale applied by the backward).
-
-    The mean's 1 / n goes into the kernel, except for fp16, where p_j / n would underflow (module
-    docstring). There the kernel stores the gradient times 2^k / n, in [1, 2), and the backward
-    multiplies by 2^-k: for the usual incoming gradients (1, or a power-of-two loss scale) that product
-    is exact, so each fp16 gradient element is rounded once, as in the eager reference.
-    """
-    if reduction != "mean" or n_valid <= 1:
-        return 1.0, 1.0
-    if dtype != torch.float16:
-        return 1.0 / n_valid, 1.0
-    k = (n_valid - 1).bit_length()  # 2^k >= n_valid > 2^(k-1)
-    return 2.0**k / n_valid, 2.0**-k
-
-
-def _reduce(loss_rows, reduction, n_valid):
-    if reduction == "none":
-        return loss_rows
-    total = loss_rows.sum()
-    return total / max(n_valid, 1) if reduction == "mean" else total
-
-
-def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                          compute_grad=True):
-    """Loss of (N, V) logits; if compute_grad, the logits are overwritten with d loss / d logits
-    divided by post_scale. Returns (loss, logits, post_scale): the backward multiplies by post_scale
-    (1.0 except for fp16 mean, see the module docstring)."""
+def _check_ce_inputs(logits, target, ignore_index, label_smoothing, reduction):
     _check_options(ignore_index, label_smoothing, reduction)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
@@ -229,52 +233,163 @@ def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0
         raise TypeError(f"logits must be one of {_DTYPES}, got {logits.dtype}")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    n_valid = _check_target(target, logits.shape[0], logits.shape[1], ignore_index)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()  # the gradient then lives in this copy, which we return
-    scale, post_scale = _grad_scales(reduction, n_valid, logits.dtype)
+    _check_target(target, logits.shape[0], logits.shape[1], ignore_index)
+
+
+def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, row_scale=None, n_cols=None):
+    """Run the kernel on (n, row_len) logits with unit column stride, of which the first n_cols (default
+    all) are classes and the rest padding that gets a zero gradient; loss is an fp32 (n,) output.
+    grad_scale: a float or an fp32 device scalar (what _grad_scales returns)."""
+    n_rows, row_len = logits.shape
+    if n_rows == 0:
+        return
+    n_cols = row_len if n_cols is None else n_cols
+    if compute_grad and not isinstance(grad_scale, torch.Tensor):
+        grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=logits.device)
+    block_v = min(triton.next_power_of_2(row_len), _MAX_BLOCK_V)
+    # loss stands in for the pointers that the constexpr flags leave unread
+    _cross_entropy_kernel[(n_rows,)](
+        logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
+        grad_scale if compute_grad else loss, n_cols, row_len, ignore_index, eps,
+        BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, HAS_ROW_SCALE=row_scale is not None,
+        RTNE_BF16=_INTERPRET_RTNE and logits.dtype == torch.bfloat16, num_warps=_NUM_WARPS,
+    )
+
+
+def _grad_scales(target, ignore_index, reduction, dtype):
+    """(n_valid, scale folded into the stored gradient, post_scale applied by the backward): fp32 device
+    scalars (n_valid int64) computed with a few tiny device ops, never read on the host.
+
+    The mean's 1 / n goes into the kernel, except for fp16, where p_j / n would underflow (module
+    docstring). There the kernel stores the gradient times 2^k / n, with 2^k >= n > 2^(k-1), and the
+    backward multiplies by 2^-k: for the usual incoming gradients (1, or a power-of-two loss scale) that
+    product is exact, so each fp16 gradient element is rounded once, as in the eager reference.
+    """
+    n_valid = (target != ignore_index).sum()
+    one = torch.ones((), dtype=torch.float32, device=target.device)
+    if reduction != "mean":
+        return n_valid, one, one
+    n = n_valid.clamp(min=1).float()
+    if dtype != torch.float16:
+        return n_valid, 1.0 / n, one
+    # floor(log2(n - 1)) + 127 is the fp32 exponent field of n - 1; both powers of two are built from their
+    # bits, so they are exact (n = 1 gives k = 1: scale 2, post_scale 1/2, still a product of exactly 1)
+    biased = (n - 1).clamp(min=1).view(torch.int32) >> 23
+    pow2 = ((biased + 1) << 23).view(torch.float32)  # 2^k
+    return n_valid, pow2 / n, ((253 - biased) << 23).view(torch.float32)
+
+
+def _reduce(loss_rows, reduction, n_valid):
+    if reduction == "none":
+        return loss_rows
+    total = loss_rows.sum()
+    return total / n_valid.clamp(min=1) if reduction == "mean" else total
+
+
+def _unit_stride(logits):
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def _cross_entropy_rows(logits, target, grad_scale, ignore_index, eps, compute_grad):
     loss_rows = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    _launch(logits, target.contiguous(), loss_rows, ignore_index, float(label_smoothing), scale, compute_grad)
+    _launch(logits, target.contiguous(), loss_rows, ignore_index, eps, grad_scale, compute_grad)
+    return loss_rows
+
+
+def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0, reduction="mean",
+                          compute_grad=True):
+    """Loss of (N, V) logits; if compute_grad, the logits are overwritten with d loss / d logits
+    divided by post_scale. Returns (loss, logits, post_scale): the backward multiplies by post_scale,
+    an fp32 device scalar (1 except for fp16 mean, see the module docstring)."""
+    _check_ce_inputs(logits, target, ignore_index, label_smoothing, reduction)
+    logits = _unit_stride(logits)  # the gradient then lives in this copy, which we return
+    n_valid, scale, post_scale = _grad_scales(target, ignore_index, reduction, logits.dtype)
+    loss_rows = _cross_entropy_rows(logits, target, scale, ignore_index, float(label_smoothing), compute_grad)
     return _reduce(loss_rows, reduction, n_valid), logits, post_scale
 
 
 def cross_entropy_backward(grad_logits, grad_output, post_scale):
-    """Scale the stored gradient in place by grad_output (and post_scale); returns it."""
-    if grad_output.dim() == 0:
-        # A Python float, not a device tensor: CUDA's mul_ casts a 0-dim tensor operand to grad_logits'
-        # fp16 before multiplying, rounding a factor like 1/3 (that reproduces, to 3 digits, the 1.99e-4
-        # error of an H200 test failure); a Python scalar is applied in fp32.
-        factor = grad_output.item() * post_scale
-        return grad_logits if factor == 1.0 else grad_logits.mul_(factor)
-    return grad_logits.mul_(grad_output.float().unsqueeze(1) * post_scale)
+    """Scale the stored gradient in place by grad_output (a scalar, or one per row) times post_scale, in fp32
+    (an fp16 buffer multiplied by a tensor factor would round the factor to fp16 first); returns it.
+    Always one pass: testing for a factor of 1 would be a host sync."""
+    n_rows, row_len = grad_logits.shape
+    if n_rows == 0 or row_len == 0:
+        return grad_logits
+    stride_go = grad_output.stride(0) if grad_output.dim() else 0
+    _scale_grad_kernel[(n_rows,)](grad_logits, grad_logits.stride(0), row_len, grad_output, stride_go, post_scale,
+                                  BLOCK_V=min(triton.next_power_of_2(row_len), _MAX_BLOCK_V),
+                                  RTNE_BF16=_INTERPRET_RTNE and grad_logits.dtype == torch.bfloat16,
+                                  num_warps=_NUM_WARPS)
+    return grad_logits
+
+
+@torch.library.custom_op("gpt1_kernels::cross_entropy_loss", mutates_args=())
+def cross_entropy_loss_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                          label_smoothing: float) -> torch.Tensor:
+    """(N,) fp32 losses of unit-column-stride logits, which stay untouched (the no-gradient case)."""
+    return _cross_entropy_rows(logits, target, None, ignore_index, label_smoothing, False)
+
+
+@cross_entropy_loss_op.register_fake
+def _(logits, target, ignore_index, label_smoothing):
+    return logits.new_empty(logits.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt1_kernels::cross_entropy_", mutates_args=("logits",))
+def cross_entropy_op_(logits: torch.Tensor, target: torch.Tensor, grad_scale: torch.Tensor, ignore_index: int,
+                      label_smoothing: float) -> torch.Tensor:
+    """(N,) fp32 losses; OVERWRITES the logits with d loss_r / d logits times grad_scale (a device scalar)."""
+    return _cross_entropy_rows(logits, target, grad_scale, ignore_index, label_smoothing, True)
+
+
+@cross_entropy_op_.register_fake
+def _(logits, target, grad_scale, ignore_index, label_smoothing):
+    return logits.new_empty(logits.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt1_kernels::cross_entropy_scale_grad_", mutates_args=("grad",))
+def cross_entropy_scale_grad_op_(grad: torch.Tensor, grad_output: torch.Tensor, post_scale: torch.Tensor) -> None:
+    """grad *= grad_output (0-dim, or one per row) * post_scale, in place (cross_entropy_backward)."""
+    cross_entropy_backward(grad, grad_output, post_scale)
+
+
+@cross_entropy_scale_grad_op_.register_fake
+def _(grad, grad_output, post_scale):
+    return None
 
 
 class CrossEntropyFunction(torch.autograd.Function):
+    """Around the two in-place operators (register_autograd refuses ops that mutate their inputs). The forward
+    op's declared mutation bumps the logits' autograd version in eager mode and is functionalized by
+    torch.compile (AOTAutograd sees a new tensor; Inductor writes it back into the same buffer)."""
+
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, label_smoothing, reduction, grad_enabled):
-        compute_grad = grad_enabled and ctx.needs_input_grad[0]
-        loss, grad, ctx.post_scale = cross_entropy_forward(logits, target, ignore_index, label_smoothing,
-                                                           reduction, compute_grad)
-        if compute_grad:
-            # the kernel wrote through a raw pointer: tell autograd that logits changed in place
-            torch.autograd.graph.increment_version(logits)
-            ctx.save_for_backward(grad.detach())
-        return loss
+    def forward(ctx, logits, target, ignore_index, label_smoothing, reduction):
+        n_valid, scale, post_scale = _grad_scales(target, ignore_index, reduction, logits.dtype)
+        loss_rows = cross_entropy_op_(logits, target, scale, ignore_index, label_smoothing)
+        ctx.save_for_backward(logits, post_scale)  # logits now hold the gradient
+        return _reduce(loss_rows, reduction, n_valid)
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        return cross_entropy_backward(grad, grad_output, ctx.post_scale), None, None, None, None, None
+        grad, post_scale = ctx.saved_tensors
+        cross_entropy_scale_grad_op_(grad, grad_output, post_scale)
+        return grad, None, None, None, None
 
 
 def fused_cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
     """Cross-entropy of (N, V) logits against (N,) int64 targets; fp32 loss.
 
-    When logits require grad, their buffer is overwritten with the gradient (see module docstring).
+    When logits require grad (and grad mode is on), their buffer is overwritten with the gradient (see
+    module docstring); otherwise they are left alone.
     """
-    # apply() runs forward with grad mode off, so read it here: under no_grad the logits stay intact
-    return CrossEntropyFunction.apply(logits, target, ignore_index, float(label_smoothing), reduction,
-                                      torch.is_grad_enabled())
+    _check_ce_inputs(logits, target, ignore_index, label_smoothing, reduction)
+    eps = float(label_smoothing)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        # a non-unit column stride gets a contiguous copy, which then holds the gradient
+        return CrossEntropyFunction.apply(_unit_stride(logits), target, ignore_index, eps, reduction)
+    loss_rows = cross_entropy_loss_op(_unit_stride(logits), target, ignore_index, eps)
+    return _reduce(loss_rows, reduction, (target != ignore_index).sum())
 
 
 # ----------------------------------------------------------------------------- fused linear
@@ -386,49 +501,105 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
     return loss_rows, grad_hidden, grad_weight, grad_bias
 
 
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size,
-                grad_enabled):
-        _check_options(ignore_index, label_smoothing, reduction)
-        _check_linear_inputs(hidden, weight, target, bias)
-        n_valid = _check_target(target, hidden.shape[0], weight.shape[0], ignore_index)
-        hidden, target = hidden.contiguous(), target.contiguous()
-        chunk = chunk_size or _default_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype)
-        needs = tuple(grad_enabled and ctx.needs_input_grad[i] for i in (0, 1, 3))
-        # "none" needs the per-row incoming gradient inside d weight: the backward recomputes
-        defer = reduction == "none" and any(needs)
-        # global 1 / n_valid: every chunk's gradient is scaled by the count over the whole batch (for fp16
-        # only up to a power of two, which the backward applies: see _grad_scales)
-        scale, ctx.post_scale = _grad_scales(reduction, n_valid, hidden.dtype)
-        loss_rows, *grads = linear_cross_entropy_chunks(
-            hidden, weight, target, bias, ignore_index, label_smoothing, scale, chunk,
-            needs=(False, False, False) if defer else needs)
-        ctx.args = ignore_index, label_smoothing, chunk, needs, defer
-        ctx.dtype = weight.dtype
-        ctx.save_for_backward(*(hidden, weight, target, bias) if defer else grads)
-        return _reduce(loss_rows, reduction, n_valid)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        ignore_index, eps, chunk, needs, defer = ctx.args
-        if defer:
-            hidden, weight, target, bias = ctx.saved_tensors
-            _, *grads = linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps, 1.0, chunk,
-                                                    needs, row_scale=grad_output.float().contiguous())
-            grad_hidden, grad_weight, grad_bias = grads
-        else:
-            grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-            # these are (N, C) and (V, C): scaling them costs little next to the forward's matmuls
-            scale = grad_output.float() * ctx.post_scale
-            grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype) if needs[0] else None
-            grad_weight = grad_weight * scale if needs[1] else None
-            grad_bias = grad_bias * scale if needs[2] and grad_bias is not None else None
-        return grad_hidden, _cast(grad_weight, ctx.dtype), None, _cast(grad_bias, ctx.dtype), *[None] * 5
+def _empty(like, dtype=None):
+    """The stand-in for a gradient that was not asked for (an operator cannot return None)."""
+    return like.new_empty((0,), dtype=dtype)
 
 
-def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
+@torch.library.custom_op("gpt1_kernels::linear_cross_entropy", mutates_args=())
+def linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                            bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, reduction: str,
+                            chunk_size: int, need_hidden: bool, need_weight: bool,
+                            need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:
+    """(loss, d hidden, d weight fp32, d bias fp32, post_scale): the loss reduced as asked and the unscaled
+    gradients (the backward multiplies them by the incoming gradient times post_scale), each an empty (0,)
+    tensor when its need flag is off, and all of them empty for reduction="none" (the backward recomputes,
+    see linear_cross_entropy_backward_op). chunk_size 0 picks _default_chunk_size."""
+    hidden, target = hidden.contiguous(), target.contiguous()
+    chunk = chunk_size or _default_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype)
+    needs = (need_hidden, need_weight, need_bias and bias is not None)
+    # "none" needs the per-row incoming gradient inside d weight: the backward recomputes
+    defer = reduction == "none" and any(needs)
+    # global 1 / n_valid: every chunk's gradient is scaled by the count over the whole batch (for fp16
+    # only up to a power of two, which the backward applies: see _grad_scales)
+    n_valid, scale, post_scale = _grad_scales(target, ignore_index, reduction, hidden.dtype)
+    loss_rows, gh, gw, gb = linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
+                                                        scale, chunk, needs=(False, False, False) if defer else needs)
+    return (_reduce(loss_rows, reduction, n_valid), _empty(hidden) if gh is None else gh,
+            _empty(hidden, torch.float32) if gw is None else gw, _empty(hidden, torch.float32) if gb is None else gb,
+            post_scale)
+
+
+@linear_cross_entropy_op.register_fake
+def _(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, chunk_size, need_hidden, need_weight,
+      need_bias):
+    f32 = torch.float32
+    loss = hidden.new_empty(hidden.shape[:1] if reduction == "none" else (), dtype=f32)
+    needs = (need_hidden, need_weight, need_bias and bias is not None)
+    live = [n and not (reduction == "none" and any(needs)) for n in needs]
+    return (loss, hidden.new_empty(hidden.shape) if live[0] else _empty(hidden),
+            hidden.new_empty(weight.shape, dtype=f32) if live[1] else _empty(hidden, f32),
+            hidden.new_empty(weight.shape[:1], dtype=f32) if live[2] else _empty(hidden, f32),
+            hidden.new_empty((), dtype=f32))
+
+
+@torch.library.custom_op("gpt1_kernels::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                     bias: Optional[torch.Tensor], grad_loss: torch.Tensor, ignore_index: int,
+                                     label_smoothing: float, chunk_size: int, need_hidden: bool, need_weight: bool,
+                                     need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d hidden, d weight fp32, d bias fp32) of reduction="none" for the per-row incoming gradient grad_loss:
+    the chunk loop again, with the rows scaled inside the kernel (empty (0,) tensors where not needed)."""
+    hidden, target = hidden.contiguous(), target.contiguous()
+    chunk = chunk_size or _default_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype)
+    needs = (need_hidden, need_weight, need_bias and bias is not None)
+    _, gh, gw, gb = linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, 1.0,
+                                                chunk, needs, row_scale=grad_loss.float().contiguous())
+    return (_empty(hidden) if gh is None else gh, _empty(hidden, torch.float32) if gw is None else gw,
+            _empty(hidden, torch.float32) if gb is None else gb)
+
+
+@linear_cross_entropy_backward_op.register_fake
+def _(hidden, weight, target, bias, grad_loss, ignore_index, label_smoothing, chunk_size, need_hidden, need_weight,
+      need_bias):
+    f32 = torch.float32
+    return (hidden.new_empty(hidden.shape) if need_hidden else _empty(hidden),
+            hidden.new_empty(weight.shape, dtype=f32) if need_weight else _empty(hidden, f32),
+            hidden.new_empty(weight.shape[:1], dtype=f32) if need_bias and bias is not None else _empty(hidden, f32))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    hidden, weight, target, bias, ignore_index, eps, reduction, chunk, *needs = inputs
+    _, grad_hidden, grad_weight, grad_bias, post_scale = output
+    ctx.needs = (needs[0], needs[1], needs[2] and bias is not None)
+    ctx.defer = reduction == "none" and any(ctx.needs)
+    ctx.args = (ignore_index, eps, chunk)
+    ctx.dtype = weight.dtype
+    ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias, post_scale)
+    if ctx.defer:
+        ctx.save_for_backward(hidden, weight, target, bias)
+    else:
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, post_scale)
+
+
+def _linear_backward(ctx, grad_loss, *_):
+    need_h, need_w, need_b = ctx.needs
+    if ctx.defer:
+        hidden, weight, target, bias = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_bias = linear_cross_entropy_backward_op(
+            hidden, weight, target, bias, grad_loss, *ctx.args, *ctx.needs)
+    else:
+        grad_hidden, grad_weight, grad_bias, post_scale = ctx.saved_tensors
+        # these are (N, C) and (V, C): scaling them costs little next to the forward's matmuls
+        scale = grad_loss.float() * post_scale
+        grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype)
+        grad_weight, grad_bias = grad_weight * scale, grad_bias * scale
+    return (grad_hidden if need_h else None, grad_weight.to(ctx.dtype) if need_w else None, None,
+            grad_bias.to(ctx.dtype) if need_b else None, *[None] * 7)
+
+
+linear_cross_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
 
 
 def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, label_smoothing=0.0,
@@ -440,8 +611,14 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
-    return LinearCrossEntropyFunction.apply(hidden, weight, target, bias, ignore_index, float(label_smoothing),
-                                            reduction, chunk_size, torch.is_grad_enabled())
+    _check_options(ignore_index, label_smoothing, reduction)
+    _check_linear_inputs(hidden, weight, target, bias)
+    _check_target(target, hidden.shape[0], weight.shape[0], ignore_index)
+    grad = torch.is_grad_enabled()
+    needs = (grad and hidden.requires_grad, grad and weight.requires_grad,
+             grad and bias is not None and bias.requires_grad)
+    return linear_cross_entropy_op(hidden, weight, target, bias, ignore_index, float(label_smoothing), reduction,
+                                   chunk_size or 0, *needs)[0]
 
 
 def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False):
@@ -454,7 +631,7 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False):
         "signature": {"LOGITS": f"*{dtype}:16", "stride_row": "i32:16" if padded else "i32", "TARGET": "*i64:16",
                       "LOSS": "*fp32:16", "ROW_SCALE": "*fp32:16", "n_cols": "i32",
                       "row_len": "i32:16" if padded else "i32", "ignore_index": "i32", "eps": "fp32",
-                      "grad_scale": "fp32"},
+                      "GRAD_SCALE": "*fp32:16"},
         "constexprs": {"BLOCK_V": min(triton.next_power_of_2(n_classes), _MAX_BLOCK_V),
                        "COMPUTE_GRAD": compute_grad, "HAS_ROW_SCALE": False, "RTNE_BF16": False},
         "num_warps": _NUM_WARPS,
@@ -468,4 +645,10 @@ COMPILE_SPECS = [
     _compile_spec("cross_entropy_fwd_bwd_fp32_V40478", "fp32", True),
     _compile_spec("cross_entropy_fwd_only_bf16_V40478", "bf16", False),
     _compile_spec("linear_ce_chunk_fwd_bwd_bf16_V40478_padded", "bf16", True, padded=True),
+    # the backward's in-place scaling, by one incoming gradient (reduction="mean")
+    {"name": "cross_entropy_scale_grad_bf16_V40478", "fn": _scale_grad_kernel,
+     "signature": {"GRAD": "*bf16:16", "stride_row": "i32", "row_len": "i32", "GRAD_OUT": "*fp32:16",
+                   "stride_go": "i32:16", "POST_SCALE": "*fp32:16"},  # stride 0: the JIT's divisible-by-16 case
+     "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "RTNE_BF16": False}, "num_warps": _NUM_WARPS,
+     "num_stages": 3},
 ]
