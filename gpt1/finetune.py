@@ -42,6 +42,7 @@ from .runtime import (
     log_row,
     parse_dataclass,
     seed_everything,
+    zero_stage,
 )
 from .tokenizer import GPT1Tokenizer
 
@@ -353,7 +354,7 @@ def main(argv=None):
         model, ds, lr=run.lr, weight_decay=run.weight_decay, lr_lambda=lr_lambda(total, run.warmup),
         max_grad_norm=max_grad_norm,
         tied_weight=model.transformer.tokens_embed.weight)  # L1's LM head
-    compile_module(engine, run.compile if run.compile is not None else default_compile(device))
+    compile_module(engine, run.compile if run.compile is not None else default_compile(device), zero_stage(ds))
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     torch.manual_seed(run.seed + 1 + rank)  # dropout masks differ across ranks
 

@@ -136,12 +136,17 @@ def build_engine(model, ds, *, lr, weight_decay=0.01, max_grad_norm=1.0, lr_lamb
     return engine, optimizer, scheduler
 
 
-def compile_module(engine, enabled, fullgraph=True):
-    """torch.compile the engine's module in place (state_dict keys unchanged), when enabled; the hooks,
-    gradient reduction and optimizer of DeepSpeed stay eager. Returns whether it compiled."""
+def compile_module(engine, enabled, stage):
+    """torch.compile the forward of the engine's module in place, when enabled; returns whether it compiled.
+
+    Only `forward` is compiled, not the module call: DeepSpeed's own forward hooks (timers, ZeRO-3's parameter
+    gathering) stay eager around it, and the model's forward is one graph (fullgraph=True) under ZeRO 0-2.
+    Under ZeRO-3 the submodules' gathering hooks run inside the forward, so the graph is split there. The
+    state_dict, checkpoints and the optimizer see the same module as without compiling."""
     if not enabled:
         return False
-    engine.compile(backend="inductor", compile_kwargs={"fullgraph": fullgraph})
+    module = engine.module
+    module.forward = torch.compile(module.forward, fullgraph=stage < 3)
     return True
 
 

@@ -127,7 +127,7 @@ def main(argv=None):
         model, ds, lr=run.lr, weight_decay=run.weight_decay, max_grad_norm=max_grad_norm,
         lr_lambda=lr_lambda(run), tied_weight=model.tokens_embed.weight)
     compiled = runtime.compile_module(engine, run.compile if run.compile is not None else
-                                      runtime.default_compile(device))
+                                      runtime.default_compile(device), runtime.zero_stage(ds))
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     tokens_per_step = micro * gas * world * run.seq_len
 

@@ -271,3 +271,16 @@ def test_fused_linear_loss_trains_the_tied_head_under_zero3(data, tmp_path):
     assert max(abs(a - b) for a, b in zip(fused, eager)) < 0.02, (fused, eager)
     assert max(abs(a - b) for a, b in zip(fused, zero0)) < 0.1, (fused, zero0)
     assert fused[-1] < fused[0] - 0.3
+
+
+def test_compiled_run_follows_the_eager_run(data, tmp_path):
+    """--compile (torch.compile of the model's forward, fullgraph, inside the DeepSpeed engine) trains like
+    --no-compile: same per-step losses to bf16 noise (0.02 nats), dropout off so that only the kernels'
+    fusion differs."""
+    config, curves = ds_config(tmp_path, stage=2), {}
+    for flag in ("compile", "no_compile"):
+        out = str(tmp_path / flag)
+        res = run(train_cmd(data, out, config, max_steps=6, dropout=0.0, **{flag: True}))
+        curves[flag] = [losses(out)[k] for k in range(1, 7)]
+        assert ("first step, which compiles the model" in res.stdout) == (flag == "compile")
+    assert max(abs(a - b) for a, b in zip(curves["compile"], curves["no_compile"])) < 0.02, curves
