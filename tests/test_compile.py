@@ -11,7 +11,7 @@ ops around the kernels. On CPU the kernels run in the Triton interpreter, so the
 
 import pytest
 import torch
-from functorch.compile import make_boxed_func
+from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
 from helpers import assert_close
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -50,7 +50,9 @@ def _run_without_host_reads(gm, example_inputs):
     return make_boxed_func(gm.forward)
 
 
-AOT_EAGER = aot_autograd(fw_compiler=_run_without_host_reads, bw_compiler=_run_without_host_reads)
+# built as torch's aot_eager is (the min-cut partitioner, as Inductor's, and input mutations kept in the graph)
+AOT_EAGER = aot_autograd(fw_compiler=_run_without_host_reads, bw_compiler=_run_without_host_reads,
+                         partition_fn=min_cut_rematerialization_partition, keep_inference_input_mutations=True)
 
 
 def _compile(fn, backend="aot_eager"):
