@@ -1,4 +1,22 @@
+"""Numerics checks shared by the tests: plain closeness, and flash-attention's criterion for the kernels."""
+
+import pytest
 import torch
+
+FP32_EPS = torch.finfo(torch.float32).eps  # 2^-23
+
+
+def _max_abs(t):
+    return t.abs().nan_to_num(float("inf")).max().item() if t.numel() else 0.0
+
+
+def _mismatch(bad, err, **values):
+    """How many elements are bad, the first few indices, and the worst element with its values."""
+    worst = err.nan_to_num(float("inf")).argmax()
+    worst = tuple(int(i) for i in torch.unravel_index(worst, err.shape)) if err.dim() else ()
+    shown = ", ".join(f"{k} {v[worst].item():.6g}" for k, v in values.items())
+    return (f"{int(bad.sum())}/{bad.numel()} elements off, first bad indices {bad.nonzero()[:5].tolist()}, "
+            f"worst at {list(worst)}: {shown}")
 
 
 def assert_close(actual, expected, atol, rtol, name="tensor"):
@@ -7,7 +25,59 @@ def assert_close(actual, expected, atol, rtol, name="tensor"):
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=False)
     if bad.any():
-        idx = bad.nonzero()[:5].tolist()
-        worst = (actual - expected).abs().max().item()
-        raise AssertionError(f"{name}: {int(bad.sum())}/{bad.numel()} elements off (max abs err {worst:.3g}, "
-                             f"atol={atol}, rtol={rtol}); first bad indices {idx}")
+        raise AssertionError(f"{name} (atol={atol}, rtol={rtol}): "
+                             f"{_mismatch(bad, (actual - expected).abs(), actual=actual, expected=expected)}")
+
+
+def fp32_eps_at(*tensors):
+    """FP32_EPS times the largest magnitude among the tensors: one fp32 rounding step at their scale."""
+    return FP32_EPS * max(_max_abs(t.detach()) for t in tensors)
+
+
+def assert_error_within(actual, reference, truth, *, factor=2.0, atol=None, name="tensor"):
+    """flash-attention's criterion, on max abs errors against a float64 truth computed from the same inputs:
+
+        max|actual - truth| <= factor * max|reference - truth| + atol
+
+    reference is the eager version run in actual's precision (same dtype, same inputs). atol (default
+    fp32_eps_at(truth)) absorbs one last fp32 rounding that falls the other way: both sides compute in fp32, and
+    where the reference happens to be exact (a zero gradient, a scalar loss) the kernel is not failed for that.
+    In 16-bit it is 2^-13 (fp16) or 2^-16 (bf16) of the dtype's own step. A failure reports the elements past
+    the bound: their count, the first indices, the worst one with its three values.
+    """
+    actual, reference, truth = (t.detach().double().cpu() for t in (actual, reference, truth))
+    assert actual.shape == reference.shape == truth.shape, \
+        f"{name}: shapes {tuple(actual.shape)}, {tuple(reference.shape)}, {tuple(truth.shape)} differ"
+    if not truth.numel():
+        return
+    atol = fp32_eps_at(truth) if atol is None else atol
+    ref_err = _max_abs(reference - truth)
+    bound = factor * ref_err + atol
+    err = (actual - truth).abs()
+    bad = ~(err <= bound)  # NaN is bad
+    if bad.any():
+        worst = _max_abs(err)
+        ratio = f"{worst / ref_err:.2f}" if ref_err else "inf"
+        raise AssertionError(f"{name}: max err {worst:.3g} > {factor:g} x reference err {ref_err:.3g} + {atol:.3g} "
+                             f"(ratio {ratio}); "
+                             f"{_mismatch(bad, err, actual=actual, reference=reference, truth=truth)}")
+
+
+def assert_all_within(checks, *, atol=None, known=(), strict=True, factor=2.0):
+    """assert_error_within on every (name, actual, reference, truth) in checks, all of them run before any
+    failure is raised. known names the tensors that are known to miss the bound (the caller says why): while
+    any of them does, the test xfails with the measured numbers, provided every other tensor passes; when all
+    of them pass, a strict check fails so that the list is kept current."""
+    failures = {}
+    for name, actual, reference, truth in checks:
+        try:
+            assert_error_within(actual, reference, truth, factor=factor, atol=atol, name=name)
+        except AssertionError as e:
+            failures[name] = str(e)
+    unexpected = [msg for name, msg in failures.items() if name not in known]
+    if unexpected:
+        raise AssertionError("\n".join(unexpected))
+    if failures:
+        pytest.xfail("known to be out of bounds: " + "\n".join(failures.values()))
+    if known and strict:
+        pytest.fail(f"{', '.join(known)} now within {factor:g}x the reference: drop them from the known deviations")

@@ -1,30 +1,40 @@
 """kernels.fused_attention against float64 truth and kernels.reference.attention.
 
-Numerics criterion (flash-attention's): the kernel's max error against the reference computed in float64
-from the same inputs may be at most 2x the error of the eager reference run in the kernel's dtype, plus
-a small dtype slack. With dropout both sides apply the very same keep-mask (attention_dropout_mask).
-On CPU the kernels run in the Triton interpreter (tests/conftest.py), so shapes are small.
+Numerics criterion (flash-attention's, tests/helpers.py: assert_error_within): for the output and every
+gradient, the kernel's max abs error against the reference run in float64 on the same inputs is at most 2x the
+max error of the eager reference run in the kernel's own precision, plus one fp32 rounding step at the op's
+scale (the largest |value| among its float64 output and gradients). With dropout both sides apply the very same
+keep-mask (attention_dropout_mask). "The kernel's own precision" for fp32 is exact fp32 dots under the
+interpreter (which computes them so), and TF32 on a GPU, where the kernels round fp32 dot operands to TF32 and
+the reference runs with TF32 matmuls. On CPU the kernels run in the Triton interpreter (tests/conftest.py), so
+shapes are small.
 """
+
+import contextlib
+import os
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_all_within, assert_error_within, fp32_eps_at
 
 from kernels import attention, fused_attention, reference
 from kernels.attention import _CONFIGS, attention_backward, attention_dropout_mask, attention_forward
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
-# slack added to 2x the reference's own error, relative to the truth's scale: about one rounding of the dtype,
-# because the backward's delta = rowsum(dO * O) uses O rounded to the dtype (as FlashAttention does) where
-# autograd uses the exact softmax (at T=1 the exact dq is 0 and the reference's error exactly 0).
-# fp32 inputs: the GPU kernels' dots take TF32 operands (rounded to nearest, unit roundoff u = 2^-11), while
-# the fp32 reference here runs without TF32, so the slack is 4u: with rounded operands the kernel's error
-# stays near 1.5u on these shapes; truncated ones (the tensor cores' own fp32 -> tf32) reached 5u on an H200.
-# The interpreter computes fp32 dots exactly.
-TF32_U = 2.0**-11
 ON_GPU = torch.cuda.is_available()
-SLACK = {FP16: 1e-3, BF16: 1e-2, FP32: 4 * TF32_U if ON_GPU else 1e-5}
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SEED = 1234
+
+
+@contextlib.contextmanager
+def _precision_of(dtype):
+    """The eager reference in the kernels' precision: TF32 matmuls for fp32 on a GPU (see the module docstring)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = dtype == FP32 and ON_GPU
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _inputs(B, H, T, D, dtype, device, layout):
@@ -38,11 +48,134 @@ def _inputs(B, H, T, D, dtype, device, layout):
 
 
 def _run(fn, leaves, make_qkv, do, dtype=None):
-    """Output and leaf gradients of fn(q, k, v) on fresh copies of the leaves (optionally cast)."""
+    """[output, *leaf gradients] of fn(q, k, v) on fresh copies of the leaves (optionally cast)."""
     leaves = [x.detach().clone().to(dtype or x.dtype).requires_grad_() for x in leaves]
     out = fn(*make_qkv(leaves))
-    grads = torch.autograd.grad(out, leaves, do.to(out.dtype))
-    return out, grads
+    return [out, *torch.autograd.grad(out, leaves, do.to(out.dtype))]
+
+
+def _reference(ref, leaves, make_qkv, do, dtype):
+    """The eager reference's [output, *gradients] in the kernel's precision, and in float64."""
+    with _precision_of(dtype):
+        low = _run(ref, leaves, make_qkv, do)
+    return low, _run(ref, leaves, make_qkv, do, dtype=torch.float64)
+
+
+def _check_all(names, actual, low, truth, known=()):
+    """assert_all_within with one atol for the op: one fp32 step at its scale, so that a gradient whose truth is
+    0 borrows the others' scale."""
+    assert_all_within(list(zip(names, actual, low, truth)), atol=fp32_eps_at(*truth), known=known)
+
+
+# With a single key (T=1) the exact dq and dk are 0, and so are eager's (softmax's backward subtracts
+# rowsum(P * dP) from dP itself); the kernel's delta = rowsum(dO * O) reads O rounded to the dtype (as
+# FlashAttention-2 does), which with dropout's 1 / (1 - p) scale is inexact, leaving dq, dk of about
+# |dO| |v| u_dtype sqrt(D) (bf16, D=64: 5.7e-3 and 3.9e-3).
+SINGLE_KEY_DROPOUT = ("dq", "dk")
+# fp32 with exact dots (the interpreter): the backward recomputes P = exp2(s * scale * log2(e) - lse * log2(e))
+# from the forward's fp32 lse, whose absolute error (~u |lse|) becomes a relative error of every P of the row,
+# where eager's softmax normalizes by its own sum. With large scores (here |scale * q.k| up to ~14) that makes
+# dv ~3x eager's error (measured 8.1e-6 vs 2.8e-6, with the kernel's lse fed to an eager P @ dO: 1.6e-5 at scale
+# 0.3; ratio grows with the scores' magnitude). On a GPU the TF32 dots' error dwarfs it.
+FP32_P_FROM_LSE = ("dv",) if INTERPRETED else ()
+CASES = [  # B, H, T, D, dtype, causal, dropout_p, layout, softmax_scale, known out of bounds
+    (1, 3, 1, 16, FP16, True, 0.0, "separate", None, ()),
+    (2, 3, 37, 32, BF16, True, 0.0, "qkv", None, ()),
+    (1, 3, 37, 64, FP32, False, 0.0, "separate", None, ()),
+    (2, 1, 129, 64, BF16, True, 0.1, "qkv", None, ()),
+    (1, 3, 50, 128, FP16, False, 0.2, "separate", None, ()),
+    (1, 1, 33, 16, FP32, True, 0.3, "qkv", None, ()),
+    (3, 1, 64, 32, FP16, False, 0.0, "qkv", None, ()),
+    (1, 3, 19, 128, BF16, False, 0.0, "separate", None, ()),
+    (1, 3, 1, 64, BF16, False, 0.1, "separate", None, SINGLE_KEY_DROPOUT),
+    (1, 1, 1, 32, FP16, True, 0.25, "separate", None, SINGLE_KEY_DROPOUT),
+    (1, 3, 40, 32, FP16, True, 0.5, "separate", None, ()),
+    (1, 2, 45, 128, FP32, True, 0.1, "qkv", None, ()),
+    (3, 1, 33, 128, FP32, False, 0.0, "separate", 0.3, FP32_P_FROM_LSE),
+    (1, 2, 40, 32, FP32, True, 0.2, "separate", 0.1, ()),
+    (1, 3, 40, 64, BF16, True, 0.1, "separate", 1.0, ()),
+    (2, 1, 21, 16, FP16, False, 0.0, "qkv", 0.05, ()),
+]
+
+
+def _case_id(case):
+    B, H, T, D, dtype, causal, p, layout, scale, _ = case
+    return (f"{B}x{H}x{T}x{D}-{str(dtype)[6:]}-{'causal' if causal else 'full'}-p{p}-{layout}"
+            + (f"-scale{scale}" if scale else ""))
+
+
+@pytest.mark.parametrize("B,H,T,D,dtype,causal,p,layout,scale,known", CASES, ids=[_case_id(c) for c in CASES])
+def test_against_reference(B, H, T, D, dtype, causal, p, layout, scale, known, device):
+    torch.manual_seed(0)
+    leaves, make_qkv = _inputs(B, H, T, D, dtype, device, layout)
+    do = torch.randn(B, H, T, D, device=device)
+    mask = attention_dropout_mask(SEED, B, H, T, p, device) if p else None
+    kw = dict(causal=causal, softmax_scale=scale, dropout_p=p)
+    actual = _run(lambda q, k, v: fused_attention(q, k, v, _seed=SEED, **kw), leaves, make_qkv, do)
+    low, truth = _reference(lambda q, k, v: reference.attention(q, k, v, dropout_mask=mask, **kw),
+                            leaves, make_qkv, do, dtype)
+    assert actual[0].shape == (B, H, T, D)
+    assert all(t.dtype == dtype for t in actual)
+    names = ["out"] + (["dqkv"] if layout == "qkv" else ["dq", "dk", "dv"])
+    _check_all(names, actual, low, truth, known)
+
+
+def _scores_lse(q, k, causal, dtype=None):
+    """lse of the scaled (causal) scores of q, k cast to dtype (float64: the truth)."""
+    q, k = (q.to(dtype), k.to(dtype)) if dtype else (q, k)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if causal:
+        T = q.shape[-2]
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.logsumexp(scores, -1)
+
+
+def _check_lse(lse, q, k, causal):
+    """The kernel's fp32 lse against fp32 eager scores (TF32 matmul for fp32 on a GPU) and the float64 truth."""
+    with _precision_of(q.dtype):
+        low = _scores_lse(q, k, causal, FP32)
+    assert_error_within(lse, low, _scores_lse(q, k, causal, torch.float64), name="lse")
+
+
+def _config_cases():
+    """Every entry of the GPU launch-config table, causal with dropout and full without; the 16-bit entries run
+    bf16 for sm_90 and fp16 for sm_80 (fp32 entries: fp32)."""
+    return [pytest.param(key, causal, p, id=f"sm{key[0]}0-D{key[1]}{'-fp32' if key[2] else ''}-"
+                                           f"{'causal' if causal else 'full'}")
+            for key in _CONFIGS for causal, p in ((True, 0.1), (False, 0.0))]
+
+
+@pytest.mark.parametrize("key,causal,p", _config_cases())
+def test_launch_config(key, causal, p, device):
+    """One table entry through the launchers' config=, with B = H = 1 and T just past the entry's largest block:
+    every kernel then runs several blocks, the causal diagonal stages (BLOCK_M != BLOCK_N) and a tail block."""
+    torch.manual_seed(0)
+    arch, D, fp32 = key
+    cfg = _CONFIGS[key]
+    T = max(max(blocks[:2]) for blocks in cfg.values()) + 9
+    dtype = FP32 if fp32 else BF16 if arch == 9 else FP16
+    q, k, v, do = (torch.randn(1, 1, T, D, device=device).to(dtype) for _ in range(4))
+    mask = attention_dropout_mask(SEED, 1, 1, T, p, device) if p else None
+    o, lse = attention_forward(q, k, v, causal=causal, dropout_p=p, seed=SEED, config=cfg)
+    grads = attention_backward(do, q, k, v, o, lse, causal=causal, dropout_p=p, seed=SEED, config=cfg)
+    ref = lambda q, k, v: reference.attention(q, k, v, causal=causal, dropout_p=p, dropout_mask=mask)
+    low, truth = _reference(ref, [q, k, v], lambda x: x, do, dtype)
+    _check_all(["out", "dq", "dk", "dv"], [o, *grads], low, truth)
+    _check_lse(lse, q, k, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_fp32_dot_operands_are_rounded_to_tf32(causal, device, monkeypatch):
+    """The TF32 path (forced under the interpreter, where fp32 dots are otherwise exact): the lse is that of
+    TF32 round-to-nearest q and k, within the criterion against an fp32 eager lse of the same rounded operands
+    (whose products are exact in fp32). Truncated operands (what the tensor cores do to raw fp32) bias every
+    score towards zero and miss it by ~6e-4 on average here."""
+    monkeypatch.setattr(attention, "_rounding", lambda q: "tf32" if q.dtype == FP32 else "none")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 70, 32, device=device) for _ in range(3))
+    _, lse = attention_forward(q, k, v, causal=causal)
+    q32, k32 = _round_to_tf32(q), _round_to_tf32(k)
+    assert_error_within(lse, _scores_lse(q32, k32, causal), _scores_lse(q32, k32, causal, torch.float64), name="lse")
 
 
 def _round_to_tf32(x):
@@ -50,89 +183,6 @@ def _round_to_tf32(x):
     bits = x.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
     return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
-
-
-def _logsumexp_of_scores(q, k, tf32, causal=True):
-    """float64 lse of the scaled (causal) scores, from q and k as the kernel's dot sees them."""
-    if tf32:
-        q, k = _round_to_tf32(q), _round_to_tf32(k)
-    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-    if causal:
-        T = q.shape[-2]
-        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    return torch.logsumexp(scores, -1)
-
-
-def _check(name, actual, low_precision, truth, dtype):
-    ref_err = (low_precision.double() - truth).abs().max().item()
-    slack = SLACK[dtype] * max(1.0, truth.abs().max().item())
-    assert_close(actual, truth, atol=2 * ref_err + slack, rtol=0, name=name)
-
-
-CASES = [  # B, H, T, D, dtype, causal, dropout_p, layout
-    (1, 3, 1, 16, FP16, True, 0.0, "separate"),
-    (2, 3, 37, 32, BF16, True, 0.0, "qkv"),
-    (1, 3, 37, 64, FP32, False, 0.0, "separate"),
-    (2, 1, 129, 64, BF16, True, 0.1, "qkv"),
-    (1, 3, 50, 128, FP16, False, 0.2, "separate"),
-    (1, 1, 33, 16, FP32, True, 0.3, "qkv"),
-    (3, 1, 64, 32, FP16, False, 0.0, "qkv"),
-    (1, 3, 19, 128, BF16, False, 0.0, "separate"),
-    (1, 3, 1, 64, BF16, False, 0.1, "separate"),
-    (1, 3, 40, 32, FP16, True, 0.5, "separate"),
-]
-
-
-@pytest.mark.parametrize("B,H,T,D,dtype,causal,p,layout", CASES)
-def test_against_reference(B, H, T, D, dtype, causal, p, layout, device):
-    torch.manual_seed(0)
-    leaves, make_qkv = _inputs(B, H, T, D, dtype, device, layout)
-    do = torch.randn(B, H, T, D, device=device)
-    mask = attention_dropout_mask(SEED, B, H, T, p, device) if p else None
-    out, grads = _run(lambda q, k, v: fused_attention(q, k, v, causal=causal, dropout_p=p, _seed=SEED),
-                      leaves, make_qkv, do)
-    ref = lambda q, k, v: reference.attention(q, k, v, causal=causal, dropout_p=p, dropout_mask=mask)
-    out_lp, grads_lp = _run(ref, leaves, make_qkv, do)
-    out_64, grads_64 = _run(ref, leaves, make_qkv, do, dtype=torch.float64)
-    assert out.dtype == dtype and out.shape == (B, H, T, D)
-    _check("out", out, out_lp, out_64, dtype)
-    names = ["dqkv"] if layout == "qkv" else ["dq", "dk", "dv"]
-    for name, g, g_lp, g_64 in zip(names, grads, grads_lp, grads_64):
-        assert g.dtype == dtype
-        _check(name, g, g_lp, g_64, dtype)
-
-
-@pytest.mark.parametrize("arch,D,fp32", [(9, 64, False), (8, 128, False), (9, 32, True)])
-def test_gpu_launch_configs(arch, D, fp32, device):
-    """The GPU table's block sizes (BLOCK_M != BLOCK_N, several diagonal steps) on a T that is a multiple
-    of none of them, through the launchers, against float64."""
-    torch.manual_seed(0)
-    B, H, T, dtype = 1, 1, 200, FP32 if fp32 else BF16
-    cfg = _CONFIGS[(arch, D, fp32)]
-    q, k, v, do = (torch.randn(B, H, T, D, device=device).to(dtype) for _ in range(4))
-    mask = attention_dropout_mask(SEED, B, H, T, 0.1, device)
-    o, lse = attention_forward(q, k, v, dropout_p=0.1, seed=SEED, config=cfg)
-    dq, dk, dv = attention_backward(do, q, k, v, o, lse, dropout_p=0.1, seed=SEED, config=cfg)
-    ref = lambda q, k, v: reference.attention(q, k, v, dropout_p=0.1, dropout_mask=mask)
-    out_lp, grads_lp = _run(ref, [q, k, v], lambda x: x, do)
-    out_64, grads_64 = _run(ref, [q, k, v], lambda x: x, do, dtype=torch.float64)
-    _check("out", o, out_lp, out_64, dtype)
-    for name, g, g_lp, g_64 in zip(("dq", "dk", "dv"), (dq, dk, dv), grads_lp, grads_64):
-        _check(name, g, g_lp, g_64, dtype)
-    # the lse is that of the scores the kernel's dot can compute: from TF32-rounded q, k for fp32 on a GPU
-    assert_close(lse, _logsumexp_of_scores(q, k, tf32=fp32 and ON_GPU), atol=1e-4, rtol=1e-4, name="lse")
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_fp32_dot_operands_are_rounded_to_tf32(causal, device, monkeypatch):
-    """The TF32 path (forced under the interpreter, where fp32 dots are otherwise exact): the lse matches the
-    float64 lse of TF32 round-to-nearest q and k. Truncated operands (what the tensor cores do to raw fp32)
-    bias every score towards zero and miss it by ~6e-4 on average here."""
-    monkeypatch.setattr(attention, "_rounding", lambda q: "tf32" if q.dtype == FP32 else "none")
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 2, 70, 32, device=device) for _ in range(3))
-    _, lse = attention_forward(q, k, v, causal=causal)
-    assert_close(lse, _logsumexp_of_scores(q, k, tf32=True, causal=causal), atol=3e-5, rtol=0, name="lse")
 
 
 def test_backward_is_deterministic(device):
@@ -196,6 +246,8 @@ def _t(*shape, dtype=FP32, device="cpu"):
     ((_t(1, 2, 5, 16),) * 3, dict(dropout_p=1.0), ValueError, "dropout_p"),
     ((_t(1, 2, 5, 16),) * 3, dict(dropout_p=-0.1), ValueError, "dropout_p"),
     ((_t(1, 2, 5, 16),) * 3, dict(causal=1), TypeError, "causal"),
+    ((_t(1, 2, 5, 16),) * 3, dict(softmax_scale=0.0), ValueError, "softmax_scale"),
+    ((_t(1, 2, 5, 16),) * 3, dict(softmax_scale=-0.5), ValueError, "softmax_scale"),
     ((_t(1, 2, 5, 16), _t(1, 2, 5, 16), [0.0]), {}, TypeError, "v must be a torch.Tensor"),
 ])
 def test_errors(args, kwargs, exc, match):
@@ -207,3 +259,16 @@ def test_device_mismatch_error():
     meta = torch.zeros(1, 2, 5, 16, device="meta")
     with pytest.raises(ValueError, match="same device"):
         fused_attention(_t(1, 2, 5, 16), _t(1, 2, 5, 16), meta)
+
+
+def test_batch_heads_limit_error():
+    """B*H is the CUDA grid's y dimension: 65536 heads are refused before any launch (the inputs are zero-stride
+    expansions of one small tensor, so nothing large is allocated)."""
+    x = _t(1, 1, 2, 16).expand(256, 256, 2, 16)
+    lse = _t(1, 1, 1).expand(256, 256, 2)
+    with pytest.raises(ValueError, match="B\\*H = 65536 exceeds the grid limit 65535"):
+        fused_attention(x, x, x)
+    with pytest.raises(ValueError, match="65535"):
+        attention_forward(x, x, x)
+    with pytest.raises(ValueError, match="65535"):
+        attention_backward(x, x, x, x, x, lse)

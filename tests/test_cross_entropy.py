@@ -1,13 +1,15 @@
 """kernels.fused_cross_entropy / fused_linear_cross_entropy against float64 truth and kernels.reference.
 
-Numerics criterion (flash-attention's): the kernel's max error against a float64 computation may be
-at most 2x that of the eager reference run in the kernel's dtype, plus a small dtype slack.
+Numerics criterion (flash-attention's, tests/helpers.py: assert_error_within): for the loss and every gradient,
+the kernel's max abs error against a float64 computation on the same inputs is at most 2x the max error of the
+eager reference run in the kernel's dtype, plus one fp32 rounding step at the tensor's scale (the loss is fp32
+for every dtype, and kernel and reference both compute it in fp32).
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_all_within, assert_error_within
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
@@ -20,8 +22,8 @@ from kernels.cross_entropy import (
 )
 
 IGNORE = -100
-# (dtype, slack): slack is added to 2x the reference's own error, relative to the output's scale
-DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 1e-3), (torch.float16, 1e-4)]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="fp16")]
 
 
 def _truth_ce(logits, target, label_smoothing=0.0, reduction="mean", ignore_index=IGNORE):
@@ -39,16 +41,6 @@ def _leaf(x, dtype=None):
     return x.detach().clone().to(dtype or x.dtype).requires_grad_()
 
 
-def _check(name, actual, ref, truth, slack):
-    """|actual - truth| <= 2 |ref - truth| + slack * max|truth|, elementwise at the worst element."""
-    actual, ref, truth = actual.detach().double(), ref.detach().double(), truth.detach().double()
-    assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-    scale = truth.abs().max().clamp(min=1e-30)
-    err, ref_err = (actual - truth).abs().max(), (ref - truth).abs().max()
-    assert err <= 2 * ref_err + slack * scale, (f"{name}: max err {err:.3g} > 2 x reference err {ref_err:.3g} "
-                                                 f"+ {slack} x {scale:.3g}")
-
-
 def _targets(n, v, device, ignore_every=3):
     target = torch.randint(0, v, (n,), device=device)
     if ignore_every:
@@ -56,42 +48,61 @@ def _targets(n, v, device, ignore_every=3):
     return target
 
 
-def _compare_ce(x, target, dtype, slack, label_smoothing=0.0, reduction="mean", grad_weights=None):
+def _compare_ce(x, target, dtype, label_smoothing=0.0, reduction="mean", grad_weights=None, view=None):
+    """Loss and gradient of fused_cross_entropy on x in dtype against the reference and the truth. view, if given,
+    maps each leaf to the logits the functions get (a non-contiguous view, say); the gradient is the leaf's."""
     kern, ref, truth = _leaf(x, dtype), _leaf(x, dtype), _leaf(x.to(dtype), torch.float64)
-    losses = [fused_cross_entropy(kern, target, label_smoothing=label_smoothing, reduction=reduction),
-              reference.cross_entropy(ref, target, label_smoothing=label_smoothing, reduction=reduction),
-              _truth_ce(truth, target, label_smoothing, reduction)]
+    view = view or (lambda t: t)
+    kw = {"label_smoothing": label_smoothing, "reduction": reduction}
+    losses = [fused_cross_entropy(view(kern), target, **kw), reference.cross_entropy(view(ref), target, **kw),
+              _truth_ce(view(truth), target, label_smoothing, reduction)]
     assert losses[0].dtype == torch.float32
     for loss in losses:
         (loss * grad_weights.to(loss.dtype) if grad_weights is not None else loss).sum().backward()
-    _check("loss", losses[0], losses[1], losses[2], slack)
-    _check("grad", kern.grad, ref.grad, truth.grad, slack)
-    return kern, losses[0]
+    assert_error_within(*losses, name="loss")
+    assert kern.grad.dtype == dtype
+    assert_error_within(kern.grad, ref.grad, truth.grad, name="grad")
 
 
 @pytest.mark.parametrize("n,v", [(3, 40478), (1, 40478), (37, 1000), (5, 8193), (9, 7)])
-@pytest.mark.parametrize("dtype,slack", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_cross_entropy_matches_reference(n, v, dtype, slack, reduction, label_smoothing, device):
+def test_cross_entropy_matches_reference(n, v, dtype, reduction, label_smoothing, device):
     torch.manual_seed(n * v)
     x = torch.randn(n, v, device=device) * 4
-    _compare_ce(x, _targets(n, v, device, ignore_every=3 if n > 1 else 0), dtype, slack, label_smoothing, reduction)
+    _compare_ce(x, _targets(n, v, device, ignore_every=3 if n > 1 else 0), dtype, label_smoothing, reduction)
 
 
-@pytest.mark.parametrize("dtype,slack", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cross_entropy_scales_by_grad_output(dtype, slack, reduction, device):
+def test_cross_entropy_scales_by_grad_output(dtype, reduction, device):
     """Non-unit incoming gradients, including an fp16-style loss scale of 2^16."""
     torch.manual_seed(1)
     x = torch.randn(33, 3001, device=device)
     weights = torch.rand(33, device=device) * 4 if reduction == "none" else torch.tensor(65536.0, device=device)
-    _compare_ce(x, _targets(33, 3001, device), dtype, slack, reduction=reduction, grad_weights=weights)
+    _compare_ce(x, _targets(33, 3001, device), dtype, reduction=reduction, grad_weights=weights)
 
 
-@pytest.mark.parametrize("dtype,slack", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["transposed", "column slice", "row stride"])
+def test_cross_entropy_non_contiguous_logits(dtype, layout, device):
+    """Logits that are views: of a (V, N) tensor transposed (column stride N), a column slice of wider rows (unit
+    column stride, row stride > V), every other row of a taller tensor."""
+    torch.manual_seed(10)
+    n, v = 13, 1001
+    x, view = {
+        "transposed": (torch.randn(v, n, device=device), lambda t: t.t()),
+        "column slice": (torch.randn(n, v + 30, device=device), lambda t: t[:, 7:v + 7]),
+        "row stride": (torch.randn(2 * n, v, device=device), lambda t: t[::2]),
+    }[layout]
+    assert not view(x).is_contiguous()
+    _compare_ce(x * 3, _targets(n, v, device), dtype, 0.1, "mean", view=view)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
-def test_cross_entropy_extreme_logits(dtype, slack, label_smoothing, device):
+def test_cross_entropy_extreme_logits(dtype, label_smoothing, device):
     torch.manual_seed(2)
     n, v = 7, 40478
     x = torch.randn(n, v, device=device)
@@ -101,7 +112,7 @@ def test_cross_entropy_extreme_logits(dtype, slack, label_smoothing, device):
     target = torch.randint(0, v, (n,), device=device)
     target[1] = 0  # a +1e4 class
     target[2] = 1  # a -1e4 class: loss ~2e4
-    _compare_ce(x, target, dtype, slack, label_smoothing, "sum")
+    _compare_ce(x, target, dtype, label_smoothing, "sum")
 
 
 @pytest.mark.parametrize("grad_output", [1.0, 0.25])
@@ -162,20 +173,24 @@ def test_custom_ignore_index(device):
     torch.manual_seed(3)
     x, target = torch.randn(6, 500, device=device), torch.randint(0, 500, (6,), device=device)
     target[1] = 7
-    kern, truth = _leaf(x), _leaf(x, torch.float64)
-    fused_cross_entropy(kern, target, ignore_index=7).backward()
-    _truth_ce(truth, target, ignore_index=7).backward()
-    assert_close(kern.grad, truth.grad, atol=1e-7, rtol=1e-5, name="grad")
+    kern, ref, truth = _leaf(x), _leaf(x), _leaf(x, torch.float64)
+    losses = [fused_cross_entropy(kern, target, ignore_index=7), reference.cross_entropy(ref, target, ignore_index=7),
+              _truth_ce(truth, target, ignore_index=7)]
+    for loss in losses:
+        loss.backward()
+    assert_error_within(*losses, name="loss")
+    assert_error_within(kern.grad, ref.grad, truth.grad, name="grad")
     assert torch.equal(kern.grad[1], torch.zeros_like(kern.grad[1]))
 
 
 def test_gradient_is_written_in_place(device):
     torch.manual_seed(4)
     x, target = torch.randn(4, 300, device=device), torch.randint(0, 300, (4,), device=device)
-    logits = _leaf(x)
+    logits, ref = _leaf(x), _leaf(x)
     fused_cross_entropy(logits, target, reduction="sum")
+    reference.cross_entropy(ref, target, reduction="sum").backward()
     expected = torch.softmax(x.double(), -1) - F.one_hot(target, 300)
-    assert_close(logits.detach(), expected, atol=1e-7, rtol=1e-5, name="logits buffer")
+    assert_error_within(logits, ref.grad, expected, name="logits buffer")
     # without a gradient to compute the buffer is left alone
     frozen = x.clone()
     fused_cross_entropy(frozen, target)
@@ -230,54 +245,89 @@ def test_bad_linear_shapes_raise(device):
 # ----------------------------------------------------------------------------- fused linear
 
 
-def _run_linear(fn, hidden, weight, bias, target, dtype, grad_weights, **kwargs):
-    h, w = _leaf(hidden, dtype), _leaf(weight, dtype)
-    b = _leaf(bias, dtype) if bias is not None else None
-    loss = fn(h, w, target, bias=b, **kwargs)
+def _run_linear(fn, hidden, weight, bias, target, dtype, grad_weights, frozen=(), **kwargs):
+    """[loss, d hidden, d weight, (d bias)] of fn on leaves cast to dtype; the names in frozen get no gradient."""
+    leaves = {"hidden": _leaf(hidden, dtype), "weight": _leaf(weight, dtype)}
+    if bias is not None:
+        leaves["bias"] = _leaf(bias, dtype)
+    for name in frozen:
+        leaves[name].requires_grad_(False)
+    loss = fn(leaves["hidden"], leaves["weight"], target, bias=leaves.get("bias"), **kwargs)
     (loss * grad_weights.to(loss.dtype) if grad_weights is not None else loss).sum().backward()
-    return [loss, h.grad, w.grad] + ([b.grad] if b is not None else [])
+    return [loss] + [t.grad for t in leaves.values()]
 
 
 def _truth_linear(h, w, target, *, bias=None, label_smoothing=0.0, reduction="mean", chunk_size=None):
     return _truth_ce(F.linear(h, w, bias), target, label_smoothing, reduction)
 
 
+def _compare_linear(hidden, weight, bias, target, dtype, grad_weights=None, chunk_size=None, frozen=(), known=(),
+                    strict=True, **kw):
+    """fused_linear_cross_entropy against the eager reference and the float64 truth: the loss and every gradient
+    (None for the frozen inputs). known, strict: see helpers.assert_all_within."""
+    args = (target, dtype, grad_weights, frozen)
+    kern = _run_linear(fused_linear_cross_entropy, hidden, weight, bias, *args, chunk_size=chunk_size, **kw)
+    ref = _run_linear(reference.linear_cross_entropy, hidden, weight, bias, *args, **kw)
+    cast = [t.to(dtype) if t is not None else None for t in (hidden, weight, bias)]
+    truth = _run_linear(_truth_linear, *cast, target, torch.float64, grad_weights, frozen, **kw)
+    checks = []
+    for name, k, r, t in zip(["loss", "hidden", "weight", "bias"], kern, ref, truth):
+        if name in frozen:
+            assert k is None, f"{name} is frozen but got a gradient"
+            continue
+        assert k.dtype == (torch.float32 if name == "loss" else dtype), name
+        checks.append((name if name == "loss" else f"grad {name}", k, r, t))
+    assert_all_within(checks, known=known, strict=strict)
+
+
 @pytest.mark.parametrize("n,c,v,chunk_size", [(37, 16, 1000, 10), (37, 16, 1000, None), (5, 8, 40478, 3),
                                               (64, 32, 257, 64)])
-@pytest.mark.parametrize("dtype,slack", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction,label_smoothing,with_bias", [("mean", 0.0, True), ("sum", 0.1, False),
                                                                   ("none", 0.1, True)])
-def test_linear_cross_entropy_matches_reference(n, c, v, chunk_size, dtype, slack, reduction, label_smoothing,
+def test_linear_cross_entropy_matches_reference(n, c, v, chunk_size, dtype, reduction, label_smoothing,
                                                 with_bias, device):
     torch.manual_seed(n + v)
     hidden, weight = torch.randn(n, c, device=device), torch.randn(v, c, device=device) / c**0.5
     bias = torch.randn(v, device=device) if with_bias else None
-    target = _targets(n, v, device)
     grad_weights = torch.rand(n, device=device) if reduction == "none" else None
-    kw = {"label_smoothing": label_smoothing, "reduction": reduction}
-    kern = _run_linear(fused_linear_cross_entropy, hidden, weight, bias, target, dtype, grad_weights,
-                       chunk_size=chunk_size, **kw)
-    ref = _run_linear(reference.linear_cross_entropy, hidden, weight, bias, target, dtype, grad_weights, **kw)
-    truth = _run_linear(_truth_linear, hidden.to(dtype), weight.to(dtype), bias.to(dtype) if with_bias else None,
-                        target, torch.float64, grad_weights, **kw)
-    for name, k, r, t in zip(["loss", "grad hidden", "grad weight", "grad bias"], kern, ref, truth):
-        assert k.dtype == (torch.float32 if name == "loss" else dtype), name
-        _check(name, k, r, t, slack)
+    _compare_linear(hidden, weight, bias, _targets(n, v, device), dtype, grad_weights, chunk_size,
+                    label_smoothing=label_smoothing, reduction=reduction)
+
+
+# per reduction: a power-of-two loss scale (fp16 training), a factor that is no power of two, per-row weights
+GRAD_OUTPUTS = {"mean": 1024.0, "sum": 0.3, "none": "per row"}
+# "mean" and "sum" compute d hidden (rounded to the dtype) and d weight (each chunk's rounded to the dtype, then
+# summed in fp32) in the forward, before the incoming gradient is known; the backward scales them and rounds to
+# the dtype again. A factor that is no power of two makes that a second rounding where eager has one (eager
+# scales d logits before its matmuls): up to ~1 ulp against eager's 0.5. Measured here: bf16 d weight 2.18x
+# eager's max error, fp16 d hidden 2.21x; over 20 seeds of a smaller case up to 2.3x (hidden) and 2.2x (weight),
+# median 1.1-1.3x. Per-chunk rounding of d weight alone (unit gradient) reached 2.7x (bf16) on 1 seed in 20.
+# On a GPU other matmul roundings decide whether a ratio near 2 lands above or below, so it is not strict there.
+DOUBLE_ROUNDING = ("grad hidden", "grad weight")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_scales_by_grad_output(dtype, reduction, device):
+    """A non-unit incoming gradient reaches d hidden, d weight and d bias, for each reduction (the gradients of
+    "mean" and "sum" are computed in the forward and scaled in the backward; "none" recomputes the chunks)."""
+    torch.manual_seed(11)
+    n, c, v = 29, 16, 700
+    hidden, weight = torch.randn(n, c, device=device), torch.randn(v, c, device=device) / c**0.5
+    bias = torch.randn(v, device=device)
+    g = GRAD_OUTPUTS[reduction]
+    g = torch.rand(n, device=device) * 4 + 0.5 if g == "per row" else torch.tensor(g, device=device)
+    known = DOUBLE_ROUNDING if reduction == "sum" and dtype != torch.float32 else ()
+    _compare_linear(hidden, weight, bias, _targets(n, v, device), dtype, g, chunk_size=8, known=known,
+                    strict=not torch.cuda.is_available(), label_smoothing=0.1, reduction=reduction)
 
 
 @pytest.mark.parametrize("frozen", ["weight", "hidden"])
 def test_linear_cross_entropy_frozen_inputs(frozen, device):
     torch.manual_seed(5)
     hidden, weight = torch.randn(9, 8, device=device), torch.randn(100, 8, device=device)
-    target = _targets(9, 100, device)
-    h, w = _leaf(hidden), _leaf(weight)
-    (w if frozen == "weight" else h).requires_grad_(False)
-    fused_linear_cross_entropy(h, w, target, chunk_size=4).backward()
-    th, tw = _leaf(hidden, torch.float64), _leaf(weight, torch.float64)
-    _truth_linear(th, tw, target).backward()
-    live, truth = (h, th) if frozen == "weight" else (w, tw)
-    assert (w if frozen == "weight" else h).grad is None
-    assert_close(live.grad, truth.grad, atol=1e-6, rtol=1e-4, name=f"grad with {frozen} frozen")
+    _compare_linear(hidden, weight, None, _targets(9, 100, device), torch.float32, chunk_size=4, frozen=(frozen,))
 
 
 def test_linear_cross_entropy_no_grad(device):
@@ -285,7 +335,8 @@ def test_linear_cross_entropy_no_grad(device):
     target = _targets(9, 100, device)
     with torch.no_grad():
         loss = fused_linear_cross_entropy(hidden, weight, target, chunk_size=4)
-    assert_close(loss, _truth_linear(hidden.double(), weight.double(), target), atol=1e-6, rtol=1e-5, name="loss")
+        ref = reference.linear_cross_entropy(hidden, weight, target)
+    assert_error_within(loss, ref, _truth_linear(hidden.double(), weight.double(), target), name="loss")
 
 
 @pytest.mark.parametrize("n", [0, 7])
