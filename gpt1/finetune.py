@@ -34,6 +34,7 @@ from .errors import GPT1Error, cli_errors
 from .runtime import (
     all_reduce,
     build_engine,
+    check_kernels,
     compile_module,
     default_compile,
     init_distributed,
@@ -337,6 +338,7 @@ def main(argv=None):
     ds, max_grad_norm = lean_checks(ds_config(run, world))
     base, tok = load_init(run.init)
     base.set_impl(run.attn_impl or None, run.loss_impl or None)
+    check_kernels(base.config, device)
     max_len = run.max_len or base.config.n_positions
     if max_len > base.config.n_positions:
         raise GPT1Error(f"--max-len {max_len} is longer than the model's n_positions={base.config.n_positions}")

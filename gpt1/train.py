@@ -119,6 +119,7 @@ def main(argv=None):
     meta = load_meta(run.data)
     train_data, val_data = TokenFile(run.data, "train", meta["dtype"]), TokenFile(run.data, "val", meta["dtype"])
     cfg = build_model_config(run, meta)
+    runtime.check_kernels(cfg, device)
     checkpoint.check_run_dir(run, cfg, ds, meta, rank)
 
     runtime.seed_everything(run.seed)  # same initial weights on every rank

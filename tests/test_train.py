@@ -284,3 +284,9 @@ def test_compiled_run_follows_the_eager_run(data, tmp_path):
         curves[flag] = [losses(out)[k] for k in range(1, 7)]
         assert ("first step, which compiles the model" in res.stdout) == (flag == "compile")
     assert max(abs(a - b) for a, b in zip(curves["compile"], curves["no_compile"])) < 0.02, curves
+
+
+def test_triton_kernels_without_gpu_or_interpreter_are_refused(data, tmp_path):
+    out = str(tmp_path / "run")
+    res = run(train_cmd(data, out, ds_config(tmp_path), attn_impl="triton"), ok=False, env={"TRITON_INTERPRET": "0"})
+    assert res.returncode == 2 and "need a CUDA GPU" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
