@@ -13,12 +13,12 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   blocks at or below the diagonal, reading delta. Each output block is written by exactly one program, with
   no atomics, so two backward passes on the same inputs give bitwise identical gradients.
 - Dropout (GPT-1 trains with attn_pdrop=0.1; the tutorial and FlashAttention-3 have none): one
-  Philox-4x32-10 call with counter (j // 8, i, b*H + h, 0) gives eight 16-bit draws, for columns j of row i
+  Philox-4x32-10 call with counter (j // 8, i, b*H + h, seed) gives eight 16-bit draws, for columns j of row i
   in one group of 8; element (b, h, i, j) is kept iff its draw >= round(p * 65536) (see _dropout_keep), so
   the dropout rate is p quantized to 1/65536 (FlashAttention-2 uses 8-bit draws, 1/256); kept values are
   scaled by 1/(1 - p). The mask is generated in the forward, regenerated in both backward kernels, never
-  stored. The 64-bit Philox key is a 1-element int64 tensor drawn with torch.randint on the inputs' device
-  (so torch.manual_seed reproduces it) and read by the kernels with tl.load: no host sync, and under
+  stored. The 32-bit seed is a 1-element int64 tensor drawn with torch.randint on the inputs' device (so
+  torch.manual_seed reproduces it) and read by the kernels with tl.load: no host sync, and under
   torch.compile a graph tensor, so neither a recompile per value nor a value frozen into a CUDA graph.
   `attention_dropout_mask` rebuilds the mask of a seed for tests.
 
@@ -108,19 +108,22 @@ def _stored(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dropout_keep(SEED, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Keep-mask (BLOCK_R, BLOCK_C) of the probabilities (bh, rows, col_start + [0, BLOCK_C)) of one head,
-    col_start a multiple of 8. One Philox-4x32-10 call, counter (j // 8, i, bh, 0) and key seed (64 bits), gives four
-    32-bit words = eight 16-bit draws u for the columns j = 8*(j // 8) + [0, 8) of row i; element (i, j) is
-    kept iff its u >= DROP_THRESHOLD = round(p * 65536). The mask is a function of (seed, bh, i, j) alone,
-    whatever the block sizes, so the forward and both backward kernels agree; it costs 1/8 of one Philox
-    call per element (tl.rand spends a whole call, 4 words, on each element)."""
+    col_start a multiple of 8. One Philox-4x32-10 call, counter (j // 8, i, bh, seed) with a fixed key, gives
+    four 32-bit words = eight 16-bit draws u for the columns j = 8*(j // 8) + [0, 8) of row i; element (i, j)
+    is kept iff its u >= DROP_THRESHOLD = round(p * 65536). The mask is a function of (seed, bh, i, j) alone,
+    whatever the block sizes, so the forward and both backward kernels agree; it costs 1/8 of one Philox call
+    per element (tl.rand spends a whole call, 4 words, on each element).
+    seed is the low 32 bits of the int64 at SEED (see new_dropout_seed), read here, per tile. Held for the whole
+    loop, or used as the Philox key (whose ten round keys then are loop-invariant registers rather than
+    immediates), it made the tightest configurations spill (sm_90 fp32 D=128 dq, sm_80 16-bit D=64 dkdv)."""
     tl.static_assert(BLOCK_C % 8 == 0)
     zero = tl.zeros([BLOCK_R, BLOCK_C // 8], dtype=tl.uint32)
     group = (col_start // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)
     c0 = zero + group[None, :]
     c1 = zero + rows.to(tl.uint32)[:, None]
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero + BH.to(tl.uint32), zero)
+    r0, r1, r2, r3 = tl.philox(0, c0, c1, zero + BH.to(tl.uint32), zero + tl.load(SEED).to(tl.uint32))
     # (R, C/8, 2, 2): word k of a group at flat index k; then its low and high halves: (R, C/8, 2, 2, 2), flat
     # index 2k + half within the group, which the row-major reshape turns into column 8g + 2k + half
     words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
@@ -129,18 +132,8 @@ def _dropout_keep(seed, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constex
 
 
 @triton.jit
-def _load_seed(SEED, DROPOUT: tl.constexpr):
-    """The Philox key: an int64 read from device memory (the seed tensor drawn by torch on the inputs' device,
-    so neither a host sync nor a recompile per seed value); no read, and no pointer needed, without dropout."""
-    if DROPOUT:
-        return tl.load(SEED)
-    else:
-        return 0
-
-
-@triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, qk_scale,
-                    seed, BH, T, DROP_THRESHOLD,
+                    SEED, BH, T, DROP_THRESHOLD,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                     BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = k_ptrs.dtype.element_ty
@@ -168,7 +161,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
+            p = tl.where(_dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
         acc = tl.dot(_operand(p, DTYPE, ROUNDING), v, acc)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kt
@@ -189,7 +182,6 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SC
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
-    seed = _load_seed(SEED, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -204,18 +196,18 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SC
     if CAUSAL:
         # stage 1: key blocks left of the diagonal, unmasked; stage 2: the diagonal block, masked
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        0, start_m, qk_scale, seed, bh, T, DROP_THRESHOLD,
+                                        0, start_m, qk_scale, SEED, bh, T, DROP_THRESHOLD,
                                         BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, seed, bh, T,
+                                        start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, SEED, bh, T,
                                         DROP_THRESHOLD, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
     else:
         full = (T // BLOCK_N) * BLOCK_N
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        0, full, qk_scale, seed, bh, T, DROP_THRESHOLD,
+                                        0, full, qk_scale, SEED, bh, T, DROP_THRESHOLD,
                                         BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        full, T, qk_scale, seed, bh, T, DROP_THRESHOLD,
+                                        full, T, qk_scale, SEED, bh, T, DROP_THRESHOLD,
                                         BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
 
     inv_l = 1.0 / l_i
@@ -229,7 +221,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SC
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n, lo, hi,
-                         qk_scale, seed, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                         qk_scale, SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                          BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = qT_ptrs.dtype.element_ty
@@ -260,7 +252,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
         dpT = tl.dot(v, tl.trans(do))  # d(dropped P)^T
         if DROPOUT:
             # the forward's mask, drawn in (query, key) orientation, transposed to these tiles
-            keep = tl.trans(_dropout_keep(seed, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N))
+            keep = tl.trans(_dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N))
             pT_dropped = tl.where(keep, pT * DROPOUT_SCALE, 0.0)
             dpT = tl.where(keep, dpT * DROPOUT_SCALE, 0.0)
         else:
@@ -290,7 +282,6 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
-    seed = _load_seed(SEED, DROPOUT)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -312,20 +303,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
     if CAUSAL:
         # the diagonal block (masked), then the full query blocks below it, then the query tail
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      start_n, tl.minimum(start_n + BLOCK_N, T), qk_scale, seed, bh, T,
+                                      start_n, tl.minimum(start_n + BLOCK_N, T), qk_scale, SEED, bh, T,
                                       DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      start_n + BLOCK_N, full, qk_scale, seed, bh, T,
+                                      start_n + BLOCK_N, full, qk_scale, SEED, bh, T,
                                       DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      tl.maximum(full, start_n + BLOCK_N), T, qk_scale, seed, bh, T,
+                                      tl.maximum(full, start_n + BLOCK_N), T, qk_scale, SEED, bh, T,
                                       DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
     else:
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      0, full, qk_scale, seed, bh, T,
+                                      0, full, qk_scale, SEED, bh, T,
                                       DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      full, T, qk_scale, seed, bh, T,
+                                      full, T, qk_scale, SEED, bh, T,
                                       DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
 
     dk *= sm_scale
@@ -337,7 +328,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, lo, hi,
-                       qk_scale, seed, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                       qk_scale, SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
                        BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = kT_ptrs.dtype.element_ty
@@ -361,7 +352,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, strid
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, vT)
         if DROPOUT:
-            keep = _dropout_keep(seed, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * DROPOUT_SCALE, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(_operand(ds, DTYPE, ROUNDING), tl.trans(kT), dq)
@@ -385,7 +376,6 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
-    seed = _load_seed(SEED, DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -409,18 +399,18 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if CAUSAL:
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                0, start_m, qk_scale, seed, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                                0, start_m, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
                                 BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, seed, bh, T, DROP_THRESHOLD,
+                                start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, SEED, bh, T, DROP_THRESHOLD,
                                 DROPOUT_SCALE, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
     else:
         full = (T // BLOCK_N) * BLOCK_N
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                0, full, qk_scale, seed, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                                0, full, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
                                 BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
         dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                full, T, qk_scale, seed, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                                full, T, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
                                 BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
 
     dq *= sm_scale
@@ -432,11 +422,10 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED
 def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # rows [program 0 * BLOCK_R, ...) of head program 1, drawn by the attention kernels' _dropout_keep
     bh = tl.program_id(1).to(tl.int64)
-    seed = tl.load(SEED)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     for start in range(0, T, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        keep = _dropout_keep(seed, bh, rows, start, DROP_THRESHOLD, BLOCK_R, BLOCK_C)
+        keep = _dropout_keep(SEED, bh, rows, start, DROP_THRESHOLD, BLOCK_R, BLOCK_C)
         tl.store(MASK + (bh * T + rows[:, None]) * T + cols[None, :], keep.to(tl.int8),
                  mask=(rows[:, None] < T) & (cols[None, :] < T))
 
@@ -583,10 +572,11 @@ def _seed_tensor(seed, device):
 
 
 def new_dropout_seed(device):
-    """A 62-bit Philox seed drawn with torch.randint on `device`, i.e. from that device's default generator:
-    torch.manual_seed reproduces it, it never leaves the device (no host sync), and under torch.compile it is
-    a tensor in the graph (no recompile per value; CUDA graphs replay fresh draws)."""
-    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+    """A 32-bit dropout seed (the kernels read the low 32 bits of an int64) drawn with torch.randint on `device`,
+    i.e. from that device's default generator: torch.manual_seed reproduces it, it never leaves the device (no
+    host sync), and under torch.compile it is a tensor in the graph (no recompile per value; CUDA graphs
+    replay fresh draws)."""
+    return torch.randint(0, 2**32, (1,), dtype=torch.int64, device=device)
 
 
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, seed=0, config=None):
