@@ -5,10 +5,13 @@
 Providers (all from kernels/reference.py but ours): ours (kernels.fused_attention), eager (the reference),
 torch's scaled_dot_product_attention forced to each backend in turn (sdpa-flash, sdpa-efficient, sdpa-cudnn),
 flash-attn's flash_attn_func where it imports, and torch.compile of the reference. A provider that cannot run
-here (not installed, no such backend for these inputs) is recorded as skipped with torch's reason.
+here (not installed, or a backend's documented refusal of these inputs) is recorded as skipped with the
+reason; any other failure is an error.
 
 Shapes: GPT-1's heads (H=12, D=64) and D=128, T from 128 to 8192 with B = 16384 // T (constant tokens),
-bf16, causal, attention dropout 0 and 0.1 (GPT-1 trains with 0.1).
+bf16, causal, attention dropout 0 and 0.1 (GPT-1 trains with 0.1). The short sequences come first (T=128 and
+256, where launch overhead shows: compare `ms` with `host ms`), both dropouts per T, so that a time budget
+cuts the long sequences rather than GPT-1's own.
 FLOPs: a forward is two T x T x D matmuls per head, 4*B*H*T*T*D, halved for causal; the backward does five
 such matmuls to the forward's two, 2.5x; fwd+bwd is 3.5x. TFLOP/s = FLOPs / median time.
 """
@@ -34,8 +37,8 @@ def providers(smoke):
 
     ps = {"ours": kernels.fused_attention, "eager": reference.attention}
     for backend in reference.SDPA_BACKENDS:
-        ps[f"sdpa-{backend}"] = functools.partial(reference.sdpa_attention, backend=backend)
-    ps["flash-attn"] = reference.flash_attn_attention
+        ps[f"sdpa-{backend}"] = common.refusable(functools.partial(reference.sdpa_attention, backend=backend))
+    ps["flash-attn"] = common.refusable(reference.flash_attn_attention)
     ps["torch.compile"] = common.compiled(reference.attention, smoke)
     return ps
 
@@ -51,8 +54,8 @@ def run(smoke, deadline=None):
     deadline, env, rows = deadline or common.Deadline(0), common.environment(smoke), []
     provs = providers(smoke)
     for D in grid["D"]:
-        for p in grid["dropout"]:
-            for T in grid["T"]:
+        for T in grid["T"]:
+            for p in grid["dropout"]:
                 B, H = max(1, grid["tokens"] // T), grid["H"]
                 base = dict(env, bench="attention", table=table_name(H, D, p, grid["tokens"]), x=T,
                             B=B, H=H, T=T, D=D, dropout=p, dtype="bf16")
@@ -67,7 +70,7 @@ def run(smoke, deadline=None):
 
 def bench_provider(base, name, fn, qkv, dropout_p, smoke, deadline):
     if deadline.passed():
-        return [dict(base, provider=name, mode=m, status="skipped", reason="time budget") for m in common.MODES]
+        return [dict(base, provider=name, mode=m, **common.NOT_RUN) for m in common.MODES]
     call = functools.partial(fn, *qkv, causal=True, dropout_p=dropout_p)
     rows = []
     for mode, res in common.time_modes(call, qkv, common.MODES, smoke).items():
@@ -80,6 +83,7 @@ def bench_provider(base, name, fn, qkv, dropout_p, smoke, deadline):
 
 
 COLUMNS = [("T", "T"), ("B", "B"), ("provider", "provider"), ("ms", common.value_or_status("ms")),
+           ("p20-p80", common.spread_cell), ("host ms", common.value_or_status("host_ms")),
            ("TFLOP/s", common.value_or_status("tflops")), ("peak MiB", common.value_or_status("peak_mb", 5)),
            ("vs eager", common.ratio("vs_eager")), ("vs best peer", common.ratio("vs_best_peer")),
            ("best peer", "best_peer"), ("note", "reason")]

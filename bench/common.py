@@ -1,11 +1,22 @@
 """Shared benchmark machinery: environment columns, timing, peak memory, result rows, Markdown and plots.
 
 A result row is a flat dict: the environment (gpu, torch, triton, deepspeed, commit, smoke), the bench and
-table it belongs to, the x-axis value, the provider, the mode (fwd, bwd, fwd+bwd or step), a status
-("ok", "oom", "skipped", "error") with a reason, and the measured columns (ms with its 20th/80th
-percentiles, a throughput column, peak memory). A row that was not measured carries no number.
+table it belongs to, the x-axis value, the provider, the mode (fwd, bwd, fwd+bwd or step), a status with a
+reason, and the measured columns (GPU ms with its 20th/80th percentiles, host-included ms, a throughput
+column, peak memory). A row that was not measured carries no number. Statuses (STATUSES):
+
+- ok: measured.
+- n/a: the mode does not apply to the provider (a cross-entropy that computes its gradient in the forward
+  has no separate backward to time).
+- oom: out of GPU memory.
+- skipped: the provider cannot run here, for one of two reasons only: its package is not installed, or its
+  backend refuses these inputs in the documented way (SDPA's "No available kernel", see `refusable`).
+- not run: the time budget was spent before the row's turn.
+- error: anything else. A failure of ours or of the harness is an error, never a skip; the smoke test fails
+  on any error row.
 """
 
+import contextlib
 import functools
 import gc
 import importlib.metadata
@@ -28,8 +39,15 @@ PEAK_BF16_TFLOPS = (
     ("A100", 312.0),
 )
 QUANTILES = (0.5, 0.2, 0.8)  # median, then the spread reported beside it
+MIN_REPS = 25  # timed calls at the least, so that a slow op (13 ms) still gets a median and a spread
+HOST_TARGET_MS = 20.0  # back-to-back calls per host-included sample: about this long, 3 to 200 calls
 OURS = "ours"
 EAGER = "eager"
+STATUSES = ("ok", "n/a", "oom", "skipped", "not run", "error")
+# The documented refusals of a backend that cannot take these inputs (torch's SDPA with one backend forced;
+# flash-attn before Ampere): a RuntimeError with one of these messages means "skipped", not "error".
+REFUSALS = ("No available kernel", "No viable backend for scaled_dot_product_attention",
+            "FlashAttention only supports Ampere GPUs or newer")
 
 
 def use_interpreter_without_gpu(smoke):
@@ -65,7 +83,10 @@ def _version(pkg):
 
 
 def git_commit():
-    """The checkout's commit, with "-dirty" when the tree has changes; read-only git calls only."""
+    """The checkout's commit, with "-dirty" when the tree has changes; read-only git calls only. $GIT_COMMIT, when
+    set, wins: a copy without .git (the GPU machine's) gets it from the command that started the run."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -73,7 +94,7 @@ def git_commit():
         dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
                                check=False, cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("GIT_COMMIT", "unknown")
+        return "unknown"
     return sha + ("-dirty" if dirty else "")
 
 
@@ -111,24 +132,62 @@ def gpu_slug(name):
 
 
 def measure_ms(fn, smoke, grad_to_none=None, warmup=10, rep=40):
-    """(median, p20, p80) milliseconds of fn(). On a GPU: triton.testing.do_bench, which warms up, clears
-    the L2 cache before each call and times with CUDA events. In --smoke (CPU): a wall-clock median of a
-    call after one warm-up, which only shows that the provider runs."""
-    if not smoke:
-        import triton.testing
+    """{"ms", "ms_p20", "ms_p80", "host_ms", "rep_ms"} of fn().
 
-        return tuple(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
-                                             quantiles=list(QUANTILES)))
-    times = []
-    for i in range(2):
-        for t in grad_to_none or ():
-            t.grad = None
+    On a GPU, two timings side by side:
+    - ms (with p20/p80): GPU time, triton.testing.do_bench (warm-up, L2 cache cleared before each call, CUDA
+      events around each call), over at least MIN_REPS calls: `rep` grows to fit them for a slow op;
+    - host_ms: the call as the model makes it, Python, launches and kernels together: the wall-clock time of
+      back-to-back calls with one synchronize at the end, divided by their number (median of 3 such runs).
+      Where the host cannot launch as fast as the GPU runs, host_ms is the larger.
+    In --smoke (CPU): one call's wall-clock time after one warm-up, which only shows that the provider runs."""
+    if smoke:
+        call_ms = _host_ms(fn, grad_to_none, n=1, runs=1, sync=False)
+        return {"ms": call_ms, "ms_p20": call_ms, "ms_p80": call_ms, "host_ms": call_ms, "rep_ms": 0.0}
+    import triton.testing
+
+    host = host_ms(fn, grad_to_none)
+    rep = max(rep, MIN_REPS * host)  # host time >= GPU time, so do_bench repeats at least MIN_REPS times
+    ms, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
+                                           quantiles=list(QUANTILES))
+    return {"ms": ms, "ms_p20": p20, "ms_p80": p80, "host_ms": host, "rep_ms": rep}
+
+
+def host_ms(fn, grad_to_none=None):
+    """Host-included ms per call of fn(): back-to-back calls (about HOST_TARGET_MS of them, 3 to 200) with a
+    synchronize after the last; the median of 3 such runs."""
+    one = _host_ms(fn, grad_to_none, n=1, runs=1)  # also the warm-up
+    n = min(200, max(3, int(HOST_TARGET_MS / max(one, 1e-3))))
+    return _host_ms(fn, grad_to_none, n=n, runs=3)
+
+
+def _host_ms(fn, grad_to_none, n, runs, sync=True):
+    import torch
+
+    def synchronize():
+        if sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    samples = []
+    fn()  # warm-up
+    for _ in range(runs):
+        synchronize()
         t0 = time.perf_counter()
-        fn()
-        if i:  # the first call is the warm-up
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return statistics.median(times), times[0], times[-1]
+        for _ in range(n):
+            for t in grad_to_none or ():
+                t.grad = None
+            fn()
+        synchronize()
+        samples.append((time.perf_counter() - t0) * 1e3 / n)
+    return statistics.median(samples)
+
+
+def spread(times):
+    """(median, p20, p80) of a list of timings; a single timing is its own spread."""
+    if len(times) < 2:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=5, method="inclusive")  # the 20th, 40th, 60th and 80th percentiles
+    return statistics.median(times), q[0], q[3]
 
 
 def measure_peak_mb(fn, grad_to_none=None):
@@ -150,14 +209,22 @@ def measure_peak_mb(fn, grad_to_none=None):
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
-def time_modes(fn, inputs, modes, smoke):
+GRAD_IN_FORWARD = ("n/a", "computes its gradient in the forward (its fwd row includes the backward's work): "
+                               "compare on fwd+bwd")
+
+
+def time_modes(fn, inputs, modes, smoke, grad_in_forward=False):
     """{mode: measured columns, or status and reason} of fn, a training forward (inputs require grad) that
-    returns a tensor: "fwd" times fn(), "bwd" the backward of one retained graph, "fwd+bwd" both."""
+    returns a tensor: "fwd" times fn(), "bwd" the backward of one retained graph, "fwd+bwd" both. A provider
+    that computes its gradient in the forward (grad_in_forward) has no backward of its own: "bwd" is n/a."""
     import torch
 
     results = {}
     for mode in sorted(modes, key=("fwd", "fwd+bwd", "bwd").index):  # bwd last: its graph stays alive
         out = None
+        if mode == "bwd" and grad_in_forward:
+            results[mode] = dict(zip(("status", "reason"), GRAD_IN_FORWARD))
+            continue
         try:
             call = fn
             if mode != "fwd":
@@ -167,9 +234,8 @@ def time_modes(fn, inputs, modes, smoke):
                     call = functools.partial(out.backward, grad, retain_graph=True)
                 else:
                     out, call = None, functools.partial(_forward_backward, fn, grad)
-            ms, p20, p80 = measure_ms(call, smoke, grad_to_none=inputs)
-            results[mode] = {"status": "ok", "ms": ms, "ms_p20": p20, "ms_p80": p80,
-                                 "peak_mb": measure_peak_mb(call, grad_to_none=inputs)}
+            results[mode] = {"status": "ok", **measure_ms(call, smoke, grad_to_none=inputs),
+                             "peak_mb": measure_peak_mb(call, grad_to_none=inputs)}
         except Exception as exc:  # noqa: BLE001 - one provider's failure must not end the run
             status, reason = failure(exc)
             results[mode] = {"status": status, "reason": reason}
@@ -182,14 +248,43 @@ def time_modes(fn, inputs, modes, smoke):
 def compiled(fn, smoke):
     """torch.compile(fn) as a provider. On a GPU: inductor with its default automatic dynamic shapes (the
     second shape seen recompiles once for all later ones). In --smoke: dynamo with backend="eager", which
-    checks that the function traces without paying a CPU inductor compile."""
+    checks that the function traces without paying a CPU inductor compile.
+
+    AOTAutograd's donated buffers are turned off: the "bwd" timing replays the backward of one retained graph
+    (retain_graph=True), which a backward with donated buffers refuses; they save memory, not time."""
     import torch
     import torch._dynamo
 
-    for limit in ("cache_size_limit", "recompile_limit"):  # one compiled function serves every shape
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+    limits = [limit for limit in DYNAMO_LIMITS if hasattr(torch._dynamo.config, limit)]
+    if not _dynamo_defaults:  # before raising any: one may be an alias of the other
+        _dynamo_defaults.update({limit: getattr(torch._dynamo.config, limit) for limit in limits})
+    for limit in limits:  # one compiled function serves every shape
+        setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
     return torch.compile(fn, backend="eager" if smoke else "inductor")
+
+
+DYNAMO_LIMITS = ("cache_size_limit", "recompile_limit")
+_dynamo_defaults = {}
+
+
+@contextlib.contextmanager
+def dynamo_default_limits():
+    """Dynamo's recompile limits as they were before `compiled` raised them, for the duration (a training
+    step's recompiles should behave as they do in training)."""
+    import torch._dynamo
+
+    raised = {limit: getattr(torch._dynamo.config, limit) for limit in _dynamo_defaults}
+    for limit, value in _dynamo_defaults.items():
+        setattr(torch._dynamo.config, limit, value)
+    try:
+        yield
+    finally:
+        for limit, value in raised.items():
+            setattr(torch._dynamo.config, limit, value)
 
 
 def _forward_backward(fn, grad):
@@ -204,23 +299,48 @@ def free_memory():
         torch.cuda.empty_cache()
 
 
+class Unavailable(Exception):
+    """A provider that cannot run here, in a documented way (see REFUSALS): recorded as skipped."""
+
+
+def refusable(fn):
+    """fn, with a backend's documented refusal (a RuntimeError whose message is one of REFUSALS) raised as
+    Unavailable; any other exception passes through and is recorded as an error."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:
+            if any(r in str(exc) for r in REFUSALS):
+                raise Unavailable(str(exc).splitlines()[0][:200]) from exc
+            raise
+    return call
+
+
 def failure(exc):
-    """The (status, reason) of a provider that raised: out of memory, or unavailable on this machine."""
+    """The (status, reason) of a provider that raised: out of memory; skipped when its package is missing
+    or its backend refused these inputs (Unavailable); an error otherwise."""
     import torch
 
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "oom", "torch.cuda.OutOfMemoryError"
-    if isinstance(exc, ImportError):
-        return "skipped", f"not installed: {exc}"
-    if isinstance(exc, (RuntimeError, NotImplementedError)) and "out of memory" in str(exc).lower():
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
         return "oom", str(exc).splitlines()[0][:200]
-    if isinstance(exc, (RuntimeError, NotImplementedError, ValueError)):
-        return "skipped", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    return "error", f"{type(exc).__name__}: {str(exc)[:200]}"
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] not in OWN_PACKAGES:
+        return "skipped", f"not installed: {exc}"
+    if isinstance(exc, Unavailable):
+        return "skipped", f"refused by the backend: {exc}"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    why = lines[:1] + [line for line in lines[1:] if line.startswith("Explanation:")][:1]  # dynamo says why here
+    return "error", f"{type(exc).__name__}: {' '.join(why)}"[:400]
+
+
+OWN_PACKAGES = ("gpt1", "kernels", "bench")  # a module of ours that does not import is an error, not a skip
+NOT_RUN = {"status": "not run", "reason": "time budget"}
 
 
 class Deadline:
-    """A time budget for one bench: once it has passed, the remaining rows are recorded as skipped."""
+    """A time budget for one bench: once it has passed, the remaining rows are recorded as not run."""
 
     def __init__(self, seconds):
         self.end = time.monotonic() + seconds if seconds else math.inf
@@ -273,6 +393,9 @@ def _fmt(v, digits=3):
     return str(v)
 
 
+fmt = _fmt
+
+
 def markdown_table(rows, columns):
     """A Markdown table of rows; columns are (header, key or function of the row)."""
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
@@ -283,10 +406,15 @@ def markdown_table(rows, columns):
 
 
 def value_or_status(key, digits=3):
-    """A cell showing the row's number, or its status (oom, skipped, error) when it has none."""
+    """A cell showing the row's number, or its status (n/a, oom, skipped, not run, error) when it has none."""
     def cell(r):
         return _fmt(r.get(key), digits) if r.get("status") == "ok" else r.get("status")
     return cell
+
+
+def spread_cell(r):
+    """"p20-p80" of an ok row's ms."""
+    return f"{_fmt(r['ms_p20'])}-{_fmt(r['ms_p80'])}" if r.get("status") == "ok" and "ms_p20" in r else ""
 
 
 def ratio(key):
@@ -304,6 +432,13 @@ def header(rows, title):
                    "harness and every provider run; their times are meaningless."), ""]
     lines += [(f"GPU: {env.get('gpu')}; torch {env.get('torch')}, triton {env.get('triton')}, "
                f"deepspeed {env.get('deepspeed')}; commit {env.get('commit')}"), "",
+              ("Two timings per op: `ms` is GPU time (triton.testing.do_bench median over at least "
+               f"{MIN_REPS} calls, L2 cleared before each; `p20`-`p80` its spread); `host ms` is the call as "
+               "the model makes it (Python, launch and kernel: back-to-back calls, one synchronize at the end, "
+               "divided by their number). Where host ms is the larger, the call is launch-bound."), "",
+              ("Statuses: `n/a` the mode does not apply (a gradient computed in the forward), `skipped` the "
+               "package is not installed or the backend refused these inputs, `not run` the time budget was "
+               "spent, `error` anything else."), "",
               ("Ratios are speed-ups: `vs eager` = eager reference ms / this provider's ms, `vs best peer` = "
                "fastest peer's ms / this provider's ms (peers: every provider other than ours and the eager "
                "reference); above 1 means faster."), ""]
@@ -320,7 +455,8 @@ def tables_markdown(rows, columns, note=None):
         sections[key].append(r)
     lines = [note, ""] if note else []
     for table, mode in order:
-        lines += [f"### {table}, {mode}", "", markdown_table(sections[(table, mode)], columns), ""]
+        rows_by_x = sorted(sections[(table, mode)], key=lambda r: r["x"])  # stable: providers keep their order
+        lines += [f"### {table}, {mode}", "", markdown_table(rows_by_x, columns), ""]
     return lines
 
 
@@ -328,9 +464,9 @@ def unavailable(rows):
     """One line per provider that never ran, with its first reason, so skips are not silent."""
     seen = {}
     for r in rows:
-        if r.get("status") in ("skipped", "error") and r["provider"] not in seen:
-            seen[r["provider"]] = f"{r['status']}: {r.get('reason')}"
-    return [f"- `{p}`: {why}" for p, why in seen.items()]
+        if r.get("status") in ("skipped", "error") and (r["provider"], r["status"]) not in seen:
+            seen[(r["provider"], r["status"])] = r.get("reason")
+    return [f"- `{p}` {status}: {why}" for (p, status), why in seen.items()]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,7 +519,7 @@ def cli_parser(description):
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter "
                                                               "(tests the harness; not a speed measurement)")
     parser.add_argument("--budget-s", type=float, default=0, help="time budget in seconds (0: none); rows left "
-                                                                  "when it runs out are recorded as skipped")
+                                                                  "when it runs out are recorded as not run")
     return parser
 
 

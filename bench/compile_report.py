@@ -1,13 +1,16 @@
 """Ahead-of-time compile report: every kernel configuration compiled for sm_80 and sm_90 on a machine without GPU.
 
-    python -m bench.compile_report [--arch 80 90] [--filter attn_fwd] [--jobs N] [--json out.json]
+    python -m bench.compile_report [--arch 80 90] [--filter attn_fwd] [--jobs N] [--json out.json] [--markdown out.md]
 
 The Triton interpreter cannot show what the compiler does with a kernel, so this compiles each kernel
 configuration of the GPT-1 shapes with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, ...))`
 (no GPU needed) and reads the cubin with the `cuobjdump -res-usage` that ships in triton's nvidia backend.
 It prints one row per (kernel, configuration, arch): registers per thread, shared memory (dynamic, as the
-launch needs it), local memory (the stack frame plus local arrays: register spills land there), and
-whether the sm_90 PTX uses wgmma (Hopper's warpgroup MMA). Must run WITHOUT TRITON_INTERPRET=1.
+launch needs it), local memory (the stack frame plus local arrays: register spills land there), the spill
+traffic in the SASS (`cuobjdump -sass`: STL stores / LDL loads to local memory), and on sm_90 whether the
+kernel uses wgmma (Hopper's warpgroup MMA: wgmma.mma_async in the PTX, HGMMA instructions in the SASS; the
+SASS count is what the hardware runs). Must run WITHOUT TRITON_INTERPRET=1. --markdown writes the same
+table as Markdown (bench/gpu_session.sh keeps it beside the GPU results).
 
 Registry format. A kernel module takes part by defining a module-level list `COMPILE_SPECS`; the modules
 listed in `SPEC_MODULES` are imported (a missing module is skipped). Each entry is a dict
@@ -94,14 +97,27 @@ def _cuobjdump():
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def _res_usage(cubin):
-    """REG, SHARED, STACK, LOCAL of the (single) function in a cubin, from cuobjdump -res-usage."""
+def _cuobjdump_out(cubin, flag):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"\b(REG|SHARED|STACK|LOCAL):(\d+)", out))
+        return subprocess.run([_cuobjdump(), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _res_usage(cubin):
+    """REG, SHARED, STACK, LOCAL of the (single) function in a cubin, from cuobjdump -res-usage."""
+    fields = dict(re.findall(r"\b(REG|SHARED|STACK|LOCAL):(\d+)", _cuobjdump_out(cubin, "-res-usage")))
     return {k.lower(): int(v) for k, v in fields.items()}
+
+
+# a SASS instruction: /*0a50*/ [@P0 |@!P0 ] OPCODE.MODIFIERS ...
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def sass_counts(sass):
+    """{"STL", "LDL", "HGMMA", "HMMA"}: local-memory stores / loads (spills) and tensor-core instructions."""
+    ops = [m.group(1) for m in _SASS_OP.finditer(sass)]
+    return {op: ops.count(op) for op in ("STL", "LDL", "HGMMA", "HMMA")}
 
 
 def compile_one(mod_name, index, arch):
@@ -120,8 +136,11 @@ def compile_one(mod_name, index, arch):
     except Exception as e:  # noqa: BLE001 -- report it, the table goes on
         return dict(row, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
     usage = _res_usage(kernel.asm["cubin"])
+    sass = sass_counts(_cuobjdump_out(kernel.asm["cubin"], "-sass"))
     return dict(row, ok=True, registers=usage.get("reg"), shared=kernel.metadata.shared,
-                local=usage.get("stack", 0) + usage.get("local", 0), wgmma="wgmma" in kernel.asm["ptx"])
+                local=usage.get("stack", 0) + usage.get("local", 0), spill_stores=sass["STL"],
+                spill_loads=sass["LDL"], wgmma="wgmma.mma_async" in kernel.asm["ptx"], hgmma=sass["HGMMA"],
+                hmma=sass["HMMA"])
 
 
 def _config_label(constexprs, num_warps, num_stages):
@@ -143,16 +162,28 @@ def run(archs=ARCHS, name_filter=None, jobs=None):
         return list(pool.map(compile_one, *zip(*work))) if work else []
 
 
+HEAD = ("kernel", "config", "arch", "regs", "smem", "local", "STL/LDL", "wgmma")
+
+
+def _cells(r):
+    if not r["ok"]:
+        return [r["kernel"], r["config"], f"sm_{r['arch']}", "FAILED", r["error"]]
+    wgmma = "-" if r["arch"] < 90 else "no" if not (r["wgmma"] or r["hgmma"]) else f"yes ({r['hgmma']} HGMMA)"
+    return [r["kernel"], r["config"], f"sm_{r['arch']}", str(r["registers"]), str(r["shared"]), str(r["local"]),
+            f"{r['spill_stores']}/{r['spill_loads']}", wgmma]
+
+
 def format_table(rows):
-    head = ("kernel", "config", "arch", "regs", "smem", "local", "wgmma")
-    lines = [f"{head[0]:<44} {head[1]:<18} {head[2]:>5} {head[3]:>5} {head[4]:>7} {head[5]:>6} {head[6]:>6}"]
+    widths = (44, 18, 5, 5, 7, 6, 8, 16)
+    lines = [" ".join(f"{h:<{w}}" for h, w in zip(HEAD, widths)).rstrip()]
     for r in rows:
-        if not r["ok"]:
-            lines.append(f"{r['kernel']:<44} {r['config']:<18} sm_{r['arch']:<2} FAILED {r['error']}")
-            continue
-        wgmma = ("yes" if r["wgmma"] else "no") if r["arch"] >= 90 else "-"
-        lines.append(f"{r['kernel']:<44} {r['config']:<18} sm_{r['arch']:<2} {r['registers']:>5} {r['shared']:>7} "
-                     f"{r['local']:>6} {wgmma:>6}")
+        lines.append(" ".join(f"{c:<{w}}" for c, w in zip(_cells(r), widths)).rstrip())
+    return "\n".join(lines)
+
+
+def format_markdown(rows):
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -162,6 +193,7 @@ def main(argv=None):
     parser.add_argument("--filter", default=None, help="only kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: CPU count)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("compile_report: unset TRITON_INTERPRET, the interpreter does not compile")
@@ -170,9 +202,14 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    bad = [r for r in rows if not r["ok"] or r["local"]]
-    print(f"\n{len(rows)} compiled, {sum(not r['ok'] for r in rows)} failed, "
-          f"{sum(r['ok'] and r['local'] > 0 for r in rows)} with local memory (spills)")
+    bad = [r for r in rows if not r["ok"] or r["local"] or r["spill_stores"]]
+    summary = (f"{len(rows)} compiled, {sum(not r['ok'] for r in rows)} failed, "
+               f"{sum(r['ok'] and (r['local'] > 0 or r['spill_stores'] > 0) for r in rows)} with local memory "
+               "(spills)")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"# Compile report\n\n{format_markdown(rows)}\n\n{summary}\n")
+    print(f"\n{summary}")
     return 1 if bad else 0
 
 

@@ -1,45 +1,247 @@
-"""End-to-end training steps of GPT-1 through DeepSpeed: tokens/s, MFU and peak memory per kernel combination.
+"""End-to-end training steps of GPT-1: our training path against the nanoGPT recipe, in one run.
 
-    python -m bench.e2e --out DIR [--smoke] [--micro-batch 32] [--steps 10]
+    python -m bench.e2e --out DIR [--smoke] [--micro-batch 32] [--steps 30] [--only ROW,ROW] [--budget-s S]
 
-The paper's 117M model (12 layers, C=768, 12 heads, V=40478, dropout 0.1) at T=512 in bf16, wrapped by
-deepspeed.initialize with ds_configs/zero2_bf16.json (ZeRO-2) on one rank, stepping like gpt1/train.py:
-engine(x, labels=y).loss, engine.backward, engine.step. Kernel combinations (attention/loss): eager/eager,
-sdpa/eager, triton/triton, triton/triton_linear, and torch.compile of the eager model through DeepSpeed's
-engine.compile() (inductor; the first warm-up step pays the compile).
+The paper's 117M model (12 layers, C=768, 12 heads, V=40478, dropout 0.1) at T=512, micro batch 32, bf16, one
+GPU. Each row is a Recipe:
+- runtime "deepspeed": our training path, built as gpt1.train builds it: gpt1.runtime.load_ds_config of
+  ds_configs/zero<N>_bf16.json, runtime.lean_checks, runtime.build_engine (GuardedAdamW: fused AdamW,
+  clipping and a non-finite guard without a host sync), runtime.compile_module (the model's forward through
+  Inductor, fullgraph under ZeRO 0-2); the step is `loss = engine(x, labels=y).loss; engine.backward(loss);
+  engine.step()`.
+- runtime "torch": the nanoGPT recipe, plain PyTorch without DeepSpeed: fp32 weights under
+  torch.autocast(bfloat16), torch.optim.AdamW(fused=True), clip_grad_norm_(1.0), torch.compile(model); with SDPA
+  and the eager loss that is the peer ("nanoGPT recipe"), with our kernels a row of ours.
+ROWS runs the peer first, then our default path (ZeRO-2, triton/triton_linear, compiled), ZeRO-0 and 1, the
+variants, and ZeRO-3 last (its compile is split at every parameter-gathering hook and takes longest), so that a
+time budget drops the least telling rows. torch.compile runs with dynamo's default recompile limits here, even
+inside bench.run_all, whose op benches raise them.
 
-Step time is the median of the timed steps' wall-clock times (each ends with a device synchronize);
-tokens/s = B*T / step time; MFU = tokens/s * flops_per_token / peak, with GPT1.flops_per_token
-(6*N + 12*L*C*T, N the parameters without position embeddings) and the GPU's dense bf16 peak from
-common.PEAK_BF16_TFLOPS. Peak memory is torch.cuda.max_memory_allocated over the timed steps, less what was
-allocated before the model was built (weights, gradients, optimizer state and activations).
+Per row, after --warmup steps (the first pays the compile): --steps timed steps. On a GPU each step's time is
+the interval between CUDA events recorded after consecutive steps, with no synchronize in between (the loop
+runs as training runs it); median, p20 and p80 over the steps; tokens/s = B*T / median; MFU = tokens/s *
+flops_per_token / peak (GPT1.flops_per_token = 6*N + 12*L*C*T, N the parameters without position
+embeddings; the GPU's dense bf16 peak from common.PEAK_BF16_TFLOPS). Then bench.profile_step's anatomy of
+a few more steps: GPU busy %, kernels per step, ms by kernel family, operators per step. Peak memory is
+torch.cuda.max_memory_allocated over the timed steps less what was allocated before the model was built.
 
---smoke: the gpt1-tiny preset with a 512-token vocabulary, T=32, B=1, one warm-up and one timed step on the
-CPU under the Triton interpreter, dynamo with backend="eager" for the compile row.
+--smoke: gpt1-tiny with a 512-token vocabulary, T=32, B=1, one warm-up and one timed step on the CPU under the
+Triton interpreter; "compiled" rows use dynamo with backend="eager" (the trace is checked, with fullgraph
+where our path asks for it; Inductor is not run).
 """
 
 import os
-import statistics
 import time
+from dataclasses import asdict, dataclass, replace
 
-from . import common
+from . import common, profile_step
 
-COMBOS = (("eager", "eager"), ("sdpa", "eager"), ("triton", "triton"), ("triton", "triton_linear"),
-          ("compile", "eager"))
-SETTINGS = {"preset": "gpt1", "vocab_size": 40478, "seq_len": 512, "micro_batch": 32, "warmup": 3, "steps": 10}
-SMOKE_SETTINGS = {"preset": "gpt1-tiny", "vocab_size": 512, "seq_len": 32, "micro_batch": 1, "warmup": 1, "steps": 1}
-DS_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs",
-                         "zero2_bf16.json")
-
-
-def combo_name(attn, loss):
-    return "torch.compile(eager/eager)" if attn == "compile" else f"{attn}/{loss}"
+SETTINGS = {"preset": "gpt1", "vocab_size": 40478, "seq_len": 512, "micro_batch": 32, "warmup": 5, "steps": 30,
+            "profile_steps": 5}
+SMOKE_SETTINGS = {"preset": "gpt1-tiny", "vocab_size": 512, "seq_len": 32, "micro_batch": 1, "warmup": 1,
+                  "steps": 1, "profile_steps": 1}
+LR, WEIGHT_DECAY, MAX_GRAD_NORM = 2.5e-4, 0.01, 1.0
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def combo_role(attn, loss):
-    if attn == "triton":
-        return common.OURS
-    return common.EAGER if (attn, loss) == ("eager", "eager") else "peer"
+@dataclass(frozen=True)
+class Recipe:
+    name: str  # the row's provider label
+    runtime: str  # "deepspeed" (gpt1.runtime, as gpt1.train) or "torch" (the nanoGPT recipe)
+    attn: str  # attn_impl: eager, sdpa, triton, auto
+    loss: str  # loss_impl: eager, triton, triton_linear, auto
+    compile: bool | None  # torch.compile the model; None: gpt1.train's default (on a GPU)
+    zero: int | None = 2  # ZeRO stage of the deepspeed runtime
+    role: str = common.OURS  # ours, peer or eager (bench.common.add_ratios)
+
+
+NANOGPT = Recipe("nanoGPT recipe", "torch", "sdpa", "eager", True, None, "peer")
+DEFAULT = Recipe("ours ZeRO-2 (default)", "deepspeed", "triton", "triton_linear", True, 2)
+ROWS = (
+    NANOGPT,
+    DEFAULT,
+    *(replace(DEFAULT, name=f"ours ZeRO-{z}", zero=z) for z in (0, 1)),
+    Recipe("torch + our kernels", "torch", "triton", "triton_linear", True, None),
+    replace(DEFAULT, name="ours ZeRO-2 uncompiled", compile=False),
+    replace(DEFAULT, name="ours ZeRO-2 triton loss", loss="triton"),
+    Recipe("DeepSpeed ZeRO-2 sdpa/eager", "deepspeed", "sdpa", "eager", True, 2, "peer"),
+    Recipe("eager", "deepspeed", "eager", "eager", False, 2, common.EAGER),
+    replace(DEFAULT, name="ours ZeRO-3", zero=3),  # last: its compile splits at every gathering hook (slow)
+)
+
+
+def ds_config_path(zero):
+    return os.path.join(ROOT, "ds_configs", f"zero{zero}_bf16.json")
+
+
+def settings(smoke, micro_batch=None, steps=None):
+    s = dict(SMOKE_SETTINGS if smoke else SETTINGS)
+    s["micro_batch"], s["steps"] = micro_batch or s["micro_batch"], steps or s["steps"]
+    return s
+
+
+def init():
+    """gpt1.runtime.init_distributed (a one-rank group when not launched); returns this rank's device."""
+    from gpt1 import runtime
+
+    return runtime.init_distributed()[2]
+
+
+def resolve(recipe, device=None):
+    """The recipe with "auto" kernels and the default compile decided as gpt1.train decides them."""
+    import torch
+
+    from gpt1 import runtime
+    from gpt1.model import resolve_attn_impl, resolve_loss_impl
+
+    dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return replace(recipe, attn=resolve_attn_impl(recipe.attn, dev), loss=resolve_loss_impl(recipe.loss, dev),
+                   compile=runtime.default_compile(dev) if recipe.compile is None else recipe.compile)
+
+
+def describe(recipe, s):
+    """The row's columns that say what ran."""
+    runtime = (f"DeepSpeed ZeRO-{recipe.zero}" if recipe.runtime == "deepspeed"
+               else "torch (autocast bf16, fused AdamW)")
+    text = (f"{runtime}, {recipe.attn}/{recipe.loss}, {'compiled' if recipe.compile else 'not compiled'}; "
+            f"{s['preset']} (V={s['vocab_size']}) T={s['seq_len']} micro batch {s['micro_batch']}, bf16, 1 rank")
+    return {"recipe": asdict(recipe), "runtime": recipe.runtime, "zero": recipe.zero, "compiled": recipe.compile,
+            "attn_impl": recipe.attn, "loss_impl": recipe.loss, "description": text}
+
+
+def build_step(recipe, s, smoke, dev):
+    """(step, teardown): step() runs one training step of the recipe on one fixed batch."""
+    import torch
+
+    from gpt1 import GPT1, get_config
+
+    cfg = get_config(s["preset"], vocab_size=s["vocab_size"], attn_impl=recipe.attn, loss_impl=recipe.loss)
+    torch.manual_seed(1337)
+    model = GPT1(cfg)
+    x = torch.randint(0, s["vocab_size"], (s["micro_batch"], s["seq_len"] + 1), device=dev)
+    build = deepspeed_step if recipe.runtime == "deepspeed" else torch_step
+    return build(model, recipe, s, smoke, dev, x[:, :-1], x[:, 1:])
+
+
+def deepspeed_step(model, recipe, s, smoke, dev, inputs, labels):
+    import torch
+
+    from gpt1 import runtime
+
+    ds = runtime.load_ds_config(ds_config_path(recipe.zero), 1, micro_batch_size=s["micro_batch"],
+                                gradient_accumulation_steps=1)
+    ds, max_grad_norm = runtime.lean_checks(ds)
+    engine, _, _ = runtime.build_engine(model, ds, lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=max_grad_norm,
+                                        tied_weight=model.tokens_embed.weight)
+    if recipe.compile and smoke:  # runtime.compile_module's trace (fullgraph under ZeRO 0-2), without Inductor
+        engine.module.forward = torch.compile(engine.module.forward, backend="eager",
+                                              fullgraph=runtime.zero_stage(ds) < 3)
+    else:
+        runtime.compile_module(engine, recipe.compile, runtime.zero_stage(ds))
+
+    def step():
+        loss = engine(inputs, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+
+    return step, getattr(engine, "destroy", lambda: None)
+
+
+def torch_step(model, recipe, s, smoke, dev, inputs, labels):
+    import torch
+
+    from gpt1.model import param_groups
+
+    model.to(dev)
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=(0.9, 0.999), eps=1e-8,
+                                  fused=True)
+    forward = torch.compile(model, backend="eager" if smoke else "inductor") if recipe.compile else model
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            loss = forward(inputs, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, lambda: None
+
+
+def time_steps(step, dev, s):
+    """(per-step ms of the timed steps, wall ms per step, peak MiB) after s["warmup"] steps."""
+    import torch
+
+    cuda = dev.type == "cuda"
+    for _ in range(s["warmup"]):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(s["steps"] + 1)]
+    t0 = time.perf_counter()
+    marks = [t0]
+    if cuda:
+        ends[0].record()
+    for i in range(s["steps"]):
+        step()
+        if cuda:
+            ends[i + 1].record()
+        else:
+            marks.append(time.perf_counter())
+    if cuda:
+        torch.cuda.synchronize()
+        times = [a.elapsed_time(b) for a, b in zip(ends, ends[1:])]
+    else:
+        times = [(b - a) * 1e3 for a, b in zip(marks, marks[1:])]
+    wall = (time.perf_counter() - t0) * 1e3 / s["steps"]
+    return times, wall, torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+
+
+def bench_row(base, recipe, s, smoke, dev, deadline):
+    import torch
+
+    row = dict(base, provider=recipe.name, role=recipe.role, **describe(recipe, s))
+    if deadline.passed():
+        return dict(row, **common.NOT_RUN)
+    common.free_memory()
+    before = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    teardown = None
+    try:
+        step, teardown = build_step(recipe, s, smoke, dev)
+        times, wall, peak = time_steps(step, dev, s)
+        ms, p20, p80 = common.spread(times)
+        tok_s = s["micro_batch"] * s["seq_len"] / (ms * 1e-3)
+        fpt = flops_per_token(s)
+        row.update(status="ok", ms=ms, ms_p20=p20, ms_p80=p80, wall_ms=wall, tokens_per_s=tok_s,
+                   flops_per_token=fpt, mfu=mfu(tok_s, fpt, common.peak_bf16_tflops(base["gpu"])),
+                   peak_mb=None if peak is None else peak - before)
+        row.update(profile_step.anatomy(step, dev, s["profile_steps"]))
+    except Exception as exc:  # noqa: BLE001 - one row's failure must not end the run
+        row.update(zip(("status", "reason"), common.failure(exc)))
+    finally:
+        if teardown is not None:
+            teardown()
+        step = teardown = None
+        reset_compiler()
+        common.free_memory()
+    return row
+
+
+def reset_compiler():
+    import torch._dynamo
+
+    torch._dynamo.reset()  # each row compiles its own model; the previous row's graphs are garbage
+
+
+def flops_per_token(s):
+    import torch
+
+    from gpt1 import GPT1, get_config
+
+    with torch.device("meta"):
+        model = GPT1(get_config(s["preset"], vocab_size=s["vocab_size"]))
+    return model.flops_per_token(s["seq_len"])
 
 
 def mfu(tokens_per_s, flops_per_token, peak_tflops):
@@ -49,99 +251,46 @@ def mfu(tokens_per_s, flops_per_token, peak_tflops):
     return tokens_per_s * flops_per_token / (peak_tflops * 1e12)
 
 
-def build_engine(attn, loss, s, smoke):
-    import deepspeed
-    import torch
-
-    from gpt1 import GPT1, get_config
-    from gpt1.train import GuardedAdamW, RunConfig, load_ds_config
-
-    cfg = get_config(s["preset"], vocab_size=s["vocab_size"], attn_impl="eager" if attn == "compile" else attn,
-                     loss_impl=loss)
-    torch.manual_seed(1337)
-    model = GPT1(cfg)
-    dev = torch.device(common.device(), 0) if torch.cuda.is_available() else torch.device("cpu")
-    optimizer = GuardedAdamW(model.param_groups(0.01), dev, lr=2.5e-4, betas=(0.9, 0.999), eps=1e-8)
-    run = RunConfig(deepspeed_config=DS_CONFIG, micro_batch_size=s["micro_batch"], gradient_accumulation_steps=1)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=load_ds_config(run, 1))
-    if attn == "compile":
-        engine.compile(backend="eager" if smoke else "inductor")
-    return engine, model, dev
-
-
-def time_steps(engine, dev, s, smoke):
-    """(step times in ms, peak MiB above the pre-model baseline) of the timed steps, after the warm-up ones."""
-    import torch
-
-    cuda = dev.type == "cuda"
-    x = torch.randint(0, s["vocab_size"], (s["micro_batch"], s["seq_len"] + 1), device=dev)
-    times = []
-    for i in range(s["warmup"] + s["steps"]):
-        if i == s["warmup"] and cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        loss = engine(x[:, :-1], labels=x[:, 1:]).loss
-        engine.backward(loss)
-        engine.step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    return times[s["warmup"]:], peak
-
-
-def bench_combo(base, attn, loss, s, smoke, deadline):
-    import torch
-
-    row = dict(base, provider=combo_name(attn, loss), role=combo_role(attn, loss), attn_impl=attn, loss_impl=loss)
-    if deadline.passed():
-        return dict(row, status="skipped", reason="time budget")
-    common.free_memory()
-    before = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-    engine = model = None
-    try:
-        engine, model, dev = build_engine(attn, loss, s, smoke)
-        times, peak = time_steps(engine, dev, s, smoke)
-        ms = statistics.median(times)
-        tok_s = s["micro_batch"] * s["seq_len"] / (ms * 1e-3)
-        fpt = model.flops_per_token(s["seq_len"])
-        row.update(status="ok", ms=ms, ms_p20=min(times), ms_p80=max(times), tokens_per_s=tok_s,
-                   flops_per_token=fpt, mfu=mfu(tok_s, fpt, common.peak_bf16_tflops(base["gpu"])),
-                   peak_mb=None if peak is None else peak - before)
-    except Exception as exc:  # noqa: BLE001 - one combination's failure must not end the run
-        row.update(zip(("status", "reason"), common.failure(exc)))
-    if engine is not None and hasattr(engine, "destroy"):
-        engine.destroy()
-    engine = model = None
-    common.free_memory()
-    return row
-
-
-def run(smoke, deadline=None, micro_batch=None, steps=None):
-    from gpt1.train import init_distributed
-
-    s = dict(SMOKE_SETTINGS if smoke else SETTINGS)
-    s["micro_batch"], s["steps"] = micro_batch or s["micro_batch"], steps or s["steps"]
-    deadline, env = deadline or common.Deadline(0), common.environment(smoke)
-    init_distributed()  # also selects this rank's GPU
+def run(smoke, deadline=None, micro_batch=None, steps=None, only=None, out=None):
+    """The rows of ROWS (or those named in `only`); with `out`, results are rewritten after every row, so that a
+    run cut short still leaves the rows it finished."""
+    s = settings(smoke, micro_batch, steps)
+    deadline, env, dev = deadline or common.Deadline(0), common.environment(smoke), init()
     table = (f"{s['preset']} (V={s['vocab_size']}) training step, T={s['seq_len']}, micro batch {s['micro_batch']}, "
-             f"bf16, DeepSpeed ZeRO-2, 1 rank")
+             "bf16, 1 rank")
     base = dict(env, bench="e2e", table=table, x=s["seq_len"], mode="step", seq_len=s["seq_len"],
                 micro_batch=s["micro_batch"], steps=s["steps"], warmup_steps=s["warmup"],
                 peak_tflops=common.peak_bf16_tflops(env["gpu"]))
     rows = []
-    for attn, loss in COMBOS:
+    for recipe in ROWS:
+        if only and recipe.name not in only:
+            continue
         t0 = time.monotonic()
-        rows.append(bench_combo(base, attn, loss, s, smoke, deadline))
-        print(f"e2e {rows[-1]['provider']}: {rows[-1]['status']} in {time.monotonic() - t0:.0f} s", flush=True)
+        with common.dynamo_default_limits():
+            rows.append(bench_row(base, recipe, s, smoke, dev, deadline))
+        r = rows[-1]
+        print(f"e2e {r['provider']}: {r['status']} in {time.monotonic() - t0:.0f} s"
+              + (f", {r['ms']:.2f} ms/step, {r['tokens_per_s']:.0f} tokens/s" if r["status"] == "ok" else
+                 f" ({r.get('reason')})"), flush=True)
+        add_vs_nanogpt(rows)
+        if out:
+            common.write_json(rows, out)
     print(formula(rows))
+    return rows
+
+
+def add_vs_nanogpt(rows):
+    """vs_nanogpt = the nanoGPT recipe's step ms / this row's (its tokens/s ratio); above 1: faster."""
+    peer = next((r for r in rows if r["provider"] == NANOGPT.name and r.get("status") == "ok"), None)
+    for r in rows:
+        r["vs_nanogpt"] = peer["ms"] / r["ms"] if peer and r.get("status") == "ok" else None
     return rows
 
 
 def formula(rows):
     ok = next((r for r in rows if r.get("flops_per_token")), None)
     if ok is None:
-        return "MFU: no combination ran"
+        return "MFU: no row ran"
     peak = ok["peak_tflops"]
     peak_text = f"{peak:g} TFLOP/s, dense bf16 of {ok['gpu']}" if peak else "unknown for this device, so no MFU"
     return (f"MFU = tokens/s x flops_per_token / peak; flops_per_token = 6*N + 12*L*C*T = "
@@ -149,20 +298,81 @@ def formula(rows):
             f"embeddings); peak = {peak_text}")
 
 
-COLUMNS = [("combination (attention/loss)", "provider"), ("step ms", common.value_or_status("ms")),
-           ("tokens/s", common.value_or_status("tokens_per_s", 4)), ("MFU", lambda r: f"{r['mfu']:.1%}"
-                                                                     if r.get("mfu") else ""),
+# Done when (issue 10): the default path is >= 1.2x the nanoGPT recipe's tokens/s, the GPU >= 92% busy, at most
+# 1,000 kernels per step; ZeRO-2 within 15% of the fastest one-GPU configuration.
+TARGETS = {"vs_nanogpt": 1.2, "gpu_busy": 0.92, "kernels_per_step": 1000, "zero2_within": 0.15}
+
+
+def verdict(rows):
+    """Plain sentences: where the default path stands against the targets, and where it is behind."""
+    default = next((r for r in rows if r["provider"] == DEFAULT.name), None)
+    if default is None or default.get("status") != "ok":
+        why = f"{default['status']}: {default.get('reason')}" if default else "not in this run"
+        return [f"- Our default path did not run ({why}): nothing to compare."]
+    lines = []
+    if default.get("vs_nanogpt"):
+        lines.append(_target_line("tokens/s against the nanoGPT recipe", f"{default['vs_nanogpt']:.2f}x",
+                                  default["vs_nanogpt"] >= TARGETS["vs_nanogpt"], f">= {TARGETS['vs_nanogpt']}x"))
+    else:
+        lines.append("- The nanoGPT recipe did not run: no tokens/s comparison.")
+    if default.get("gpu_busy") is not None:
+        lines.append(_target_line("GPU busy", f"{default['gpu_busy']:.1%}", default["gpu_busy"] >= TARGETS["gpu_busy"],
+                                  f">= {TARGETS['gpu_busy']:.0%}"))
+        lines.append(_target_line("kernels per step", f"{default['kernels_per_step']:.0f}",
+                                  default["kernels_per_step"] <= TARGETS["kernels_per_step"],
+                                  f"<= {TARGETS['kernels_per_step']}"))
+    fastest = min((r for r in rows if r.get("status") == "ok"), key=lambda r: r["ms"])
+    behind = default["ms"] / fastest["ms"] - 1
+    lines.append(_target_line(f"ZeRO-2 against the fastest row ({fastest['provider']})", f"{behind:+.1%} step time",
+                              behind <= TARGETS["zero2_within"], f"within {TARGETS['zero2_within']:.0%}"))
+    return lines
+
+
+def _target_line(what, value, met, target):
+    return f"- {what}: {value} ({'meets' if met else 'BEHIND'} the target, {target})"
+
+
+def _pct(key):
+    def cell(r):
+        return f"{r[key]:.1%}" if r.get(key) is not None and r.get("status") == "ok" else ""
+    return cell
+
+
+COLUMNS = [("row", "provider"), ("runtime", lambda r: f"ZeRO-{r['zero']}" if r["runtime"] == "deepspeed" else "torch"),
+           ("kernels (attn/loss)", lambda r: f"{r['attn_impl']}/{r['loss_impl']}"),
+           ("compiled", lambda r: "yes" if r["compiled"] else "no"),
+           ("step ms", common.value_or_status("ms")), ("p20-p80", common.spread_cell),
+           ("tokens/s", common.value_or_status("tokens_per_s", 4)), ("vs nanoGPT", common.ratio("vs_nanogpt")),
+           ("MFU", _pct("mfu")), ("GPU busy", _pct("gpu_busy")),
+           ("kernels/step", lambda r: common.fmt(r.get("kernels_per_step"), 4)),
+           ("ops/step", lambda r: common.fmt(r.get("ops_per_step"), 4)),
            ("peak MiB", common.value_or_status("peak_mb", 5)), ("vs eager", common.ratio("vs_eager")),
-           ("vs best peer", common.ratio("vs_best_peer")), ("note", "reason")]
+           ("note", "reason")]
+def _family_ms(family):
+    return lambda r: common.fmt(r["families"][family]["ms"])
+
+
+FAMILY_COLUMNS = [("row", "provider"), *((f, _family_ms(f)) for f in profile_step.FAMILY_NAMES),
+                  ("GPU kernel ms", lambda r: common.fmt(r.get("gpu_kernel_ms"))),
+                  ("wall ms (profiled)", lambda r: common.fmt(r.get("wall_ms")))]
 
 
 def markdown(rows):
-    rows = [r for r in rows if r["bench"] == "e2e"]
-    note = (f"## End to end\n\n{formula(rows)}.\n\nStep time: median wall-clock of the timed steps after the "
-            "warm-up (the compile row's warm-up includes compiling). Peak memory: torch.cuda.max_memory_allocated "
-            "over the timed steps less what was allocated before the model was built. Peers: sdpa/eager and "
-            "torch.compile; ours: triton/*.")
-    return common.tables_markdown(rows, COLUMNS, note) + common.unavailable(rows) + [""]
+    rows = add_vs_nanogpt([r for r in rows if r["bench"] == "e2e"])
+    note = (f"## End to end\n\n{formula(rows)}.\n\nStep time: median of the per-step intervals between CUDA events "
+            "(no synchronize between steps) over the timed steps after the warm-up (which pays the compile); "
+            "p20-p80 its spread. GPU busy: the union of kernel, memcpy and memset intervals over wall time, "
+            "kernels/step: kernel launches, both from torch.profiler (CUDA activity only) over a few more steps; "
+            "ops/step: outermost dispatcher operators of one step (bench.profile_step). Peak memory: "
+            "torch.cuda.max_memory_allocated over the timed steps less what was allocated before the model. "
+            "Peers: the nanoGPT recipe and DeepSpeed with torch's kernels; ours: our kernels.\n\n"
+            "Against the targets (issue 10):\n\n" + "\n".join(verdict(rows)))
+    lines = common.tables_markdown(rows, COLUMNS, note)
+    profiled = [r for r in rows if r.get("families")]
+    if profiled:
+        lines += ["### GPU time by kernel family, ms per step", "",
+                  common.markdown_table(profiled, FAMILY_COLUMNS), ""]
+    return lines + common.unavailable(rows) + [""]
 
 
 def plot(rows, out_dir):
@@ -171,20 +381,19 @@ def plot(rows, out_dir):
         return []
     plt = common.pyplot()
     names = [r["provider"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for ax, key, label in ((axes[0], "ms", "step time (ms)"), (axes[1], "peak_mb", "peak memory (MiB)")):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "peak_mb", "peak memory (MiB)")):
         values = [r.get(key) or 0.0 for r in rows]
         bars = ax.bar(range(len(rows)), values, color=["tab:red" if common.role(r) == common.OURS else "tab:gray"
                                                         for r in rows])
         for bar, r in zip(bars, rows):
             if r.get("status") != "ok" or r.get(key) is None:
                 ax.annotate(r.get("status") if r.get("status") != "ok" else "n/a", (bar.get_x(), 0))
-        ax.set_xticks(range(len(rows)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_xticks(range(len(rows)), names, rotation=25, ha="right", fontsize=8)
         ax.set(ylabel=label)
         ax.grid(axis="y", alpha=0.3)
     smoke = rows[0].get("smoke")
-    fig.suptitle(rows[0]["table"] + ("\nSMOKE run, not a speed measurement" if smoke else ""),
-                 fontsize=9)
+    fig.suptitle(rows[0]["table"] + ("\nSMOKE run, not a speed measurement" if smoke else ""), fontsize=9)
     fig.tight_layout()
     path = os.path.join(out_dir, "e2e.png")
     fig.savefig(path, dpi=110)
@@ -194,12 +403,15 @@ def plot(rows, out_dir):
 
 def main(argv=None):
     parser = common.cli_parser(__doc__.splitlines()[0])
-    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 32; smoke 2)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per combination (default 10)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 32; smoke 1)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30; smoke 1)")
+    parser.add_argument("--only", default=None, help="comma-separated row names (default: every row of ROWS)")
     args = parser.parse_args(argv)
     common.use_interpreter_without_gpu(args.smoke)
-    rows = run(args.smoke, common.Deadline(args.budget_s), args.micro_batch, args.steps)
-    common.write_outputs(rows, common.out_dir(args), "End-to-end training-step benchmark", [(markdown, plot)])
+    out = common.out_dir(args)
+    only = args.only.split(",") if args.only else None
+    rows = run(args.smoke, common.Deadline(args.budget_s), args.micro_batch, args.steps, only, out)
+    common.write_outputs(rows, out, "End-to-end training-step benchmark", [(markdown, plot)])
 
 
 if __name__ == "__main__":

@@ -2,73 +2,102 @@
 
     python -m bench.run_all --out DIR            # on one GPU: about 8 minutes on an H100
     python -m bench.run_all --smoke --out DIR    # CPU, Triton interpreter: tests the harness, measures nothing
+    python -m bench.run_all --only attention,cross_entropy --include E2E_DIR/results.json --out DIR
 
 Writes DIR/results.json (every row, with GPU name, versions, commit and the smoke flag), DIR/results.md (a
 headline table, then every table with ratios to the eager reference and to the best peer) and DIR/*.png.
-Each bench has a share of --budget-s; rows still to run when its share is spent are recorded as skipped.
+Each op is timed twice: GPU time (do_bench) and host-included time (back-to-back calls, as the model makes
+them); the headline shows both at GPT-1's shapes, attention at T=128, 256 and 512.
+Each bench has a share of --budget-s; rows still to run when its share is spent are recorded as not run.
+--include adds the rows of an earlier results.json (e.g. bench.e2e run on its own) to the tables.
 Without --out the results go to bench/results/<gpu model>/, the committed set for that GPU.
 """
 
+import json
 import time
 
 from . import common
 
-# seconds per bench on the GPU, out of the 8 minutes the whole run may take (imports and startup aside)
+# shares of --budget-s per bench, renormalized over the benches that --only selects
 BUDGET_SHARES = {"attention": 0.45, "cross_entropy": 0.25, "e2e": 0.30}
-HEADLINE_ATTENTION = {"T": 512, "D": 64, "mode": "fwd+bwd"}  # GPT-1's context and head width
-HEADLINE_CE = {"N": 32768, "V": 40478, "mode": "fwd+bwd"}  # GPT-1's batch: 64 sequences x 512 tokens
+HEADLINE_ATTENTION = {"T": (128, 256, 512), "D": (64,), "mode": ("fwd+bwd",)}  # GPT-1's head width; T=512 its context
+HEADLINE_CE = {"N": (32768,), "V": (40478,), "mode": ("fwd+bwd",)}  # GPT-1's batch: 64 sequences x 512 tokens
+
+
+def _at(r, shape):
+    return all(r.get(k) in v for k, v in shape.items())
 
 
 def headline(rows):
-    """Ours against the best peer at GPT-1's shapes, and the end-to-end rows: the table the README shows."""
-    lines = ["## Headline", "", "| what | ours ms | best peer | peer ms | speed-up vs best peer | vs eager |",
-             "|---|---|---|---|---|---|"]
+    """Ours against the best peer at GPT-1's shapes (GPU and host-included ms), and the end-to-end rows: the
+    tables the README shows."""
+    lines = ["## Headline", "", "| what | ours ms | ours host ms | best peer | peer ms | peer host ms | "
+             "speed-up vs best peer | vs eager |", "|---|---|---|---|---|---|---|---|"]
     picks = [r for r in rows if common.role(r) == common.OURS and r.get("status") == "ok" and (
-        (r["bench"] == "attention" and all(r[k] == v for k, v in HEADLINE_ATTENTION.items()))
-        or (r["bench"] == "cross_entropy" and all(r[k] == v for k, v in HEADLINE_CE.items())))]
+        (r["bench"] == "attention" and _at(r, HEADLINE_ATTENTION))
+        or (r["bench"] == "cross_entropy" and _at(r, HEADLINE_CE)))]
     for r in picks:
         peer = next((p for p in rows if p["provider"] == r.get("best_peer") and p["table"] == r["table"]
                      and p["x"] == r["x"] and p["mode"] == r["mode"]), {})
-        lines.append(f"| {r['provider']}: {r['table']}, x={r['x']}, {r['mode']} | {r['ms']:.3g} | "
-                     f"{r.get('best_peer') or '-'} | {peer.get('ms', float('nan')):.3g} | "
-                     f"{_x(r.get('vs_best_peer'))} | {_x(r.get('vs_eager'))} |")
+        lines.append(f"| {r['provider']}: {r['table']}, x={r['x']}, {r['mode']} | {_f(r.get('ms'))} | "
+                     f"{_f(r.get('host_ms'))} | {r.get('best_peer') or '-'} | {_f(peer.get('ms'))} | "
+                     f"{_f(peer.get('host_ms'))} | {_x(r.get('vs_best_peer'))} | {_x(r.get('vs_eager'))} |")
     if not picks:
-        lines.append("| (no row of ours at the headline shapes ran) | | | | | |")
+        lines.append("| (no row of ours at the headline shapes ran) | | | | | | | |")
     e2e = [r for r in rows if r["bench"] == "e2e"]
     if e2e:
-        lines += ["", "| end to end: " + e2e[0]["table"] + " | tokens/s | MFU | peak MiB |", "|---|---|---|---|"]
+        lines += ["", "| end to end: " + e2e[0]["table"] + " | tokens/s | vs nanoGPT | MFU | GPU busy | "
+                  "kernels/step | peak MiB |", "|---|---|---|---|---|---|---|"]
         for r in e2e:
             ok = r.get("status") == "ok"
             tok_s = f"{r['tokens_per_s']:.0f}" if ok else r.get("status")
-            mfu = f"{r['mfu']:.1%}" if ok and r.get("mfu") else "-"
-            peak = f"{r['peak_mb']:.0f}" if ok and r.get("peak_mb") else "-"
-            lines.append(f"| {r['provider']} | {tok_s} | {mfu} | {peak} |")
+            lines.append(f"| {r['provider']} | {tok_s} | {_x(r.get('vs_nanogpt'))} | {_pct(r.get('mfu'))} | "
+                         f"{_pct(r.get('gpu_busy'))} | {_f(r.get('kernels_per_step'), 4)} | "
+                         f"{_f(r.get('peak_mb'), 5)} |")
     return lines + [""]
+
+
+def _f(v, digits=3):
+    return common.fmt(v, digits) if v is not None else "-"
+
+
+def _pct(v):
+    return f"{v:.1%}" if v is not None else "-"
 
 
 def _x(v):
     return f"{v:.2f}x" if v else "-"
 
 
+def budgets(names, budget_s, smoke):
+    total = sum(BUDGET_SHARES[n] for n in names)
+    return {n: 0 if smoke or not budget_s else budget_s * BUDGET_SHARES[n] / total for n in names}
+
+
 def main(argv=None):
     parser = common.cli_parser(__doc__.splitlines()[0])
     parser.set_defaults(budget_s=450)
     parser.add_argument("--only", default="attention,cross_entropy,e2e", help="comma-separated benches to run")
+    parser.add_argument("--include", action="append", default=[], help="results.json of an earlier run whose rows "
+                                                                       "join the tables (repeatable)")
     args = parser.parse_args(argv)
     common.use_interpreter_without_gpu(args.smoke)  # before any module imports kernels
     from . import attention, cross_entropy, e2e
 
     out, benches = common.out_dir(args), {"attention": attention, "cross_entropy": cross_entropy, "e2e": e2e}
+    names = args.only.split(",")
     rows, t0 = [], time.monotonic()
-    for name in args.only.split(","):
+    for path in args.include:
+        with open(path) as f:
+            rows += json.load(f)
+    for name, budget in budgets(names, args.budget_s, args.smoke).items():
         t = time.monotonic()
-        budget = 0 if args.smoke or not args.budget_s else args.budget_s * BUDGET_SHARES[name]
         rows += benches[name].run(args.smoke, common.Deadline(budget))
         print(f"{name}: {time.monotonic() - t:.0f} s", flush=True)
+    shown = [n for n in benches if n in names or any(r["bench"] == n for r in rows)]
     common.add_ratios(rows)
     common.write_outputs(rows, out, "GPT-1 kernel benchmarks", [(benches[n].markdown, benches[n].plot)
-                                                                 for n in args.only.split(",")],
-                         headline=headline(rows))
+                                                                 for n in shown], headline=headline(rows))
     print(f"total: {time.monotonic() - t0:.0f} s")
 
 

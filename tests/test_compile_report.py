@@ -1,6 +1,7 @@
 """bench.compile_report: every kernel configuration compiles ahead of time for sm_80 and sm_90, without
-spilling, and the sm_90 attention kernels use wgmma. Runs in a subprocess: the tests' interpreter mode
-(TRITON_INTERPRET=1, set by conftest.py) does not compile."""
+spilling (no local memory, no STL/LDL in the SASS), and the sm_90 attention kernels use wgmma (HGMMA in the
+SASS). Runs in a subprocess: the tests' interpreter mode (TRITON_INTERPRET=1, set by conftest.py) does not
+compile."""
 
 import json
 import os
@@ -30,7 +31,8 @@ def test_everything_compiles_without_spills(rows):
     assert rows
     failed = [(r["kernel"], r["arch"], r["error"]) for r in rows if not r["ok"]]
     assert not failed, failed
-    spilled = [(r["kernel"], r["config"], r["arch"], r["local"]) for r in rows if r["local"]]
+    spilled = [(r["kernel"], r["config"], r["arch"], r["local"], r["spill_stores"], r["spill_loads"]) for r in rows
+               if r["local"] or r["spill_stores"] or r["spill_loads"]]
     assert not spilled, f"local memory (spills): {spilled}"
     for r in rows:
         assert r["registers"] <= 255 and r["shared"] <= (227 if r["arch"] == 90 else 163) * 1024, r
@@ -50,3 +52,15 @@ def test_sm90_attention_uses_wgmma(rows):
                    ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel") and r["kernel"] not in NO_WGMMA]
     assert matmul_rows
     assert all(r["wgmma"] for r in matmul_rows), [(r["kernel"], r["config"]) for r in matmul_rows if not r["wgmma"]]
+    # what the hardware runs: the PTX's wgmma became HGMMA instructions in the SASS
+    assert all(r["hgmma"] > 0 for r in matmul_rows), [(r["kernel"], r["config"]) for r in matmul_rows if not r["hgmma"]]
+
+
+def test_sass_counts():
+    from bench.compile_report import sass_counts
+
+    sass = """        /*0a50*/                   STL.64 [R1+0x8], R4 ;
+        /*0a60*/              @!P0 LDL R6, [R1+0x8] ;
+        /*0a70*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0a80*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;"""
+    assert sass_counts(sass) == {"STL": 1, "LDL": 1, "HGMMA": 1, "HMMA": 1}

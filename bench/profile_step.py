@@ -1,0 +1,265 @@
+"""The anatomy of one training step: where its GPU time goes, how busy the GPU is, how many kernels it launches.
+
+    python -m bench.profile_step                     # our default path: DeepSpeed ZeRO-2, bf16, auto kernels
+    python -m bench.profile_step --peer              # the nanoGPT recipe (bench.e2e's peer)
+    python -m bench.profile_step [--recipe deepspeed|torch] [--attn-impl A] [--loss-impl L] [--compile|--no-compile]
+                                 [--zero N] [--steps 5] [--smoke] [--json FILE]
+
+The step is bench.e2e's, built the same way (gpt1.runtime for the DeepSpeed path, as gpt1.train builds it).
+Defaults follow gpt1.train: attention and loss "auto" (our Triton kernels on a GPU, SDPA and the eager loss
+on a CPU), compiled on a GPU and not on a CPU. Shapes: the paper's 117M model at T=512, micro batch 32 on a
+GPU; gpt1-tiny (V=512) at T=32, micro batch 1 on a CPU or with --smoke.
+
+On a GPU, after warm-up, torch.profiler records --steps steps with CUDA activity only (recording the CPU side
+as well would slow the host and understate how busy the GPU is):
+- wall ms per step: perf_counter around the profiled steps, synchronized before and after;
+- GPU kernel ms per step: the summed durations of kernels, memcpys and memsets;
+- GPU busy: the union of those intervals (streams overlap) over the wall time;
+- kernels per step: kernel events (memcpy and memset events are counted apart, as copies);
+- ms and kernels per step by family, from the kernel's name (FAMILIES; the first match wins, so a kernel that
+  Inductor fused from a layer norm and an add counts as layernorm).
+
+Everywhere (the CPU's only measure): operators per step. torch.profiler with CPU activity records one step
+and counts the outermost operators: aten::* and c10d::* operators and Triton launches, each not called from
+inside another of them (aten::linear counts, the aten::addmm inside it does not). A Triton launch counts as
+one operator, triton::<kernel> (under the interpreter a profiler range around the launch: on a GPU it is one
+launch, while the interpreter's own tensor work inside it is not). Our custom ops (gpt1_kernels::*) are
+transparent: what they launch is counted, so the count does not depend on whether a kernel is reached through
+the custom op or an autograd.Function. Views count like any other operator: each costs a dispatch on the host.
+This is the GPU-free proxy for launches that tests/test_profile_step.py pins for gpt1-tiny.
+"""
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections import Counter
+
+from . import common
+
+# (family, pattern on the kernel name); the first that matches wins, "elementwise" takes the rest
+FAMILIES = (
+    ("communication", r"nccl|allreduce|all_reduce|reduce_scatter|allgather"),
+    ("attention", r"_attn_|flash|fmha|sdpa|attention|cudnn"),
+    ("loss", r"cross_entropy|nll_loss|LogSoftMax|log_softmax"),
+    ("optimizer", r"adam|Adam|multi_tensor|foreach|lpnorm"),
+    ("layernorm", r"layer_norm|LayerNorm|layernorm"),
+    ("copies", r"^Memcpy|^Memset|direct_copy|CatArray|copy_kernel"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|_mm_|addmm|bmm|splitK|triton_tem_"),
+)
+FAMILY_NAMES = tuple(f for f, _ in FAMILIES) + ("elementwise",)
+GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of GPU work
+OPERATOR = re.compile(r"^(\w+)::\w")  # namespace::name
+COUNTED = ("aten", "c10d", "triton")  # counted namespaces; others (autograd::, gpt1_kernels::) are transparent
+
+
+def kernel_family(name):
+    for family, pattern in FAMILIES:
+        if re.search(pattern, name):
+            return family
+    return "elementwise"
+
+
+def busy_us(intervals):
+    """Length of the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def gpu_anatomy(trace_events, steps, wall_ms):
+    """The per-step GPU columns from chrome-trace events ({"cat", "name", "ts", "dur"}, microseconds)."""
+    gpu = [e for e in trace_events if e.get("ph", "X") == "X" and e.get("cat") in GPU_CATEGORIES]
+    kernels = [e for e in gpu if e["cat"] == "kernel"]
+    families = {f: {"ms": 0.0, "count": 0.0} for f in FAMILY_NAMES}
+    for e in gpu:
+        fam = families["copies" if e["cat"] != "kernel" else kernel_family(e["name"])]
+        fam["ms"] += e["dur"] / 1e3 / steps
+        fam["count"] += 1 / steps
+    top = Counter()
+    for e in kernels:
+        top[e["name"][:120]] += e["dur"] / 1e3 / steps
+    union_ms = busy_us([(e["ts"], e["ts"] + e["dur"]) for e in gpu]) / 1e3 / steps
+    return {"wall_ms": wall_ms, "gpu_kernel_ms": sum(e["dur"] for e in gpu) / 1e3 / steps,
+            "gpu_busy": union_ms / wall_ms if wall_ms else None, "kernels_per_step": len(kernels) / steps,
+            "copies_per_step": (len(gpu) - len(kernels)) / steps, "families": families,
+            "top_kernels": [[name, ms] for name, ms in top.most_common(12)]}
+
+
+def count_operators(events):
+    """(outermost operators, all operators, Counter of the outermost by name) of profiler FunctionEvents."""
+    def is_op(e):
+        m = OPERATOR.match(e.name)
+        return bool(m) and m.group(1) in COUNTED
+
+    ops = [e for e in events if is_op(e)]
+    outer = [e for e in ops if not _has_op_ancestor(e, is_op)]
+    return len(outer), len(ops), Counter(e.name for e in outer)
+
+
+def _has_op_ancestor(e, is_op):
+    p = e.cpu_parent
+    while p is not None:
+        if is_op(p):
+            return True
+        p = p.cpu_parent
+    return False
+
+
+@contextlib.contextmanager
+def triton_launches_as_ops():
+    """Under the Triton interpreter, wrap each kernel launch in a profiler range named triton::<kernel>, so
+    that it counts as one operator and the interpreter's own tensor work inside it does not."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run = InterpretedFunction.run
+
+    def traced(self, *args, **kwargs):
+        with torch.profiler.record_function(f"triton::{self.fn.__name__}"):
+            return run(self, *args, **kwargs)
+
+    InterpretedFunction.run = traced
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
+
+
+def operators(step, steps=1):
+    """Operators per step of step() (see the module docstring), with the 15 most frequent."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with triton_launches_as_ops(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    outer, total, names = count_operators(prof.events())
+    return {"ops_per_step": outer / steps, "ops_all_per_step": total / steps,
+            "top_ops": [[n, c / steps] for n, c in names.most_common(15)]}
+
+
+def anatomy(step, device, steps=5):
+    """The step's anatomy (module docstring) over `steps` profiled steps after the caller's warm-up: the GPU
+    columns on a CUDA device, and operators per step (one step) everywhere."""
+    import torch
+
+    out = {"profiled_steps": steps}
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+        out.update(gpu_anatomy(_trace_events(prof), steps, wall_ms))
+    t0 = time.perf_counter()
+    out.update(operators(step))
+    out.setdefault("wall_ms", (time.perf_counter() - t0) * 1e3)  # CPU: the one step under the CPU profiler
+    return out
+
+
+def _trace_events(prof):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)["traceEvents"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def format_anatomy(a, title):
+    lines = [title]
+    if "gpu_busy" in a:
+        lines.append(f"wall {a['wall_ms']:.2f} ms/step, GPU kernels {a['gpu_kernel_ms']:.2f} ms/step, GPU busy "
+                     f"{a['gpu_busy']:.1%}, {a['kernels_per_step']:.0f} kernels/step (+{a['copies_per_step']:.0f} "
+                     f"memcpy/memset), over {a['profiled_steps']} profiled steps")
+        lines.append(f"{'family':<14} {'ms/step':>8} {'share':>7} {'launches/step':>14}")
+        for fam in FAMILY_NAMES:
+            f = a["families"][fam]
+            share = f["ms"] / a["gpu_kernel_ms"] if a["gpu_kernel_ms"] else 0.0
+            lines.append(f"{fam:<14} {f['ms']:>8.3f} {share:>7.1%} {f['count']:>14.0f}")
+        lines.append("top kernels (ms/step): " + "; ".join(f"{n} {ms:.3f}" for n, ms in a["top_kernels"][:8]))
+    else:
+        lines.append(f"wall {a['wall_ms']:.1f} ms for one step under the CPU profiler (not a GPU measurement)")
+    lines.append(f"operators per step: {a['ops_per_step']:.0f} (outermost aten/c10d operators and Triton launches; "
+                 f"{a['ops_all_per_step']:.0f} with the nested ones)")
+    lines.append("top operators: " + ", ".join(f"{n} {c:.0f}" for n, c in a["top_ops"]))
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    parser = common.cli_parser(__doc__.splitlines()[0])
+    parser.add_argument("--recipe", choices=("deepspeed", "torch"), default="deepspeed",
+                        help="deepspeed: gpt1.runtime's engine (our training path); torch: the nanoGPT recipe")
+    parser.add_argument("--peer", action="store_true", help="the nanoGPT recipe: torch, sdpa/eager, compiled")
+    parser.add_argument("--attn-impl", default="auto", help="eager, sdpa, triton, auto")
+    parser.add_argument("--loss-impl", default="auto", help="eager, triton, triton_linear, auto")
+    parser.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=None,
+                        help="torch.compile the model (default: on a GPU, off on a CPU)")
+    parser.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage (deepspeed recipe)")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps on a GPU (default 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5 on a GPU, 2 on a CPU)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step")
+    parser.add_argument("--json", default=None, help="also write the anatomy to this JSON file")
+    return parser.parse_args(argv)
+
+
+def profile_recipe(recipe, smoke=False, tiny=False, steps=5, warmup=None, micro_batch=None):
+    """Build recipe's step (bench.e2e), warm it up and return its anatomy with the row's description.
+    tiny: gpt1-tiny shapes; smoke: also compile with dynamo's eager backend (a trace check, no Inductor)."""
+    import torch
+
+    from . import e2e
+
+    s = e2e.settings(smoke or tiny, micro_batch)
+    dev = e2e.init()
+    step, teardown = e2e.build_step(recipe, s, smoke, dev)
+    try:
+        for _ in range(warmup if warmup is not None else (5 if dev.type == "cuda" else 2)):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        a = anatomy(step, dev, steps)
+    finally:
+        teardown()
+    return dict(common.environment(smoke), **e2e.describe(recipe, s), **a)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels is first imported
+    from . import e2e
+
+    if args.peer:
+        recipe = e2e.NANOGPT
+    else:
+        recipe = e2e.Recipe("profiled", args.recipe, args.attn_impl, args.loss_impl, args.compile,
+                            args.zero if args.recipe == "deepspeed" else None)
+    a = profile_recipe(e2e.resolve(recipe), args.smoke, not torch.cuda.is_available(), args.steps, args.warmup,
+                       args.micro_batch)
+    print(format_anatomy(a, f"profile_step: {a['description']}; {a['gpu']}; commit {a['commit']}"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(a, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
