@@ -414,7 +414,7 @@ def value_or_status(key, digits=3):
 
 def spread_cell(r):
     """"p20-p80" of an ok row's ms."""
-    return f"{_fmt(r['ms_p20'])}-{_fmt(r['ms_p80'])}" if r.get("status") == "ok" and "ms_p20" in r else ""
+    return f"{_fmt(r['ms_p20'], 4)}-{_fmt(r['ms_p80'], 4)}" if r.get("status") == "ok" and "ms_p20" in r else ""
 
 
 def ratio(key):

@@ -258,8 +258,9 @@ def run(smoke, deadline=None, micro_batch=None, steps=None, only=None, out=None)
     deadline, env, dev = deadline or common.Deadline(0), common.environment(smoke), init()
     table = (f"{s['preset']} (V={s['vocab_size']}) training step, T={s['seq_len']}, micro batch {s['micro_batch']}, "
              "bf16, 1 rank")
-    base = dict(env, bench="e2e", table=table, x=s["seq_len"], mode="step", seq_len=s["seq_len"],
-                micro_batch=s["micro_batch"], steps=s["steps"], warmup_steps=s["warmup"],
+    base = dict(env, bench="e2e", table=table, x=s["seq_len"], mode="step", preset=s["preset"],
+                vocab_size=s["vocab_size"], seq_len=s["seq_len"], micro_batch=s["micro_batch"], steps=s["steps"],
+                warmup_steps=s["warmup"],
                 peak_tflops=common.peak_bf16_tflops(env["gpu"]))
     rows = []
     for recipe in ROWS:
@@ -277,6 +278,17 @@ def run(smoke, deadline=None, micro_batch=None, steps=None, only=None, out=None)
             common.write_json(rows, out)
     print(formula(rows))
     return rows
+
+
+def fill_not_run(rows, reason):
+    """rows plus a "not run" row for every recipe of ROWS that has none (a run cut short from outside)."""
+    done = {r["provider"] for r in rows}
+    keep = ("gpu", "torch", "triton", "deepspeed", "commit", "smoke", "bench", "table", "x", "mode", "preset",
+            "vocab_size", "seq_len", "micro_batch", "steps", "warmup_steps", "peak_tflops")
+    base = {k: rows[0][k] for k in keep if rows and k in rows[0]}
+    s = {k: base.get(k) for k in ("preset", "vocab_size", "seq_len", "micro_batch")}
+    return rows + [dict(base, provider=r.name, role=r.role, **describe(r, s), status="not run", reason=reason)
+                   for r in ROWS if r.name not in done]
 
 
 def add_vs_nanogpt(rows):
@@ -341,11 +353,13 @@ def _pct(key):
 COLUMNS = [("row", "provider"), ("runtime", lambda r: f"ZeRO-{r['zero']}" if r["runtime"] == "deepspeed" else "torch"),
            ("kernels (attn/loss)", lambda r: f"{r['attn_impl']}/{r['loss_impl']}"),
            ("compiled", lambda r: "yes" if r["compiled"] else "no"),
-           ("step ms", common.value_or_status("ms")), ("p20-p80", common.spread_cell),
+           ("step ms", common.value_or_status("ms", 4)), ("p20-p80", common.spread_cell),
            ("tokens/s", common.value_or_status("tokens_per_s", 4)), ("vs nanoGPT", common.ratio("vs_nanogpt")),
            ("MFU", _pct("mfu")), ("GPU busy", _pct("gpu_busy")),
            ("kernels/step", lambda r: common.fmt(r.get("kernels_per_step"), 4)),
+           ("host syncs/step", lambda r: common.fmt(r.get("host_syncs_per_step"))),
            ("ops/step", lambda r: common.fmt(r.get("ops_per_step"), 4)),
+           ("sync ops/step", lambda r: common.fmt(r.get("sync_ops_per_step"))),
            ("peak MiB", common.value_or_status("peak_mb", 5)), ("vs eager", common.ratio("vs_eager")),
            ("note", "reason")]
 def _family_ms(family):
@@ -362,8 +376,9 @@ def markdown(rows):
     note = (f"## End to end\n\n{formula(rows)}.\n\nStep time: median of the per-step intervals between CUDA events "
             "(no synchronize between steps) over the timed steps after the warm-up (which pays the compile); "
             "p20-p80 its spread. GPU busy: the union of kernel, memcpy and memset intervals over wall time, "
-            "kernels/step: kernel launches, both from torch.profiler (CUDA activity only) over a few more steps; "
-            "ops/step: outermost dispatcher operators of one step (bench.profile_step). Peak memory: "
+            "kernels/step: kernel launches, host syncs/step: *Synchronize calls, all from torch.profiler (CUDA "
+            "activity only) over a few more steps; ops/step: outermost aten operators and Triton launches of one step, "
+            "sync ops/step: its .item()-like calls (bench.profile_step). Peak memory: "
             "torch.cuda.max_memory_allocated over the timed steps less what was allocated before the model. "
             "Peers: the nanoGPT recipe and DeepSpeed with torch's kernels; ours: our kernels.\n\n"
             "Against the targets (issue 10):\n\n" + "\n".join(verdict(rows)))

@@ -16,6 +16,8 @@ as well would slow the host and understate how busy the GPU is):
 - GPU kernel ms per step: the summed durations of kernels, memcpys and memsets;
 - GPU busy: the union of those intervals (streams overlap) over the wall time;
 - kernels per step: kernel events (memcpy and memset events are counted apart, as copies);
+- host syncs per step: CUDA runtime/driver calls named *Synchronize (cudaDeviceSynchronize,
+  cudaStreamSynchronize, cudaEventSynchronize) less the profiling's own two;
 - ms and kernels per step by family, from the kernel's name (FAMILIES; the first match wins, so a kernel that
   Inductor fused from a layer norm and an add counts as layernorm).
 
@@ -26,7 +28,11 @@ one operator, triton::<kernel> (under the interpreter a profiler range around th
 launch, while the interpreter's own tensor work inside it is not). Our custom ops (gpt1_kernels::*) are
 transparent: what they launch is counted, so the count does not depend on whether a kernel is reached through
 the custom op or an autograd.Function. Views count like any other operator: each costs a dispatch on the host.
-This is the GPU-free proxy for launches that tests/test_profile_step.py pins for gpt1-tiny.
+This is the GPU-free proxy for launches that tests/test_profile_step.py pins for gpt1-tiny. Beside it, sync
+ops per step: aten::_local_scalar_dense calls at any depth (.item(), bool(tensor)), each a wait for the GPU
+there. A synchronize called outside the dispatcher (torch.cuda.synchronize, DeepSpeed's timers) shows only on
+the GPU, in host syncs per step; on a CPU, torch's fused AdamW reads its step with .item() per parameter group or
+tensor, which it does not on a GPU.
 """
 
 import contextlib
@@ -52,6 +58,7 @@ FAMILIES = (
 FAMILY_NAMES = tuple(f for f, _ in FAMILIES) + ("elementwise",)
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of GPU work
 OPERATOR = re.compile(r"^(\w+)::\w")  # namespace::name
+SYNCING_OPS = ("aten::_local_scalar_dense",)  # .item(), bool(t), is_nonzero: a device-to-host copy and a wait
 COUNTED = ("aten", "c10d", "triton")  # counted namespaces; others (autograd::, gpt1_kernels::) are transparent
 
 
@@ -72,9 +79,12 @@ def busy_us(intervals):
     return total
 
 
-def gpu_anatomy(trace_events, steps, wall_ms):
-    """The per-step GPU columns from chrome-trace events ({"cat", "name", "ts", "dur"}, microseconds)."""
+def gpu_anatomy(trace_events, steps, wall_ms, own_syncs=0):
+    """The per-step GPU columns from chrome-trace events ({"cat", "name", "ts", "dur"}, microseconds);
+    own_syncs: synchronize calls of the profiling itself, not counted as the step's."""
     gpu = [e for e in trace_events if e.get("ph", "X") == "X" and e.get("cat") in GPU_CATEGORIES]
+    syncs = [e for e in trace_events if e.get("cat") in ("cuda_runtime", "cuda_driver")
+             and "Synchronize" in e.get("name", "")]
     kernels = [e for e in gpu if e["cat"] == "kernel"]
     families = {f: {"ms": 0.0, "count": 0.0} for f in FAMILY_NAMES}
     for e in gpu:
@@ -87,7 +97,8 @@ def gpu_anatomy(trace_events, steps, wall_ms):
     union_ms = busy_us([(e["ts"], e["ts"] + e["dur"]) for e in gpu]) / 1e3 / steps
     return {"wall_ms": wall_ms, "gpu_kernel_ms": sum(e["dur"] for e in gpu) / 1e3 / steps,
             "gpu_busy": union_ms / wall_ms if wall_ms else None, "kernels_per_step": len(kernels) / steps,
-            "copies_per_step": (len(gpu) - len(kernels)) / steps, "families": families,
+            "copies_per_step": (len(gpu) - len(kernels)) / steps,
+            "host_syncs_per_step": max(0, len(syncs) - own_syncs) / steps, "families": families,
             "top_kernels": [[name, ms] for name, ms in top.most_common(12)]}
 
 
@@ -141,8 +152,10 @@ def operators(step, steps=1):
     with triton_launches_as_ops(), profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
-    outer, total, names = count_operators(prof.events())
-    return {"ops_per_step": outer / steps, "ops_all_per_step": total / steps,
+    events = prof.events()
+    outer, total, names = count_operators(events)
+    syncing = sum(e.name in SYNCING_OPS for e in events)
+    return {"ops_per_step": outer / steps, "ops_all_per_step": total / steps, "sync_ops_per_step": syncing / steps,
             "top_ops": [[n, c / steps] for n, c in names.most_common(15)]}
 
 
@@ -162,7 +175,7 @@ def anatomy(step, device, steps=5):
                 step()
             torch.cuda.synchronize()
             wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-        out.update(gpu_anatomy(_trace_events(prof), steps, wall_ms))
+        out.update(gpu_anatomy(_trace_events(prof), steps, wall_ms, own_syncs=2))  # the two synchronizes above
     t0 = time.perf_counter()
     out.update(operators(step))
     out.setdefault("wall_ms", (time.perf_counter() - t0) * 1e3)  # CPU: the one step under the CPU profiler
@@ -187,7 +200,8 @@ def format_anatomy(a, title):
     if "gpu_busy" in a:
         lines.append(f"wall {a['wall_ms']:.2f} ms/step, GPU kernels {a['gpu_kernel_ms']:.2f} ms/step, GPU busy "
                      f"{a['gpu_busy']:.1%}, {a['kernels_per_step']:.0f} kernels/step (+{a['copies_per_step']:.0f} "
-                     f"memcpy/memset), over {a['profiled_steps']} profiled steps")
+                     f"memcpy/memset), {a['host_syncs_per_step']:.1f} host syncs/step, over {a['profiled_steps']} "
+                     "profiled steps")
         lines.append(f"{'family':<14} {'ms/step':>8} {'share':>7} {'launches/step':>14}")
         for fam in FAMILY_NAMES:
             f = a["families"][fam]
@@ -198,6 +212,7 @@ def format_anatomy(a, title):
         lines.append(f"wall {a['wall_ms']:.1f} ms for one step under the CPU profiler (not a GPU measurement)")
     lines.append(f"operators per step: {a['ops_per_step']:.0f} (outermost aten/c10d operators and Triton launches; "
                  f"{a['ops_all_per_step']:.0f} with the nested ones)")
+    lines.append(f"sync ops per step (aten::_local_scalar_dense: .item(), bool(tensor)): {a['sync_ops_per_step']:.0f}")
     lines.append("top operators: " + ", ".join(f"{n} {c:.0f}" for n, c in a["top_ops"]))
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -214,3 +215,20 @@ def test_e2e_verdict():
     assert "fastest row (ours ZeRO-0): +22.2% step time (BEHIND" in lines
     failed = e2e.verdict([dict(row(e2e.DEFAULT.name, None), status="error", reason="boom")])
     assert "did not run (error: boom)" in failed[0]
+
+
+def test_gpu_session_script_packs_its_results(tmp_path):
+    """bench/gpu_session.sh in its CPU smoke form: each stage time-boxed, three files in $OUT."""
+    env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable,
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_session.sh"), "roofline", "profile"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tgz", "session.log", "summary.md"]
+    summary = (tmp_path / "summary.md").read_text()
+    for text in ("roofline rc=0", "profile-default rc=0", "profile-nanogpt rc=0", "operators per step:",
+                 "torch (autocast bf16, fused AdamW), sdpa/eager, compiled"):
+        assert text in summary, text
+    with tarfile.open(tmp_path / "results.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"./roofline.json", "./profile/default.json", "./profile/nanogpt.json", "./stages.txt"} <= names

@@ -57,9 +57,12 @@ def test_gpu_anatomy_from_a_trace():
         {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 1000.0, "dur": 100.0},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0.0, "dur": 5.0},  # host side
         {"ph": "X", "cat": "kernel", "name": "sm90_xmma_gemm", "ts": 1200.0, "dur": 400.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaDeviceSynchronize", "ts": 0.0, "dur": 1.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 700.0, "dur": 1.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaDeviceSynchronize", "ts": 1600.0, "dur": 1.0},
     ]
-    a = profile_step.gpu_anatomy(events, steps=2, wall_ms=1.0)  # 2 steps of 1 ms
-    assert a["kernels_per_step"] == 2 and a["copies_per_step"] == 0.5
+    a = profile_step.gpu_anatomy(events, steps=2, wall_ms=1.0, own_syncs=2)  # 2 steps of 1 ms
+    assert a["kernels_per_step"] == 2 and a["copies_per_step"] == 0.5 and a["host_syncs_per_step"] == 0.5
     assert a["gpu_kernel_ms"] == pytest.approx(1.4 / 2)
     assert a["gpu_busy"] == pytest.approx((400 + 400 + 100 + 400) / 1e3 / 2 / 1.0)  # union: 500-900 counted once
     assert a["families"]["gemm"] == {"ms": pytest.approx(0.4), "count": 1.0}

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Everything a session with a GPU runs, in one device call of at most ~9 minutes (bench/results/README.md):
+#
+#   ../shared/gpu/prepare.sh                      # once, on the CPU machine: the wheels into .gpu-wheels/
+#   run(carry=[".gpu-wheels"], timeout_s=600,
+#       command="source .gpu-wheels/env.sh && GIT_COMMIT=<git describe --always --dirty --abbrev=40> bash bench/gpu_session.sh")
+#
+# Stages, in this order (all by default, or the ones named as arguments), each in its own time box so that one
+# that hangs or overruns cannot take the others with it:
+#   roofline  bench.roofline: a bf16 8192^3 matmul and a device copy, to read MFU against     (S_ROOFLINE=20 s)
+#   tests     pytest on CUDA: tests/test_attention.py test_cross_entropy.py test_compile.py  (S_TESTS=100 s)
+#   e2e       bench.e2e: every row of ROWS, results rewritten after each row                 (S_E2E=230 s, budget 160)
+#   profile   bench.profile_step: the default path, then the nanoGPT recipe                  (S_PROFILE=45 s each)
+#   ops       bench.run_all --only attention,cross_entropy, with the e2e rows included       (S_OPS=90 s, budget 60)
+# The seconds are environment variables (S_E2E=300 ...); the defaults add up to about 530 s, under the 600 s of one device call.
+# SMOKE=1 runs every stage's --smoke form on a CPU (pytest only collects): tests/test_bench.py checks the script.
+#
+# $OUT receives three files, rewritten after every stage (a run cut short still returns what it finished):
+#   session.log   everything every stage printed
+#   summary.md    stage statuses and times, roofline, pytest tail, the e2e tables and verdict, the profiles,
+#                 the op benches' headline
+#   results.tgz   every result file: e2e/ and ops/ (results.json, results.md, plots), profile/*.json|txt,
+#                 roofline.json, pytest_cuda.txt, stages.txt
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu-session}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+LOG=$OUT/session.log
+: > "$LOG"
+STAGES=${*:-roofline tests e2e profile ops}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+SMOKE_FLAG=""
+PYTEST_MODE=""
+if [ "${SMOKE:-0}" = 1 ]; then SMOKE_FLAG="--smoke"; PYTEST_MODE="--collect-only"; fi
+
+say() { echo "[gpu_session $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+# stage NAME SECONDS COMMAND...: run COMMAND under `timeout`, its output to the log and to stdout
+stage() {
+    local name=$1 seconds=$2; shift 2
+    local t0=$SECONDS
+    say "stage $name: start (time box ${seconds} s): $*"
+    timeout -k 10 "$seconds" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    local why=""
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && why=" (time box spent)"
+    echo "$name rc=$rc in $((SECONDS - t0)) s$why" >> "$WORK/stages.txt"
+    say "stage $name: rc=$rc in $((SECONDS - t0)) s$why"
+    pack
+}
+
+section() {  # section TITLE FILE [sed range]: a file (or part of it) into the summary
+    local title=$1 file=$2
+    [ -s "$file" ] || return 0
+    printf '\n## %s\n\n' "$title"
+    if [ $# -ge 3 ]; then sed -n "$3" "$file"; else cat "$file"; fi
+}
+
+pack() {
+    {
+        echo "# GPU session: $(${PY} -c 'import torch; print(torch.cuda.get_device_name())' 2>/dev/null || echo no GPU)"
+        echo
+        echo "commit $GIT_COMMIT; stages: $STAGES"
+        echo
+        echo '```'
+        cat "$WORK/stages.txt" 2>/dev/null
+        echo '```'
+        section "roofline" "$WORK/roofline.txt"
+        [ -s "$WORK/pytest_cuda.txt" ] && printf '\n## pytest on CUDA (tail)\n\n```\n%s\n```\n' "$(tail -n 15 "$WORK/pytest_cuda.txt")"
+        section "end to end (bench.e2e)" "$WORK/e2e/results.md" '/^## End to end/,/^## Plots/p'
+        for f in "$WORK"/profile/*.txt; do
+            [ -s "$f" ] && printf '\n## %s\n\n```\n%s\n```\n' "$(basename "$f" .txt)" "$(sed -n '/^profile_step:/,$p' "$f" | tail -n 25)"
+        done
+        section "op benches (bench.run_all)" "$WORK/ops/results.md" '/^## Headline/,/^## Attention/p'
+    } > "$OUT/summary.md.tmp" && mv "$OUT/summary.md.tmp" "$OUT/summary.md"
+    tar czf "$OUT/results.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
+}
+
+GIT_COMMIT=$($PY -c 'from bench.common import git_commit; print(git_commit())' 2>/dev/null || echo unknown)
+export GIT_COMMIT  # one commit for every stage's rows
+[ "$GIT_COMMIT" = unknown ] && say "warning: no .git here and GIT_COMMIT unset: rows will say commit unknown"
+say "stages: $STAGES; out: $OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit,memory.total --format=csv 2>&1 | tee -a "$LOG"
+mkdir -p "$WORK/profile"
+for s in $STAGES; do
+    case $s in
+    roofline)
+        stage roofline "${S_ROOFLINE:-20}" $PY -m bench.roofline $SMOKE_FLAG --json "$WORK/roofline.json"
+        grep '^roofline on' "$LOG" | tail -n 1 > "$WORK/roofline.txt" ;;
+    tests)
+        files=$(ls tests/test_attention.py tests/test_cross_entropy.py tests/test_compile.py 2>/dev/null)
+        stage tests "${S_TESTS:-100}" bash -c "$PY -m pytest -q -p no:cacheprovider $PYTEST_MODE $(echo $files) 2>&1 \
+            | tee '$WORK/pytest_cuda.txt'; exit \${PIPESTATUS[0]}" ;;
+    e2e)
+        stage e2e "${S_E2E:-230}" $PY -m bench.e2e $SMOKE_FLAG --out "$WORK/e2e" --budget-s "${B_E2E:-160}"
+        if [ ! -s "$WORK/e2e/results.md" ] && [ -s "$WORK/e2e/results.json" ]; then  # cut short: tables from the rows
+            $PY - "$WORK/e2e" <<'PY' 2>&1 | tee -a "$LOG"
+import json, sys
+from bench import common, e2e
+out = sys.argv[1]
+rows = e2e.fill_not_run(json.load(open(f"{out}/results.json")), "the session's time box for e2e was spent")
+common.write_outputs(rows, out, "End-to-end training-step benchmark (cut short by its time box)", [(e2e.markdown, e2e.plot)])
+PY
+            pack
+        fi ;;
+    profile)
+        stage profile-default "${S_PROFILE:-45}" bash -c "$PY -m bench.profile_step $SMOKE_FLAG --json '$WORK/profile/default.json' \
+            2>&1 | tee '$WORK/profile/default.txt'; exit \${PIPESTATUS[0]}"
+        stage profile-nanogpt "${S_PROFILE:-45}" bash -c "$PY -m bench.profile_step $SMOKE_FLAG --peer --json '$WORK/profile/nanogpt.json' \
+            2>&1 | tee '$WORK/profile/nanogpt.txt'; exit \${PIPESTATUS[0]}" ;;
+    ops)
+        include=""
+        [ -s "$WORK/e2e/results.json" ] && include="--include $WORK/e2e/results.json"
+        stage ops "${S_OPS:-90}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy $include \
+            --budget-s "${B_OPS:-60}" --out "$WORK/ops" ;;
+    *)
+        say "unknown stage $s (roofline tests e2e profile ops)" ;;
+    esac
+done
+pack
+say "done; $OUT: $(ls "$OUT" | tr '\n' ' ')"
+cat "$OUT/summary.md"
