@@ -273,7 +273,8 @@ def _grad_scales(target, ignore_index, reduction, dtype):
     if dtype != torch.float16:
         return n_valid, 1.0 / n, one
     # floor(log2(n - 1)) + 127 is the fp32 exponent field of n - 1; both powers of two are built from their
-    # bits, so they are exact (n = 1 gives k = 1: scale 2, post_scale 1/2, still a product of exactly 1)
+    # bits, so they are exact (n = 1 gives k = 1: scale 2, post_scale 1/2, still a product of exactly 1; past
+    # 2^24 valid rows n - 1 may round up to a power of two and k come out one larger, equally exact)
     biased = (n - 1).clamp(min=1).view(torch.int32) >> 23
     pow2 = ((biased + 1) << 23).view(torch.float32)  # 2^k
     return n_valid, pow2 / n, ((253 - biased) << 23).view(torch.float32)
