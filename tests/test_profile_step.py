@@ -107,3 +107,21 @@ def test_operators_per_step_are_pinned(tmp_path, attn, loss):
     top = ", ".join(f"{n} {c:.0f}" for n, c in a["top_ops"])
     assert count <= pin + max(10, TOLERANCE * pin), f"{count:.0f} operators per step, pinned at {pin}: {top}"
     assert count >= pin - max(10, TOLERANCE * pin), f"{count:.0f} operators per step: lower the pin ({pin})"
+
+
+def test_gpu_report_formats():
+    """The GPU-only report paths (the profile_step printout, e2e's family table), fed a synthetic anatomy."""
+    from bench import e2e
+
+    events = [{"ph": "X", "cat": "kernel", "name": "_attn_fwd_kernel", "ts": 0.0, "dur": 500.0},
+              {"ph": "X", "cat": "kernel", "name": "sm90_xmma_gemm", "ts": 500.0, "dur": 400.0}]
+    a = dict(profile_step.gpu_anatomy(events, steps=1, wall_ms=1.0), profiled_steps=1, ops_per_step=300.0,
+             ops_all_per_step=900.0, sync_ops_per_step=0.0, top_ops=[["aten::mm", 40.0]])
+    text = profile_step.format_anatomy(a, "title")
+    assert "GPU busy 90.0%, 2 kernels/step" in text and "attention" in text and "operators per step: 300" in text
+    row = dict(a, bench="e2e", table="t", x=512, mode="step", provider=e2e.DEFAULT.name, status="ok", ms=1.0,
+               ms_p20=0.9, ms_p80=1.1, tokens_per_s=1e5, mfu=0.3, peak_mb=1000.0, runtime="deepspeed", zero=2,
+               attn_impl="triton", loss_impl="triton_linear", compiled=True, flops_per_token=1e9, seq_len=512,
+               peak_tflops=989.0, gpu="NVIDIA H200")
+    md = "\n".join(e2e.markdown([row]))
+    assert "GPU time by kernel family" in md and "| 90.0% |" in md and "GPU busy: 90.0% (BEHIND" in md
