@@ -69,6 +69,8 @@ def test_gpu_anatomy_from_a_trace():
     assert a["families"]["communication"]["ms"] == pytest.approx(0.15)
     assert a["families"]["copies"]["count"] == 0.5
     assert a["top_kernels"][0][0] == "sm90_xmma_gemm"
+    no_runtime = [e for e in events if e["cat"] != "cuda_runtime"]
+    assert profile_step.gpu_anatomy(no_runtime, 2, 1.0, own_syncs=2)["host_syncs_per_step"] is None
 
 
 def test_a_triton_launch_counts_once():
