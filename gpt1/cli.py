@@ -1,4 +1,4 @@
-"""The `gpt1` command: prepare, train, finetune, generate, export-hf, metrics."""
+"""The `gpt1` command: prepare, train, finetune, generate, export-hf, metrics, checkpoint."""
 
 import argparse
 import json
@@ -16,6 +16,7 @@ commands:
   generate    sample text from a run directory
   export-hf   write a run as a Hugging Face OpenAIGPTLMHeadModel directory
   metrics     summarize a run's metrics.jsonl
+  checkpoint  `info RUN`: a run's checkpoints; `convert RUN`: one as a DeepSpeed universal checkpoint
 
 `gpt1 <command> --help` describes each."""
 
@@ -73,6 +74,70 @@ def metrics(argv):
         print(f"train loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}")
 
 
+def checkpoint(argv):
+    p = argparse.ArgumentParser(prog="gpt1 checkpoint", description="Inspect or convert a run's checkpoints.")
+    sub = p.add_subparsers(dest="action", required=True)
+    info = sub.add_parser("info", help="world size, ZeRO stage, step, model config and files of each checkpoint")
+    info.add_argument("run_dir")
+    info.add_argument("--json", action="store_true", help="print the records as JSON")
+    conv = sub.add_parser("convert", help="write a checkpoint as a DeepSpeed universal checkpoint beside it, "
+                                          "which --resume loads on any number of ranks with ZeRO 1-3")
+    conv.add_argument("run_dir")
+    conv.add_argument("--to", choices=["universal"], default="universal")
+    conv.add_argument("--tag", help="the checkpoint to convert (default: the newest complete one)")
+    conv.add_argument("--workers", type=int, default=1,
+                      help="processes that extract and merge the ZeRO shards (forked by DeepSpeed's converter)")
+    a = p.parse_args(argv)
+    return checkpoint_info(a) if a.action == "info" else checkpoint_convert(a)
+
+
+def checkpoint_info(a):
+    from .checkpoint import describe
+
+    rows = describe(a.run_dir)
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return
+    complete = [r for r in rows if r["complete"]]
+    print(f"{os.path.join(a.run_dir, 'checkpoints')}: {len(complete)} complete checkpoint(s)")
+    for r in rows:
+        if not r["complete"]:
+            print(f"  {r['tag']}  incomplete (no COMPLETE record): never resumed from, pruned by the next save")
+            continue
+        universal = f"  universal: {os.path.basename(r['universal'])}" if r["universal"] else ""
+        samples = f"  {r['samples']} samples" if "samples" in r else ""
+        print(f"  {r['tag']}  step {r['step']}  {r['world_size']} rank(s)  ZeRO-{r['zero_stage']}{samples}  "
+              f"{r['bytes'] / 2**20:.1f} MiB{universal}")
+    if complete:
+        newest = complete[-1]
+        print(f"newest: {newest['tag']}")
+        print("  model: " + ", ".join(f"{k}={v}" for k, v in newest["model"].items()))
+        for name, size in newest["files"].items():
+            print(f"  {size:>12}  {name}")
+
+
+def checkpoint_convert(a):
+    from .checkpoint import complete_tags, convert, verify
+
+    root = os.path.join(a.run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        raise GPT1Error(f"{a.run_dir} is not a run directory (no checkpoints/ in it)")
+    tags = complete_tags(root)
+    if not tags:
+        raise GPT1Error(f"no complete checkpoint under {root}")
+    tag = a.tag or tags[-1]
+    if tag not in tags:
+        why = "is not complete (no COMPLETE record)" if os.path.isdir(os.path.join(root, tag)) else "does not exist"
+        raise GPT1Error(f"checkpoint {os.path.join(root, tag)} {why}; complete ones: {', '.join(tags)}")
+    if a.workers < 1:
+        raise GPT1Error(f"--workers must be at least 1, got {a.workers}")
+    record = verify(root, tag)
+    path, made = convert(root, tag, record, workers=a.workers)
+    print(f"{'wrote' if made else 'already converted:'} {path} (step {record['step']}, saved on "
+          f"{record['world_size']} rank(s) with ZeRO-{record['zero_stage']}); --resume loads it on any number "
+          "of ranks with ZeRO 1-3")
+
+
 @cli_errors
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -95,7 +160,10 @@ def main(argv=None):
         return export_hf(rest)
     if cmd == "metrics":
         return metrics(rest)
-    raise GPT1Error(f"unknown command {cmd!r}; commands: prepare, train, finetune, generate, export-hf, metrics")
+    if cmd == "checkpoint":
+        return checkpoint(rest)
+    raise GPT1Error(f"unknown command {cmd!r}; commands: prepare, train, finetune, generate, export-hf, metrics, "
+                    "checkpoint")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Corpus preparation (`gpt1 prepare`) and the memory-mapped token files that training reads.
+"""Corpus preparation (`gpt1 prepare`), the memory-mapped token files that training reads, and the
+training sampler whose position is one number that any number of ranks can resume from.
 
 DIR/ holds vocab.json + merges.txt, train.bin and val.bin (the documents' tokens, each document
 followed by end-of-text, as uint16 or uint32) and meta.json (vocab size, counts, special ids, source).
@@ -163,3 +164,80 @@ class TokenFile:
             raise DataError(f"{self.path} has {len(self.tokens)} tokens, fewer than one window of {length}")
         starts = rng.integers(0, len(self.tokens) - length + 1, size=batch_size)
         return np.stack([self.tokens[s:s + length].astype(np.int64) for s in starts])
+
+
+def _mix(x):
+    """splitmix64's finalizer: a bijective scramble of uint64s (numpy wraps the products mod 2**64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(i, n, keys):
+    """Element i of a pseudo-random permutation of range(n), keyed by `keys`, in O(1) memory: a Feistel
+    network on the smallest even number of bits that holds n (a bijection of [0, 4**h) with 4**h < 4n),
+    applied again to any value that falls outside [0, n) ("cycle walking"), which keeps it a bijection."""
+    half = max(1, (int(n - 1).bit_length() + 1) // 2)
+    mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
+    x = np.asarray(i, dtype=np.uint64).copy()
+    todo = np.ones(x.shape, dtype=bool)
+    while todo.any():
+        y = x[todo]
+        left, right = y >> shift, y & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        x[todo] = (left << shift) | right
+        todo[todo] = x[todo] >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+class WindowSampler:
+    """The training windows in one global order that every rank computes alike, read by position.
+
+    Epoch e visits every window of `length` tokens (every start position of the token file) once, in a
+    pseudo-random order keyed by [seed, e]: global sample g is the window at permute(g % n) in epoch g // n,
+    computed in O(1) memory however large the corpus. The ranks read the global sequence together: in each
+    micro step, rank r of W takes samples [c + r*m, c + (r+1)*m) of the W*m that start at c, the number of
+    samples consumed so far. That number is the sampler's whole state, so a run resumed with another number of
+    ranks, or another micro batch x accumulation split of the same global batch, continues at the same sample:
+    no window is repeated or skipped across the change.
+    """
+
+    def __init__(self, data, length, seed, rank=0, world=1):
+        tokens = len(data.tokens)
+        if tokens < length:
+            raise DataError(f"{data.path} has {tokens} tokens, fewer than one window of {length}")
+        self.data, self.length, self.seed, self.rank, self.world = data, length, seed, rank, world
+        self.n = tokens - length + 1  # windows (start positions) per epoch
+        self.samples, self._keys = 0, {}
+
+    def keys(self, epoch):
+        if epoch not in self._keys:
+            self._keys = {epoch: np.random.default_rng([self.seed, epoch]).integers(
+                0, 2**63, size=4, dtype=np.uint64)}
+        return self._keys[epoch]
+
+    def starts(self, first, count):
+        """Token offsets of global samples first .. first + count - 1."""
+        g = np.arange(first, first + count, dtype=np.int64)
+        out = np.empty(count, dtype=np.int64)
+        for e in np.unique(g // self.n):
+            sel = g // self.n == e
+            out[sel] = permute(g[sel] % self.n, self.n, self.keys(int(e)))
+        return out
+
+    def batch(self, micro):
+        """This rank's next (micro, length) int64 windows; every rank's call advances the position by
+        world x micro, so all ranks must call it alike."""
+        first = self.samples + self.rank * micro
+        self.samples += self.world * micro
+        return np.stack([self.data.tokens[s:s + self.length].astype(np.int64) for s in self.starts(first, micro)])
+
+    def state_dict(self):
+        return {"samples": self.samples, "seed": self.seed, "length": self.length, "windows": self.n}
+
+    def load_state_dict(self, state):
+        """Continue at the saved position. Returns False where the order itself differs (another seed,
+        window length or token file): the position is then kept but points into another order."""
+        self.samples = int(state["samples"])
+        return (state.get("seed"), state.get("length"), state.get("windows")) == (self.seed, self.length, self.n)

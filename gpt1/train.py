@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from . import checkpoint, runtime
 from .config import get_config
-from .data import TokenFile, load_meta
+from .data import TokenFile, WindowSampler, load_meta
 from .errors import GPT1Error, cli_errors
 from .model import GPT1
 
@@ -132,12 +132,12 @@ def main(argv=None):
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     tokens_per_step = micro * gas * world * run.seq_len
 
-    # each rank draws its own windows; the generator's state is part of every checkpoint
-    data_rng = np.random.default_rng([run.seed, rank])
+    # one global order of windows, read by position: the position is part of every checkpoint
+    sampler = WindowSampler(train_data, run.seq_len + 1, run.seed, rank, world)
     torch.manual_seed(run.seed + 1 + rank)  # dropout masks differ across ranks
     step = 0
-    if run.resume:  # restores the data generator and every RNG as they were at the checkpoint
-        step, data_rng = checkpoint.load(engine, run, cfg, rank, data_rng)
+    if run.resume:  # restores the sampler's position and every RNG as they were at the checkpoint
+        step = checkpoint.load(engine, run, cfg, rank, sampler)
         if rank == 0:
             print(f"resumed from step{step:08d} in {checkpoint.checkpoint_root(run)}", flush=True)
     if rank == 0:
@@ -153,7 +153,7 @@ def main(argv=None):
     timer, start, logged, t_first = runtime.Timer(device), step, step, time.perf_counter()
     while step < run.max_steps:
         for _ in range(gas):
-            w = to_device(train_data.windows(data_rng, micro, run.seq_len + 1), device)
+            w = to_device(sampler.batch(micro), device)
             loss = engine(w[:, :-1], labels=w[:, 1:]).loss
             engine.backward(loss)
             engine.step()
@@ -189,7 +189,7 @@ def main(argv=None):
                           f"acc {row['val_acc']:.4f}")
         stopping = stop.agreed(device)
         if step % run.save_interval == 0 or step == run.max_steps or stopping:
-            checkpoint.save(engine, run, cfg, rank, step, data_rng)
+            checkpoint.save(engine, run, cfg, rank, step, sampler)
         if stopping:
             if rank == 0:
                 bar.write(f"received {stop.received or 'a stop signal'}: saved step {step}, exiting")
