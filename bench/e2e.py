@@ -66,7 +66,7 @@ ROWS = (
     replace(DEFAULT, name="ours ZeRO-2 triton loss", loss="triton"),
     Recipe("DeepSpeed ZeRO-2 sdpa/eager", "deepspeed", "sdpa", "eager", True, 2, "peer"),
     Recipe("eager", "deepspeed", "eager", "eager", False, 2, common.EAGER),
-    replace(DEFAULT, name="ours ZeRO-3", zero=3),  # last: its compile splits at every gathering hook (slow)
+    replace(DEFAULT, name="ours ZeRO-3 uncompiled", zero=3, compile=False),  # runtime.compile_module refuses ZeRO-3
 )
 
 
@@ -91,12 +91,12 @@ def resolve(recipe, device=None):
     """The recipe with "auto" kernels and the default compile decided as gpt1.train decides them."""
     import torch
 
-    from gpt1 import runtime
     from gpt1.model import resolve_attn_impl, resolve_loss_impl
 
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    compile_ = (dev.type == "cuda" and (recipe.zero or 0) < 3) if recipe.compile is None else recipe.compile
     return replace(recipe, attn=resolve_attn_impl(recipe.attn, dev), loss=resolve_loss_impl(recipe.loss, dev),
-                   compile=runtime.default_compile(dev) if recipe.compile is None else recipe.compile)
+                   compile=compile_)
 
 
 def describe(recipe, s):
@@ -133,9 +133,8 @@ def deepspeed_step(model, recipe, s, smoke, dev, inputs, labels):
     ds, max_grad_norm = runtime.lean_checks(ds)
     engine, _, _ = runtime.build_engine(model, ds, lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=max_grad_norm,
                                         tied_weight=model.tokens_embed.weight)
-    if recipe.compile and smoke:  # runtime.compile_module's trace (fullgraph under ZeRO 0-2), without Inductor
-        engine.module.forward = torch.compile(engine.module.forward, backend="eager",
-                                              fullgraph=runtime.zero_stage(ds) < 3)
+    if recipe.compile and smoke:  # runtime.compile_module's trace (fullgraph), without Inductor
+        engine.module.forward = torch.compile(engine.module.forward, backend="eager", fullgraph=True)
     else:
         runtime.compile_module(engine, recipe.compile, runtime.zero_stage(ds))
 

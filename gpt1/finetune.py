@@ -36,7 +36,6 @@ from .runtime import (
     build_engine,
     check_kernels,
     compile_module,
-    default_compile,
     init_distributed,
     lean_checks,
     load_ds_config,
@@ -75,7 +74,7 @@ class FinetuneConfig:
     loss_impl: str = ""  # overrides the model's loss kernel (eager, triton, triton_linear, auto)
     log_interval: int = 10  # optimizer steps between train-loss rows
     seed: int = 42  # data order, head init and dropout
-    compile: bool | None = None  # torch.compile the model; default: on a CUDA GPU, off on a CPU
+    compile: bool | None = None  # torch.compile the model; default: on a CUDA GPU under ZeRO 0-2
 
 
 def parse_args(argv=None):
@@ -356,7 +355,7 @@ def main(argv=None):
         model, ds, lr=run.lr, weight_decay=run.weight_decay, lr_lambda=lr_lambda(total, run.warmup),
         max_grad_norm=max_grad_norm,
         tied_weight=model.transformer.tokens_embed.weight)  # L1's LM head
-    compile_module(engine, run.compile if run.compile is not None else default_compile(device), zero_stage(ds))
+    compile_module(engine, run.compile, zero_stage(ds))
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     torch.manual_seed(run.seed + 1 + rank)  # dropout masks differ across ranks
 

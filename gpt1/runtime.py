@@ -101,11 +101,16 @@ def zero_stage(ds):
 
 
 def lean_checks(ds):
-    """(config, max_grad_norm): under ZeRO-1/2 in bf16 or fp32, DeepSpeed's per-gradient overflow check and
-    fp64 norm (a few kernels and a host sync per parameter) are turned off and their work (the non-finite
-    guard, clipping to the config's gradient_clipping) moves into GuardedAdamW, which does it in O(1) kernels
-    without a host sync. fp16 keeps DeepSpeed's checks (its loss scaler needs them); ZeRO-0 checks flat
-    buffers already and ZeRO-3 cannot turn its checks off, so those clip in DeepSpeed (max_grad_norm 0)."""
+    """(config, max_grad_norm): the DeepSpeed config without what makes the step wait on the host.
+
+    - DeepSpeed's throughput timer synchronizes the device twice per step: off, unless the config sets it.
+    - Under ZeRO-1/2 in bf16 or fp32, DeepSpeed's per-gradient overflow check and fp64 norm (a few kernels and
+      a host sync per parameter) are turned off and their work (the non-finite guard, clipping to the config's
+      gradient_clipping) moves into GuardedAdamW, which does it in O(1) kernels without a host sync.
+    Elsewhere DeepSpeed keeps its checks and clips itself (max_grad_norm 0): fp16's loss scaler needs them,
+    ZeRO-3 cannot turn them off, and ZeRO-0 wraps a client optimizer in its unfused mixed-precision optimizer,
+    whose overflow check reads one flag per parameter on the host (ZeRO-1/2 are the fast stages)."""
+    ds = {**ds, "timers": {"throughput": {"enabled": False}, **ds.get("timers", {})}}
     if zero_stage(ds) not in (1, 2) or ds.get("fp16", {}).get("enabled"):
         return ds, 0.0
     max_grad_norm = float(ds.get("gradient_clipping", 0.0))
@@ -137,23 +142,21 @@ def build_engine(model, ds, *, lr, weight_decay=0.01, max_grad_norm=1.0, lr_lamb
 
 
 def compile_module(engine, enabled, stage):
-    """torch.compile the forward of the engine's module in place, when enabled; returns whether it compiled.
+    """torch.compile the forward of the engine's module in place when `enabled` (True, False, or None for the
+    default: on a CUDA GPU, under ZeRO 0-2); returns whether it compiled.
 
-    Only `forward` is compiled, not the module call: DeepSpeed's own forward hooks (timers, ZeRO-3's parameter
-    gathering) stay eager around it, and the model's forward is one graph (fullgraph=True) under ZeRO 0-2.
-    Under ZeRO-3 the submodules' gathering hooks run inside the forward, so the graph is split there. The
-    state_dict, checkpoints and the optimizer see the same module as without compiling."""
-    if not enabled:
-        return False
-    module = engine.module
-    module.forward = torch.compile(module.forward, fullgraph=stage < 3)
-    return True
-
-
-def default_compile(device):
-    """--compile's default: on for a CUDA GPU, off on a CPU (Inductor's CPU code around interpreted kernels
-    costs more compile time than it saves)."""
-    return device.type == "cuda"
+    Only `forward` is compiled, not the module call: DeepSpeed's own forward hooks stay eager around it, and
+    the model's forward is one graph (fullgraph=True). The state_dict, checkpoints and the optimizer see the
+    same module as without compiling. ZeRO-3 gathers parameters in hooks of every submodule, inside the
+    forward: dynamo recompiles on their guards and the tied head's backward fails there, so it is refused."""
+    if enabled is None:
+        enabled = engine.device.type == "cuda" and stage < 3
+    if enabled and stage == 3:
+        raise GPT1Error("--compile is not supported under ZeRO-3 (DeepSpeed gathers parameters inside the "
+                        "forward); use ZeRO-1/2 or --no-compile")
+    if enabled:
+        engine.module.forward = torch.compile(engine.module.forward, fullgraph=True)
+    return bool(enabled)
 
 
 def check_kernels(cfg, device):

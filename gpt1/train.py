@@ -48,7 +48,7 @@ class RunConfig:
     keep_checkpoints: int = 3  # complete checkpoints kept on disk
     max_nonfinite: int = 5  # consecutive skipped steps after which the run stops
     seed: int = 1337
-    compile: bool | None = None  # torch.compile the model (fullgraph); default: on a CUDA GPU, off on a CPU
+    compile: bool | None = None  # torch.compile the model (fullgraph); default: on a CUDA GPU under ZeRO 0-2
     resume: bool = False  # continue from the newest complete checkpoint in --out
 
 
@@ -127,8 +127,7 @@ def main(argv=None):
     engine, optimizer, scheduler = runtime.build_engine(
         model, ds, lr=run.lr, weight_decay=run.weight_decay, max_grad_norm=max_grad_norm,
         lr_lambda=lr_lambda(run), tied_weight=model.tokens_embed.weight)
-    compiled = runtime.compile_module(engine, run.compile if run.compile is not None else
-                                      runtime.default_compile(device), runtime.zero_stage(ds))
+    compiled = runtime.compile_module(engine, run.compile, runtime.zero_stage(ds))
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     tokens_per_step = micro * gas * world * run.seq_len
 

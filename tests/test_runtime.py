@@ -3,6 +3,7 @@ ZeRO-2 step (which calls it once per parameter group) as on its own; DeepSpeed c
 
 import copy
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from gpt1 import GPT1, GPT1Config
 from gpt1.errors import GPT1Error
 from gpt1.model import param_groups
-from gpt1.runtime import GuardedAdamW, build_engine, init_distributed, lean_checks, load_ds_config
+from gpt1.runtime import GuardedAdamW, build_engine, compile_module, init_distributed, lean_checks, load_ds_config
 
 SMALL = dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0,
              resid_pdrop=0.0, attn_impl="eager", loss_impl="eager")
@@ -98,11 +99,20 @@ def test_guard_inside_zero2_skips_the_whole_step(dist_env):
 def test_lean_checks_keep_deepspeeds_where_it_needs_them():
     fp16 = {"fp16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
     zero3 = {"bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}}
-    for ds in (fp16, zero3):
-        assert lean_checks(ds) == (ds, 0.0)
+    for ds in (fp16, zero3):  # only DeepSpeed's throughput timer, which syncs twice a step, goes
+        assert lean_checks(ds) == ({**ds, "timers": {"throughput": {"enabled": False}}}, 0.0)
     lean, clip = lean_checks({"bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}})
     assert clip == 1.0 and lean["bf16"]["check_grad_overflow"] is False
     assert lean["zero_optimization"]["compute_grad_norm"] is False
+    kept = {"timers": {"throughput": {"enabled": True}}, "zero_optimization": {"stage": 0}}
+    assert lean_checks(kept)[0]["timers"] == kept["timers"]  # a config's own choice stands
+
+
+def test_compile_is_refused_under_zero3():
+    engine = SimpleNamespace(device=torch.device("cpu"), module=torch.nn.Linear(2, 2))
+    assert compile_module(engine, None, 3) is False and compile_module(engine, False, 2) is False
+    with pytest.raises(GPT1Error, match="ZeRO-3"):
+        compile_module(engine, True, 3)
 
 
 def test_load_ds_config_overrides_and_refuses(tmp_path):
