@@ -11,8 +11,10 @@ it, in place, by the incoming gradient (one pass, always: testing for a gradient
 
 fused_linear_cross_entropy never builds the full logits: it walks the tokens in chunks, computes a
 chunk's logits with one matmul, runs the kernel on them in place and turns the chunk's gradient into
-d hidden (a matmul with the weight) and d weight / d bias (accumulated in fp32) before the next
-chunk. All of that happens in the forward; the backward scales the stored gradients.
+d hidden (a matmul with the weight) and d weight / d bias (accumulated) before the next chunk, all
+three in fp32. All of that happens in the forward; the backward scales the stored gradients and rounds
+them to the inputs' dtype, once (a 16-bit d hidden rounded in the forward and again after the scaling
+had up to 2.2x eager's error). The chunk size follows a memory budget (see _default_chunk_size).
 
 Dtypes: logits / hidden / weight in fp32, bf16 or fp16; target int64; the loss is fp32. Label
 smoothing follows torch.nn.functional.cross_entropy: loss = (1 - eps) nll + eps mean_j(-log p_j).
@@ -30,7 +32,7 @@ torch.compile(fullgraph=True) traces all three functions, forward and backward, 
   functionalizes the mutation (the graph sees a new tensor, so no silent aliasing), and Inductor's
   re-inplacing writes it back into the same buffer when nothing else reads the logits.
 - linear_cross_entropy(hidden, weight, target, bias?, ..., need_hidden, need_weight, need_bias) ->
-  (loss, d hidden, d weight fp32, d bias fp32, post_scale), differentiable via register_autograd, whose
+  (loss, d hidden, d weight, d bias, post_scale), all fp32, differentiable via register_autograd, whose
   backward scales the gradients computed in the forward. A gradient whose need flag is off (the input does
   not require grad, or grad mode is off) is an empty (0,) tensor, as an op cannot return None.
   linear_cross_entropy_backward(...) is the recomputing backward of reduction="none".
@@ -72,9 +74,11 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # spilling. Liger-Kernel measured 32 warps as the best for this row-per-program shape.
 _MAX_BLOCK_V = 8192
 _NUM_WARPS = 32
-# Default budget for one chunk's logits in fused_linear_cross_entropy (see _default_chunk_size).
-_CHUNK_BYTES = 512 * 1024 * 1024
+# Device memory fused_linear_cross_entropy may allocate at once, all its buffers together (see _default_chunk_size).
+_EXTRA_BYTES = 400 * 1024 * 1024
 _MIN_CHUNK_ROWS = 1024
+# 16-bit d weight goes through an fp32 buffer of this many classes at a time (see _chunk_grads)
+_DW_SLICE = 8192
 _CHUNK_ALIGN = 128  # default chunks are whole multiples of this many rows
 # fused_linear_cross_entropy pads the vocabulary to a multiple of this (see linear_cross_entropy_chunks):
 # 64 classes are 128 bytes in bf16, so each padded logits row starts on its own cache line.
@@ -401,20 +405,53 @@ def _padded_vocab(n_classes):
     return -(-n_classes // _VOCAB_ALIGN) * _VOCAB_ALIGN
 
 
-def _default_chunk_size(n_rows, n_classes, dtype):
-    """Rows per chunk: the fewest equal chunks whose padded logits fit in _CHUNK_BYTES (at least 1024 rows),
-    rounded up to a multiple of _CHUNK_ALIGN rows.
+def _linear_extra_bytes(n_rows, n_classes, n_feat, dtype, chunk_rows):
+    """Device bytes that the chunk loop allocates for (N, C) hidden and a (V, C) head in dtype with chunks of
+    chunk_rows rows, every gradient and a bias asked for: the logits buffer, the zero-padded head (a copy when
+    V is no multiple of _VOCAB_ALIGN), the fp32 d weight / d bias accumulators, the fp32 d weight slice
+    (16-bit only), fp32 d hidden and the fp32 losses. All of it is live at once, at the end of the forward."""
+    size, v_pad = torch.empty((), dtype=dtype).element_size(), _padded_vocab(n_classes)
+    logits = min(chunk_rows, n_rows) * v_pad * size
+    head = v_pad * n_feat * size if v_pad != n_classes else 0
+    accumulators = (v_pad * n_feat + 2 * v_pad) * 4  # d weight, d bias and one chunk's d bias sum
+    dw_slice = min(_DW_SLICE, v_pad) * n_feat * 4 if size < 4 else 0
+    return logits + head + accumulators + dw_slice + n_rows * (n_feat + 1) * 4
 
-    Each chunk re-reads and re-writes the whole (V, C) fp32 d weight accumulator (~0.3 GB of traffic
-    at GPT-1 size, ~0.1 ms on an H100), while its matmuls cost ~0.3 us per row, so chunks under a
-    few thousand rows lose real time (Liger's small chunks make it slower than the unfused path).
-    512 MiB of logits is ~6.6k bf16 rows at V = 40478: GPT-1's 64 x 512 batch runs in 5 chunks of
-    6656 rows (the last 6144), ~5x less than the 2.6 GB of full logits (before their fp32 copy and
-    gradient). Whole 128-row chunks fill the matmuls' 128-row tiles and keep each chunk of hidden
-    16-byte aligned whatever C is.
+
+def _free_bytes(device):
+    """Memory that tensors on device could still take: the driver's free memory plus what torch's caching
+    allocator holds unused. None off CUDA (the chunk rule then uses its budget alone)."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _default_chunk_size(n_rows, n_classes, n_feat, dtype, free_bytes=None):
+    """Rows per chunk: the fewest equal chunks, whole multiples of _CHUNK_ALIGN rows, that keep everything the
+    chunk loop allocates (_linear_extra_bytes) within min(_EXTRA_BYTES, free_bytes / 2), but never under
+    _MIN_CHUNK_ROWS rows. Half of the free memory leaves the other half to the backward's casts and to the
+    allocator's fragmentation; free_bytes is _free_bytes(device), None on CPU. So on a nearly full GPU the
+    chunking, and with it the fp32 summation order of d weight, can differ from call to call (pass chunk_size
+    to pin it).
+
+    The fixed part does not depend on the chunk, the rest goes to the logits. GPT-1's 64 x 512 tokens, C = 768,
+    V = 40478 (padded 40512) in bf16: head copy 59.3 MiB + fp32 d weight / d bias 119.0 MiB + d weight slice
+    24 MiB + fp32 d hidden and losses 96.1 MiB = 298.5 MiB, which leaves 101.5 MiB, 1314 rows of 81024 bytes,
+    for the logits: 1280 rows, 26 chunks (the last 768), 98.9 MiB of logits, 397.4 MiB in all (the rule used
+    to give 514 MiB of logits chunks alone: ~800 MiB with a bf16 d weight buffer and bf16 d hidden).
+
+    Chunks must not shrink below ~1k rows: each re-reads and re-writes the (V, C) fp32 d weight accumulator
+    (with the slice buffer ~0.5 GB of traffic at GPT-1 size, ~0.15 ms on an H100), while its three matmuls
+    cost ~0.3 us per row (Liger's small chunks make it slower than the unfused path). At 1280 rows that
+    traffic is ~40% of the matmul time by this arithmetic; a larger _EXTRA_BYTES buys it back. Whole
+    128-row chunks fill the matmuls' 128-row tiles and keep each chunk of hidden 16-byte aligned whatever C
+    is. In fp32 the fixed part alone is 333.8 MiB at GPT-1 size and the chunks stay at 1024 rows (492 MiB).
     """
+    budget = _EXTRA_BYTES if free_bytes is None else min(_EXTRA_BYTES, free_bytes // 2)
     row_bytes = _padded_vocab(n_classes) * torch.empty((), dtype=dtype).element_size()
-    max_rows = max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // row_bytes)
+    fixed = _linear_extra_bytes(n_rows, n_classes, n_feat, dtype, 0)
+    max_rows = max(_MIN_CHUNK_ROWS, (budget - fixed) // row_bytes // _CHUNK_ALIGN * _CHUNK_ALIGN)
     n_chunks = max(1, math.ceil(n_rows / max_rows))
     rows = -(-math.ceil(n_rows / n_chunks) // _CHUNK_ALIGN) * _CHUNK_ALIGN
     return max(1, min(n_rows, rows))
@@ -443,25 +480,38 @@ def _pad_rows(t, n_rows):
     return out
 
 
-def _chunk_grads(logits, h, weight, grad_hidden, grad_weight, grad_bias, dw_chunk):
-    """Turn one chunk's d logits into d hidden (written) and d weight, d bias (fp32, accumulated).
+def _mm_fp32(a, b, out):
+    """out (fp32) = a @ b, rounded once, at the fp32 output, whatever the inputs' dtype. CUDA's mm has an fp32
+    out_dtype for fp16 / bf16 inputs (torch >= 2.8); elsewhere the inputs are upcast, which is exact."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32, out=out)
+    return torch.mm(a.float(), b.float(), out=out)
 
-    dw_chunk is a (V, C) buffer in the weight's dtype for the bf16 / fp16 d weight of the chunk (torch's
-    mm has no portable fp32 output for half inputs); fp32 accumulates in the matmul itself."""
+
+def _chunk_grads(logits, h, weight, grad_hidden, grad_weight, grad_bias, dw_slice):
+    """Turn one chunk's d logits into d hidden (fp32, written) and d weight, d bias (fp32, accumulated).
+
+    No 16-bit rounding happens here: the backward scales these by the incoming gradient and rounds once.
+    dw_slice is an (S, C) fp32 buffer for 16-bit inputs: torch's addmm cannot portably add a half product
+    into an fp32 tensor, so the chunk's d weight goes through it S = _DW_SLICE classes at a time (a (V, C)
+    buffer would cost another 119 MiB at GPT-1 size); fp32 accumulates in the matmul itself."""
     if grad_hidden is not None:
-        torch.mm(logits, weight, out=grad_hidden)
-    if grad_weight is not None:
-        if dw_chunk is None:
-            grad_weight.addmm_(logits.t(), h)
-        else:
-            grad_weight += torch.mm(logits.t(), h, out=dw_chunk)
+        _mm_fp32(logits, weight, grad_hidden)
+    if grad_weight is not None and dw_slice is None:
+        grad_weight.addmm_(logits.t(), h)
+    elif grad_weight is not None:
+        for v in range(0, logits.shape[1], dw_slice.shape[0]):
+            part = logits[:, v: v + dw_slice.shape[0]].t()  # (S, n)
+            grad_weight[v: v + part.shape[0]] += _mm_fp32(part, h, dw_slice[: part.shape[0]])
     if grad_bias is not None:
         grad_bias += logits.sum(0, dtype=torch.float32)
 
 
 def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps, grad_scale, chunk_size,
                                 needs=(True, True, True), row_scale=None):
-    """The chunk loop. Returns (loss_rows, d hidden, d weight fp32, d bias fp32), each gradient
+    """The chunk loop. Returns (loss_rows, d hidden, d weight, d bias), all fp32, each gradient
     None when its needs flag is off, and all scaled by grad_scale (times row_scale per row).
 
     The head is padded with zero rows to V_pad = _padded_vocab(V) classes. Unpadded, a bf16 logits row
@@ -478,12 +528,12 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
     weight, bias = _pad_rows(weight.contiguous(), v_pad), _pad_rows(bias, v_pad)
     f32 = {"dtype": torch.float32, "device": hidden.device}
     loss_rows = torch.empty(n_rows, **f32)
-    grad_hidden = torch.empty_like(hidden) if need_h else None
+    grad_hidden = torch.empty(n_rows, n_feat, **f32) if need_h else None
     grad_weight = torch.zeros(v_pad, n_feat, **f32) if need_w else None
     grad_bias = torch.zeros(v_pad, **f32) if need_b else None
-    # one logits buffer, and one half-precision d weight buffer, serve every chunk
+    # one logits buffer, and for 16-bit inputs one fp32 d weight slice, serve every chunk
     buffer = hidden.new_empty((min(chunk_size, n_rows), v_pad))
-    dw_chunk = torch.empty_like(weight) if need_w and weight.dtype != torch.float32 else None
+    dw_slice = torch.empty(min(_DW_SLICE, v_pad), n_feat, **f32) if need_w and weight.dtype != torch.float32 else None
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         h, logits = hidden[start:end], buffer[: end - start]  # (n, C), (n, V_pad)
@@ -496,7 +546,7 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
                 n_cols=n_classes)
         if compute_grad:
             _chunk_grads(logits, h, weight, grad_hidden[start:end] if need_h else None, grad_weight, grad_bias,
-                         dw_chunk)
+                         dw_slice)
     grad_weight = grad_weight[:n_classes] if need_w else None  # a prefix of rows: still contiguous
     grad_bias = grad_bias[:n_classes] if need_b else None
     return loss_rows, grad_hidden, grad_weight, grad_bias
@@ -513,12 +563,13 @@ def linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, target: 
                             chunk_size: int, need_hidden: bool, need_weight: bool,
                             need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor]:
-    """(loss, d hidden, d weight fp32, d bias fp32, post_scale): the loss reduced as asked and the unscaled
+    """(loss, d hidden, d weight, d bias, post_scale), all fp32: the loss reduced as asked and the unscaled
     gradients (the backward multiplies them by the incoming gradient times post_scale), each an empty (0,)
     tensor when its need flag is off, and all of them empty for reduction="none" (the backward recomputes,
     see linear_cross_entropy_backward_op). chunk_size 0 picks _default_chunk_size."""
     hidden, target = hidden.contiguous(), target.contiguous()
-    chunk = chunk_size or _default_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype)
+    chunk = chunk_size or _default_chunk_size(hidden.shape[0], *weight.shape, hidden.dtype,
+                                              _free_bytes(hidden.device))
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     # "none" needs the per-row incoming gradient inside d weight: the backward recomputes
     defer = reduction == "none" and any(needs)
@@ -527,7 +578,7 @@ def linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, target: 
     n_valid, scale, post_scale = _grad_scales(target, ignore_index, reduction, hidden.dtype)
     loss_rows, gh, gw, gb = linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, label_smoothing,
                                                         scale, chunk, needs=(False, False, False) if defer else needs)
-    return (_reduce(loss_rows, reduction, n_valid), _empty(hidden) if gh is None else gh,
+    return (_reduce(loss_rows, reduction, n_valid), _empty(hidden, torch.float32) if gh is None else gh,
             _empty(hidden, torch.float32) if gw is None else gw, _empty(hidden, torch.float32) if gb is None else gb,
             post_scale)
 
@@ -539,7 +590,7 @@ def _(hidden, weight, target, bias, ignore_index, label_smoothing, reduction, ch
     loss = hidden.new_empty(hidden.shape[:1] if reduction == "none" else (), dtype=f32)
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     live = [n and not (reduction == "none" and any(needs)) for n in needs]
-    return (loss, hidden.new_empty(hidden.shape) if live[0] else _empty(hidden),
+    return (loss, hidden.new_empty(hidden.shape, dtype=f32) if live[0] else _empty(hidden, f32),
             hidden.new_empty(weight.shape, dtype=f32) if live[1] else _empty(hidden, f32),
             hidden.new_empty(weight.shape[:1], dtype=f32) if live[2] else _empty(hidden, f32),
             hidden.new_empty((), dtype=f32))
@@ -550,14 +601,15 @@ def linear_cross_entropy_backward_op(hidden: torch.Tensor, weight: torch.Tensor,
                                      bias: Optional[torch.Tensor], grad_loss: torch.Tensor, ignore_index: int,
                                      label_smoothing: float, chunk_size: int, need_hidden: bool, need_weight: bool,
                                      need_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d hidden, d weight fp32, d bias fp32) of reduction="none" for the per-row incoming gradient grad_loss:
+    """(d hidden, d weight, d bias), fp32, of reduction="none" for the per-row incoming gradient grad_loss:
     the chunk loop again, with the rows scaled inside the kernel (empty (0,) tensors where not needed)."""
     hidden, target = hidden.contiguous(), target.contiguous()
-    chunk = chunk_size or _default_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype)
+    chunk = chunk_size or _default_chunk_size(hidden.shape[0], *weight.shape, hidden.dtype,
+                                              _free_bytes(hidden.device))
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     _, gh, gw, gb = linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, 1.0,
                                                 chunk, needs, row_scale=grad_loss.float().contiguous())
-    return (_empty(hidden) if gh is None else gh, _empty(hidden, torch.float32) if gw is None else gw,
+    return (_empty(hidden, torch.float32) if gh is None else gh, _empty(hidden, torch.float32) if gw is None else gw,
             _empty(hidden, torch.float32) if gb is None else gb)
 
 
@@ -565,7 +617,7 @@ def linear_cross_entropy_backward_op(hidden: torch.Tensor, weight: torch.Tensor,
 def _(hidden, weight, target, bias, grad_loss, ignore_index, label_smoothing, chunk_size, need_hidden, need_weight,
       need_bias):
     f32 = torch.float32
-    return (hidden.new_empty(hidden.shape) if need_hidden else _empty(hidden),
+    return (hidden.new_empty(hidden.shape, dtype=f32) if need_hidden else _empty(hidden, f32),
             hidden.new_empty(weight.shape, dtype=f32) if need_weight else _empty(hidden, f32),
             hidden.new_empty(weight.shape[:1], dtype=f32) if need_bias and bias is not None else _empty(hidden, f32))
 
@@ -594,9 +646,9 @@ def _linear_backward(ctx, grad_loss, *_):
         grad_hidden, grad_weight, grad_bias, post_scale = ctx.saved_tensors
         # these are (N, C) and (V, C): scaling them costs little next to the forward's matmuls
         scale = grad_loss.float() * post_scale
-        grad_hidden = (grad_hidden.float() * scale).to(grad_hidden.dtype)
-        grad_weight, grad_bias = grad_weight * scale, grad_bias * scale
-    return (grad_hidden if need_h else None, grad_weight.to(ctx.dtype) if need_w else None, None,
+        grad_hidden, grad_weight, grad_bias = grad_hidden * scale, grad_weight * scale, grad_bias * scale
+    # the one rounding to the inputs' dtype
+    return (grad_hidden.to(ctx.dtype) if need_h else None, grad_weight.to(ctx.dtype) if need_w else None, None,
             grad_bias.to(ctx.dtype) if need_b else None, *[None] * 7)
 
 
