@@ -18,10 +18,6 @@ listed in `SPEC_MODULES` are imported (a missing module is skipped). Each entry 
     {"name": ..., "fn": ..., "signature": ..., "constexprs": ..., "num_warps": ..., "num_stages": ...,
      "archs": (80, 90)}                                                   # "archs" optional, default both
 
-or the same fields as a tuple, in that order (archs again optional):
-
-    (name, fn, signature, constexprs, num_warps, num_stages[, archs])
-
 - name: str, the row label, e.g. "attn_fwd D=64 bf16 causal dropout".
 - fn: the @triton.jit kernel (the function object, not a launcher).
 - signature: dict {argument name: type} for every argument that is not in constexprs; types as in
@@ -52,9 +48,12 @@ _FIELDS = ("name", "fn", "signature", "constexprs", "num_warps", "num_stages", "
 
 
 def _normalize(spec):
-    spec = dict(spec) if isinstance(spec, dict) else dict(zip(_FIELDS, spec))
-    spec.setdefault("archs", ARCHS)
-    return spec
+    """The spec dict with "archs" filled in; a missing or unknown field is an error here, not a bad row."""
+    unknown, missing = set(spec) - set(_FIELDS), set(_FIELDS[:6]) - set(spec)
+    if unknown or missing:
+        raise ValueError(f"COMPILE_SPECS entry {spec.get('name')!r}: unknown fields {sorted(unknown)}, "
+                         f"missing {sorted(missing)}")
+    return {"archs": ARCHS, **spec}
 
 
 def load_specs(modules=SPEC_MODULES):

@@ -52,35 +52,28 @@ as fp32 (ROUNDING="bf16"), because the interpreter multiplies bf16 as raw intege
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from kernels._common import INTERPRET, LN2, LOG2E, round_fp32
+
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The stages of a program's loop over the other side's blocks (the tutorial's STAGE): which blocks it visits
+# (see _key_range, _query_range) and which masks they need. Whole blocks off the diagonal need none, so the
+# hot loop carries no mask arithmetic.
+STAGE_FULL = tl.constexpr(1)  # whole blocks: left of the diagonal (causal) or all of them (not causal); no mask
+STAGE_DIAG = tl.constexpr(2)  # the block(s) on the diagonal (causal only): causal mask and bound mask
+STAGE_TAIL = tl.constexpr(3)  # the blocks past the last whole block (T not a multiple of the block): bound mask
 
 
 # ----------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _round_fp32(x, DROP_BITS: tl.constexpr):
-    """fp32 x rounded to nearest-even with its low DROP_BITS mantissa bits cleared (16: bf16, 13: tf32),
-    still as fp32. Infinities stay infinite; values past the format's largest round to infinity."""
-    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-    if DROP_BITS == 16:
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    else:
-        tl.static_assert(DROP_BITS == 13)
-        bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -92,9 +85,9 @@ def _operand(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
     ROUNDING "bf16" (bf16 under the interpreter, which multiplies bf16 dot operands as raw integers and
     truncates fp32 -> bf16): rounded to bf16 by bit arithmetic and kept in fp32, which tl.dot takes exactly."""
     if ROUNDING == "tf32":
-        return _round_fp32(x, 13)
+        return round_fp32(x, 13)
     elif ROUNDING == "bf16":
-        return _round_fp32(x, 16)
+        return round_fp32(x, 16)
     else:
         return x.to(DTYPE)
 
@@ -103,7 +96,7 @@ def _operand(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
 def _stored(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
     """x converted for a store to a DTYPE tensor (round-to-nearest also under the interpreter)."""
     if ROUNDING == "bf16":
-        x = _round_fp32(x, 16)
+        x = round_fp32(x, 16)
     return x.to(DTYPE)
 
 
@@ -118,7 +111,7 @@ def _dropout_keep(SEED, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constex
     seed is the low 32 bits of the int64 at SEED (see new_dropout_seed), read here, per tile. Held for the whole
     loop, or used as the Philox key (whose ten round keys then are loop-invariant registers rather than
     immediates), it made the tightest configurations spill (sm_90 fp32 D=128 dq, sm_80 16-bit D=64 dkdv)."""
-    tl.static_assert(BLOCK_C % 8 == 0)
+    tl.static_assert(BLOCK_C % 8 == 0, "the dropout draws come in groups of 8 columns")
     zero = tl.zeros([BLOCK_R, BLOCK_C // 8], dtype=tl.uint32)
     group = (col_start // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)
     c0 = zero + group[None, :]
@@ -132,11 +125,45 @@ def _dropout_keep(SEED, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constex
 
 
 @triton.jit
-def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, lo, hi, qk_scale,
+def _key_range(start_m, T, STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """[lo, hi) of the keys that the query block [start_m, start_m + BLOCK_M) visits in STAGE (fwd and dq)."""
+    full = (T // BLOCK_N) * BLOCK_N  # keys below this index fill whole blocks
+    if STAGE == STAGE_DIAG:
+        lo, hi = start_m, tl.minimum(start_m + BLOCK_M, T)
+    elif STAGE == STAGE_FULL:
+        lo, hi = 0, start_m if CAUSAL else full
+    else:
+        lo, hi = full, T
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, T, STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """[lo, hi) of the queries that the key block [start_n, start_n + BLOCK_N) visits in STAGE (dkdv); causal,
+    the full and tail stages start below the diagonal block."""
+    full = (T // BLOCK_M) * BLOCK_M  # queries below this index fill whole blocks
+    below = start_n + BLOCK_N if CAUSAL else 0
+    if STAGE == STAGE_DIAG:
+        lo, hi = start_n, tl.minimum(start_n + BLOCK_N, T)
+    elif STAGE == STAGE_FULL:
+        lo, hi = below, full
+    else:
+        lo, hi = tl.maximum(full, below) if CAUSAL else full, T
+    return lo, hi
+
+
+@triton.jit
+def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, qk_scale,
                     SEED, BH, T, DROP_THRESHOLD,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-                    BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+                    STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = k_ptrs.dtype.element_ty
+    BOUND_MASK: tl.constexpr = STAGE != STAGE_FULL
+    CAUSAL_MASK: tl.constexpr = STAGE == STAGE_DIAG
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    lo, hi = _key_range(start_m, T, STAGE=STAGE, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     k_ptrs += lo * stride_kt
     v_ptrs += lo * stride_vt
     for start_n in range(lo, hi, BLOCK_N):
@@ -178,54 +205,60 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SC
                      H, T,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+    # the causal stages step through the diagonal query block in key blocks
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "fwd needs BLOCK_M % BLOCK_N == 0")
+    tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of 8, the dropout draw group")
     DTYPE: tl.constexpr = O.dtype.element_ty
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
+    # this program's (batch, head) slice of every tensor; from here on only (t, d) offsets. The outputs' are
+    # added after the loop: a pointer held across it takes registers, a kernel argument does not.
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    q_ptrs = Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    kT_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    v_ptrs = V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    # q loaded after all three tiles' pointers exist: loading it first made the sm_90 fp32 D=128 config spill
     q = _operand(tl.load(q_ptrs, mask=offs_m[:, None] < T, other=0.0), DTYPE, ROUNDING)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if CAUSAL:
-        # stage 1: key blocks left of the diagonal, unmasked; stage 2: the diagonal block, masked
-        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        0, start_m, qk_scale, SEED, bh, T, DROP_THRESHOLD,
-                                        BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
-        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, SEED, bh, T,
-                                        DROP_THRESHOLD, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
-    else:
-        full = (T // BLOCK_N) * BLOCK_N
-        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        0, full, qk_scale, SEED, bh, T, DROP_THRESHOLD,
-                                        BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
-        acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m,
-                                        full, T, qk_scale, SEED, bh, T, DROP_THRESHOLD,
-                                        BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
+    # the whole key blocks unmasked, then the diagonal block (causal) or the key tail, masked
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, start_m, qk_scale,
+                                    SEED, bh, T, DROP_THRESHOLD, STAGE=STAGE_FULL, CAUSAL=CAUSAL,
+                                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, start_m, qk_scale,
+                                    SEED, bh, T, DROP_THRESHOLD, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
+                                    CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
+                                    ROUNDING=ROUNDING)
 
     inv_l = 1.0 / l_i
     if DROPOUT:
         inv_l = inv_l * DROPOUT_SCALE
     o = acc * inv_l[:, None]
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, _stored(o, DTYPE, ROUNDING), mask=offs_m[:, None] < T)
-    tl.store(LSE + bh * T + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=offs_m < T)
+    O += off_b * stride_ob + off_h * stride_oh
+    LSE += bh * T
+    tl.store(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, _stored(o, DTYPE, ROUNDING),
+             mask=offs_m[:, None] < T)
+    tl.store(LSE + offs_m, (m_i + tl.math.log2(l_i)) * LN2, mask=offs_m < T)
 
 
 @triton.jit
-def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n, lo, hi,
-                         qk_scale, SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-                         BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n, qk_scale,
+                         SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                         STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = qT_ptrs.dtype.element_ty
+    BOUND_MASK: tl.constexpr = STAGE != STAGE_FULL
+    CAUSAL_MASK: tl.constexpr = STAGE == STAGE_DIAG
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    lo, hi = _query_range(start_n, T, STAGE=STAGE, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     # works on transposed scores sT = k q^T (BLOCK_N, BLOCK_M) so that dK, dV come out row-major
     qT_ptrs += lo * stride_qt
     do_ptrs += lo * stride_dot
@@ -243,7 +276,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
             delta = tl.load(DELTA + offs_m)
         qT, do = _operand(qT, DTYPE, ROUNDING), _operand(do, DTYPE, ROUNDING)
         sT = tl.dot(k, qT) * qk_scale
-        pT = tl.math.exp2(sT - lse[None, :] * 1.4426950408889634)
+        pT = tl.math.exp2(sT - lse[None, :] * LOG2E)
         if BOUND_MASK:
             valid = offs_m[None, :] < T
             if CAUSAL_MASK:
@@ -278,60 +311,69 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
                           H, T,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+    # the causal stages step through the diagonal key block in query blocks
+    tl.static_assert(BLOCK_N % BLOCK_M == 0, "dkdv needs BLOCK_N % BLOCK_M == 0")
+    tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of 8, the dropout draw group")
     DTYPE: tl.constexpr = DK.dtype.element_ty
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
+    # this program's (batch, head) slice of every tensor; from here on only (t, d) offsets (the outputs' after
+    # the loop, see _attn_fwd_kernel)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    LSE += bh * T
+    DELTA += bh * T
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_mask = offs_n[:, None] < T
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
+    k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     k = _operand(k, DTYPE, ROUNDING)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
+    v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     v = _operand(v, DTYPE, ROUNDING)
-    qT_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd
-    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
-    LSE += bh * T
-    DELTA += bh * T
+    qT_ptrs = Q + offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd
+    do_ptrs = DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    full = (T // BLOCK_M) * BLOCK_M  # query rows below this index need no bound mask
+    # causal: the diagonal block (masked) first; then the whole query blocks (below the diagonal when causal),
+    # unmasked; then the query tail, masked
     if CAUSAL:
-        # the diagonal block (masked), then the full query blocks below it, then the query tail
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      start_n, tl.minimum(start_n + BLOCK_N, T), qk_scale, SEED, bh, T,
-                                      DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      start_n + BLOCK_N, full, qk_scale, SEED, bh, T,
-                                      DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      tl.maximum(full, start_n + BLOCK_N), T, qk_scale, SEED, bh, T,
-                                      DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
-    else:
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      0, full, qk_scale, SEED, bh, T,
-                                      DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      full, T, qk_scale, SEED, bh, T,
-                                      DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
+                                      qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE, STAGE=STAGE_DIAG,
+                                      CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
+                                      ROUNDING=ROUNDING)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
+                                  qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE, STAGE=STAGE_FULL,
+                                  CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
+                                  ROUNDING=ROUNDING)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
+                                  qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE, STAGE=STAGE_TAIL,
+                                  CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
+                                  ROUNDING=ROUNDING)
 
     dk *= sm_scale
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
-             _stored(dk, DTYPE, ROUNDING), mask=kv_mask)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd,
-             _stored(dv, DTYPE, ROUNDING), mask=kv_mask)
+    DK += off_b * stride_dkb + off_h * stride_dkh
+    DV += off_b * stride_dvb + off_h * stride_dvh
+    tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd, _stored(dk, DTYPE, ROUNDING),
+             mask=kv_mask)
+    tl.store(DV + offs_n[:, None] * stride_dvt + offs_d[None, :] * stride_dvd, _stored(dv, DTYPE, ROUNDING),
+             mask=kv_mask)
 
 
 @triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m, lo, hi,
-                       qk_scale, SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-                       BOUND_MASK: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
+                       SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                       STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = kT_ptrs.dtype.element_ty
+    BOUND_MASK: tl.constexpr = STAGE != STAGE_FULL
+    CAUSAL_MASK: tl.constexpr = STAGE == STAGE_DIAG
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    lo, hi = _key_range(start_m, T, STAGE=STAGE, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     kT_ptrs += lo * stride_kt
     vT_ptrs += lo * stride_vt
     for start_n in range(lo, hi, BLOCK_N):
@@ -372,50 +414,52 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED
                         H, T,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+    # the causal stages step through the diagonal query block in key blocks
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "dq needs BLOCK_M % BLOCK_N == 0")
+    tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of 8, the dropout draw group")
     DTYPE: tl.constexpr = DQ.dtype.element_ty
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     off_b, off_h = bh // H, bh % H
+    # this program's (batch, head) slice of every tensor; from here on only (t, d) offsets (the output's after
+    # the loop, see _attn_fwd_kernel)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+    DO += off_b * stride_dob + off_h * stride_doh
+    LSE += bh * T
+    DELTA += bh * T
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_mask = offs_m < T
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_mask[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
-                 + offs_d[None, :] * stride_dod, mask=row_mask[:, None], other=0.0)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
-                mask=row_mask[:, None], other=0.0)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=row_mask[:, None], other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod, mask=row_mask[:, None], other=0.0)
+    o = tl.load(O + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=row_mask[:, None], other=0.0)
     # delta = rowsum(dO * O) (O as stored, in the input dtype, as FlashAttention does). This kernel owns
     # these rows, so it computes delta here and saves it for the dK/dV kernel, which is launched after it:
     # no separate preprocess launch and no extra pass over O and dO.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(DELTA + bh * T + offs_m, delta, mask=row_mask)
+    tl.store(DELTA + offs_m, delta, mask=row_mask)
     q, do = _operand(q, DTYPE, ROUNDING), _operand(do, DTYPE, ROUNDING)
-    lse = tl.load(LSE + bh * T + offs_m, mask=row_mask, other=0.0) * 1.4426950408889634
-    kT_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-    vT_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
+    lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0) * LOG2E
+    kT_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
+    vT_ptrs = V + offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if CAUSAL:
-        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                0, start_m, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
-                                BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
-        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale, SEED, bh, T, DROP_THRESHOLD,
-                                DROPOUT_SCALE, BLOCK_M, BLOCK_N, True, True, DROPOUT, ROUNDING)
-    else:
-        full = (T // BLOCK_N) * BLOCK_N
-        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                0, full, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
-                                BLOCK_M, BLOCK_N, False, False, DROPOUT, ROUNDING)
-        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, offs_m,
-                                full, T, qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE,
-                                BLOCK_M, BLOCK_N, False, True, DROPOUT, ROUNDING)
+    # the whole key blocks unmasked, then the diagonal block (causal) or the key tail, masked
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
+                            SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE, STAGE=STAGE_FULL, CAUSAL=CAUSAL,
+                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
+                            SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
+                            CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
 
     dq *= sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd,
-             _stored(dq, DTYPE, ROUNDING), mask=row_mask[:, None])
+    DQ += off_b * stride_dqb + off_h * stride_dqh
+    tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, _stored(dq, DTYPE, ROUNDING),
+             mask=row_mask[:, None])
 
 
 @triton.jit
@@ -437,9 +481,10 @@ def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, BLOCK_R: tl.constexpr, B
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed by (compute capability major, head dim, is fp32).
 # fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv needs BLOCK_N % BLOCK_M == 0 (the causal stages step through
 # the diagonal block in the smaller block); BLOCK_N (the key block of every kernel) must be a multiple of
-# 8, the dropout draw group. Chosen with `python -m bench.compile_report`: the largest tiles
-# that compile with dropout (Philox costs registers) without spilling, using wgmma on sm_90 (whose M is
-# BLOCK_M for fwd/dq and BLOCK_N for dkdv, so those stay >= 64 per warpgroup).
+# 8, the dropout draw group (the kernels check both with tl.static_assert). Chosen with
+# `python -m bench.compile_report`: the largest tiles that compile with dropout (Philox costs registers) without
+# spilling, using wgmma on sm_90 (whose M is BLOCK_M for fwd/dq and BLOCK_N for dkdv, so those stay >= 64 per
+# warpgroup).
 _SMALL_D = (16, 32, 64)
 _CONFIGS = {
     **{(9, d, False): dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)) for d in _SMALL_D},
@@ -487,10 +532,11 @@ def _compile_specs():
                 if not dropout:
                     consts["SEED"] = None
                 name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''}"
-                specs.append((name, fn, sig, consts, num_warps, num_stages, (major * 10,)))
-    specs.append(("attn_dropout_mask", _dropout_mask_kernel,
-                  dict(MASK="*i8:16", SEED="*i64:16", DROP_THRESHOLD="i32", T="i32:16"),
-                  dict(BLOCK_R=16, BLOCK_C=128), 4, 1))
+                specs.append(dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps,
+                                  num_stages=num_stages, archs=(major * 10,)))
+    specs.append(dict(name="attn_dropout_mask", fn=_dropout_mask_kernel,
+                      signature=dict(MASK="*i8:16", SEED="*i64:16", DROP_THRESHOLD="i32", T="i32:16"),
+                      constexprs=dict(BLOCK_R=16, BLOCK_C=128), num_warps=4, num_stages=1))
     return specs
 
 
@@ -541,15 +587,12 @@ def _check_inputs(q, k, v, dropout_p=0.0):
         raise ValueError(f"fused_attention: dropout_p must be in [0, 1), got {dropout_p}")
 
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _rounding(q):
     """The ROUNDING constexpr of the kernels (see _operand): TF32 operands for fp32 on a GPU, bit-exact bf16
     rounding under the interpreter; otherwise a plain cast to the input dtype."""
-    if q.dtype == torch.float32 and not _INTERPRET:
+    if q.dtype == torch.float32 and not INTERPRET:
         return "tf32"
-    return "bf16" if q.dtype == torch.bfloat16 and _INTERPRET else "none"
+    return "bf16" if q.dtype == torch.bfloat16 and INTERPRET else "none"
 
 
 def _dropout_args(dropout_p):
@@ -596,7 +639,7 @@ def _forward(q, k, v, causal, sm_scale, dropout_p, seed, config=None):
         return o, lse
     block_m, block_n, num_warps, num_stages = (config or _config(q))["fwd"]
     grid = (triton.cdiv(T, block_m), B * H)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, sm_scale * LOG2E, seed, *_dropout_args(dropout_p),
+    _attn_fwd_kernel[grid](q, k, v, o, lse, sm_scale * LOG2E.value, seed, *_dropout_args(dropout_p),
                            *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
                            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
                            ROUNDING=_rounding(q), num_warps=num_warps, num_stages=num_stages)
@@ -619,7 +662,7 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, seed, config=Non
         return dq, dk, dv
     cfg = config or _config(q)
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dq kernel, read by the dK/dV kernel
-    args = (sm_scale * LOG2E, sm_scale, seed, *_dropout_args(dropout_p))
+    args = (sm_scale * LOG2E.value, sm_scale, seed, *_dropout_args(dropout_p))
     common = dict(HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q))
     # dq first: it also computes delta, which the dK/dV kernel (next on the same stream) reads
     block_m, block_n, num_warps, num_stages = cfg["dq"]

@@ -61,12 +61,13 @@ Limits and side effects:
 """
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels._common import INTERPRET, LOG2E, round_fp32
 
 _REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -83,16 +84,12 @@ _CHUNK_ALIGN = 128  # default chunks are whole multiples of this many rows
 # fused_linear_cross_entropy pads the vocabulary to a multiple of this (see linear_cross_entropy_chunks):
 # 64 classes are 128 bytes in bf16, so each padded logits row starts on its own cache line.
 _VOCAB_ALIGN = 64
-# Triton's CPU interpreter truncates fp32 -> bf16 (measured with triton 3.9) where the GPU rounds to
-# nearest even; round by hand there so that interpreter runs show the GPU's numerics.
-_INTERPRET_RTNE = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def _row_stats(ROW, n_cols, row_len, BLOCK_V: tl.constexpr):
     """One pass over a row: running max m, sum of exp(x - m), and sum of x (for label smoothing).
     Columns [n_cols, row_len) are read (see _cross_entropy_kernel) but count as -inf."""
-    LOG2E: tl.constexpr = 1.4426950408889634
     m = tl.full([], float("-inf"), tl.float32)
     d = tl.zeros([], dtype=tl.float32)
     x_sum = tl.zeros([], dtype=tl.float32)
@@ -109,18 +106,9 @@ def _row_stats(ROW, n_cols, row_len, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _round_bf16_rtne(x):
-    """fp32 values already rounded to the nearest bf16 (ties to even), still stored as fp32."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _write_row_grad(ROW, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.constexpr, RTNE_BF16: tl.constexpr):
     """Second pass: overwrite the row with scale * (softmax - (1 - eps) onehot(y) - eps / V), and
     columns [n_cols, row_len) with 0."""
-    LOG2E: tl.constexpr = 1.4426950408889634
     inv_d = 1.0 / d
     smooth = eps / n_cols
     for start in range(0, row_len, BLOCK_V):
@@ -132,7 +120,7 @@ def _write_row_grad(ROW, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.const
         g = tl.where(cols == y, g - (1.0 - eps), g) * scale
         g = tl.where(cols < n_cols, g, 0.0)
         if RTNE_BF16:
-            g = _round_bf16_rtne(g)
+            g = round_fp32(g, 16)  # the interpreter would truncate
         tl.store(ROW + cols, g.to(ROW.dtype.element_ty), mask=mask)
 
 
@@ -196,7 +184,7 @@ def _scale_grad_kernel(GRAD, stride_row, row_len, GRAD_OUT, stride_go, POST_SCAL
         mask = cols < row_len
         g = tl.load(ROW + cols, mask=mask, other=0.0).to(tl.float32) * factor
         if RTNE_BF16:
-            g = _round_bf16_rtne(g)
+            g = round_fp32(g, 16)  # the interpreter would truncate
         tl.store(ROW + cols, g.to(ROW.dtype.element_ty), mask=mask)
 
 
@@ -256,7 +244,7 @@ def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, r
         logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
         grad_scale if compute_grad else loss, n_cols, row_len, ignore_index, eps,
         BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, HAS_ROW_SCALE=row_scale is not None,
-        RTNE_BF16=_INTERPRET_RTNE and logits.dtype == torch.bfloat16, num_warps=_NUM_WARPS,
+        RTNE_BF16=INTERPRET and logits.dtype == torch.bfloat16, num_warps=_NUM_WARPS,
     )
 
 
@@ -323,7 +311,7 @@ def cross_entropy_backward(grad_logits, grad_output, post_scale):
     stride_go = grad_output.stride(0) if grad_output.dim() else 0
     _scale_grad_kernel[(n_rows,)](grad_logits, grad_logits.stride(0), row_len, grad_output, stride_go, post_scale,
                                   BLOCK_V=min(triton.next_power_of_2(row_len), _MAX_BLOCK_V),
-                                  RTNE_BF16=_INTERPRET_RTNE and grad_logits.dtype == torch.bfloat16,
+                                  RTNE_BF16=INTERPRET and grad_logits.dtype == torch.bfloat16,
                                   num_warps=_NUM_WARPS)
     return grad_logits
 

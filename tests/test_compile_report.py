@@ -64,3 +64,17 @@ def test_sass_counts():
         /*0a70*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
         /*0a80*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;"""
     assert sass_counts(sass) == {"STL": 1, "LDL": 1, "HGMMA": 1, "HMMA": 1}
+
+
+def test_compile_specs_are_dicts_naming_every_argument():
+    import importlib
+
+    from bench.compile_report import SPEC_MODULES, _normalize
+
+    for mod_name in SPEC_MODULES:
+        for spec in importlib.import_module(mod_name).COMPILE_SPECS:
+            assert isinstance(spec, dict), (mod_name, spec)
+            spec = _normalize(spec)
+            assert set(spec["signature"]) | set(spec["constexprs"]) == set(spec["fn"].arg_names), spec["name"]
+    with pytest.raises(ValueError, match="missing"):
+        _normalize({"name": "x", "fn": None})
