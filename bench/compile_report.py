@@ -207,7 +207,9 @@ def main(argv=None):
                "(spills)")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"# Compile report\n\n{format_markdown(rows)}\n\n{summary}\n")
+            import triton
+
+            f.write(f"# Compile report (triton {triton.__version__})\n\n{format_markdown(rows)}\n\n{summary}\n")
     print(f"\n{summary}")
     return 1 if bad else 0
 

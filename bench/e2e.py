@@ -5,17 +5,18 @@
 The paper's 117M model (12 layers, C=768, 12 heads, V=40478, dropout 0.1) at T=512, micro batch 32, bf16, one
 GPU. Each row is a Recipe:
 - runtime "deepspeed": our training path, built as gpt1.train builds it: gpt1.runtime.load_ds_config of
-  ds_configs/zero<N>_bf16.json, runtime.lean_checks, runtime.build_engine (GuardedAdamW: fused AdamW,
-  clipping and a non-finite guard without a host sync), runtime.compile_module (the model's forward through
-  Inductor, fullgraph under ZeRO 0-2); the step is `loss = engine(x, labels=y).loss; engine.backward(loss);
-  engine.step()`.
+  ds_configs/zero<N>_bf16.json (precision "bf16": bf16 weights, DeepSpeed's fp32 master copy) or
+  zero<N>_autocast_bf16.json (precision "autocast": fp32 weights under DeepSpeed's torch_autocast),
+  runtime.lean_checks, runtime.build_engine (GuardedAdamW: fused AdamW, clipping and a non-finite guard without a
+  host sync), runtime.compile_module (the model's forward through Inductor, fullgraph under ZeRO 0-2); the step is
+  `loss = engine(x, labels=y).loss; engine.backward(loss); engine.step()`.
 - runtime "torch": the nanoGPT recipe, plain PyTorch without DeepSpeed: fp32 weights under
   torch.autocast(bfloat16), torch.optim.AdamW(fused=True), clip_grad_norm_(1.0), torch.compile(model); with SDPA
   and the eager loss that is the peer ("nanoGPT recipe"), with our kernels a row of ours.
-ROWS runs the peer first, then our default path (ZeRO-2, triton/triton_linear, compiled), ZeRO-0 and 1, the
-variants, and ZeRO-3 last (its compile is split at every parameter-gathering hook and takes longest), so that a
-time budget drops the least telling rows. torch.compile runs with dynamo's default recompile limits here, even
-inside bench.run_all, whose op benches raise them.
+ROWS runs the peer first, then our default path (ZeRO-2, triton/triton_linear, compiled), ZeRO-0 and ZeRO-2 under
+torch_autocast, ZeRO-0 and 1, the variants, and ZeRO-3 last (its compile is split at every parameter-gathering
+hook and takes longest), so that a time budget drops the least telling rows. torch.compile runs with dynamo's
+default recompile limits here, even inside bench.run_all, whose op benches raise them.
 
 Per row, after --warmup steps (the first pays the compile): --steps timed steps. On a GPU each step's time is
 the interval between CUDA events recorded after consecutive steps, with no synchronize in between (the loop
@@ -53,6 +54,8 @@ class Recipe:
     compile: bool | None  # torch.compile the model; None: gpt1.train's default (on a GPU)
     zero: int | None = 2  # ZeRO stage of the deepspeed runtime
     role: str = common.OURS  # ours, peer or eager (bench.common.add_ratios)
+    precision: str = "bf16"  # deepspeed runtime: "bf16" (DeepSpeed's bf16: bf16 weights, an fp32 master copy in
+    # the optimizer) or "autocast" (fp32 weights under DeepSpeed's torch_autocast in bf16, the nanoGPT recipe's)
 
 
 NANOGPT = Recipe("nanoGPT recipe", "torch", "sdpa", "eager", True, None, "peer")
@@ -60,6 +63,7 @@ DEFAULT = Recipe("ours ZeRO-2 (default)", "deepspeed", "triton", "triton_linear"
 ROWS = (
     NANOGPT,
     DEFAULT,
+    *(replace(DEFAULT, name=f"ours ZeRO-{z} autocast", zero=z, precision="autocast") for z in (0, 2)),
     *(replace(DEFAULT, name=f"ours ZeRO-{z}", zero=z) for z in (0, 1)),
     Recipe("torch + our kernels", "torch", "triton", "triton_linear", True, None),
     replace(DEFAULT, name="ours ZeRO-2 uncompiled", compile=False),
@@ -70,8 +74,11 @@ ROWS = (
 )
 
 
-def ds_config_path(zero):
-    return os.path.join(ROOT, "ds_configs", f"zero{zero}_bf16.json")
+def ds_config_path(zero, precision="bf16"):
+    """ds_configs/zero<N>_bf16.json, or zero<N>_autocast_bf16.json for precision "autocast"."""
+    if precision not in ("bf16", "autocast"):
+        raise ValueError(f"precision must be bf16 or autocast, got {precision!r}")
+    return os.path.join(ROOT, "ds_configs", f"zero{zero}_{'autocast_bf16' if precision == 'autocast' else 'bf16'}.json")
 
 
 def settings(smoke, micro_batch=None, steps=None):
@@ -101,11 +108,12 @@ def resolve(recipe, device=None):
 
 def describe(recipe, s):
     """The row's columns that say what ran."""
-    runtime = (f"DeepSpeed ZeRO-{recipe.zero}" if recipe.runtime == "deepspeed"
-               else "torch (autocast bf16, fused AdamW)")
+    runtime = (f"DeepSpeed ZeRO-{recipe.zero}{' torch_autocast' if recipe.precision == 'autocast' else ''}"
+               if recipe.runtime == "deepspeed" else "torch (autocast bf16, fused AdamW)")
     text = (f"{runtime}, {recipe.attn}/{recipe.loss}, {'compiled' if recipe.compile else 'not compiled'}; "
             f"{s['preset']} (V={s['vocab_size']}) T={s['seq_len']} micro batch {s['micro_batch']}, bf16, 1 rank")
     return {"recipe": asdict(recipe), "runtime": recipe.runtime, "zero": recipe.zero, "compiled": recipe.compile,
+            "precision": recipe.precision if recipe.runtime == "deepspeed" else "autocast",
             "attn_impl": recipe.attn, "loss_impl": recipe.loss, "description": text}
 
 
@@ -128,7 +136,7 @@ def deepspeed_step(model, recipe, s, smoke, dev, inputs, labels):
 
     from gpt1 import runtime
 
-    ds = runtime.load_ds_config(ds_config_path(recipe.zero), 1, micro_batch_size=s["micro_batch"],
+    ds = runtime.load_ds_config(ds_config_path(recipe.zero, recipe.precision), 1, micro_batch_size=s["micro_batch"],
                                 gradient_accumulation_steps=1)
     ds, max_grad_norm = runtime.lean_checks(ds)
     engine, _, _ = runtime.build_engine(model, ds, lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=max_grad_norm,
@@ -349,7 +357,13 @@ def _pct(key):
     return cell
 
 
-COLUMNS = [("row", "provider"), ("runtime", lambda r: f"ZeRO-{r['zero']}" if r["runtime"] == "deepspeed" else "torch"),
+def _runtime_cell(r):
+    if r["runtime"] != "deepspeed":
+        return "torch"
+    return f"ZeRO-{r['zero']}" + (" autocast" if r.get("precision") == "autocast" else "")
+
+
+COLUMNS = [("row", "provider"), ("runtime", _runtime_cell),
            ("kernels (attn/loss)", lambda r: f"{r['attn_impl']}/{r['loss_impl']}"),
            ("compiled", lambda r: "yes" if r["compiled"] else "no"),
            ("step ms", common.value_or_status("ms", 4)), ("p20-p80", common.spread_cell),

@@ -3,7 +3,7 @@
     python -m bench.profile_step                     # our default path: DeepSpeed ZeRO-2, bf16, auto kernels
     python -m bench.profile_step --peer              # the nanoGPT recipe (bench.e2e's peer)
     python -m bench.profile_step [--recipe deepspeed|torch] [--attn-impl A] [--loss-impl L] [--compile|--no-compile]
-                                 [--zero N] [--steps 5] [--smoke] [--json FILE]
+                                 [--zero N] [--precision bf16|autocast] [--steps 5] [--smoke] [--json FILE]
 
 The step is bench.e2e's, built the same way (gpt1.runtime for the DeepSpeed path, as gpt1.train builds it).
 Defaults follow gpt1.train: attention and loss "auto" (our Triton kernels on a GPU, SDPA and the eager loss
@@ -229,6 +229,9 @@ def parse_args(argv):
     parser.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on a GPU, off on a CPU)")
     parser.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage (deepspeed recipe)")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "autocast"),
+                        help="deepspeed recipe: bf16 (ds_configs/zero<N>_bf16.json) or autocast "
+                             "(zero<N>_autocast_bf16.json: fp32 weights under torch_autocast)")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps on a GPU (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5 on a GPU, 2 on a CPU)")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step")
@@ -269,7 +272,7 @@ def main(argv=None):
         recipe = e2e.NANOGPT
     else:
         recipe = e2e.Recipe("profiled", args.recipe, args.attn_impl, args.loss_impl, args.compile,
-                            args.zero if args.recipe == "deepspeed" else None)
+                            args.zero if args.recipe == "deepspeed" else None, precision=args.precision)
     a = profile_recipe(e2e.resolve(recipe), args.smoke, not torch.cuda.is_available(), args.steps, args.warmup,
                        args.micro_batch)
     print(format_anatomy(a, f"profile_step: {a['description']}; {a['gpu']}; commit {a['commit']}"))

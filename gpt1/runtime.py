@@ -107,17 +107,31 @@ def lean_checks(ds):
     - Under ZeRO-1/2 in bf16 or fp32, DeepSpeed's per-gradient overflow check and fp64 norm (a few kernels and
       a host sync per parameter) are turned off and their work (the non-finite guard, clipping to the config's
       gradient_clipping) moves into GuardedAdamW, which does it in O(1) kernels without a host sync.
-    Elsewhere DeepSpeed keeps its checks and clips itself (max_grad_norm 0): fp16's loss scaler needs them,
-    ZeRO-3 cannot turn them off, and ZeRO-0 wraps a client optimizer in its unfused mixed-precision optimizer,
-    whose overflow check reads one flag per parameter on the host (ZeRO-1/2 are the fast stages)."""
+    - Under ZeRO-0 without DeepSpeed's bf16/fp16 (fp32 weights, or fp32 weights under "torch_autocast" in
+      bf16: the nanoGPT recipe's precision), DeepSpeed calls GuardedAdamW directly; its clipping (a norm per
+      parameter) moves into GuardedAdamW likewise.
+    Elsewhere DeepSpeed keeps its checks and clips itself (max_grad_norm 0): fp16's loss scaler (and
+    torch_autocast's GradScaler in fp16) needs them, ZeRO-3 cannot turn them off, and ZeRO-0 in bf16 wraps a
+    client optimizer in its unfused mixed-precision optimizer, whose overflow check reads one flag per
+    parameter on the host."""
     ds = {**ds, "timers": {"throughput": {"enabled": False}, **ds.get("timers", {})}}
-    if zero_stage(ds) not in (1, 2) or ds.get("fp16", {}).get("enabled"):
+    stage, bf16 = zero_stage(ds), ds.get("bf16", {}).get("enabled", False)
+    fp16 = ds.get("fp16", {}).get("enabled", False) or (
+        torch_autocast(ds) and ds["torch_autocast"].get("dtype", "bfloat16") in ("float16", "fp16", "half"))
+    if fp16 or stage == 3 or (stage == 0 and bf16):
         return ds, 0.0
     max_grad_norm = float(ds.get("gradient_clipping", 0.0))
-    ds = {**ds, "gradient_clipping": 0.0, "zero_optimization": {**ds["zero_optimization"], "compute_grad_norm": False}}
-    if ds.get("bf16", {}).get("enabled"):
+    ds = {**ds, "gradient_clipping": 0.0}
+    if stage in (1, 2):
+        ds["zero_optimization"] = {**ds["zero_optimization"], "compute_grad_norm": False}
+    if bf16:
         ds["bf16"] = {**ds["bf16"], "check_grad_overflow": False}
     return ds, max_grad_norm
+
+
+def torch_autocast(ds):
+    """Whether the config runs the model under DeepSpeed's torch.autocast (fp32 weights, 16-bit compute)."""
+    return bool(ds.get("torch_autocast", {}).get("enabled", False))
 
 
 def build_engine(model, ds, *, lr, weight_decay=0.01, max_grad_norm=1.0, lr_lambda=None, tied_weight=None):
@@ -135,6 +149,10 @@ def build_engine(model, ds, *, lr, weight_decay=0.01, max_grad_norm=1.0, lr_lamb
                              max_grad_norm=max_grad_norm)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    if zero_stage(ds) == 0 and dist.get_world_size() == 1:
+        # one rank has nothing to average: skip ZeRO-0's all-reduce, which would still flatten every gradient
+        # into a bucket and copy it back (and, under torch_autocast, round it to bf16 on the way)
+        engine.enable_backward_allreduce = False
     if tied_weight is not None and zero_stage(ds) == 3:
         deepspeed.zero.register_external_parameter(engine.module, tied_weight)
     optimizer.attach(engine, zero_stage(ds))

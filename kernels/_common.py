@@ -1,8 +1,10 @@
 """Pieces shared by the Triton kernel files: the exp2/log2 constants, bit-exact rounding of fp32 values to
-bf16 or TF32, and whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRET=1)."""
+bf16 or TF32, whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRET=1), and torch.autocast's
+cast of a matmul's inputs."""
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -26,3 +28,15 @@ def round_fp32(x, DROP_BITS: tl.constexpr):
         tl.static_assert(DROP_BITS == 13)
         bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
     return bits.to(tl.float32, bitcast=True)
+
+
+def autocast_inputs(*tensors):
+    """The tensors as torch.autocast hands them to a matmul (F.linear, SDPA): floating ones cast to the
+    autocast dtype when autocast is on for their device type; unchanged otherwise (None passes through).
+    Without it an fp32 input under autocast (a LayerNorm's output, an fp32 master weight) would run the
+    kernels and their matmuls in fp32. The cast is differentiable: its gradient returns in the input's dtype."""
+    device_type = next(t.device.type for t in tensors if t is not None)
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

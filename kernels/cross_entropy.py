@@ -67,7 +67,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, LOG2E, round_fp32
+from kernels._common import INTERPRET, LOG2E, autocast_inputs, round_fp32
 
 _REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -649,10 +649,12 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
 
     hidden (N, C), weight (V, C), bias (V,) or None, target (N,) int64; fp32 loss. chunk_size rows of
     logits exist at a time (default: _default_chunk_size). The gradients are computed in the forward.
+    Under torch.autocast the inputs are cast to its dtype first, as F.linear casts them.
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size}")
     _check_options(ignore_index, label_smoothing, reduction)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)  # as F.linear under torch.autocast
     _check_linear_inputs(hidden, weight, target, bias)
     _check_target(target, hidden.shape[0], weight.shape[0], ignore_index)
     grad = torch.is_grad_enabled()

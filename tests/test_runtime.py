@@ -108,6 +108,49 @@ def test_lean_checks_keep_deepspeeds_where_it_needs_them():
     assert lean_checks(kept)[0]["timers"] == kept["timers"]  # a config's own choice stands
 
 
+def test_lean_checks_under_torch_autocast():
+    """ZeRO-0 under torch_autocast in bf16 hands the gradients to GuardedAdamW as fp32 training does: the
+    clipping moves there; in fp16 DeepSpeed's GradScaler needs its own clipping (after unscaling) and keeps it."""
+    for stage in (0, 1, 2):
+        ds = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "gradient_clipping": 1.0,
+              "zero_optimization": {"stage": stage}}
+        lean, clip = lean_checks(ds)
+        assert clip == 1.0 and lean["gradient_clipping"] == 0.0
+        assert ("compute_grad_norm" in lean["zero_optimization"]) == (stage > 0)
+    fp16 = {"torch_autocast": {"enabled": True, "dtype": "float16"}, "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": 0}}
+    assert lean_checks(fp16)[1] == 0.0
+
+
+def test_zero0_torch_autocast_is_the_nanogpt_recipe(dist_env):
+    """DeepSpeed ZeRO-0 with torch_autocast (bf16) on one rank takes the same steps as plain PyTorch's
+    torch.autocast + AdamW + clip_grad_norm_: fp32 weights and gradients, nothing rounded in between (the
+    one-rank all-reduce, which would round the gradients to bf16, is skipped)."""
+    torch.manual_seed(0)
+    model, data = GPT1(GPT1Config(**{**SMALL, "attn_impl": "sdpa"})), batches(3)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.AdamW(param_groups(ref, WD), lr=LR, betas=(0.9, 0.999), eps=1e-8)
+    for w in data:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ref(w[:, :-1], labels=w[:, 1:]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)
+        opt.step()
+    ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+          "torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "zero_optimization": {"stage": 0},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    ds, max_grad_norm = lean_checks(ds)
+    engine, optimizer, _ = build_engine(model, ds, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm)
+    assert engine.optimizer is optimizer and not engine.enable_backward_allreduce
+    for w in data:
+        engine.backward(engine(w[:, :-1], labels=w[:, 1:]).loss)
+        engine.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.dtype == torch.float32
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_compile_is_refused_under_zero3():
     engine = SimpleNamespace(device=torch.device("cpu"), module=torch.nn.Linear(2, 2))
     assert compile_module(engine, None, 3) is False and compile_module(engine, False, 2) is False

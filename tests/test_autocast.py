@@ -1,0 +1,98 @@
+"""The kernels under torch.autocast: their inputs are cast to the autocast dtype as F.linear and SDPA cast theirs
+(kernels._common.autocast_inputs), so fp32 inputs (a LayerNorm's output, fp32 master weights) do not run the
+kernels and their matmuls in fp32. Under autocast a call on fp32 leaves must equal the call on the same values
+cast by hand, in eager mode and compiled, and the gradients must come back in fp32."""
+
+import pytest
+import torch
+from helpers import assert_close
+
+from gpt1 import GPT1, get_config
+from kernels import fused_attention, fused_cross_entropy, fused_linear_cross_entropy
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+def _cast_by_hand_vs_autocast(fn, inputs, device, compiled=False):
+    """(output, grads) of fn on bf16 copies of the fp32 inputs without autocast, and of fn on the fp32 inputs
+    under autocast (compiled with fullgraph if asked); the gradients of the latter are checked to be fp32."""
+    torch._dynamo.reset()
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*[t.to(BF16) for t in leaves])
+    grads = torch.autograd.grad(out.float().sum(), leaves)
+    leaves_ac = [t.detach().clone().requires_grad_() for t in inputs]
+    run = torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn
+    with torch.autocast(device, dtype=BF16):
+        out_ac = run(*leaves_ac)
+    grads_ac = torch.autograd.grad(out_ac.float().sum(), leaves_ac)
+    assert out_ac.dtype == out.dtype
+    assert all(g.dtype == FP32 for g in grads_ac)
+    return (out, grads), (out_ac, grads_ac)
+
+
+def _assert_same(expected, actual):
+    (out, grads), (out_ac, grads_ac) = expected, actual
+    assert_close(out_ac, out, atol=0, rtol=0, name="output")
+    for i, (g, g_ac) in enumerate(zip(grads, grads_ac)):
+        # the autocast cast's backward rounds nothing: the bf16 gradient upcast to fp32 is exact
+        assert_close(g_ac, g.float(), atol=0, rtol=0, name=f"grad {i}")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_attention_casts_like_sdpa(compiled, device):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 24, 16, device=device) for _ in range(3))
+    fn = lambda q, k, v: fused_attention(q, k, v, causal=True)  # noqa: E731
+    _assert_same(*_cast_by_hand_vs_autocast(fn, (q, k, v), device, compiled))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_casts_like_linear(compiled, with_bias, device):
+    torch.manual_seed(0)
+    h, w = torch.randn(40, 32, device=device), torch.randn(70, 32, device=device) * 0.1
+    b = torch.randn(70, device=device)
+    target = torch.randint(0, 70, (40,), device=device)
+    if with_bias:
+        fn = lambda h, w, b: fused_linear_cross_entropy(h, w, target, bias=b)  # noqa: E731
+        inputs = (h, w, b)
+    else:
+        fn = lambda h, w: fused_linear_cross_entropy(h, w, target)  # noqa: E731
+        inputs = (h, w)
+    _assert_same(*_cast_by_hand_vs_autocast(fn, inputs, device, compiled))
+
+
+def test_cross_entropy_keeps_the_logits_dtype(device):
+    """F.cross_entropy runs in fp32 under autocast; ours reads the logits as they come and computes in fp32, so
+    autocast changes nothing: bf16 logits stay bf16 (no fp32 copy of an N x V tensor)."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(16, 50, device=device, dtype=BF16), torch.randint(0, 50, (16,), device=device)
+    plain = fused_cross_entropy(logits.clone().requires_grad_(), target)
+    x = logits.clone().requires_grad_()
+    with torch.autocast(device, dtype=BF16):
+        loss = fused_cross_entropy(x, target)
+    loss.backward()
+    assert x.grad.dtype == BF16
+    assert_close(loss, plain, atol=0, rtol=0, name="loss")
+
+
+def test_model_under_autocast_matches_the_torch_path(device):
+    """gpt1-tiny with fp32 weights under autocast (the nanoGPT recipe's precision): our attention and linear loss
+    against SDPA and the eager loss, within bf16 rounding, with fp32 gradients for the fp32 weights."""
+    losses, grads = {}, {}
+    for attn, loss_impl in (("sdpa", "eager"), ("triton", "triton_linear")):
+        torch.manual_seed(0)
+        cfg = get_config("gpt1-tiny", vocab_size=97, attn_impl=attn, loss_impl=loss_impl, attn_pdrop=0.0,
+                         resid_pdrop=0.0, embd_pdrop=0.0)
+        model = GPT1(cfg).to(device)
+        ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
+        with torch.autocast(device, dtype=BF16):
+            loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+        loss.backward()
+        losses[attn] = loss.detach()
+        grads[attn] = model.tokens_embed.weight.grad
+    assert_close(losses["triton"], losses["sdpa"], atol=2e-2, rtol=0, name="loss")
+    ours = grads["triton"]
+    assert ours.dtype == FP32
+    scale = grads["sdpa"].abs().max()
+    assert (ours - grads["sdpa"]).abs().max() <= 0.05 * scale
