@@ -7,6 +7,7 @@ only when it logs.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -58,7 +59,24 @@ def init_distributed():
     device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        _unlink_shm_buffer()
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _unlink_shm_buffer():
+    """DeepSpeed's CPU all-reduce (its shm op, used when every rank is on this machine) creates one shared-memory
+    file per rank, /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>, maps every rank's, and never
+    removes them: each run would leave about 66 MB per rank in /dev/shm (RAM) until the machine restarts. Once
+    every rank has mapped them all (inside deepspeed.init_distributed; the barrier waits for the last), each
+    rank removes its own name; the mappings stay valid until the processes exit."""
+    if os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):  # DeepSpeed's own test: the op is not in use
+        return
+    dist.barrier()  # on every rank alike
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name)
 
 
 def load_ds_config(path, world_size, micro_batch_size=0, gradient_accumulation_steps=0):
