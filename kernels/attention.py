@@ -14,13 +14,17 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   no atomics, so two backward passes on the same inputs give bitwise identical gradients.
 - Dropout (GPT-1 trains with attn_pdrop=0.1; the tutorial and FlashAttention-3 have none): one
   Philox-4x32-10 call with counter (j // 8, i, b*H + h, seed) gives eight 16-bit draws, for columns j of row i
-  in one group of 8; element (b, h, i, j) is kept iff its draw >= round(p * 65536) (see _dropout_keep), so
+  in one group of 8; element (b, h, i, j) is kept iff its draw >= round(p * 65536) (see _dropout_words), so
   the dropout rate is p quantized to 1/65536 (FlashAttention-2 uses 8-bit draws, 1/256); kept values are
-  scaled by 1/(1 - p). The mask is generated in the forward, regenerated in both backward kernels, never
-  stored. The 32-bit seed is a 1-element int64 tensor drawn with torch.randint on the inputs' device (so
-  torch.manual_seed reproduces it) and read by the kernels with tl.load: no host sync, and under
-  torch.compile a graph tensor, so neither a recompile per value nor a value frozen into a CUDA graph.
-  `attention_dropout_mask` rebuilds the mask of a seed for tests.
+  scaled by 1/(1 - p). The mask is drawn once, in the forward, which also stores it packed, one bit per
+  score (a (B*H, T, W) uint8 tensor, W = T/8 rounded up to 16 bytes: 12 MiB per layer at GPT-1's B=32,
+  T=512); both backward kernels read their tiles' bits instead of running Philox again, so a training step
+  draws each score's dropout once where regenerating it would draw it three times. The 32-bit seed is a
+  1-element int64 tensor drawn with torch.randint on the inputs' device (so torch.manual_seed reproduces it)
+  and read by the forward with tl.load: no host sync, and under torch.compile a graph tensor, so neither a
+  recompile per value nor a value frozen into a CUDA graph.
+  `attention_dropout_mask` rebuilds the mask of a seed for tests; `attention_backward` (the seed API)
+  rebuilds the packed one.
 
 Dtypes: fp16, bf16 and fp32 inputs; outputs and gradients are in the input dtype. Dot products take
 their operands in the input dtype and accumulate in fp32; all elementwise math is fp32. fp32 inputs use
@@ -31,8 +35,9 @@ Shapes: q, k, v of shape (B, H, T, D) with any strides (the model passes permute
 qkv projection); D in {16, 32, 64, 128}; any T >= 1, B, H >= 1. The output is laid out as (B, T, H, D)
 and returned as a (B, H, T, D) view, so the model's transpose back to (B, T, C) is free.
 
-Operators: `gpt1_kernels::attention(q, k, v, seed?, causal, softmax_scale, dropout_p) -> (o, lse)` and
-`gpt1_kernels::attention_backward(do, q, k, v, o, lse, seed?, causal, softmax_scale, dropout_p) -> (dq, dk, dv)`,
+Operators: `gpt1_kernels::attention(q, k, v, seed?, causal, softmax_scale, dropout_p) -> (o, lse, mask)` (mask:
+the packed keep-mask, empty without dropout) and
+`gpt1_kernels::attention_backward(do, q, k, v, o, lse, mask?, causal, softmax_scale, dropout_p) -> (dq, dk, dv)`,
 torch.library custom ops with fake (meta) implementations of the real output strides (o is the (B, H, T, D)
 view of a (B, T, H, D) buffer) and the backward registered with register_autograd, so
 torch.compile(fullgraph=True) traces fused_attention forward and backward without a graph break; Inductor
@@ -43,7 +48,8 @@ config lookup, the seed draw (only with dropout) and the output allocation.
 
 Limits: self-attention only (q, k, v share T); B*H <= 65535 (CUDA grid y); offsets within one
 (batch, head) slice (T * stride of T) must fit in int32; the dropout mask costs one Philox call per 8
-scores; a dropout p below 2^-17 rounds to no dropout. Under torch.compile, causal, softmax_scale and dropout_p
+scores in the forward and T * W bytes per (batch, head) until the backward; a dropout p below 2^-17 rounds to
+no dropout. Under torch.compile, causal, softmax_scale and dropout_p
 are constants of the graph (a new value recompiles); the seed is not.
 Launch configurations come from a table keyed by (arch, head dim, fp32 or not); see `_CONFIGS`. Under the
 Triton interpreter (TRITON_INTERPRET=1, CPU tests) bf16 dot operands are rounded by bit arithmetic and fed
@@ -101,13 +107,14 @@ def _stored(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(SEED, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Keep-mask (BLOCK_R, BLOCK_C) of the probabilities (bh, rows, col_start + [0, BLOCK_C)) of one head,
-    col_start a multiple of 8. One Philox-4x32-10 call, counter (j // 8, i, bh, seed) with a fixed key, gives
-    four 32-bit words = eight 16-bit draws u for the columns j = 8*(j // 8) + [0, 8) of row i; element (i, j)
-    is kept iff its u >= DROP_THRESHOLD = round(p * 65536). The mask is a function of (seed, bh, i, j) alone,
-    whatever the block sizes, so the forward and both backward kernels agree; it costs 1/8 of one Philox call
-    per element (tl.rand spends a whole call, 4 words, on each element).
+def _dropout_words(SEED, BH, rows, col_start, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The Philox draws of the probabilities (bh, rows, col_start + [0, BLOCK_C)) of one head, col_start a
+    multiple of 8: four (BLOCK_R, BLOCK_C // 8) uint32 words. One Philox-4x32-10 call, counter
+    (j // 8, i, bh, seed) with a fixed key, gives four 32-bit words = eight 16-bit draws u for the columns
+    j = 8*(j // 8) + [0, 8) of row i: column 8g + 2k + h is the low (h = 0) or high (h = 1) half of word k.
+    Element (i, j) is kept iff its u >= DROP_THRESHOLD = round(p * 65536). The draws are a function of
+    (seed, bh, i, j) alone, whatever the block sizes; 1/8 of one Philox call per element (tl.rand spends a
+    whole call, 4 words, on each element).
     seed is the low 32 bits of the int64 at SEED (see new_dropout_seed), read here, per tile. Held for the whole
     loop, or used as the Philox key (whose ten round keys then are loop-invariant registers rather than
     immediates), it made the tightest configurations spill (sm_90 fp32 D=128 dq, sm_80 16-bit D=64 dkdv)."""
@@ -116,12 +123,68 @@ def _dropout_keep(SEED, BH, rows, col_start, DROP_THRESHOLD, BLOCK_R: tl.constex
     group = (col_start // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)
     c0 = zero + group[None, :]
     c1 = zero + rows.to(tl.uint32)[:, None]
-    r0, r1, r2, r3 = tl.philox(0, c0, c1, zero + BH.to(tl.uint32), zero + tl.load(SEED).to(tl.uint32))
-    # (R, C/8, 2, 2): word k of a group at flat index k; then its low and high halves: (R, C/8, 2, 2, 2), flat
-    # index 2k + half within the group, which the row-major reshape turns into column 8g + 2k + half
-    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    return tl.philox(0, c0, c1, zero + BH.to(tl.uint32), zero + tl.load(SEED).to(tl.uint32))
+
+
+@triton.jit
+def _keep_from_words(r0, r1, r2, r3, DROP_THRESHOLD, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (BLOCK_R, BLOCK_C) keep-mask of _dropout_words' draws."""
+    # join stacks on a new last axis, so (R, C/8, 2, 2)[i, j] holds word 2i + j: word k at flat index k; then
+    # its low and high halves: (R, C/8, 2, 2, 2), flat index 2k + half within the group, which the row-major
+    # reshape turns into column 8g + 2k + half
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
     draws = tl.join(words & 0xFFFF, words >> 16)
     return tl.reshape(draws, [BLOCK_R, BLOCK_C]) >= DROP_THRESHOLD
+
+
+@triton.jit
+def _bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD):
+    """The same keep-mask packed, one uint8 per group of 8 columns: bit b of group g is column 8g + b."""
+    bits = (r0 & 0xFFFF) >= DROP_THRESHOLD
+    bits = bits.to(tl.uint32) | (((r0 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 1)
+    bits |= (((r1 & 0xFFFF) >= DROP_THRESHOLD).to(tl.uint32) << 2) | (((r1 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 3)
+    bits |= (((r2 & 0xFFFF) >= DROP_THRESHOLD).to(tl.uint32) << 4) | (((r2 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 5)
+    bits |= (((r3 & 0xFFFF) >= DROP_THRESHOLD).to(tl.uint32) << 6) | (((r3 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 7)
+    return bits.to(tl.uint8)
+
+
+@triton.jit
+def _packed_mask_ptrs(MASK, W, rows, col_start, T, DIAG: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Pointers to, and the load mask of, the packed keep-mask bytes of rows x [col_start, col_start + BLOCK_C)
+    (row-major rows of W bytes): (BLOCK_R, BLOCK_C // 8), or (BLOCK_C // 8, BLOCK_R) if TRANSPOSED. Only
+    bytes that the forward wrote are read: rows < T, a first column < T, and on the diagonal (DIAG) a first
+    column <= the row (the forward visits every key up to the end of the row's diagonal block)."""
+    groups = col_start // 8 + tl.arange(0, BLOCK_C // 8)
+    if TRANSPOSED:
+        ptrs = MASK + rows[None, :] * W + groups[:, None]
+        ok = (rows[None, :] < T) & (groups[:, None] * 8 < T)
+        if DIAG:
+            ok = ok & (groups[:, None] * 8 <= rows[None, :])
+    else:
+        ptrs = MASK + rows[:, None] * W + groups[None, :]
+        ok = (rows[:, None] < T) & (groups[None, :] * 8 < T)
+        if DIAG:
+            ok = ok & (groups[None, :] * 8 <= rows[:, None])
+    return ptrs, ok
+
+
+@triton.jit
+def _load_keep(MASK, W, rows, col_start, T, DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The forward's keep-mask of rows x [col_start, col_start + BLOCK_C), (BLOCK_R, BLOCK_C), from its bytes."""
+    ptrs, ok = _packed_mask_ptrs(MASK, W, rows, col_start, T, DIAG, BLOCK_R, BLOCK_C, TRANSPOSED=False)
+    bits = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
+    bits = (bits[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # (R, C/8, 8): column 8g + b
+    return tl.reshape(bits, [BLOCK_R, BLOCK_C]) != 0
+
+
+@triton.jit
+def _load_keep_t(MASK, W, rows, col_start, T, DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The same, transposed: (BLOCK_C, BLOCK_R), for the dK/dV kernel's (key, query) tiles."""
+    ptrs, ok = _packed_mask_ptrs(MASK, W, rows, col_start, T, DIAG, BLOCK_R, BLOCK_C, TRANSPOSED=True)
+    bits = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
+    bits = (bits[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1  # (C/8, 8, R): column 8g + b
+    return tl.reshape(bits, [BLOCK_C, BLOCK_R]) != 0
 
 
 @triton.jit
@@ -156,7 +219,7 @@ def _query_range(start_n, T, STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M:
 
 @triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, qk_scale,
-                    SEED, BH, T, DROP_THRESHOLD,
+                    SEED, BH, T, DROP_THRESHOLD, MASK, W,
                     STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = k_ptrs.dtype.element_ty
@@ -188,7 +251,13 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, star
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
+            r0, r1, r2, r3 = _dropout_words(SEED, BH, offs_m, start_n, BLOCK_M, BLOCK_N)
+            # the mask, packed, for the backward: only bytes with a column < T (the buffer's padding is not
+            # written) of rows < T
+            groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
+            tl.store(MASK + offs_m[:, None] * W + groups[None, :], _bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD),
+                     mask=(offs_m[:, None] < T) & (groups[None, :] * 8 < T))
+            p = tl.where(_keep_from_words(r0, r1, r2, r3, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
         acc = tl.dot(_operand(p, DTYPE, ROUNDING), v, acc)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kt
@@ -197,7 +266,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, star
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SCALE,
+def _attn_fwd_kernel(Q, K, V, O, LSE, MASK, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SCALE, W,
                      stride_qb, stride_qh, stride_qt, stride_qd,
                      stride_kb, stride_kh, stride_kt, stride_kd,
                      stride_vb, stride_vh, stride_vt, stride_vd,
@@ -217,6 +286,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SC
     Q += off_b * stride_qb + off_h * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
+    if DROPOUT:
+        MASK += bh * T * W
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -231,10 +302,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SC
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # the whole key blocks unmasked, then the diagonal block (causal) or the key tail, masked
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, start_m, qk_scale,
-                                    SEED, bh, T, DROP_THRESHOLD, STAGE=STAGE_FULL, CAUSAL=CAUSAL,
+                                    SEED, bh, T, DROP_THRESHOLD, MASK, W, STAGE=STAGE_FULL, CAUSAL=CAUSAL,
                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, start_m, qk_scale,
-                                    SEED, bh, T, DROP_THRESHOLD, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
+                                    SEED, bh, T, DROP_THRESHOLD, MASK, W, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
                                     CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
                                     ROUNDING=ROUNDING)
 
@@ -251,7 +322,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale, SEED, DROP_THRESHOLD, DROPOUT_SC
 
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n, qk_scale,
-                         SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                         MASK, W, T, DROPOUT_SCALE,
                          STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = qT_ptrs.dtype.element_ty
@@ -284,8 +355,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
             pT = tl.where(valid, pT, 0.0)
         dpT = tl.dot(v, tl.trans(do))  # d(dropped P)^T
         if DROPOUT:
-            # the forward's mask, drawn in (query, key) orientation, transposed to these tiles
-            keep = tl.trans(_dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N))
+            # the forward's mask, stored in (query, key) orientation, read transposed into these tiles
+            keep = _load_keep_t(MASK, W, offs_m, start_n, T, CAUSAL_MASK, BLOCK_M, BLOCK_N)
             pT_dropped = tl.where(keep, pT * DROPOUT_SCALE, 0.0)
             dpT = tl.where(keep, dpT * DROPOUT_SCALE, 0.0)
         else:
@@ -301,7 +372,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, SEED, DROP_THRESHOLD, DROPOUT_SCALE,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_scale, DROPOUT_SCALE, W,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
                           stride_vb, stride_vh, stride_vt, stride_vd,
@@ -326,6 +397,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
     DO += off_b * stride_dob + off_h * stride_doh
     LSE += bh * T
     DELTA += bh * T
+    if DROPOUT:
+        MASK += bh * T * W
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -343,15 +416,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
     # unmasked; then the query tail, masked
     if CAUSAL:
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                      qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE, STAGE=STAGE_DIAG,
+                                      qk_scale, MASK, W, T, DROPOUT_SCALE, STAGE=STAGE_DIAG,
                                       CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
                                       ROUNDING=ROUNDING)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                  qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE, STAGE=STAGE_FULL,
+                                  qk_scale, MASK, W, T, DROPOUT_SCALE, STAGE=STAGE_FULL,
                                   CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
                                   ROUNDING=ROUNDING)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
-                                  qk_scale, SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE, STAGE=STAGE_TAIL,
+                                  qk_scale, MASK, W, T, DROPOUT_SCALE, STAGE=STAGE_TAIL,
                                   CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
                                   ROUNDING=ROUNDING)
 
@@ -366,7 +439,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, qk_scale, sm_scale, S
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
-                       SEED, BH, T, DROP_THRESHOLD, DROPOUT_SCALE,
+                       MASK, W, T, DROPOUT_SCALE,
                        STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = kT_ptrs.dtype.element_ty
@@ -394,7 +467,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, strid
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, vT)
         if DROPOUT:
-            keep = _dropout_keep(SEED, BH, offs_m, start_n, DROP_THRESHOLD, BLOCK_M, BLOCK_N)
+            keep = _load_keep(MASK, W, offs_m, start_n, T, CAUSAL_MASK, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * DROPOUT_SCALE, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(_operand(ds, DTYPE, ROUNDING), tl.trans(kT), dq)
@@ -404,7 +477,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, strid
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED, DROP_THRESHOLD, DROPOUT_SCALE,
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, qk_scale, sm_scale, DROPOUT_SCALE, W,
                         stride_qb, stride_qh, stride_qt, stride_qd,
                         stride_kb, stride_kh, stride_kt, stride_kd,
                         stride_vb, stride_vh, stride_vt, stride_vd,
@@ -430,6 +503,8 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED
     DO += off_b * stride_dob + off_h * stride_doh
     LSE += bh * T
     DELTA += bh * T
+    if DROPOUT:
+        MASK += bh * T * W
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -450,10 +525,10 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # the whole key blocks unmasked, then the diagonal block (causal) or the key tail, masked
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
-                            SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE, STAGE=STAGE_FULL, CAUSAL=CAUSAL,
+                            MASK, W, T, DROPOUT_SCALE, STAGE=STAGE_FULL, CAUSAL=CAUSAL,
                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
-                            SEED, bh, T, DROP_THRESHOLD, DROPOUT_SCALE, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
+                            MASK, W, T, DROPOUT_SCALE, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
                             CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
 
     dq *= sm_scale
@@ -463,15 +538,16 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, qk_scale, sm_scale, SEED
 
 
 @triton.jit
-def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # rows [program 0 * BLOCK_R, ...) of head program 1, drawn by the attention kernels' _dropout_keep
+def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, W, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # the packed mask of rows [program 0 * BLOCK_R, ...) of head program 1, as the forward kernel stores it
     bh = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     for start in range(0, T, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        keep = _dropout_keep(SEED, bh, rows, start, DROP_THRESHOLD, BLOCK_R, BLOCK_C)
-        tl.store(MASK + (bh * T + rows[:, None]) * T + cols[None, :], keep.to(tl.int8),
-                 mask=(rows[:, None] < T) & (cols[None, :] < T))
+        r0, r1, r2, r3 = _dropout_words(SEED, bh, rows, start, BLOCK_R, BLOCK_C)
+        groups = start // 8 + tl.arange(0, BLOCK_C // 8)
+        bits = _bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD)
+        tl.store(MASK + (bh * T + rows[:, None]) * W + groups[None, :], bits,
+                 mask=(rows[:, None] < T) & (groups[None, :] * 8 < T))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,9 +568,11 @@ _CONFIGS = {
     **{(9, d, True): dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 32, 4, 2)) for d in _SMALL_D},
     # fp32 k, v, dK, dV tiles of 64 x 128 do not fit one warpgroup's registers: mma.sync (no wgmma) there;
     # dkdv 16x32 spilled once the fp32 operands were rounded to TF32 in registers, 16x16 does not
-    # dq 64x16 spilled under triton 3.6 (255 registers); 32x16 (mma.sync, BLOCK_M < 64) has room under both
-    (9, 128, True): dict(fwd=(64, 16, 4, 2), dkdv=(16, 16, 4, 2), dq=(32, 16, 4, 2)),
-    **{(8, d, False): dict(fwd=(128, 64, 8, 2), dkdv=(32, 128, 8, 2), dq=(128, 32, 8, 2)) for d in (32, 64)},
+    # dq 64x16 spilled under triton 3.6 (255 registers); 32x16 (mma.sync, BLOCK_M < 64) has room under both;
+    # fwd 64x16 in 2 stages spilled under 3.6 once it stored the packed dropout mask, in 1 stage it does not
+    (9, 128, True): dict(fwd=(64, 16, 4, 1), dkdv=(16, 16, 4, 2), dq=(32, 16, 4, 2)),
+    # fwd 128x64 spilled under triton 3.9 once it stored the packed dropout mask; 128x32 spills under neither
+    **{(8, d, False): dict(fwd=(128, 32, 8, 2), dkdv=(32, 128, 8, 2), dq=(128, 32, 8, 2)) for d in (32, 64)},
     (8, 16, False): dict(fwd=(128, 64, 8, 2), dkdv=(32, 128, 8, 2), dq=(64, 32, 4, 2)),
     (8, 128, False): dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2)),
     **{(8, d, True): dict(fwd=(64, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(64, 32, 8, 2)) for d in (32, 64)},
@@ -525,20 +603,20 @@ def _compile_specs():
                 sig = {n: "i32:16" for n in fn.arg_names if n.startswith("stride") and not n.endswith("d")}
                 sig.update({n: f"*{dtype}:16" for n in tensors[kind]})
                 sig.update(LSE="*fp32:16", DELTA="*fp32:16", qk_scale="fp32", sm_scale="fp32", DROP_THRESHOLD="i32",
-                           DROPOUT_SCALE="fp32", H="i32", T="i32:16")
+                           DROPOUT_SCALE="fp32", H="i32", T="i32:16", W="i32:16")
                 if dropout:
-                    sig["SEED"] = "*i64:16"
+                    sig.update(SEED="*i64:16", MASK="*u8:16")
                 sig = {n: t for n, t in sig.items() if n in fn.arg_names}
                 consts = {n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")}
                 consts.update(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, DROPOUT=dropout,
                               ROUNDING="tf32" if fp32 else "none")
                 if not dropout:
-                    consts["SEED"] = None
+                    consts.update({n: None for n in ("SEED", "MASK") if n in fn.arg_names})
                 name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''}"
                 specs.append(dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps,
                                   num_stages=num_stages, archs=(major * 10,)))
     specs.append(dict(name="attn_dropout_mask", fn=_dropout_mask_kernel,
-                      signature=dict(MASK="*i8:16", SEED="*i64:16", DROP_THRESHOLD="i32", T="i32:16"),
+                      signature=dict(MASK="*u8:16", SEED="*i64:16", DROP_THRESHOLD="i32", T="i32:16", W="i32:16"),
                       constexprs=dict(BLOCK_R=16, BLOCK_C=128), num_warps=4, num_stages=1))
     return specs
 
@@ -625,47 +703,63 @@ def new_dropout_seed(device):
     return torch.randint(0, 2**32, (1,), dtype=torch.int64, device=device)
 
 
+def _mask_row_bytes(T):
+    """W, the bytes per row of the packed keep-mask: one bit per key, rows padded to 16 bytes (aligned loads)."""
+    return triton.cdiv(triton.cdiv(T, 8), 16) * 16
+
+
+def _new_mask(B, H, T, device):
+    """The packed keep-mask buffer (B*H, T, W) uint8. The forward writes the bytes of every (row, key) it visits
+    (with a column < T), and the backward kernels read no other; the rest (above the causal diagonal, the row
+    padding) is zeroed so that the operator's output is deterministic (one memset)."""
+    return torch.zeros((B * H, T, _mask_row_bytes(T)), dtype=torch.uint8, device=device)
+
+
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, seed=0, config=None):
     """Returns (o, lse): o (B, H, T, D) in q's dtype (a view of a (B, T, H, D) buffer), lse (B, H, T) fp32
     natural-log log-sum-exp of the scaled, masked scores of each row. seed: an int or a 1-element int64
     tensor on q's device (see new_dropout_seed); read only when dropout_p > 0."""
     _check_inputs(q, k, v, dropout_p)
     seed = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
-    return _forward(q, k, v, causal, _scale(q, softmax_scale), dropout_p, seed, config)
+    return _forward(q, k, v, causal, _scale(q, softmax_scale), dropout_p, seed, config)[:2]
 
 
 def _forward(q, k, v, causal, sm_scale, dropout_p, seed, config=None):
+    """(o, lse, mask): mask is the packed keep-mask that the backward reads, None without dropout."""
     B, H, T, D = q.shape
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    mask = _new_mask(B, H, T, q.device) if dropout_p > 0.0 else None
     if q.numel() == 0:
-        return o, lse
+        return o, lse, mask
     block_m, block_n, num_warps, num_stages = (config or _config(q))["fwd"]
     grid = (triton.cdiv(T, block_m), B * H)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, sm_scale * LOG2E.value, seed, *_dropout_args(dropout_p),
-                           *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
+    _attn_fwd_kernel[grid](q, k, v, o, lse, mask, sm_scale * LOG2E.value, seed, *_dropout_args(dropout_p),
+                           _mask_row_bytes(T), *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
                            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
                            ROUNDING=_rounding(q), num_warps=num_warps, num_stages=num_stages)
-    return o, lse
+    return o, lse, mask
 
 
 def attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=None, dropout_p=0.0, seed=0,
                        config=None):
     """Returns (dq, dk, dv) in q's dtype, given the output gradient do and the forward's o and lse.
-    seed and dropout_p must be those of the forward: the keep-mask is regenerated from them."""
+    seed and dropout_p must be those of the forward: the keep-mask is regenerated from them (the model's
+    path, fused_attention, reads the mask that its forward stored instead)."""
     _check_inputs(q, k, v, dropout_p)
-    seed = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
-    return _backward(do, q, k, v, o, lse, causal, _scale(q, softmax_scale), dropout_p, seed, config)
+    mask = _packed_dropout_mask(_seed_tensor(seed, q.device), *q.shape[:3], dropout_p) if dropout_p > 0 else None
+    return _backward(do, q, k, v, o, lse, causal, _scale(q, softmax_scale), dropout_p, mask, config)
 
 
-def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, seed, config=None):
+def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, mask, config=None):
+    """(dq, dk, dv); mask: the forward's packed keep-mask (None without dropout)."""
     B, H, T, D = q.shape
     dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     if q.numel() == 0:
         return dq, dk, dv
     cfg = config or _config(q)
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dq kernel, read by the dK/dV kernel
-    args = (sm_scale * LOG2E.value, sm_scale, seed, *_dropout_args(dropout_p))
+    args = (mask, sm_scale * LOG2E.value, sm_scale, _dropout_args(dropout_p)[1], _mask_row_bytes(T))
     common = dict(HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q))
     # dq first: it also computes delta, which the dK/dV kernel (next on the same stream) reads
     block_m, block_n, num_warps, num_stages = cfg["dq"]
@@ -681,17 +775,28 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, seed, config=Non
     return dq, dk, dv
 
 
+def _packed_dropout_mask(seed, B, H, T, p):
+    """The packed keep-mask (B*H, T, W) uint8 of a seed (1-element int64 tensor), as the forward stores it."""
+    mask = _new_mask(B, H, T, seed.device)
+    if mask.numel():
+        grid = (triton.cdiv(T, 16), B * H)
+        block_c = max(16, min(128, triton.next_power_of_2(T)))
+        _dropout_mask_kernel[grid](mask, seed, _dropout_args(p)[0], T, _mask_row_bytes(T), BLOCK_R=16,
+                                   BLOCK_C=block_c)
+    return mask
+
+
+def unpack_dropout_mask(mask, B, H, T):
+    """The boolean keep-mask (B, H, T, T) of a packed one (B*H, T, W) uint8: bit b of byte g is key 8g + b."""
+    bits = (mask.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1
+    return bits.flatten(-2)[..., :T].reshape(B, H, T, T).bool()
+
+
 def attention_dropout_mask(seed, B, H, T, p, device="cpu"):
     """The boolean keep-mask (B, H, T, T) that the kernels use for this seed (an int or the kernels' 1-element
     int64 tensor) and dropout probability p (True = kept), for replaying in
     `kernels.reference.attention(..., dropout_mask=mask)`."""
-    mask = torch.empty((B, H, T, T), dtype=torch.int8, device=device)
-    if mask.numel():
-        grid = (triton.cdiv(T, 16), B * H)
-        block_c = max(16, min(128, triton.next_power_of_2(T)))
-        _dropout_mask_kernel[grid](mask, _seed_tensor(seed, mask.device), _dropout_args(p)[0], T,
-                                   BLOCK_R=16, BLOCK_C=block_c)
-    return mask.bool()
+    return unpack_dropout_mask(_packed_dropout_mask(_seed_tensor(seed, torch.device(device)), B, H, T, p), B, H, T)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -701,40 +806,44 @@ def attention_dropout_mask(seed, B, H, T, p, device="cpu"):
 
 @torch.library.custom_op("gpt1_kernels::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor], causal: bool,
-                 softmax_scale: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(o, lse) of the forward kernel; differentiable in q, k, v (the backward is attention_backward_op)."""
-    return _forward(q, k, v, causal, softmax_scale, dropout_p, seed)
+                 softmax_scale: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, lse, mask) of the forward kernel, mask the packed keep-mask (an empty uint8 tensor without dropout:
+    an operator cannot return None); differentiable in q, k, v (the backward is attention_backward_op)."""
+    o, lse, mask = _forward(q, k, v, causal, softmax_scale, dropout_p, seed)
+    return o, lse, mask if mask is not None else q.new_empty((0,), dtype=torch.uint8)
 
 
 @attention_op.register_fake
 def _(q, k, v, seed, causal, softmax_scale, dropout_p):
     B, H, T, D = q.shape
-    return q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B, H, T), dtype=torch.float32)
+    mask_shape = (B * H, T, _mask_row_bytes(T)) if dropout_p > 0.0 else (0,)
+    return (q.new_empty((B, T, H, D)).transpose(1, 2), q.new_empty((B, H, T), dtype=torch.float32),
+            q.new_empty(mask_shape, dtype=torch.uint8))
 
 
 @torch.library.custom_op("gpt1_kernels::attention_backward", mutates_args=())
 def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                          lse: torch.Tensor, seed: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+                          lse: torch.Tensor, mask: Optional[torch.Tensor], causal: bool, softmax_scale: float,
                           dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous (B, H, T, D)."""
-    return _backward(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, seed)
+    """(dq, dk, dv), contiguous (B, H, T, D); mask: the forward's packed keep-mask (None without dropout)."""
+    return _backward(do, q, k, v, o, lse, causal, softmax_scale, dropout_p, mask)
 
 
 @attention_backward_op.register_fake
-def _(do, q, k, v, o, lse, seed, causal, softmax_scale, dropout_p):
+def _(do, q, k, v, o, lse, mask, causal, softmax_scale, dropout_p):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, *ctx.args = inputs  # args: causal, softmax_scale, dropout_p
-    o, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, o, lse, seed)
+    q, k, v, _seed, *ctx.args = inputs  # args: causal, softmax_scale, dropout_p
+    o, lse, mask = output
+    ctx.mark_non_differentiable(lse, mask)
+    ctx.save_for_backward(q, k, v, o, lse, mask)
 
 
-def _attention_op_backward(ctx, do, _dlse):
-    q, k, v, o, lse, seed = ctx.saved_tensors
-    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, seed, *ctx.args)
+def _attention_op_backward(ctx, do, _dlse, _dmask):
+    q, k, v, o, lse, mask = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, mask if ctx.args[2] > 0.0 else None, *ctx.args)
     return dq, dk, dv, None, None, None, None
 
 
@@ -747,15 +856,15 @@ class FusedAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, seed, causal, softmax_scale, dropout_p):
-        o, lse = _forward(q, k, v, causal, softmax_scale, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse, seed)
+        o, lse, mask = _forward(q, k, v, causal, softmax_scale, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, mask)
         ctx.args = (causal, softmax_scale, dropout_p)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, seed = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, seed)
+        q, k, v, o, lse, mask = ctx.saved_tensors
+        dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, mask)
         return dq, dk, dv, None, None, None, None
 
 

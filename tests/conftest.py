@@ -5,6 +5,18 @@ import os
 if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidia0"):
     os.environ["TRITON_INTERPRET"] = "1"
 
+# torch.compile's on-disk caches (Inductor's FX graph cache, AOTAutograd's cache) do not key on a custom operator's
+# Python code: an entry written before a change to our operators can be loaded after it (seen: a backward that
+# received the old saved tensors). Each test session compiles into its own fresh directory, as a fresh CI
+# machine does.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt1-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
 import pytest
 import torch
 

@@ -18,7 +18,14 @@ import torch
 from helpers import assert_all_within, assert_error_within, fp32_eps_at
 
 from kernels import attention, fused_attention, reference
-from kernels.attention import _CONFIGS, attention_backward, attention_dropout_mask, attention_forward
+from kernels.attention import (
+    _CONFIGS,
+    attention_backward,
+    attention_dropout_mask,
+    attention_forward,
+    attention_op,
+    unpack_dropout_mask,
+)
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 ON_GPU = torch.cuda.is_available()
@@ -197,6 +204,24 @@ def test_backward_is_deterministic(device):
         grads.append(torch.autograd.grad(out, (q, k, v), do))
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_forward_stores_the_mask_it_drew(causal, device):
+    """The forward's packed mask (what the backward reads) holds the mask of the seed on every score it visits:
+    all of them, or the causal lower triangle. T = 45 leaves a partial byte and a padded row (zero)."""
+    B, H, T, D, p = 2, 3, 45, 16, 0.3
+    q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
+    seed = torch.tensor([SEED], device=device)
+    _, _, packed = attention_op(q, k, v, seed, causal, 0.25, p)
+    assert packed.shape == (B * H, T, 16) and packed.dtype == torch.uint8
+    stored, expected = unpack_dropout_mask(packed, B, H, T), attention_dropout_mask(SEED, B, H, T, p, device)
+    visited = torch.ones(T, T, dtype=torch.bool, device=device)
+    if causal:
+        visited = visited.tril()
+    assert torch.equal(stored & visited, expected & visited)
+    assert not packed[:, :, 6:].any()  # the row padding past key 47 is never written
+    assert attention_op(q, k, v, None, causal, 0.25, 0.0)[2].numel() == 0
 
 
 def test_dropout_mask_fraction_and_seeds(device):

@@ -265,8 +265,8 @@ def _attention_args(device, dropout):
 def _attention_backward_args(device):
     q, k, v, seed, *opts = _attention_args(device, True)
     q, k, v = q.detach(), k.detach(), v.detach()
-    o, lse = attention_op(q, k, v, seed, *opts)
-    return (torch.randn_like(o), q, k, v, o, lse, seed, *opts)
+    o, lse, mask = attention_op(q, k, v, seed, *opts)
+    return (torch.randn_like(o), q, k, v, o, lse, mask, *opts)
 
 
 def _linear_args(device, reduction, with_bias, needs):
