@@ -1,6 +1,6 @@
 """Pieces shared by the Triton kernel files: the exp2/log2 constants, bit-exact rounding of fp32 values to
-bf16 or TF32, whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRET=1), and torch.autocast's
-cast of a matmul's inputs."""
+bf16 or TF32, whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRET=1), torch.autocast's cast
+of a matmul's inputs, and the dropout draws (Philox, in groups of 8 columns) with their device seeds."""
 
 import os
 
@@ -40,3 +40,74 @@ def autocast_inputs(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dropout: Philox draws in groups of 8 columns, device seeds
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def dropout_words(SEED, STREAM, rows, col_start, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The dropout draws of the elements rows x (col_start + [0, BLOCK_C)) of one stream (the attention's
+    b*H + h, a head's probabilities), col_start a multiple of 8: four (BLOCK_R, BLOCK_C // 8) uint32 words.
+    One Philox-4x32-10 call, counter (j // 8, i, stream, seed) with a fixed key, gives four 32-bit words =
+    eight 16-bit draws u for the columns j = 8*(j // 8) + [0, 8) of row i: column 8g + 2k + h is the low
+    (h = 0) or high (h = 1) half of word k. Element (i, j) is kept iff its u >= DROP_THRESHOLD =
+    round(p * 65536). The draws are a function of (seed, stream, i, j) alone, whatever the block sizes; 1/8 of
+    one Philox call per element (tl.rand spends a whole call, 4 words, on each element).
+    seed is the low 32 bits of the int64 at SEED (see new_dropout_seed), read here, per tile. Held for the whole
+    loop, or used as the Philox key (whose ten round keys then are loop-invariant registers rather than
+    immediates), it made the tightest configurations spill (sm_90 fp32 D=128 dq, sm_80 16-bit D=64 dkdv)."""
+    tl.static_assert(BLOCK_C % 8 == 0, "the dropout draws come in groups of 8 columns")
+    zero = tl.zeros([BLOCK_R, BLOCK_C // 8], dtype=tl.uint32)
+    group = (col_start // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)
+    c0 = zero + group[None, :]
+    c1 = zero + rows.to(tl.uint32)[:, None]
+    return tl.philox(0, c0, c1, zero + STREAM.to(tl.uint32), zero + tl.load(SEED).to(tl.uint32))
+
+
+@triton.jit
+def keep_from_words(r0, r1, r2, r3, DROP_THRESHOLD, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (BLOCK_R, BLOCK_C) keep-mask of dropout_words' draws."""
+    # join stacks on a new last axis, so (R, C/8, 2, 2)[i, j] holds word 2i + j: word k at flat index k; then
+    # its low and high halves: (R, C/8, 2, 2, 2), flat index 2k + half within the group, which the row-major
+    # reshape turns into column 8g + 2k + half
+    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    draws = tl.join(words & 0xFFFF, words >> 16)
+    return tl.reshape(draws, [BLOCK_R, BLOCK_C]) >= DROP_THRESHOLD
+
+
+@triton.jit
+def bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD):
+    """The same keep-mask packed, one uint8 per group of 8 columns: bit b of group g is column 8g + b."""
+    bits = (r0 & 0xFFFF) >= DROP_THRESHOLD
+    bits = bits.to(tl.uint32) | (((r0 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 1)
+    bits |= (((r1 & 0xFFFF) >= DROP_THRESHOLD).to(tl.uint32) << 2) | (((r1 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 3)
+    bits |= (((r2 & 0xFFFF) >= DROP_THRESHOLD).to(tl.uint32) << 4) | (((r2 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 5)
+    bits |= (((r3 & 0xFFFF) >= DROP_THRESHOLD).to(tl.uint32) << 6) | (((r3 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 7)
+    return bits.to(tl.uint8)
+
+
+def dropout_args(dropout_p):
+    """(DROP_THRESHOLD, DROPOUT_SCALE): an element is dropped when its 16-bit draw is below the threshold, so
+    the dropout rate is p rounded to a multiple of 1/65536 (at most 7.6e-6 away); kept elements are scaled
+    by 1/(1 - p), the exact p, as the eager reference does."""
+    return min(round(dropout_p * 65536), 65535), 1.0 / (1.0 - dropout_p)
+
+
+def seed_tensor(seed, device):
+    """The seed as the kernels read it, a 1-element int64 tensor on the inputs' device; an int (tests,
+    replays) is copied there. None (no dropout) stays None."""
+    if seed is None or isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def new_dropout_seed(device):
+    """A 32-bit dropout seed (the kernels read the low 32 bits of an int64) drawn with torch.randint on `device`,
+    i.e. from that device's default generator: torch.manual_seed reproduces it, it never leaves the device (no
+    host sync), and under torch.compile it is a tensor in the graph (no recompile per value; CUDA graphs
+    replay fresh draws)."""
+    return torch.randint(0, 2**32, (1,), dtype=torch.int64, device=device)
+

@@ -14,9 +14,9 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   no atomics, so two backward passes on the same inputs give bitwise identical gradients.
 - Dropout (GPT-1 trains with attn_pdrop=0.1; the tutorial and FlashAttention-3 have none): one
   Philox-4x32-10 call with counter (j // 8, i, b*H + h, seed) gives eight 16-bit draws, for columns j of row i
-  in one group of 8; element (b, h, i, j) is kept iff its draw >= round(p * 65536) (see _dropout_words), so
-  the dropout rate is p quantized to 1/65536 (FlashAttention-2 uses 8-bit draws, 1/256); kept values are
-  scaled by 1/(1 - p). The mask is drawn once, in the forward, which also stores it packed, one bit per
+  in one group of 8; element (b, h, i, j) is kept iff its draw >= round(p * 65536) (kernels._common's
+  dropout_words), so the dropout rate is p quantized to 1/65536 (FlashAttention-2 uses 8-bit draws, 1/256);
+  kept values are scaled by 1/(1 - p). The mask is drawn once, in the forward, which also stores it packed, one bit per
   score (a (B*H, T, W) uint8 tensor, W = T/8 rounded up to 16 bytes: 12 MiB per layer at GPT-1's B=32,
   T=512); both backward kernels read their tiles' bits instead of running Philox again, so a training step
   draws each score's dropout once where regenerating it would draw it three times. The 32-bit seed is a
@@ -64,7 +64,19 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, LN2, LOG2E, autocast_inputs, round_fp32
+from kernels._common import (
+    INTERPRET,
+    LN2,
+    LOG2E,
+    autocast_inputs,
+    bits_from_words,
+    dropout_args,
+    dropout_words,
+    keep_from_words,
+    new_dropout_seed,
+    round_fp32,
+    seed_tensor,
+)
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -104,48 +116,6 @@ def _stored(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
     if ROUNDING == "bf16":
         x = round_fp32(x, 16)
     return x.to(DTYPE)
-
-
-@triton.jit
-def _dropout_words(SEED, BH, rows, col_start, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The Philox draws of the probabilities (bh, rows, col_start + [0, BLOCK_C)) of one head, col_start a
-    multiple of 8: four (BLOCK_R, BLOCK_C // 8) uint32 words. One Philox-4x32-10 call, counter
-    (j // 8, i, bh, seed) with a fixed key, gives four 32-bit words = eight 16-bit draws u for the columns
-    j = 8*(j // 8) + [0, 8) of row i: column 8g + 2k + h is the low (h = 0) or high (h = 1) half of word k.
-    Element (i, j) is kept iff its u >= DROP_THRESHOLD = round(p * 65536). The draws are a function of
-    (seed, bh, i, j) alone, whatever the block sizes; 1/8 of one Philox call per element (tl.rand spends a
-    whole call, 4 words, on each element).
-    seed is the low 32 bits of the int64 at SEED (see new_dropout_seed), read here, per tile. Held for the whole
-    loop, or used as the Philox key (whose ten round keys then are loop-invariant registers rather than
-    immediates), it made the tightest configurations spill (sm_90 fp32 D=128 dq, sm_80 16-bit D=64 dkdv)."""
-    tl.static_assert(BLOCK_C % 8 == 0, "the dropout draws come in groups of 8 columns")
-    zero = tl.zeros([BLOCK_R, BLOCK_C // 8], dtype=tl.uint32)
-    group = (col_start // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)
-    c0 = zero + group[None, :]
-    c1 = zero + rows.to(tl.uint32)[:, None]
-    return tl.philox(0, c0, c1, zero + BH.to(tl.uint32), zero + tl.load(SEED).to(tl.uint32))
-
-
-@triton.jit
-def _keep_from_words(r0, r1, r2, r3, DROP_THRESHOLD, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The (BLOCK_R, BLOCK_C) keep-mask of _dropout_words' draws."""
-    # join stacks on a new last axis, so (R, C/8, 2, 2)[i, j] holds word 2i + j: word k at flat index k; then
-    # its low and high halves: (R, C/8, 2, 2, 2), flat index 2k + half within the group, which the row-major
-    # reshape turns into column 8g + 2k + half
-    words = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-    draws = tl.join(words & 0xFFFF, words >> 16)
-    return tl.reshape(draws, [BLOCK_R, BLOCK_C]) >= DROP_THRESHOLD
-
-
-@triton.jit
-def _bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD):
-    """The same keep-mask packed, one uint8 per group of 8 columns: bit b of group g is column 8g + b."""
-    bits = (r0 & 0xFFFF) >= DROP_THRESHOLD
-    bits = bits.to(tl.uint32) | (((r0 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 1)
-    bits |= (((r1 & 0xFFFF) >= DROP_THRESHOLD).to(tl.uint32) << 2) | (((r1 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 3)
-    bits |= (((r2 & 0xFFFF) >= DROP_THRESHOLD).to(tl.uint32) << 4) | (((r2 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 5)
-    bits |= (((r3 & 0xFFFF) >= DROP_THRESHOLD).to(tl.uint32) << 6) | (((r3 >> 16) >= DROP_THRESHOLD).to(tl.uint32) << 7)
-    return bits.to(tl.uint8)
 
 
 @triton.jit
@@ -251,13 +221,13 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, star
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            r0, r1, r2, r3 = _dropout_words(SEED, BH, offs_m, start_n, BLOCK_M, BLOCK_N)
+            r0, r1, r2, r3 = dropout_words(SEED, BH, offs_m, start_n, BLOCK_M, BLOCK_N)
             # the mask, packed, for the backward: only bytes with a column < T (the buffer's padding is not
             # written) of rows < T
             groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-            tl.store(MASK + offs_m[:, None] * W + groups[None, :], _bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD),
+            tl.store(MASK + offs_m[:, None] * W + groups[None, :], bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD),
                      mask=(offs_m[:, None] < T) & (groups[None, :] * 8 < T))
-            p = tl.where(_keep_from_words(r0, r1, r2, r3, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
+            p = tl.where(keep_from_words(r0, r1, r2, r3, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
         acc = tl.dot(_operand(p, DTYPE, ROUNDING), v, acc)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kt
@@ -543,9 +513,9 @@ def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, W, BLOCK_R: tl.constexpr
     bh = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     for start in range(0, T, BLOCK_C):
-        r0, r1, r2, r3 = _dropout_words(SEED, bh, rows, start, BLOCK_R, BLOCK_C)
+        r0, r1, r2, r3 = dropout_words(SEED, bh, rows, start, BLOCK_R, BLOCK_C)
         groups = start // 8 + tl.arange(0, BLOCK_C // 8)
-        bits = _bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD)
+        bits = bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD)
         tl.store(MASK + (bh * T + rows[:, None]) * W + groups[None, :], bits,
                  mask=(rows[:, None] < T) & (groups[None, :] * 8 < T))
 
@@ -676,31 +646,8 @@ def _rounding(q):
     return "bf16" if q.dtype == torch.bfloat16 and INTERPRET else "none"
 
 
-def _dropout_args(dropout_p):
-    """(DROP_THRESHOLD, DROPOUT_SCALE): an element is dropped when its 16-bit draw is below the threshold, so
-    the dropout rate is p rounded to a multiple of 1/65536 (at most 7.6e-6 away); kept elements are scaled
-    by 1/(1 - p), the exact p, as the eager reference does."""
-    return min(round(dropout_p * 65536), 65535), 1.0 / (1.0 - dropout_p)
-
-
 def _scale(q, softmax_scale):
     return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-
-
-def _seed_tensor(seed, device):
-    """The seed as the kernels read it, a 1-element int64 tensor on the inputs' device; an int (tests,
-    replays) is copied there. None (no dropout) stays None."""
-    if seed is None or isinstance(seed, torch.Tensor):
-        return seed
-    return torch.tensor([seed], dtype=torch.int64, device=device)
-
-
-def new_dropout_seed(device):
-    """A 32-bit dropout seed (the kernels read the low 32 bits of an int64) drawn with torch.randint on `device`,
-    i.e. from that device's default generator: torch.manual_seed reproduces it, it never leaves the device (no
-    host sync), and under torch.compile it is a tensor in the graph (no recompile per value; CUDA graphs
-    replay fresh draws)."""
-    return torch.randint(0, 2**32, (1,), dtype=torch.int64, device=device)
 
 
 def _mask_row_bytes(T):
@@ -720,7 +667,7 @@ def attention_forward(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0
     natural-log log-sum-exp of the scaled, masked scores of each row. seed: an int or a 1-element int64
     tensor on q's device (see new_dropout_seed); read only when dropout_p > 0."""
     _check_inputs(q, k, v, dropout_p)
-    seed = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
+    seed = seed_tensor(seed, q.device) if dropout_p > 0.0 else None
     return _forward(q, k, v, causal, _scale(q, softmax_scale), dropout_p, seed, config)[:2]
 
 
@@ -734,7 +681,7 @@ def _forward(q, k, v, causal, sm_scale, dropout_p, seed, config=None):
         return o, lse, mask
     block_m, block_n, num_warps, num_stages = (config or _config(q))["fwd"]
     grid = (triton.cdiv(T, block_m), B * H)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, mask, sm_scale * LOG2E.value, seed, *_dropout_args(dropout_p),
+    _attn_fwd_kernel[grid](q, k, v, o, lse, mask, sm_scale * LOG2E.value, seed, *dropout_args(dropout_p),
                            _mask_row_bytes(T), *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
                            HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
                            ROUNDING=_rounding(q), num_warps=num_warps, num_stages=num_stages)
@@ -747,7 +694,7 @@ def attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=None, 
     seed and dropout_p must be those of the forward: the keep-mask is regenerated from them (the model's
     path, fused_attention, reads the mask that its forward stored instead)."""
     _check_inputs(q, k, v, dropout_p)
-    mask = _packed_dropout_mask(_seed_tensor(seed, q.device), *q.shape[:3], dropout_p) if dropout_p > 0 else None
+    mask = _packed_dropout_mask(seed_tensor(seed, q.device), *q.shape[:3], dropout_p) if dropout_p > 0 else None
     return _backward(do, q, k, v, o, lse, causal, _scale(q, softmax_scale), dropout_p, mask, config)
 
 
@@ -759,7 +706,7 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, mask, config=Non
         return dq, dk, dv
     cfg = config or _config(q)
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dq kernel, read by the dK/dV kernel
-    args = (mask, sm_scale * LOG2E.value, sm_scale, _dropout_args(dropout_p)[1], _mask_row_bytes(T))
+    args = (mask, sm_scale * LOG2E.value, sm_scale, dropout_args(dropout_p)[1], _mask_row_bytes(T))
     common = dict(HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q))
     # dq first: it also computes delta, which the dK/dV kernel (next on the same stream) reads
     block_m, block_n, num_warps, num_stages = cfg["dq"]
@@ -781,7 +728,7 @@ def _packed_dropout_mask(seed, B, H, T, p):
     if mask.numel():
         grid = (triton.cdiv(T, 16), B * H)
         block_c = max(16, min(128, triton.next_power_of_2(T)))
-        _dropout_mask_kernel[grid](mask, seed, _dropout_args(p)[0], T, _mask_row_bytes(T), BLOCK_R=16,
+        _dropout_mask_kernel[grid](mask, seed, dropout_args(p)[0], T, _mask_row_bytes(T), BLOCK_R=16,
                                    BLOCK_C=block_c)
     return mask
 
@@ -796,7 +743,7 @@ def attention_dropout_mask(seed, B, H, T, p, device="cpu"):
     """The boolean keep-mask (B, H, T, T) that the kernels use for this seed (an int or the kernels' 1-element
     int64 tensor) and dropout probability p (True = kept), for replaying in
     `kernels.reference.attention(..., dropout_mask=mask)`."""
-    return unpack_dropout_mask(_packed_dropout_mask(_seed_tensor(seed, torch.device(device)), B, H, T, p), B, H, T)
+    return unpack_dropout_mask(_packed_dropout_mask(seed_tensor(seed, torch.device(device)), B, H, T, p), B, H, T)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -884,7 +831,7 @@ def fused_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
     dropout_p, sm_scale = float(dropout_p), float(_scale(q, softmax_scale))
     seed = None
     if dropout_p > 0.0:
-        seed = _seed_tensor(_seed, q.device) if _seed is not None else new_dropout_seed(q.device)
+        seed = seed_tensor(_seed, q.device) if _seed is not None else new_dropout_seed(q.device)
     if torch.compiler.is_compiling():
         return attention_op(q, k, v, seed, causal, sm_scale, dropout_p)[0]
     return FusedAttentionFunction.apply(q, k, v, seed, causal, sm_scale, dropout_p)
