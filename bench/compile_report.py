@@ -40,7 +40,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-SPEC_MODULES = ("kernels.attention", "kernels.cross_entropy")
+SPEC_MODULES = ("kernels.attention", "kernels.cross_entropy", "kernels.layer_norm")
 ARCHS = (80, 90)
 
 

@@ -53,6 +53,25 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
                          reduction=reduction)
 
 
+def add_dropout_layer_norm(x, h, weight, bias=None, dropout_p=0.0, eps=1e-5, dropout_mask=None):
+    """layer_norm(x + dropout(h), (C,), weight, bias, eps) on (..., C) tensors, computed in fp32 (float64 stays
+    float64) and returned in promote_types(x.dtype, h.dtype), as the fused op does.
+
+    dropout_mask, if given, is the boolean keep-mask of h's shape to apply instead of drawing one (kept elements
+    scaled by 1 / (1 - dropout_p)), so a test can replay exactly the mask that the fused kernel generated.
+    """
+    out_dtype = torch.promote_types(x.dtype, h.dtype)
+    compute = torch.promote_types(out_dtype, torch.float32)
+    h = h.to(compute)
+    if dropout_mask is not None:
+        h = h * dropout_mask.to(compute) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        h = F.dropout(h, p=dropout_p)
+    weight, bias = weight.to(compute), bias.to(compute) if bias is not None else None
+    y = F.layer_norm(x.to(compute) + h, x.shape[-1:], weight, bias, eps)
+    return y.to(out_dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Peers for the benchmarks: other libraries' versions of the same ops, under the signatures above.
 # Each imports its optional package inside the call, so kernels/ still depends on torch and triton only;
