@@ -14,7 +14,8 @@ GPU. Each row is a Recipe:
   torch.autocast(bfloat16), torch.optim.AdamW(fused=True), clip_grad_norm_(1.0), torch.compile(model); with SDPA
   and the eager loss that is the peer ("nanoGPT recipe"), with our kernels a row of ours.
 ROWS runs the peer first, then our default path (ZeRO-2, triton/triton_linear, compiled), ZeRO-0 under
-torch_autocast, our kernels without DeepSpeed (what DeepSpeed costs), ZeRO-2 under torch_autocast, ZeRO-0 and 1,
+torch_autocast, the default with the fused residual-dropout-LayerNorm kernel, our kernels without DeepSpeed (what
+DeepSpeed costs), ZeRO-2 under torch_autocast, ZeRO-0 and 1,
 the variants, and ZeRO-3 last (its compile is split at every parameter-gathering
 hook and takes longest), so that a time budget drops the least telling rows. torch.compile runs with dynamo's
 default recompile limits here, even inside bench.run_all, whose op benches raise them.
@@ -57,6 +58,7 @@ class Recipe:
     role: str = common.OURS  # ours, peer or eager (bench.common.add_ratios)
     precision: str = "bf16"  # deepspeed runtime: "bf16" (DeepSpeed's bf16: bf16 weights, an fp32 master copy in
     # the optimizer) or "autocast" (fp32 weights under DeepSpeed's torch_autocast in bf16, the nanoGPT recipe's)
+    norm: str = "eager"  # norm_impl: eager, or triton (residual dropout + add + LayerNorm in one kernel)
 
 
 NANOGPT = Recipe("nanoGPT recipe", "torch", "sdpa", "eager", True, None, "peer")
@@ -65,6 +67,7 @@ ROWS = (
     NANOGPT,
     DEFAULT,
     replace(DEFAULT, name="ours ZeRO-0 autocast", zero=0, precision="autocast"),
+    replace(DEFAULT, name="ours ZeRO-2 fused LN", norm="triton"),
     Recipe("torch + our kernels", "torch", "triton", "triton_linear", True, None),
     replace(DEFAULT, name="ours ZeRO-2 autocast", zero=2, precision="autocast"),
     *(replace(DEFAULT, name=f"ours ZeRO-{z}", zero=z) for z in (0, 1)),
@@ -112,11 +115,12 @@ def describe(recipe, s):
     """The row's columns that say what ran."""
     runtime = (f"DeepSpeed ZeRO-{recipe.zero}{' torch_autocast' if recipe.precision == 'autocast' else ''}"
                if recipe.runtime == "deepspeed" else "torch (autocast bf16, fused AdamW)")
-    text = (f"{runtime}, {recipe.attn}/{recipe.loss}, {'compiled' if recipe.compile else 'not compiled'}; "
+    kernels = f"{recipe.attn}/{recipe.loss}" + ("/fused LN" if recipe.norm == "triton" else "")
+    text = (f"{runtime}, {kernels}, {'compiled' if recipe.compile else 'not compiled'}; "
             f"{s['preset']} (V={s['vocab_size']}) T={s['seq_len']} micro batch {s['micro_batch']}, bf16, 1 rank")
     return {"recipe": asdict(recipe), "runtime": recipe.runtime, "zero": recipe.zero, "compiled": recipe.compile,
             "precision": recipe.precision if recipe.runtime == "deepspeed" else "autocast",
-            "attn_impl": recipe.attn, "loss_impl": recipe.loss, "description": text}
+            "attn_impl": recipe.attn, "loss_impl": recipe.loss, "norm_impl": recipe.norm, "description": text}
 
 
 def build_step(recipe, s, smoke, dev):
@@ -125,7 +129,8 @@ def build_step(recipe, s, smoke, dev):
 
     from gpt1 import GPT1, get_config
 
-    cfg = get_config(s["preset"], vocab_size=s["vocab_size"], attn_impl=recipe.attn, loss_impl=recipe.loss)
+    cfg = get_config(s["preset"], vocab_size=s["vocab_size"], attn_impl=recipe.attn, loss_impl=recipe.loss,
+                     norm_impl=recipe.norm)
     torch.manual_seed(1337)
     model = GPT1(cfg)
     x = torch.randint(0, s["vocab_size"], (s["micro_batch"], s["seq_len"] + 1), device=dev)
@@ -366,7 +371,8 @@ def _runtime_cell(r):
 
 
 COLUMNS = [("row", "provider"), ("runtime", _runtime_cell),
-           ("kernels (attn/loss)", lambda r: f"{r['attn_impl']}/{r['loss_impl']}"),
+           ("kernels (attn/loss)", lambda r: f"{r['attn_impl']}/{r['loss_impl']}"
+            + ("/fused LN" if r.get("norm_impl") == "triton" else "")),
            ("compiled", lambda r: "yes" if r["compiled"] else "no"),
            ("step ms", common.value_or_status("ms", 4)), ("p20-p80", common.spread_cell),
            ("tokens/s", common.value_or_status("tokens_per_s", 4)), ("vs nanoGPT", common.ratio("vs_nanogpt")),

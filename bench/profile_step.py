@@ -2,7 +2,8 @@
 
     python -m bench.profile_step                     # our default path: DeepSpeed ZeRO-2, bf16, auto kernels
     python -m bench.profile_step --peer              # the nanoGPT recipe (bench.e2e's peer)
-    python -m bench.profile_step [--recipe deepspeed|torch] [--attn-impl A] [--loss-impl L] [--compile|--no-compile]
+    python -m bench.profile_step [--recipe deepspeed|torch] [--attn-impl A] [--loss-impl L] [--norm-impl N]
+                                 [--compile|--no-compile]
                                  [--zero N] [--precision bf16|autocast] [--steps 5] [--smoke] [--json FILE]
 
 The step is bench.e2e's, built the same way (gpt1.runtime for the DeepSpeed path, as gpt1.train builds it).
@@ -226,6 +227,7 @@ def parse_args(argv):
     parser.add_argument("--peer", action="store_true", help="the nanoGPT recipe: torch, sdpa/eager, compiled")
     parser.add_argument("--attn-impl", default="auto", help="eager, sdpa, triton, auto")
     parser.add_argument("--loss-impl", default="auto", help="eager, triton, triton_linear, auto")
+    parser.add_argument("--norm-impl", default="eager", help="eager, triton (residual dropout + add + LayerNorm)")
     parser.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on a GPU, off on a CPU)")
     parser.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage (deepspeed recipe)")
@@ -272,7 +274,8 @@ def main(argv=None):
         recipe = e2e.NANOGPT
     else:
         recipe = e2e.Recipe("profiled", args.recipe, args.attn_impl, args.loss_impl, args.compile,
-                            args.zero if args.recipe == "deepspeed" else None, precision=args.precision)
+                            args.zero if args.recipe == "deepspeed" else None, precision=args.precision,
+                            norm=args.norm_impl)
     a = profile_recipe(e2e.resolve(recipe), args.smoke, not torch.cuda.is_available(), args.steps, args.warmup,
                        args.micro_batch)
     print(format_anatomy(a, f"profile_step: {a['description']}; {a['gpu']}; commit {a['commit']}"))

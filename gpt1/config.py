@@ -4,6 +4,7 @@ from dataclasses import asdict, dataclass, fields
 
 ATTN_IMPLS = ("auto", "eager", "sdpa", "triton")
 LOSS_IMPLS = ("auto", "eager", "triton", "triton_linear")
+NORM_IMPLS = ("eager", "triton")
 
 
 @dataclass
@@ -21,6 +22,7 @@ class GPT1Config:
     initializer_range: float = 0.02  # std of the N(0, std) init of weights
     attn_impl: str = "auto"  # eager | sdpa | triton | auto (triton on a CUDA GPU, else sdpa)
     loss_impl: str = "auto"  # eager | triton | triton_linear | auto (triton_linear on a CUDA GPU, else eager)
+    norm_impl: str = "eager"  # eager | triton (one kernel for residual dropout + add + LayerNorm, each way)
 
     def __post_init__(self):
         if self.n_inner is None:
@@ -31,6 +33,8 @@ class GPT1Config:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
         if self.loss_impl not in LOSS_IMPLS:
             raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
+        if self.norm_impl not in NORM_IMPLS:
+            raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

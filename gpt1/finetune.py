@@ -72,6 +72,7 @@ class FinetuneConfig:
     max_len: int = 0  # tokens per sequence; 0 means the model's n_positions
     attn_impl: str = ""  # overrides the model's attention kernel (eager, sdpa, triton, auto)
     loss_impl: str = ""  # overrides the model's loss kernel (eager, triton, triton_linear, auto)
+    norm_impl: str = ""  # overrides the model's residual dropout + add + LayerNorm kernel (eager, triton)
     log_interval: int = 10  # optimizer steps between train-loss rows
     seed: int = 42  # data order, head init and dropout
     compile: bool | None = None  # torch.compile the model; default: on a CUDA GPU under ZeRO 0-2
@@ -336,7 +337,7 @@ def main(argv=None):
     rank, world, device = init_distributed()
     ds, max_grad_norm = lean_checks(ds_config(run, world))
     base, tok = load_init(run.init)
-    base.set_impl(run.attn_impl or None, run.loss_impl or None)
+    base.set_impl(run.attn_impl or None, run.loss_impl or None, run.norm_impl or None)
     check_kernels(base.config, device)
     max_len = run.max_len or base.config.n_positions
     if max_len > base.config.n_positions:

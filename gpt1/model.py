@@ -43,7 +43,6 @@ class CausalSelfAttention(nn.Module):
         self.attn_impl = config.attn_impl
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
-        self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
         B, T, C = x.shape
@@ -58,7 +57,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y = reference.attention(q, k, v, causal=True, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.c_proj(y)  # the residual dropout is the block's, fused with its add and LayerNorm
 
 
 class MLP(nn.Module):
@@ -66,14 +65,13 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.n_inner)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
-        self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
-    """Post-LN block as in the paper's code: LayerNorm after each residual add."""
+    """Post-LN block as in the paper's code: LayerNorm after each residual add, the branch's dropout before it."""
 
     def __init__(self, config):
         super().__init__()
@@ -81,10 +79,19 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.resid_pdrop = config.resid_pdrop
+        self.norm_impl = config.norm_impl
+
+    def add_norm(self, x, h, ln):
+        """ln(x + dropout(h)): one Triton kernel each way (norm_impl "triton"), or torch's ops."""
+        if self.norm_impl == "triton":
+            p = self.resid_pdrop if self.training else 0.0
+            return kernels.fused_add_dropout_layer_norm(x, h, ln.weight, ln.bias, dropout_p=p, eps=ln.eps)
+        return ln(x + F.dropout(h, self.resid_pdrop, self.training))
 
     def forward(self, x):
-        x = self.ln_1(x + self.attn(x))
-        return self.ln_2(x + self.mlp(x))
+        x = self.add_norm(x, self.attn(x), self.ln_1)
+        return self.add_norm(x, self.mlp(x), self.ln_2)
 
 
 class GPT1(nn.Module):
@@ -107,13 +114,13 @@ class GPT1(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.positions_embed.weight.numel() if exclude_positions else n
 
-    def set_impl(self, attn_impl=None, loss_impl=None):
-        """Switch the attention and loss kernels of a built model (the weights are unchanged)."""
+    def set_impl(self, attn_impl=None, loss_impl=None, norm_impl=None):
+        """Switch the attention, loss and add-LayerNorm kernels of a built model (the weights are unchanged)."""
         cfg = GPT1Config.from_dict({**self.config.to_dict(), **{k: v for k, v in
-                                    dict(attn_impl=attn_impl, loss_impl=loss_impl).items() if v}})
+                                    dict(attn_impl=attn_impl, loss_impl=loss_impl, norm_impl=norm_impl).items() if v}})
         self.config = cfg
         for block in self.h:
-            block.attn.attn_impl = cfg.attn_impl
+            block.attn.attn_impl, block.norm_impl = cfg.attn_impl, cfg.norm_impl
         return self
 
     def hidden_states(self, input_ids):

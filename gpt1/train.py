@@ -40,6 +40,7 @@ class RunConfig:
     gradient_accumulation_steps: int = 0  # overrides the config's when > 0
     attn_impl: str = ""  # overrides the model's attention kernel (eager, sdpa, triton, auto)
     loss_impl: str = ""  # overrides the model's loss kernel (eager, triton, triton_linear, auto)
+    norm_impl: str = ""  # overrides the model's residual dropout + add + LayerNorm kernel (eager, triton)
     dropout: float = -1.0  # overrides all three dropout rates when >= 0
     eval_interval: int = 100  # steps between evaluations (and at the end)
     eval_batches: int = 10  # micro-batches per rank in one evaluation
@@ -62,6 +63,8 @@ def build_model_config(run, meta):
         overrides["attn_impl"] = run.attn_impl
     if run.loss_impl:
         overrides["loss_impl"] = run.loss_impl
+    if run.norm_impl:
+        overrides["norm_impl"] = run.norm_impl
     if run.dropout >= 0:
         overrides.update(embd_pdrop=run.dropout, attn_pdrop=run.dropout, resid_pdrop=run.dropout)
     cfg = get_config(run.model, **overrides)

@@ -2,5 +2,6 @@
 
 from .attention import fused_attention
 from .cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
+from .layer_norm import fused_add_dropout_layer_norm
 
-__all__ = ["fused_attention", "fused_cross_entropy", "fused_linear_cross_entropy"]
+__all__ = ["fused_add_dropout_layer_norm", "fused_attention", "fused_cross_entropy", "fused_linear_cross_entropy"]

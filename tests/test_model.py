@@ -43,6 +43,7 @@ def test_small_presets_build(name):
     (dict(n_embd=30, n_head=4), "divisible"),
     (dict(attn_impl="nope"), "attn_impl"),
     (dict(loss_impl="nope"), "loss_impl"),
+    (dict(norm_impl="nope"), "norm_impl"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(attn_pdrop=1.0), "attn_pdrop"),
 ])
@@ -110,8 +111,8 @@ def test_sequence_longer_than_context_is_refused():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-IMPLS = [("sdpa", "eager"), ("triton", "eager"), ("eager", "triton"), ("eager", "triton_linear"),
-         ("triton", "triton_linear")]
+IMPLS = [("sdpa", "eager", "eager"), ("triton", "eager", "eager"), ("eager", "triton", "eager"),
+         ("eager", "triton_linear", "eager"), ("sdpa", "eager", "triton"), ("triton", "triton_linear", "triton")]
 
 
 def _tol(device):
@@ -119,11 +120,11 @@ def _tol(device):
     return dict(atol=1e-4, rtol=1e-4) if device == "cpu" else dict(atol=3e-3, rtol=3e-3)
 
 
-@pytest.mark.parametrize("attn_impl, loss_impl", IMPLS)
-def test_kernels_give_the_same_loss_and_gradients(attn_impl, loss_impl, device):
+@pytest.mark.parametrize("attn_impl, loss_impl, norm_impl", IMPLS)
+def test_kernels_give_the_same_loss_and_gradients(attn_impl, loss_impl, norm_impl, device):
     ref = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
     ours = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
-    ours.set_impl(attn_impl=attn_impl, loss_impl=loss_impl)
+    ours.set_impl(attn_impl=attn_impl, loss_impl=loss_impl, norm_impl=norm_impl)
     ids, y = batch(device=device)
     y[1, 5:9] = -100
     losses = []
@@ -136,11 +137,12 @@ def test_kernels_give_the_same_loss_and_gradients(attn_impl, loss_impl, device):
         assert_close(q.grad, p.grad, name=name, **_tol(device))
 
 
-@pytest.mark.parametrize("attn_impl, loss_impl", [("triton", "triton"), ("triton", "triton_linear")])
-def test_kernels_follow_the_eager_training_trajectory(attn_impl, loss_impl, device):
+@pytest.mark.parametrize("attn_impl, loss_impl, norm_impl", [("triton", "triton", "eager"),
+                                                              ("triton", "triton_linear", "triton")])
+def test_kernels_follow_the_eager_training_trajectory(attn_impl, loss_impl, norm_impl, device):
     """Twelve AdamW steps from the same weights on the same batches: the per-step losses stay together."""
     trajectories = []
-    for impls in (("eager", "eager"), (attn_impl, loss_impl)):
+    for impls in (("eager", "eager", "eager"), (attn_impl, loss_impl, norm_impl)):
         model = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
         model.set_impl(*impls)
         opt = torch.optim.AdamW(model.param_groups(0.01), lr=1e-2)
@@ -158,12 +160,16 @@ def test_kernels_follow_the_eager_training_trajectory(attn_impl, loss_impl, devi
     assert_close(ours, eager, atol=2e-3 if device == "cpu" else 2e-2, rtol=0)
 
 
-def test_kernel_dropout_trains_like_eager_dropout(device):
-    """With dropout on, the Triton attention draws its own mask: losses differ per step, not on average."""
+@pytest.mark.parametrize("dropout", ["attn", "resid"])
+def test_kernel_dropout_trains_like_eager_dropout(dropout, device):
+    """With dropout on, the Triton attention (or the fused add-LayerNorm) draws its own mask: losses differ per
+    step, not on average."""
     ids, y = batch(B=4, T=32, device=device)
     means = []
     for impl in ("eager", "triton"):
-        model = small_model(attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0, attn_impl=impl).to(device).train()
+        rates = dict(attn_pdrop=0.5, resid_pdrop=0.0) if dropout == "attn" else dict(attn_pdrop=0.0, resid_pdrop=0.5)
+        impls = dict(attn_impl=impl) if dropout == "attn" else dict(norm_impl=impl)
+        model = small_model(**rates, embd_pdrop=0.0, **impls).to(device).train()
         with torch.no_grad():
             means.append(torch.stack([model(ids, labels=y).loss for _ in range(40)]).mean())
         model.eval()

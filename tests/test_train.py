@@ -314,6 +314,19 @@ def test_compiled_run_follows_the_eager_run(data, tmp_path):
     assert max(abs(a - b) for a, b in zip(curves["compile"], curves["no_compile"])) < 0.02, curves
 
 
+def test_fused_add_layer_norm_trains_like_torchs(data, tmp_path):
+    """--norm-impl triton (residual dropout + add + LayerNorm in one kernel) through DeepSpeed ZeRO-2 in bf16
+    follows --norm-impl eager to bf16 noise (0.02 nats per step), dropout off so that only the kernel differs."""
+    config, curves = ds_config(tmp_path, stage=2), {}
+    for impl in ("eager", "triton"):
+        out = str(tmp_path / impl)
+        run(train_cmd(data, out, config, max_steps=6, dropout=0.0, attn_impl="sdpa", norm_impl=impl))
+        assert json.load(open(os.path.join(out, "config.json")))["model"]["norm_impl"] == impl
+        curves[impl] = [losses(out)[k] for k in range(1, 7)]
+    assert max(abs(a - b) for a, b in zip(curves["eager"], curves["triton"])) < 0.02, curves
+    assert curves["triton"][-1] < curves["triton"][0]
+
+
 def test_triton_kernels_without_gpu_or_interpreter_are_refused(data, tmp_path):
     out = str(tmp_path / "run")
     res = run(train_cmd(data, out, ds_config(tmp_path), attn_impl="triton"), ok=False, env={"TRITON_INTERPRET": "0"})
