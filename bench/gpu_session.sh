@@ -11,7 +11,7 @@
 #   tests     pytest on CUDA: tests/test_attention.py test_cross_entropy.py test_compile.py  (S_TESTS=100 s)
 #   e2e       bench.e2e: every row of ROWS, results rewritten after each row                 (S_E2E=230 s, budget 160)
 #   profile   bench.profile_step: the default path, then the nanoGPT recipe                  (S_PROFILE=45 s each)
-#   ops       bench.run_all --only attention,cross_entropy, with the e2e rows included       (S_OPS=90 s, budget 60)
+#   ops       bench.run_all --only attention,cross_entropy,layer_norm, with the e2e rows included       (S_OPS=90 s, budget 60)
 # The seconds are environment variables (S_E2E=300 ...); the defaults add up to about 530 s, under the 600 s of one device call.
 # SMOKE=1 runs every stage's --smoke form on a CPU (pytest only collects): tests/test_bench.py checks the script.
 #
@@ -115,7 +115,7 @@ PY
     ops)
         include=""
         [ -s "$WORK/e2e/results.json" ] && include="--include $WORK/e2e/results.json"
-        stage ops "${S_OPS:-90}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy $include \
+        stage ops "${S_OPS:-90}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy,layer_norm $include \
             --budget-s "${B_OPS:-60}" --out "$WORK/ops" ;;
     *)
         say "unknown stage $s (roofline tests e2e profile ops)" ;;

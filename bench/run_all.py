@@ -19,9 +19,10 @@ import time
 from . import common
 
 # shares of --budget-s per bench, renormalized over the benches that --only selects
-BUDGET_SHARES = {"attention": 0.45, "cross_entropy": 0.25, "e2e": 0.30}
+BUDGET_SHARES = {"attention": 0.40, "cross_entropy": 0.22, "layer_norm": 0.08, "e2e": 0.30}
 HEADLINE_ATTENTION = {"T": (128, 256, 512), "D": (64,), "mode": ("fwd+bwd",)}  # GPT-1's head width; T=512 its context
 HEADLINE_CE = {"N": (32768,), "V": (40478,), "mode": ("fwd+bwd",)}  # GPT-1's batch: 64 sequences x 512 tokens
+HEADLINE_LN = {"N": (16384,), "dropout": (0.1,), "precision": ("bf16",), "mode": ("fwd+bwd",)}  # 32 x 512 tokens
 
 
 def _at(r, shape):
@@ -35,7 +36,8 @@ def headline(rows):
              "speed-up vs best peer | vs eager |", "|---|---|---|---|---|---|---|---|"]
     picks = [r for r in rows if common.role(r) == common.OURS and r.get("status") == "ok" and (
         (r["bench"] == "attention" and _at(r, HEADLINE_ATTENTION))
-        or (r["bench"] == "cross_entropy" and _at(r, HEADLINE_CE)))]
+        or (r["bench"] == "cross_entropy" and _at(r, HEADLINE_CE))
+        or (r["bench"] == "layer_norm" and _at(r, HEADLINE_LN)))]
     for r in picks:
         peer = next((p for p in rows if p["provider"] == r.get("best_peer") and p["table"] == r["table"]
                      and p["x"] == r["x"] and p["mode"] == r["mode"]), {})
@@ -77,14 +79,16 @@ def budgets(names, budget_s, smoke):
 def main(argv=None):
     parser = common.cli_parser(__doc__.splitlines()[0])
     parser.set_defaults(budget_s=450)
-    parser.add_argument("--only", default="attention,cross_entropy,e2e", help="comma-separated benches to run")
+    parser.add_argument("--only", default="attention,cross_entropy,layer_norm,e2e",
+                        help="comma-separated benches to run")
     parser.add_argument("--include", action="append", default=[], help="results.json of an earlier run whose rows "
                                                                        "join the tables (repeatable)")
     args = parser.parse_args(argv)
     common.use_interpreter_without_gpu(args.smoke)  # before any module imports kernels
-    from . import attention, cross_entropy, e2e
+    from . import attention, cross_entropy, e2e, layer_norm
 
-    out, benches = common.out_dir(args), {"attention": attention, "cross_entropy": cross_entropy, "e2e": e2e}
+    out, benches = common.out_dir(args), {"attention": attention, "cross_entropy": cross_entropy,
+                                          "layer_norm": layer_norm, "e2e": e2e}
     names = args.only.split(",")
     rows, t0 = [], time.monotonic()
     for path in args.include:

@@ -25,8 +25,8 @@ Algorithm (the structure of Triton's tutorial 05 "layer norm" and Apex's fused L
 Dtypes: x and h each fp16, bf16 or fp32, possibly different (under torch.autocast the residual stream x is
 fp32 and the sublayer's output h bf16); weight (C,) and bias (C,) or None, each in any of those dtypes. All
 arithmetic is fp32. y is in torch.promote_types(x.dtype, h.dtype) (what eager `layer_norm(x + dropout(h))`
-gives without autocast; under autocast eager layer_norm runs in fp32 anyway); dx in x's dtype, dh in h's,
-d weight and d bias in the parameters' dtypes.
+gives without autocast); under torch.autocast, which runs layer_norm in fp32, y is fp32 (16-bit x is read as
+fp32); dx in x's dtype, dh in h's, d weight and d bias in the parameters' dtypes.
 
 Shapes: x and h of the same shape (..., C); the leading dims are flattened into N rows (any N >= 0, N = 0 gives
 empty results); rows may have any stride, columns must have stride 1 or are copied first.
@@ -433,6 +433,8 @@ def fused_add_dropout_layer_norm(x, h, weight, bias=None, *, dropout_p=0.0, eps=
     x's device when dropout_p > 0 (new_dropout_seed)."""
     _check_inputs(x, h, weight, bias, dropout_p)
     _check_eps(eps)
+    if x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
+        x = x.float()  # autocast's layer_norm output is fp32 (the residual stream it feeds stays fp32)
     dropout_p, eps = float(dropout_p), float(eps)
     seed = None
     if dropout_p > 0.0:

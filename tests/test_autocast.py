@@ -8,7 +8,7 @@ import torch
 from helpers import assert_close
 
 from gpt1 import GPT1, get_config
-from kernels import fused_attention, fused_cross_entropy, fused_linear_cross_entropy
+from kernels import fused_add_dropout_layer_norm, fused_attention, fused_cross_entropy, fused_linear_cross_entropy
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -74,6 +74,20 @@ def test_cross_entropy_keeps_the_logits_dtype(device):
     loss.backward()
     assert x.grad.dtype == BF16
     assert_close(loss, plain, atol=0, rtol=0, name="loss")
+
+
+def test_add_layer_norm_is_fp32_like_torchs_under_autocast(device):
+    """torch.autocast runs layer_norm in fp32: with 16-bit x and h the fused add-LayerNorm gives fp32 too, the
+    values of x read as fp32, and the gradients return in the inputs' dtypes."""
+    torch.manual_seed(0)
+    x, h = (torch.randn(6, 32, device=device, dtype=BF16, requires_grad=True) for _ in range(2))
+    w, b = torch.ones(32, device=device), torch.zeros(32, device=device)
+    with torch.autocast(device, dtype=BF16):
+        y = fused_add_dropout_layer_norm(x, h, w, b)
+    assert y.dtype == FP32
+    assert_close(y, fused_add_dropout_layer_norm(x.float(), h, w, b), atol=0, rtol=0, name="y")
+    y.sum().backward()
+    assert x.grad.dtype == h.grad.dtype == BF16
 
 
 def test_model_under_autocast_matches_the_torch_path(device):

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from bench import attention, common, cross_entropy, e2e, run_all
+from bench import attention, common, cross_entropy, e2e, layer_norm, run_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +20,13 @@ def test_attention_flops():
     assert attention.attention_flops(2, 12, 512, 64, causal=True, mode="fwd") == full / 2
     assert attention.attention_flops(2, 12, 512, 64, causal=True, mode="bwd") == full / 2 * 2.5
     assert attention.attention_flops(2, 12, 512, 64, causal=True, mode="fwd+bwd") == full / 2 * 3.5
+
+
+def test_layer_norm_bytes():
+    N, C = 1024, 768
+    assert layer_norm.ln_bytes(N, C, 2, 2, "fwd") == 3 * N * C * 2  # x, h read, y written
+    assert layer_norm.ln_bytes(N, C, 4, 2, "fwd") == N * C * (4 + 2 + 4)  # y in the promoted dtype, fp32
+    assert layer_norm.ln_bytes(N, C, 2, 2, "fwd+bwd") == 8 * N * C * 2  # + dy, x, h read, dx, dh written
 
 
 def test_cross_entropy_bytes_and_flops():
@@ -69,7 +76,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_rows(smoke_run):
     _, rows = smoke_run
-    assert {r["bench"] for r in rows} == {"attention", "cross_entropy", "e2e"}
+    assert {r["bench"] for r in rows} == {"attention", "cross_entropy", "layer_norm", "e2e"}
     for r in rows:
         assert r["smoke"] is True
         assert all(r.get(k) for k in ("gpu", "torch", "triton", "deepspeed", "commit")), r
@@ -86,6 +93,7 @@ def test_smoke_rows(smoke_run):
             assert r["reason"].startswith(("not installed", "refused by the backend")), r
     # ours and the eager reference run everywhere, in every mode that applies, with the ratios filled in
     for bench, providers in (("attention", ["ours", "eager"]), ("cross_entropy", ["ours", "ours-unfused", "eager"]),
+                             ("layer_norm", ["ours", "eager"]),
                              ("e2e", [recipe.name for recipe in e2e.ROWS])):
         for p in providers:
             mine = [r for r in rows if r["bench"] == bench and r["provider"] == p]
@@ -127,7 +135,8 @@ def test_smoke_files(smoke_run):
     out, rows = smoke_run
     md = (out / "results.md").read_text()
     assert "SMOKE (" in md and "not a speed measurement" in md
-    for text in ("## Headline", "## Attention", "## Cross-entropy", "## Linear + cross-entropy", "## End to end",
+    for text in ("## Headline", "## Attention", "## Cross-entropy", "## Linear + cross-entropy", "## Add + dropout",
+                 "## End to end",
                  "vs eager", "vs best peer", "flops_per_token = 6*N + 12*L*C*T", "host ms", "p20-p80", "vs nanoGPT",
                  "GPU busy", "kernels/step", "Against the targets"):
         assert text in md, text

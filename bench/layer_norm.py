@@ -1,0 +1,114 @@
+"""Residual dropout + add + LayerNorm (GPT-1's post-LN block glue): our fused kernel against eager and torch.compile.
+
+    python -m bench.layer_norm --out DIR [--smoke]
+
+y = layer_norm(x + dropout(h)) over (N, C=768) rows, N = 8k..32k tokens, dropout 0 and 0.1 (GPT-1's
+resid_pdrop), two precisions: bf16 x and h (DeepSpeed's bf16 model) and an fp32 residual x with a bf16 branch h
+(torch.autocast, the nanoGPT recipe's). Providers: ours (kernels.fused_add_dropout_layer_norm), eager (torch's
+ops: F.dropout, the add, F.layer_norm), torch.compile of that (Inductor fuses it into a kernel each way, with
+its own dropout draws). GB/s counts the bytes that must move: x and h read and y written (fwd), dy, x and h read
+and dx and dh written (bwd); the parameters and per-row statistics are left out (under 1%).
+"""
+
+import functools
+import os
+
+from . import common
+
+GRID = {"N": (32768, 16384, 8192), "C": 768, "dropout": (0.1, 0.0)}
+SMOKE_GRID = {"N": (24,), "C": 100, "dropout": (0.1,)}
+PRECISIONS = {"bf16": ("bfloat16", "bfloat16"), "fp32 residual": ("float32", "bfloat16")}  # x dtype, h dtype
+
+
+def ln_bytes(N, C, x_size, h_size, mode="fwd+bwd"):
+    """Bytes that must move: fwd reads x, h and writes y (in the promoted dtype); bwd reads dy, x, h and writes
+    dx, dh."""
+    y_size = max(x_size, h_size)
+    fwd = N * C * (x_size + h_size + y_size)
+    bwd = N * C * (y_size + 2 * x_size + 2 * h_size)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def torch_add_dropout_layer_norm(x, h, weight, bias, dropout_p):
+    import torch.nn.functional as F
+
+    return F.layer_norm(x + F.dropout(h, dropout_p), weight.shape, weight, bias)
+
+
+def providers(smoke):
+    import kernels
+
+    return {"ours": lambda x, h, w, b, p: kernels.fused_add_dropout_layer_norm(x, h, w, b, dropout_p=p),
+            "eager": torch_add_dropout_layer_norm,
+            "torch.compile": common.compiled(torch_add_dropout_layer_norm, smoke)}
+
+
+def run(smoke, deadline=None):
+    import torch
+
+    grid, dev = (SMOKE_GRID if smoke else GRID), common.device()
+    deadline, env, rows = deadline or common.Deadline(0), common.environment(smoke), []
+    fns, C = providers(smoke), grid["C"]
+    for precision, (x_dtype, h_dtype) in PRECISIONS.items():
+        for p in grid["dropout"]:
+            table = f"add + dropout {p:g} + LayerNorm C={C}, {precision}"
+            for N in grid["N"]:
+                base = dict(env, bench="layer_norm", table=table, x=N, N=N, C=C, dropout=p, precision=precision)
+                x = torch.randn(N, C, device=dev, dtype=getattr(torch, x_dtype), requires_grad=True)
+                h = torch.randn(N, C, device=dev, dtype=getattr(torch, h_dtype), requires_grad=True)
+                w = torch.ones(C, device=dev, dtype=x.dtype, requires_grad=True)
+                b = torch.zeros(C, device=dev, dtype=x.dtype, requires_grad=True)
+                sizes = (x.element_size(), h.element_size())
+                for name, fn in fns.items():
+                    rows += bench_provider(base, name, functools.partial(fn, x, h, w, b, p), [x, h, w, b], sizes,
+                                           smoke, deadline)
+                x = h = w = b = None
+                common.free_memory()
+    return rows
+
+
+def bench_provider(base, name, call, inputs, sizes, smoke, deadline):
+    if deadline.passed():
+        return [dict(base, provider=name, mode=m, **common.NOT_RUN) for m in common.MODES]
+    rows = []
+    for mode, res in common.time_modes(call, inputs, common.MODES, smoke).items():
+        row = dict(base, provider=name, mode=mode, **res)
+        if res["status"] == "ok":
+            row["gbps"] = ln_bytes(base["N"], base["C"], *sizes, mode) / (res["ms"] * 1e-3) / 1e9
+        rows.append(row)
+    return rows
+
+
+COLUMNS = [("N", "N"), ("provider", "provider"), ("ms", common.value_or_status("ms")),
+           ("p20-p80", common.spread_cell), ("host ms", common.value_or_status("host_ms")),
+           ("GB/s", common.value_or_status("gbps")), ("peak MiB", common.value_or_status("peak_mb", 5)),
+           ("vs eager", common.ratio("vs_eager")), ("vs best peer", common.ratio("vs_best_peer")),
+           ("best peer", "best_peer"), ("note", "reason")]
+
+
+def markdown(rows):
+    rows = [r for r in rows if r["bench"] == "layer_norm"]
+    note = ("## Add + dropout + LayerNorm\n\nGB/s against the bytes that must move: x and h read and y written "
+            "(fwd), dy, x and h read and dx, dh written (bwd). eager is torch's ops; torch.compile fuses them "
+            "itself. \"fp32 residual\": x fp32, h bf16, as under torch.autocast.")
+    return common.tables_markdown(rows, COLUMNS, note) + common.unavailable(rows) + [""]
+
+
+def plot(rows, out_dir):
+    rows, paths = [r for r in rows if r["bench"] == "layer_norm"], []
+    for i, table in enumerate(dict.fromkeys(r["table"] for r in rows)):
+        path = os.path.join(out_dir, f"layer_norm_{i}.png")
+        paths.append(common.line_plot(rows, "ms", path, f"{table}: ms against N (lower is better)", "N tokens",
+                                      "ms", [(table, m) for m in common.MODES]))
+    return paths
+
+
+def main(argv=None):
+    args = common.cli_parser(__doc__.splitlines()[0]).parse_args(argv)
+    common.use_interpreter_without_gpu(args.smoke)
+    rows = run(args.smoke, common.Deadline(args.budget_s))
+    common.write_outputs(rows, common.out_dir(args), "Add + dropout + LayerNorm benchmark", [(markdown, plot)])
+
+
+if __name__ == "__main__":
+    main()
