@@ -70,28 +70,36 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
+class AddLayerNorm(nn.LayerNorm):
+    """ln(x + dropout(h)), the post-LN block's residual add: torch's ops (impl "eager") or one Triton kernel each
+    way (impl "triton"). A LayerNorm module (same parameters and state_dict keys) whose own forward reads its
+    weights, so that module hooks such as ZeRO-3's parameter gathering see them used."""
+
+    def __init__(self, n_embd, eps, dropout_p, impl):
+        super().__init__(n_embd, eps=eps)
+        self.dropout_p, self.impl = dropout_p, impl
+
+    def forward(self, x, h):
+        if self.impl == "triton":
+            p = self.dropout_p if self.training else 0.0
+            return kernels.fused_add_dropout_layer_norm(x, h, self.weight, self.bias, dropout_p=p, eps=self.eps)
+        return super().forward(x + F.dropout(h, self.dropout_p, self.training))
+
+
 class Block(nn.Module):
     """Post-LN block as in the paper's code: LayerNorm after each residual add, the branch's dropout before it."""
 
     def __init__(self, config):
         super().__init__()
+        norm = (config.n_embd, config.layer_norm_epsilon, config.resid_pdrop, config.norm_impl)
         self.attn = CausalSelfAttention(config)
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = AddLayerNorm(*norm)
         self.mlp = MLP(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.resid_pdrop = config.resid_pdrop
-        self.norm_impl = config.norm_impl
-
-    def add_norm(self, x, h, ln):
-        """ln(x + dropout(h)): one Triton kernel each way (norm_impl "triton"), or torch's ops."""
-        if self.norm_impl == "triton":
-            p = self.resid_pdrop if self.training else 0.0
-            return kernels.fused_add_dropout_layer_norm(x, h, ln.weight, ln.bias, dropout_p=p, eps=ln.eps)
-        return ln(x + F.dropout(h, self.resid_pdrop, self.training))
+        self.ln_2 = AddLayerNorm(*norm)
 
     def forward(self, x):
-        x = self.add_norm(x, self.attn(x), self.ln_1)
-        return self.add_norm(x, self.mlp(x), self.ln_2)
+        x = self.ln_1(x, self.attn(x))
+        return self.ln_2(x, self.mlp(x))
 
 
 class GPT1(nn.Module):
@@ -120,7 +128,7 @@ class GPT1(nn.Module):
                                     dict(attn_impl=attn_impl, loss_impl=loss_impl, norm_impl=norm_impl).items() if v}})
         self.config = cfg
         for block in self.h:
-            block.attn.attn_impl, block.norm_impl = cfg.attn_impl, cfg.norm_impl
+            block.attn.attn_impl, block.ln_1.impl, block.ln_2.impl = cfg.attn_impl, cfg.norm_impl, cfg.norm_impl
         return self
 
     def hidden_states(self, input_ids):
