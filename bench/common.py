@@ -348,6 +348,10 @@ class Deadline:
     def passed(self):
         return time.monotonic() > self.end
 
+    def left(self):
+        """Seconds left, None without a budget."""
+        return None if self.end == math.inf else self.end - time.monotonic()
+
 
 # ----------------------------------------------------------------------------------------------------
 # Rows, ratios, files

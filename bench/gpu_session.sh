@@ -13,6 +13,11 @@
 #   profile   bench.profile_step: the default path, then the nanoGPT recipe                  (S_PROFILE=45 s each)
 #   ops       bench.run_all --only attention,cross_entropy,layer_norm, with the e2e rows included       (S_OPS=90 s, budget 60)
 # The seconds are environment variables (S_E2E=300 ...); the defaults add up to about 530 s, under the 600 s of one device call.
+# Two more stages run only when named, in a second device call (`bash bench/gpu_session.sh curves tune`):
+#   curves    bench.curves: 200 steps of the 117M model, compiled vs eager vs torch's kernels     (S_CURVES=200 s)
+#             needs the corpus: `gpt1 prepare --out data/shakespeare` on the CPU machine, then
+#             carry=[".gpu-wheels", "data/shakespeare"] (the GPU machine has no network)
+#   tune      bench.tune_attention: the attention launch table per sequence length and dropout    (S_TUNE=120 s)
 # SMOKE=1 runs every stage's --smoke form on a CPU (pytest only collects): tests/test_bench.py checks the script.
 #
 # $OUT receives three files, rewritten after every stage (a run cut short still returns what it finished):
@@ -76,6 +81,8 @@ pack() {
             [ -s "$f" ] && printf '\n## %s\n\n```\n%s\n```\n' "$(basename "$f" .txt)" "$(sed -n '/^profile_step:/,$p' "$f" | tail -n 25)"
         done
         section "op benches (bench.run_all)" "$WORK/ops/results.md" '/^## Headline/,/^## Attention/p'
+        section "loss curves (bench.curves)" "$WORK/curves/results.md"
+        section "attention tuning (bench.tune_attention)" "$WORK/tune/results.md"
     } > "$OUT/summary.md.tmp" && mv "$OUT/summary.md.tmp" "$OUT/summary.md"
     tar czf "$OUT/results.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
 }
@@ -117,8 +124,14 @@ PY
         [ -s "$WORK/e2e/results.json" ] && include="--include $WORK/e2e/results.json"
         stage ops "${S_OPS:-90}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy,layer_norm $include \
             --budget-s "${B_OPS:-60}" --out "$WORK/ops" ;;
+    curves)
+        stage curves "${S_CURVES:-200}" $PY -m bench.curves $SMOKE_FLAG --out "$WORK/curves" \
+            --budget-s "$(( ${S_CURVES:-200} - 20 ))" ;;
+    tune)
+        stage tune "${S_TUNE:-120}" $PY -m bench.tune_attention $SMOKE_FLAG --out "$WORK/tune" \
+            --budget-s "$(( ${S_TUNE:-120} - 20 ))" ;;
     *)
-        say "unknown stage $s (roofline tests e2e profile ops)" ;;
+        say "unknown stage $s (roofline tests e2e profile ops curves tune)" ;;
     esac
 done
 pack

@@ -241,3 +241,53 @@ def test_gpu_session_script_packs_its_results(tmp_path):
     with tarfile.open(tmp_path / "results.tgz") as tar:
         names = set(tar.getnames())
     assert {"./roofline.json", "./profile/default.json", "./profile/nanogpt.json", "./stages.txt"} <= names
+
+
+def _curve_runs(compiled, eager, reference):
+    return [{"name": n, "status": "ok", "losses": c} for n, c in
+            (("compiled", compiled), ("eager", eager), ("reference", reference))]
+
+
+def test_curves_tolerance_is_measured():
+    """bench.curves: the compiled path agrees with eager when it differs no more than two correct
+    implementations do; a curve that drifts away, or one that differs more than the yardstick, does not."""
+    from bench import curves
+
+    eager = [10.0 - 0.01 * t for t in range(200)]
+    noisy = [x + (0.05 if t % 2 else -0.05) for t, x in enumerate(eager)]  # the yardstick: 0.05 per step
+    close = [x + (0.04 if t % 3 else -0.04) for t, x in enumerate(eager)]
+    s = curves.compare(_curve_runs(close, eager, noisy))
+    assert s["agree"] and s["mean_abs_eager_vs_reference"] == pytest.approx(0.05)
+    assert s["bound"] == pytest.approx(curves.TOL_FACTOR * 0.05 + curves.TOL_ABS)
+    drifting = [x + 0.002 * t for t, x in enumerate(eager)]  # a growing offset: 0 at first, 0.4 at the end
+    assert not curves.compare(_curve_runs(drifting, eager, noisy))["agree"]
+    far = [x + (0.2 if t % 2 else -0.2) for t, x in enumerate(eager)]  # no drift, but 4x the yardstick
+    assert not curves.compare(_curve_runs(far, eager, noisy))["agree"]
+    runs = _curve_runs(close, eager, noisy)
+    runs[2] = {"name": "reference", "status": "not run"}
+    assert curves.compare(runs) is None and "not decided" in curves.verdict(None)
+
+
+def test_curves_smoke(tmp_path):
+    """bench.curves --smoke: three real gpt1.train runs (gpt1-tiny, our kernels under the interpreter, compiled
+    and not, and torch's kernels) on a corpus it prepares; without dropout the compiled and eager curves agree."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench.curves", "--smoke", "--dropout", "0", "--steps", "3",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in result["runs"]] == ["ok"] * 3
+    assert all(len(r["losses"]) == 3 for r in result["runs"])
+    assert "--attn-impl triton" in result["runs"][0]["flags"] and result["runs"][0]["first_step_s"] > 0
+    assert result["summary"]["agree"], result["summary"]
+    assert result["summary"]["mean_abs_compiled_vs_eager"] < 1e-3
+    assert "agree within the measured tolerance" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_curves_without_a_corpus_says_how_to_make_one(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.curves", "--data", str(tmp_path / "missing"), "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode != 0 and "gpt1 prepare --out" in proc.stderr
