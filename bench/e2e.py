@@ -145,7 +145,7 @@ def deepspeed_step(model, recipe, s, smoke, dev, inputs, labels):
 
     ds = runtime.load_ds_config(ds_config_path(recipe.zero, recipe.precision), 1, micro_batch_size=s["micro_batch"],
                                 gradient_accumulation_steps=1)
-    ds, max_grad_norm = runtime.lean_checks(ds)
+    ds, max_grad_norm = runtime.lean_checks(ds, 1)
     engine, _, _ = runtime.build_engine(model, ds, lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=max_grad_norm,
                                         tied_weight=model.tokens_embed.weight)
     if recipe.compile and smoke:  # runtime.compile_module's trace (fullgraph), without Inductor

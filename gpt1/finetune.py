@@ -335,7 +335,7 @@ def main(argv=None):
     if run.epochs < 1 or run.batch_size < 1:
         raise GPT1Error("--epochs and --batch-size must be positive")
     rank, world, device = init_distributed()
-    ds, max_grad_norm = lean_checks(ds_config(run, world))
+    ds, max_grad_norm = lean_checks(ds_config(run, world), world)
     base, tok = load_init(run.init)
     base.set_impl(run.attn_impl or None, run.loss_impl or None, run.norm_impl or None)
     check_kernels(base.config, device)

@@ -118,10 +118,14 @@ def zero_stage(ds):
     return ds.get("zero_optimization", {}).get("stage", 0)
 
 
-def lean_checks(ds):
+def lean_checks(ds, world_size):
     """(config, max_grad_norm): the DeepSpeed config without what makes the step wait on the host.
 
     - DeepSpeed's throughput timer synchronizes the device twice per step: off, unless the config sets it.
+    - Under ZeRO-1/2 on one rank, overlap_comm is turned off: there is no communication to overlap, and with
+      it DeepSpeed synchronizes the whole device at the end of every backward (its gradient epilogue, on CUDA),
+      so the host could never run ahead of the GPU. On several ranks the config's choice stands: there the
+      overlap hides the reduction behind the backward.
     - Under ZeRO-1/2 in bf16 or fp32, DeepSpeed's per-gradient overflow check and fp64 norm (a few kernels and
       a host sync per parameter) are turned off and their work (the non-finite guard, clipping to the config's
       gradient_clipping) moves into GuardedAdamW, which does it in O(1) kernels without a host sync.
@@ -134,6 +138,8 @@ def lean_checks(ds):
     parameter on the host."""
     ds = {**ds, "timers": {"throughput": {"enabled": False}, **ds.get("timers", {})}}
     stage, bf16 = zero_stage(ds), ds.get("bf16", {}).get("enabled", False)
+    if stage in (1, 2) and world_size == 1 and ds["zero_optimization"].get("overlap_comm"):
+        ds["zero_optimization"] = {**ds["zero_optimization"], "overlap_comm": False}
     fp16 = ds.get("fp16", {}).get("enabled", False) or (
         torch_autocast(ds) and ds["torch_autocast"].get("dtype", "bfloat16") in ("float16", "fp16", "half"))
     if fp16 or stage == 3 or (stage == 0 and bf16):

@@ -56,7 +56,7 @@ def dist_env():
 def zero2_engine(model):
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
           "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-    ds, max_grad_norm = lean_checks(ds)
+    ds, max_grad_norm = lean_checks(ds, 1)
     assert ds["gradient_clipping"] == 0 and max_grad_norm == CLIP  # the clipping moved into GuardedAdamW
     engine, optimizer, _ = build_engine(model, ds, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm)
     return engine, optimizer
@@ -100,12 +100,40 @@ def test_lean_checks_keep_deepspeeds_where_it_needs_them():
     fp16 = {"fp16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
     zero3 = {"bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}}
     for ds in (fp16, zero3):  # only DeepSpeed's throughput timer, which syncs twice a step, goes
-        assert lean_checks(ds) == ({**ds, "timers": {"throughput": {"enabled": False}}}, 0.0)
-    lean, clip = lean_checks({"bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 1}})
+        assert lean_checks(ds, 1) == ({**ds, "timers": {"throughput": {"enabled": False}}}, 0.0)
+    lean, clip = lean_checks({"bf16": {"enabled": True}, "gradient_clipping": 1.0,
+                              "zero_optimization": {"stage": 1}}, 1)
     assert clip == 1.0 and lean["bf16"]["check_grad_overflow"] is False
     assert lean["zero_optimization"]["compute_grad_norm"] is False
     kept = {"timers": {"throughput": {"enabled": True}}, "zero_optimization": {"stage": 0}}
-    assert lean_checks(kept)[0]["timers"] == kept["timers"]  # a config's own choice stands
+    assert lean_checks(kept, 1)[0]["timers"] == kept["timers"]  # a config's own choice stands
+
+
+def test_lean_checks_turn_overlap_comm_off_on_one_rank():
+    for stage in (1, 2):
+        ds = {"bf16": {"enabled": True}, "zero_optimization": {"stage": stage, "overlap_comm": True}}
+        assert lean_checks(ds, 1)[0]["zero_optimization"]["overlap_comm"] is False
+        assert lean_checks(ds, 2)[0]["zero_optimization"]["overlap_comm"] is True  # the config's choice
+        assert ds["zero_optimization"]["overlap_comm"] is True  # the caller's dict is not changed
+    zero3 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "overlap_comm": True}}
+    assert lean_checks(zero3, 1)[0]["zero_optimization"]["overlap_comm"] is True
+
+
+def test_one_rank_zero2_engine_runs_without_overlap_comm(dist_env):
+    """DeepSpeed's ZeRO-1/2 optimizer synchronizes the device at the end of each backward (on CUDA) when its
+    overlap_comm is set (stage_1_and_2.py, independent_gradient_partition_epilogue): the shipped ZeRO-2
+    config sets it, the engine built from it through lean_checks on one rank runs without it, and trains."""
+    with open("ds_configs/zero2_bf16.json") as f:
+        shipped = {**json.load(f), "train_micro_batch_size_per_gpu": 2}
+    for ds, overlap in ((shipped, True), (lean_checks(shipped, 1)[0], False)):
+        torch.manual_seed(0)
+        engine, _, _ = build_engine(GPT1(GPT1Config(**SMALL)), ds, lr=LR)
+        assert engine.optimizer.overlap_comm is overlap
+        w = batches(1)[0]
+        before = engine.module.h[0].mlp.c_fc.weight.detach().clone()
+        engine.backward(engine(w[:, :-1], labels=w[:, 1:]).loss)
+        engine.step()
+        assert not torch.equal(engine.module.h[0].mlp.c_fc.weight, before)
 
 
 def test_lean_checks_under_torch_autocast():
@@ -114,12 +142,12 @@ def test_lean_checks_under_torch_autocast():
     for stage in (0, 1, 2):
         ds = {"torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "gradient_clipping": 1.0,
               "zero_optimization": {"stage": stage}}
-        lean, clip = lean_checks(ds)
+        lean, clip = lean_checks(ds, 1)
         assert clip == 1.0 and lean["gradient_clipping"] == 0.0
         assert ("compute_grad_norm" in lean["zero_optimization"]) == (stage > 0)
     fp16 = {"torch_autocast": {"enabled": True, "dtype": "float16"}, "gradient_clipping": 1.0,
             "zero_optimization": {"stage": 0}}
-    assert lean_checks(fp16)[1] == 0.0
+    assert lean_checks(fp16, 1)[1] == 0.0
 
 
 def test_zero0_torch_autocast_is_the_nanogpt_recipe(dist_env):
@@ -140,7 +168,7 @@ def test_zero0_torch_autocast_is_the_nanogpt_recipe(dist_env):
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
           "torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "zero_optimization": {"stage": 0},
           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
-    ds, max_grad_norm = lean_checks(ds)
+    ds, max_grad_norm = lean_checks(ds, 1)
     engine, optimizer, _ = build_engine(model, ds, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm)
     assert engine.optimizer is optimizer and not engine.enable_backward_allreduce
     for w in data:
