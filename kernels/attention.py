@@ -51,13 +51,17 @@ Limits: self-attention only (q, k, v share T); B*H <= 65535 (CUDA grid y); offse
 scores in the forward and T * W bytes per (batch, head) until the backward; a dropout p below 2^-17 rounds to
 no dropout. Under torch.compile, causal, softmax_scale and dropout_p
 are constants of the graph (a new value recompiles); the seed is not.
-Launch configurations come from a table keyed by (arch, head dim, fp32 or not); see `_CONFIGS`. Under the
+Launch configurations come from `_CONFIGS`, keyed by (arch, head dim, fp32 or not), overridden per kernel by the
+measured table kernels/attention_tuned.json (written by `python -m bench.tune_attention` on a GPU), keyed also by
+the sequence-length bucket (T rounded up to a power of two in [128, 2048]) and dropout; see `_config_for`. Under the
 Triton interpreter (TRITON_INTERPRET=1, CPU tests) bf16 dot operands are rounded by bit arithmetic and fed
 as fp32 (ROUNDING="bf16"), because the interpreter multiplies bf16 as raw integers; GPU code is unaffected.
 """
 
 import functools
+import json
 import math
+import os
 from typing import Optional
 
 import torch
@@ -555,36 +559,150 @@ _CONFIGS = {
 _INTERPRETER_CONFIG = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
 
 
+# The measured table (kernels/attention_tuned.json, written by `python -m bench.tune_attention` on a GPU and
+# committed): per (arch, head dim, dtype class, T bucket, dropout, kernel) a config that beat _CONFIGS' there.
+# The best tiles depend on T (short sequences want more, smaller programs) and on dropout (the mask bits cost
+# registers and bandwidth), which _CONFIGS cannot express. A kernel without an entry keeps its _CONFIGS config.
+_TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tuned.json")
+T_BUCKETS = (128, 256, 512, 1024, 2048)  # a T uses the smallest bucket >= T; T above 2048 uses 2048's entries
+KINDS = ("fwd", "dq", "dkdv")
+_ARCHS = {"sm80": 8, "sm90": 9}  # the arch field -> the compute-capability major of _CONFIGS' keys
+_DTYPE_CLASSES = {"16-bit": False, "fp32": True}  # fp16 and bf16 share their configs, as in _CONFIGS
+_ENTRY_KEYS = ("arch", "head_dim", "dtype", "T_bucket", "dropout", "kind", "block_m", "block_n", "num_warps",
+               "num_stages")
+# where an entry came from: the GPU, versions and commit that measured it, its ms and the ms of the default
+# config it replaced (and that default, [BLOCK_M, BLOCK_N, num_warps, num_stages])
+_PROVENANCE_KEYS = ("gpu", "triton", "torch", "commit", "ms", "default_ms", "default")
+
+
+def _t_bucket(T):
+    """The tuned table's sequence-length bucket of T: the next power of two, clamped to [128, 2048]."""
+    return min(max(1 << (T - 1).bit_length(), T_BUCKETS[0]), T_BUCKETS[-1])
+
+
+def block_rule_error(kind, block_m, block_n, num_warps, num_stages):
+    """Why (BLOCK_M, BLOCK_N, num_warps, num_stages) cannot launch `kind` (see _CONFIGS' rules), or None."""
+    for name, value in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("num_warps", num_warps)):
+        if type(value) is not int or value < 1 or value & (value - 1):
+            return f"{name} = {value!r} is not a power of two"
+    if not (16 <= block_m <= 256 and 16 <= block_n <= 256):
+        return f"blocks {block_m}x{block_n}: each must be 16 to 256 (tl.dot's smallest side is 16)"
+    if num_warps > 16 or type(num_stages) is not int or not 1 <= num_stages <= 8:
+        return f"num_warps = {num_warps!r} (at most 16), num_stages = {num_stages!r} (1 to 8)"
+    if kind in ("fwd", "dq") and block_m % block_n:
+        return f"{kind} needs BLOCK_M % BLOCK_N == 0, got {block_m}x{block_n}"
+    if kind == "dkdv" and block_n % block_m:
+        return f"dkdv needs BLOCK_N % BLOCK_M == 0, got {block_m}x{block_n}"
+    return None  # BLOCK_N % 8 == 0 (the dropout draw group) follows from a power of two >= 16
+
+
+def _entry_label(e):
+    if not isinstance(e, dict):
+        return repr(e)[:60]
+    return (f"({e.get('arch')} D={e.get('head_dim')} {e.get('dtype')} T<={e.get('T_bucket')} "
+            f"{'dropout' if e.get('dropout') else 'no dropout'} {e.get('kind')})")
+
+
+def _parse_entry(e):
+    """(key, config) of one table entry, key = (major, head dim, fp32, T bucket, dropout, kind); ValueError says
+    what is wrong with it."""
+    if not isinstance(e, dict):
+        raise ValueError("not a JSON object")
+    missing = [k for k in _ENTRY_KEYS if k not in e]
+    unknown = sorted(set(e) - set(_ENTRY_KEYS) - set(_PROVENANCE_KEYS))
+    if missing or unknown:
+        raise ValueError(f"missing fields {missing}, unknown fields {unknown}")
+    checks = ((e["arch"] in _ARCHS, f"arch {e['arch']!r} is not one of {sorted(_ARCHS)}"),
+              (e["head_dim"] in HEAD_DIMS, f"head_dim {e['head_dim']!r} is not one of {HEAD_DIMS}"),
+              (e["dtype"] in _DTYPE_CLASSES, f"dtype {e['dtype']!r} is not one of {sorted(_DTYPE_CLASSES)}"),
+              (e["T_bucket"] in T_BUCKETS, f"T_bucket {e['T_bucket']!r} is not one of {T_BUCKETS}"),
+              (isinstance(e["dropout"], bool), f"dropout {e['dropout']!r} is not true or false"),
+              (e["kind"] in KINDS, f"kind {e['kind']!r} is not one of {KINDS}"))
+    for ok, why in checks:
+        if not ok:
+            raise ValueError(why)
+    cfg = (e["block_m"], e["block_n"], e["num_warps"], e["num_stages"])
+    why = block_rule_error(e["kind"], *cfg)
+    if why:
+        raise ValueError(why)
+    return (_ARCHS[e["arch"]], e["head_dim"], _DTYPE_CLASSES[e["dtype"]], e["T_bucket"], e["dropout"], e["kind"]), cfg
+
+
+def parse_tuned_table(data, source="tuned table"):
+    """{(major, head dim, fp32, T bucket, dropout, kind): (BLOCK_M, BLOCK_N, num_warps, num_stages)} of a table:
+    a JSON object whose "entries" is a list of objects with the fields _ENTRY_KEYS (and optionally
+    _PROVENANCE_KEYS); other top-level fields ("about", "environment") are free. Raises ValueError naming the
+    first bad entry: a field missing, unknown or out of range, a config that breaks the block rules, a duplicate."""
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise ValueError(f'{source}: expected a JSON object with an "entries" list')
+    table = {}
+    for i, e in enumerate(data["entries"]):
+        try:
+            key, cfg = _parse_entry(e)
+            if key in table:
+                raise ValueError("a second entry for the same key")
+        except ValueError as exc:
+            raise ValueError(f"{source}: entry {i} {_entry_label(e)}: {exc}") from None
+        table[key] = cfg
+    return table
+
+
+def load_tuned_table(path=_TUNED_PATH):
+    """The parsed table of a JSON file; {} when there is none (an install without the file runs on _CONFIGS)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if isinstance(data, dict) and data.get("smoke"):
+        raise ValueError(f"{path}: written by bench.tune_attention --smoke, which measures nothing")
+    return parse_tuned_table(data, path)
+
+
+_TUNED = load_tuned_table()
+
+
+def _kernel_spec(name, kind, d, dtype, dropout, cfg, major):
+    """One COMPILE_SPECS entry: the `kind` kernel at the GPT-1 shapes (see _compile_specs), causal."""
+    fn = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)[kind]
+    tensors = dict(fwd="QKVO", dkdv=("Q", "K", "V", "DO", "DK", "DV"), dq=("Q", "K", "V", "O", "DO", "DQ"))[kind]
+    block_m, block_n, num_warps, num_stages = cfg
+    sig = {n: "i32:16" for n in fn.arg_names if n.startswith("stride") and not n.endswith("d")}
+    sig.update({n: f"*{dtype}:16" for n in tensors})
+    sig.update(LSE="*fp32:16", DELTA="*fp32:16", qk_scale="fp32", sm_scale="fp32", DROP_THRESHOLD="i32",
+               DROPOUT_SCALE="fp32", H="i32", T="i32:16", W="i32:16")
+    if dropout:
+        sig.update(SEED="*i64:16", MASK="*u8:16")
+    sig = {n: t for n, t in sig.items() if n in fn.arg_names}
+    consts = {n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")}
+    consts.update(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, DROPOUT=dropout,
+                  ROUNDING="tf32" if dtype == "fp32" else "none")
+    if not dropout:
+        consts.update({n: None for n in ("SEED", "MASK") if n in fn.arg_names})
+    return dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps, num_stages=num_stages,
+                archs=(major * 10,))
+
+
 def _compile_specs():
     """COMPILE_SPECS for bench.compile_report (format in its docstring): each table entry for its arch at the
     GPT-1 shapes (T=512, H=12, q/k/v strided views of a (B, T, 3, H, D) tensor), causal with dropout (the
     training case, the most registers); for D=64 also without dropout (SEED is then None, as the launchers
-    pass it) and in fp16."""
+    pass it) and in fp16. Then every entry of the tuned table, for its arch, dtype class and dropout."""
     specs = []
-    tensors = dict(fwd="QKVO", dkdv=("Q", "K", "V", "DO", "DK", "DV"), dq=("Q", "K", "V", "O", "DO", "DQ"))
-    fns = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)
     for (major, d, fp32), cfg in _CONFIGS.items():
         variants = [("fp32" if fp32 else "bf16", True)]
         if d == 64 and not fp32:
             variants += [("bf16", False), ("fp16", True)]
         for dtype, dropout in variants:
-            for kind, fn in fns.items():
-                block_m, block_n, num_warps, num_stages = cfg[kind]
-                sig = {n: "i32:16" for n in fn.arg_names if n.startswith("stride") and not n.endswith("d")}
-                sig.update({n: f"*{dtype}:16" for n in tensors[kind]})
-                sig.update(LSE="*fp32:16", DELTA="*fp32:16", qk_scale="fp32", sm_scale="fp32", DROP_THRESHOLD="i32",
-                           DROPOUT_SCALE="fp32", H="i32", T="i32:16", W="i32:16")
-                if dropout:
-                    sig.update(SEED="*i64:16", MASK="*u8:16")
-                sig = {n: t for n, t in sig.items() if n in fn.arg_names}
-                consts = {n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")}
-                consts.update(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, DROPOUT=dropout,
-                              ROUNDING="tf32" if fp32 else "none")
-                if not dropout:
-                    consts.update({n: None for n in ("SEED", "MASK") if n in fn.arg_names})
+            for kind in cfg:
                 name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''}"
-                specs.append(dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps,
-                                  num_stages=num_stages, archs=(major * 10,)))
+                specs.append(_kernel_spec(name, kind, d, dtype, dropout, cfg[kind], major))
+    for (major, d, fp32, bucket, dropout, kind), cfg in _TUNED.items():
+        dtype = "fp32" if fp32 else "bf16"
+        name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''} T<={bucket} tuned"
+        specs.append(_kernel_spec(name, kind, d, dtype, dropout, cfg, major))
     specs.append(dict(name="attn_dropout_mask", fn=_dropout_mask_kernel,
                       signature=dict(MASK="*u8:16", SEED="*i64:16", DROP_THRESHOLD="i32", T="i32:16", W="i32:16"),
                       constexprs=dict(BLOCK_R=16, BLOCK_C=128), num_warps=4, num_stages=1))
@@ -594,18 +712,24 @@ def _compile_specs():
 COMPILE_SPECS = _compile_specs()
 
 
+def _tuned_configs(major, head_dim, fp32, bucket, dropout):
+    """{fwd, dq, dkdv}: each kernel's tuned entry for these keys, else its _CONFIGS config."""
+    base = _CONFIGS[(major, head_dim, fp32)]
+    return {kind: _TUNED.get((major, head_dim, fp32, bucket, dropout, kind), cfg) for kind, cfg in base.items()}
+
+
 @functools.cache
-def _config_for(device, head_dim, fp32):
-    """The launch configuration table entry for a device, head dim and dtype class (cached: the capability
-    query is not free and this runs on every call)."""
+def _config_for(device, head_dim, fp32, bucket, dropout):
+    """The launch configurations {fwd, dq, dkdv} for a device, head dim, dtype class, T bucket and dropout
+    (cached: the capability query and the table lookups are not free and this runs on every call)."""
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
     major = torch.cuda.get_device_capability(device)[0]
-    return _CONFIGS[(9 if major >= 9 else 8, head_dim, fp32)]
+    return _tuned_configs(9 if major >= 9 else 8, head_dim, fp32, bucket, dropout)
 
 
-def _config(q):
-    return _config_for(q.device, q.shape[-1], q.dtype == torch.float32)
+def _config(q, dropout):
+    return _config_for(q.device, q.shape[-1], q.dtype == torch.float32, _t_bucket(q.shape[2]), dropout)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -679,13 +803,22 @@ def _forward(q, k, v, causal, sm_scale, dropout_p, seed, config=None):
     mask = _new_mask(B, H, T, q.device) if dropout_p > 0.0 else None
     if q.numel() == 0:
         return o, lse, mask
-    block_m, block_n, num_warps, num_stages = (config or _config(q))["fwd"]
-    grid = (triton.cdiv(T, block_m), B * H)
-    _attn_fwd_kernel[grid](q, k, v, o, lse, mask, sm_scale * LOG2E.value, seed, *dropout_args(dropout_p),
-                           _mask_row_bytes(T), *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
-                           HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
-                           ROUNDING=_rounding(q), num_warps=num_warps, num_stages=num_stages)
+    cfg = (config or _config(q, dropout_p > 0.0))["fwd"]
+    _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg)
     return o, lse, mask
+
+
+def _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg):
+    """The forward kernel into o, lse (and mask) with cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages). Returns what
+    the launch returns: on a GPU the compiled kernel, whose n_regs / n_spills bench.tune_attention reads (as do
+    _launch_dq and _launch_dkdv)."""
+    B, H, T, D = q.shape
+    block_m, block_n, num_warps, num_stages = cfg
+    return _attn_fwd_kernel[(triton.cdiv(T, block_m), B * H)](
+        q, k, v, o, lse, mask, sm_scale * LOG2E.value, seed, *dropout_args(dropout_p), _mask_row_bytes(T),
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+        ROUNDING=_rounding(q), num_warps=num_warps, num_stages=num_stages)
 
 
 def attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=None, dropout_p=0.0, seed=0,
@@ -704,22 +837,40 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, mask, config=Non
     dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     if q.numel() == 0:
         return dq, dk, dv
-    cfg = config or _config(q)
+    cfg = config or _config(q, dropout_p > 0.0)
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dq kernel, read by the dK/dV kernel
-    args = (mask, sm_scale * LOG2E.value, sm_scale, dropout_args(dropout_p)[1], _mask_row_bytes(T))
-    common = dict(HEAD_DIM=D, CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q))
     # dq first: it also computes delta, which the dK/dV kernel (next on the same stream) reads
-    block_m, block_n, num_warps, num_stages = cfg["dq"]
-    _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
+    _launch_dq(q, k, v, o, do, dq, lse, delta, mask, causal, sm_scale, dropout_p, cfg["dq"])
+    _launch_dkdv(q, k, v, do, dk, dv, lse, delta, mask, causal, sm_scale, dropout_p, cfg["dkdv"])
+    return dq, dk, dv
+
+
+def _bwd_args(q, mask, causal, sm_scale, dropout_p):
+    """The arguments that both backward kernels take beside their tensors: (positional, constexpr keywords)."""
+    args = (mask, sm_scale * LOG2E.value, sm_scale, dropout_args(dropout_p)[1], _mask_row_bytes(q.shape[2]))
+    return args, dict(HEAD_DIM=q.shape[3], CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q))
+
+
+def _launch_dq(q, k, v, o, do, dq, lse, delta, mask, causal, sm_scale, dropout_p, cfg):
+    """The dQ kernel (which also writes delta) with cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    B, H, T, D = q.shape
+    block_m, block_n, num_warps, num_stages = cfg
+    args, common = _bwd_args(q, mask, causal, sm_scale, dropout_p)
+    return _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
         q, k, v, o, do, dq, lse, delta, *args,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, T,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
-    block_m, block_n, num_warps, num_stages = cfg["dkdv"]
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * H)](
+
+
+def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, mask, causal, sm_scale, dropout_p, cfg):
+    """The dK/dV kernel (reading the dQ kernel's delta) with cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    B, H, T, D = q.shape
+    block_m, block_n, num_warps, num_stages = cfg
+    args, common = _bwd_args(q, mask, causal, sm_scale, dropout_p)
+    return _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * H)](
         q, k, v, do, dk, dv, lse, delta, *args,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, T,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
-    return dq, dk, dv
 
 
 def _packed_dropout_mask(seed, B, H, T, p):
