@@ -6,7 +6,7 @@
 What it measures: bf16, causal, head dims 64 (GPT-1's) then 128, T in 128 ... 2048 (B*T = 16384, H = 12, q, k, v
 laid out as the model's fused qkv projection), dropout 0.1 (GPT-1 trains with it) then 0; for each kernel (fwd, dq,
 dkdv) a pruned candidate list: the `_CONFIGS` entry and its neighbours one knob away (BLOCK_M or BLOCK_N doubled
-or halved, 4 <-> 8 warps, one pipeline stage more or less; see `candidates`), plus any config the committed table
+or halved, 4 -> 8 warps, one pipeline stage more or less; see `candidates`), plus any config the committed table
 holds. Each candidate is launched once and its outputs compared with the default config's: equal up to bf16
 rounding (other tiles sum in another order), the dropout mask bit for bit. A candidate that fails to compile or
 launch, spills registers (the compiled kernel's n_spills) or computes something else is rejected and reported.
@@ -14,7 +14,7 @@ The rest are timed with triton.testing.do_bench (median; the backward kernels on
 forward's lse and mask and the default dq kernel's delta). A candidate becomes a table entry when it is at least
 MIN_GAIN faster than the default; otherwise the kernel keeps `_CONFIGS` for that (D, T bucket, dropout).
 
-Compiling dominates (about 2 s a kernel, ~90 of them): the candidates are compiled ahead in a pool of worker
+Compiling dominates (about 2 s a kernel, ~70 of them on sm_90): the candidates are compiled ahead in a pool of worker
 processes, each launching them once on a small problem with the same specialization, which fills Triton's on-disk
 cache in the order that the main process measures, so it times the first shapes while the rest compile.
 --budget-s stops cleanly: candidates not reached are recorded as not run, the files hold what was measured.
@@ -48,37 +48,41 @@ SEED = 1234
 # ----------------------------------------------------------------------------------------------------
 
 
-def _mma_rows(kind, block_m, block_n):
+def _mma_rows(kind, cfg):
     """The M side of the kernel's big dots: the query block (fwd, dq) or the key block (dkdv)."""
-    return block_n if kind == "dkdv" else block_m
+    return cfg[1] if kind == "dkdv" else cfg[0]
 
 
-def _fits_wgmma(kind, cfg):
-    """Hopper's warpgroup MMA (wgmma) takes 64 rows per instruction: with fewer MMA rows than 64 per warpgroup of
-    4 warps, the warpgroups split the columns instead (smaller instructions), and below 64 rows in all Triton falls
-    back to mma.sync."""
-    block_m, block_n, num_warps, _ = cfg
-    return _mma_rows(kind, block_m, block_n) >= 64 * max(1, num_warps // 4)
+def _rows_per_warpgroup(kind, cfg):
+    """MMA rows per warpgroup of 4 warps. Hopper's wgmma takes 64 rows per instruction: with fewer per warpgroup
+    the warpgroups split the columns instead (smaller instructions), and below 64 rows in all Triton falls back
+    to mma.sync."""
+    return _mma_rows(kind, cfg) / max(1, cfg[2] // 4)
 
 
 def candidates(kind, default, wgmma, limit=LIMIT, extra=()):
-    """default first, then the configs in extra and its neighbours one knob away, within the kernels' block rules
-    (attention.block_rule_error) and tiles <= MAX_BLOCK; with wgmma (sm_90) >= 64 MMA rows per warpgroup, or
-    the default's tile and warps (some defaults split a 64-row tile over two warpgroups); a tile change that
-    leaves too few rows for the default's warps goes to 4 warps."""
+    """default first, then the configs in extra and its neighbours one knob away (BLOCK_M or BLOCK_N x2 or /2,
+    4 -> 8 warps, a stage more or less), within the kernels' block rules (attention.block_rule_error) and tiles
+    <= MAX_BLOCK. A tile doubled from 4 warps gets 8 (each thread's share stays); never fewer warps for the same
+    tile (the share would double, and the defaults are the largest tiles that do not spill: under triton 3.9 all
+    such sm_90 variants spilled). With wgmma (sm_90): >= 64 MMA rows, and at least as many per warpgroup as the
+    default has, up to 64 (some defaults split a 64-row tile over two warpgroups), a halved tile going to 4 warps
+    for it."""
     from kernels import attention
 
+    default = tuple(default)
     bm, bn, w, s = default
-    near = [(m, n, w, s) for m, n in ((bm * 2, bn), (bm // 2, bn), (bm, bn * 2), (bm, bn // 2))]
+    want_rows = min(64, _rows_per_warpgroup(kind, default))
+    near = [(bm * 2, bn, max(w, 8), s), (bm, bn * 2, max(w, 8), s), (bm // 2, bn, w, s), (bm, bn // 2, w, s)]
     if wgmma:
-        near = [c if _fits_wgmma(kind, c) else (*c[:2], 4, s) for c in near]
-    near = [*map(tuple, extra), *near, (bm, bn, 4 if w == 8 else 8, s), (bm, bn, w, s + 1), (bm, bn, w, s - 1)]
+        near = [c if _rows_per_warpgroup(kind, c) >= want_rows else (*c[:2], 4, s) for c in near]
+    near = [*map(tuple, extra), *near, *([(bm, bn, 8, s)] if w == 4 else []), (bm, bn, w, s + 1), (bm, bn, w, s - 1)]
 
     def allowed(c):
         return (attention.block_rule_error(kind, *c) is None and max(c[:2]) <= MAX_BLOCK
-                and (not wgmma or _fits_wgmma(kind, c) or c[:3] == tuple(default[:3])))
+                and (not wgmma or (_mma_rows(kind, c) >= 64 and _rows_per_warpgroup(kind, c) >= want_rows)))
 
-    return [tuple(default)] + [c for c in dict.fromkeys(near) if c != tuple(default) and allowed(c)][:limit - 1]
+    return [default] + [c for c in dict.fromkeys(near) if c != default and allowed(c)][:limit - 1]
 
 
 def label(cfg):
@@ -323,10 +327,10 @@ def tune_shape(base, plans, pre, deadline, smoke):
     D, T, p = base["D"], base["T"], base["dropout"]
     kinds = [kind for (d, q, kind) in plans if (d, q) == (D, p)]
     todo = [(kind, cfg) for kind in kinds for cfg in plans[(D, p, kind)]]
-    if deadline.passed():
-        return [row(base, kind, cfg, **common.NOT_RUN) for kind, cfg in todo]
     for kind in kinds:
         pre.wait((D, p, kind, plans[(D, p, kind)][0]), deadline)
+    if deadline.passed():
+        return [row(base, kind, cfg, **common.NOT_RUN) for kind, cfg in todo]
     x = make_problem(base["B"], base["H"], T, D, p, common.device())
     try:
         ref = reference(x, {kind: plans[(D, p, kind)][0] for kind in kinds})

@@ -145,7 +145,8 @@ def test_candidates_respect_the_rules():
                 assert attention.block_rule_error(kind, *c) is None, c
                 if major == 9:  # wgmma: >= 64 MMA rows (the query block, or the key block for dkdv)
                     assert (c[1] if kind == "dkdv" else c[0]) >= 64, (d, kind, c)
-    assert tune_attention.candidates("fwd", (32, 16, 4, 1), wgmma=False, limit=2) == [(32, 16, 4, 1), (64, 16, 4, 1)]
+    # a doubled tile keeps each thread's share: 4 warps become 8
+    assert tune_attention.candidates("fwd", (32, 16, 4, 1), wgmma=False, limit=2) == [(32, 16, 4, 1), (64, 16, 8, 1)]
     # a config of the committed table comes right after the default, so that a re-run keeps it in the race
     assert tune_attention.candidates("dq", (128, 32, 8, 3), wgmma=True, extra=[[64, 16, 4, 2]])[:2] == \
         [(128, 32, 8, 3), (64, 16, 4, 2)]
