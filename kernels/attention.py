@@ -719,17 +719,18 @@ def _tuned_configs(major, head_dim, fp32, bucket, dropout):
 
 
 @functools.cache
-def _config_for(device, head_dim, fp32, bucket, dropout):
-    """The launch configurations {fwd, dq, dkdv} for a device, head dim, dtype class, T bucket and dropout
-    (cached: the capability query and the table lookups are not free and this runs on every call)."""
+def _config_for(device, head_dim, fp32, T, dropout):
+    """The launch configurations {fwd, dq, dkdv} for a device, head dim, dtype class, sequence length and dropout
+    (cached: the capability query and the table lookups are not free and this runs on every call; keyed by T
+    rather than its bucket, which saves the bucketing per call for a few entries more)."""
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
     major = torch.cuda.get_device_capability(device)[0]
-    return _tuned_configs(9 if major >= 9 else 8, head_dim, fp32, bucket, dropout)
+    return _tuned_configs(9 if major >= 9 else 8, head_dim, fp32, _t_bucket(T), dropout)
 
 
 def _config(q, dropout):
-    return _config_for(q.device, q.shape[-1], q.dtype == torch.float32, _t_bucket(q.shape[2]), dropout)
+    return _config_for(q.device, q.shape[-1], q.dtype == torch.float32, q.shape[2], dropout)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -44,13 +44,13 @@ def test_lookup_picks_the_entry_of_its_bucket_dropout_and_kernel(tuned):
     dkdv = _entry(kind="dkdv", block_m=64, block_n=128, num_warps=8, num_stages=2, T_bucket=2048, dropout=False)
     tuned([ENTRY, dkdv])
     default = attention._CONFIGS[(9, 64, False)]
-    cfg = attention._config_for(CUDA, 64, False, 512, True)
-    assert cfg == dict(default, fwd=(64, 64, 4, 4))  # dq and dkdv fall back to _CONFIGS
-    for other in ((CUDA, 64, False, 256, True), (CUDA, 64, False, 512, False), (CUDA, 64, True, 512, True),
-                  (CUDA, 128, False, 512, True)):
+    for T in (257, 300, 512):  # the bucket of T <= 512
+        assert attention._config_for(CUDA, 64, False, T, True) == dict(default, fwd=(64, 64, 4, 4))  # dq, dkdv: default
+    for other in ((CUDA, 64, False, 256, True), (CUDA, 64, False, 513, True), (CUDA, 64, False, 512, False),
+                  (CUDA, 64, True, 512, True), (CUDA, 128, False, 512, True)):
         assert attention._config_for(*other) == attention._CONFIGS[(9, *other[1:3])], other
-    assert attention._config_for(CUDA, 64, False, 2048, False) == dict(default, dkdv=(64, 128, 8, 2))
-    # the launchers' key: T through its bucket (300 -> 512, 5000 -> 2048), the dtype class, the dropout flag
+    assert attention._config_for(CUDA, 64, False, 8192, False) == dict(default, dkdv=(64, 128, 8, 2))
+    # the launchers' key: T (300 -> bucket 512, 5000 -> 2048), the dtype class, the dropout flag
     q = types.SimpleNamespace(device=CUDA, shape=(2, 12, 300, 64), dtype=torch.bfloat16)
     assert attention._config(q, True)["fwd"] == (64, 64, 4, 4) and attention._config(q, False) == default
     q.shape = (1, 12, 5000, 64)
