@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="GPT-1 pre-training and fine-tuning on fused Triton kernels, trained through DeepSpeed",
     packages=find_packages(include=["gpt1", "gpt1.*", "kernels", "kernels.*", "bench", "bench.*"]),
+    package_data={"kernels": ["attention_tuned.json"]},  # the measured attention launch table
     python_requires=">=3.10",
     # torch is pinned by the Makefile before this install (CPU machines take the CPU build on disk);
     # the range here only states what the code needs and never pulls a second torch.

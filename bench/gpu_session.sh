@@ -82,7 +82,7 @@ pack() {
         done
         section "op benches (bench.run_all)" "$WORK/ops/results.md" '/^## Headline/,/^## Attention/p'
         section "loss curves (bench.curves)" "$WORK/curves/results.md"
-        section "attention tuning (bench.tune_attention)" "$WORK/tune/results.md"
+        section "attention tuning (bench.tune_attention)" "$WORK/tune/attention_tuned.md"
     } > "$OUT/summary.md.tmp" && mv "$OUT/summary.md.tmp" "$OUT/summary.md"
     tar czf "$OUT/results.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
 }
