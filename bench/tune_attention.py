@@ -139,11 +139,10 @@ def launch(kind, x, cfg, out):
     if kind == "fwd":
         return attention._launch_fwd(x.q, x.k, x.v, out["o"], out["lse"], out["mask"], True, x.scale, x.p, x.seed,
                                      cfg)
+    bwd = attention._bwd_args(x.q, x.mask, True, x.scale, x.p)
     if kind == "dq":
-        return attention._launch_dq(x.q, x.k, x.v, x.o, x.do, out["dq"], x.lse, out["delta"], x.mask, True, x.scale,
-                                    x.p, cfg)
-    return attention._launch_dkdv(x.q, x.k, x.v, x.do, out["dk"], out["dv"], x.lse, x.delta, x.mask, True,
-                                  x.scale, x.p, cfg)
+        return attention._launch_dq(x.q, x.k, x.v, x.o, x.do, out["dq"], x.lse, out["delta"], bwd, cfg)
+    return attention._launch_dkdv(x.q, x.k, x.v, x.do, out["dk"], out["dv"], x.lse, x.delta, bwd, cfg)
 
 
 def reference(x, defaults):
@@ -261,9 +260,9 @@ class Precompiler:
         future = self.futures.get(job)
         if future is None:
             return
-        left = deadline.end - time.monotonic()
+        left = deadline.left()
         try:
-            future.result(timeout=None if left == math.inf else max(0.0, left))
+            future.result(timeout=None if left is None else max(0.0, left))
         except Exception:  # noqa: BLE001 - a timeout is the budget's business, a failure the launch's
             pass
 

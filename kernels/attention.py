@@ -841,33 +841,37 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, mask, config=Non
     cfg = config or _config(q, dropout_p > 0.0)
     delta = torch.empty_like(lse)  # rowsum(dO * O), written by the dq kernel, read by the dK/dV kernel
     # dq first: it also computes delta, which the dK/dV kernel (next on the same stream) reads
-    _launch_dq(q, k, v, o, do, dq, lse, delta, mask, causal, sm_scale, dropout_p, cfg["dq"])
-    _launch_dkdv(q, k, v, do, dk, dv, lse, delta, mask, causal, sm_scale, dropout_p, cfg["dkdv"])
+    bwd = _bwd_args(q, mask, causal, sm_scale, dropout_p)
+    _launch_dq(q, k, v, o, do, dq, lse, delta, bwd, cfg["dq"])
+    _launch_dkdv(q, k, v, do, dk, dv, lse, delta, bwd, cfg["dkdv"])
     return dq, dk, dv
 
 
 def _bwd_args(q, mask, causal, sm_scale, dropout_p):
-    """The arguments that both backward kernels take beside their tensors: (positional, constexpr keywords)."""
+    """The arguments that both backward kernels take beside their tensors: (positional, constexpr keywords),
+    built once per backward (a few microseconds of host time)."""
     args = (mask, sm_scale * LOG2E.value, sm_scale, dropout_args(dropout_p)[1], _mask_row_bytes(q.shape[2]))
     return args, dict(HEAD_DIM=q.shape[3], CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q))
 
 
-def _launch_dq(q, k, v, o, do, dq, lse, delta, mask, causal, sm_scale, dropout_p, cfg):
-    """The dQ kernel (which also writes delta) with cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def _launch_dq(q, k, v, o, do, dq, lse, delta, bwd, cfg):
+    """The dQ kernel (which also writes delta) with bwd = _bwd_args(...) and cfg = (BLOCK_M, BLOCK_N, num_warps,
+    num_stages)."""
     B, H, T, D = q.shape
     block_m, block_n, num_warps, num_stages = cfg
-    args, common = _bwd_args(q, mask, causal, sm_scale, dropout_p)
+    args, common = bwd
     return _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
         q, k, v, o, do, dq, lse, delta, *args,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, T,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
 
 
-def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, mask, causal, sm_scale, dropout_p, cfg):
-    """The dK/dV kernel (reading the dQ kernel's delta) with cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, bwd, cfg):
+    """The dK/dV kernel (reading the dQ kernel's delta) with bwd = _bwd_args(...) and cfg = (BLOCK_M, BLOCK_N,
+    num_warps, num_stages)."""
     B, H, T, D = q.shape
     block_m, block_n, num_warps, num_stages = cfg
-    args, common = _bwd_args(q, mask, causal, sm_scale, dropout_p)
+    args, common = bwd
     return _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * H)](
         q, k, v, do, dk, dv, lse, delta, *args,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, T,
