@@ -98,10 +98,11 @@ def main(argv=None):
         t = time.monotonic()
         rows += benches[name].run(args.smoke, common.Deadline(budget))
         print(f"{name}: {time.monotonic() - t:.0f} s", flush=True)
-    shown = [n for n in benches if n in names or any(r["bench"] == n for r in rows)]
-    common.add_ratios(rows)
-    common.write_outputs(rows, out, "GPT-1 kernel benchmarks", [(benches[n].markdown, benches[n].plot)
-                                                                 for n in shown], headline=headline(rows))
+        # written after every bench, so that a run stopped from outside keeps what it measured
+        shown = [n for n in benches if any(r["bench"] == n for r in rows)]
+        common.add_ratios(rows)
+        common.write_outputs(rows, out, "GPT-1 kernel benchmarks", [(benches[n].markdown, benches[n].plot)
+                                                                     for n in shown], headline=headline(rows))
     print(f"total: {time.monotonic() - t0:.0f} s")
 
 

@@ -689,7 +689,8 @@ def _compile_specs():
     """COMPILE_SPECS for bench.compile_report (format in its docstring): each table entry for its arch at the
     GPT-1 shapes (T=512, H=12, q/k/v strided views of a (B, T, 3, H, D) tensor), causal with dropout (the
     training case, the most registers); for D=64 also without dropout (SEED is then None, as the launchers
-    pass it) and in fp16. Then every entry of the tuned table, for its arch, dtype class and dropout."""
+    pass it) and in fp16. Then each distinct launch of the tuned table that is not its default, for its arch,
+    dtype class and dropout, named by the T buckets that use it."""
     specs = []
     for (major, d, fp32), cfg in _CONFIGS.items():
         variants = [("fp32" if fp32 else "bf16", True)]
@@ -699,9 +700,13 @@ def _compile_specs():
             for kind in cfg:
                 name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''}"
                 specs.append(_kernel_spec(name, kind, d, dtype, dropout, cfg[kind], major))
-    for (major, d, fp32, bucket, dropout, kind), cfg in _TUNED.items():
+    buckets = {}  # one spec per distinct tuned launch, naming the T buckets that use it
+    for (major, d, fp32, bucket, dropout, kind), cfg in sorted(_TUNED.items()):
+        if cfg != _CONFIGS[(major, d, fp32)][kind]:
+            buckets.setdefault((major, d, fp32, dropout, kind, cfg), []).append(bucket)
+    for (major, d, fp32, dropout, kind, cfg), ts in buckets.items():
         dtype = "fp32" if fp32 else "bf16"
-        name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''} T<={bucket} tuned"
+        name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''} T<={','.join(map(str, ts))} tuned"
         specs.append(_kernel_spec(name, kind, d, dtype, dropout, cfg, major))
     specs.append(dict(name="attn_dropout_mask", fn=_dropout_mask_kernel,
                       signature=dict(MASK="*u8:16", SEED="*i64:16", DROP_THRESHOLD="i32", T="i32:16", W="i32:16"),

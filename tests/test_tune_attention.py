@@ -64,11 +64,16 @@ def test_lookup_keeps_an_sm90_entry_off_sm80(tuned):
 
 
 def test_compile_specs_cover_the_tuned_entries(tuned):
-    tuned([ENTRY, _entry(kind="dkdv", block_m=32, block_n=64, dropout=False, T_bucket=128)])
+    tuned([])
+    untuned = len(attention._compile_specs())
+    same_as_default = _entry(T_bucket=2048, block_m=128, block_n=64, num_warps=8, num_stages=3)
+    assert attention._CONFIGS[(9, 64, False)]["fwd"] == (128, 64, 8, 3)
+    tuned([ENTRY, _entry(T_bucket=1024), same_as_default,
+           _entry(kind="dkdv", block_m=32, block_n=64, dropout=False, T_bucket=128)])
     all_specs = attention._compile_specs()
-    assert len(all_specs) == len(attention.COMPILE_SPECS) + 2
+    assert len(all_specs) == untuned + 2  # one spec per distinct launch; the default's is already there
     specs = {s["name"]: s for s in all_specs}
-    fwd = specs["attn_fwd D=64 bf16 causal dropout T<=512 tuned"]
+    fwd = specs["attn_fwd D=64 bf16 causal dropout T<=512,1024 tuned"]
     assert fwd["archs"] == (90,) and (fwd["num_warps"], fwd["num_stages"]) == (4, 4)
     assert (fwd["constexprs"]["BLOCK_M"], fwd["constexprs"]["BLOCK_N"], fwd["constexprs"]["DROPOUT"]) == (64, 64, True)
     assert fwd["signature"]["MASK"] == "*u8:16"
