@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/gpt1 prepare --out $(DATA) --vocab-size 8192
 	rm -rf $(RUN)
-	$(BIN)/deepspeed --num_gpus $(NUM_GPUS) --module gpt1.train --deepspeed_config ds_configs/zero2_bf16.json \
+	$(BIN)/deepspeed --num_gpus $(NUM_GPUS) --module gpt1.train --deepspeed_config ds_configs/zero0_autocast_bf16.json \
 		--data $(DATA) --model gpt1-tiny --out $(RUN) --max-steps $(DEMO_STEPS) --warmup-steps 50 --lr 1e-3 \
 		--eval-interval 100 --log-interval 20 --save-interval 300
 	$(BIN)/python -m gpt1.cli metrics $(RUN)
@@ -32,7 +32,7 @@ FT_RUN ?= runs/finetune-demo
 finetune-demo: install
 	test -f $(RUN)/model.pt || { echo "error: $(RUN)/model.pt not found; run 'make demo' first" >&2; exit 2; }
 	$(BIN)/python -m gpt1.corpus_task --data $(DATA) --out $(DATA)/acceptability
-	$(BIN)/deepspeed --num_gpus $(NUM_GPUS) --module gpt1.finetune --deepspeed_config ds_configs/zero2_bf16.json \
+	$(BIN)/deepspeed --num_gpus $(NUM_GPUS) --module gpt1.finetune --deepspeed_config ds_configs/zero0_autocast_bf16.json \
 		--init $(RUN) --task cola --data-dir $(DATA)/acceptability --out $(FT_RUN) --lr 1e-3
 
 test: install

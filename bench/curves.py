@@ -1,7 +1,7 @@
 """Loss curves: the compiled training path against the eager one, run for real through gpt1.train.
 
     python -m bench.curves [--data data/shakespeare] [--steps 200] [--model gpt1] [--micro-batch-size 32]
-                           [--deepspeed-config ds_configs/zero2_bf16.json] [--dropout P] [--out DIR]
+                           [--deepspeed-config ds_configs/zero0_autocast_bf16.json] [--dropout P] [--out DIR]
                            [--budget-s S] [--smoke]
 
 Three runs of `python -m gpt1.train` (one process each, DeepSpeed as gpt1.train builds it), all with the same
@@ -62,7 +62,8 @@ def parse_args(argv):
                                                                           "smoke 2)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's; "
                                                                   "smoke 32)")
-    parser.add_argument("--deepspeed-config", default="ds_configs/zero2_bf16.json", help="gpt1.train's default")
+    parser.add_argument("--deepspeed-config", default="ds_configs/zero0_autocast_bf16.json",
+                        help="gpt1.train's default")
     parser.add_argument("--dropout", type=float, default=None, help="all three dropout rates (default: the "
                                                                     "model's, 0.1)")
     parser.add_argument("--seed", type=int, default=1337)

@@ -1,6 +1,6 @@
 """The anatomy of one training step: where its GPU time goes, how busy the GPU is, how many kernels it launches.
 
-    python -m bench.profile_step                     # our default path: DeepSpeed ZeRO-2, bf16, auto kernels
+    python -m bench.profile_step                     # our default path: DeepSpeed ZeRO-0 autocast, auto kernels
     python -m bench.profile_step --peer              # the nanoGPT recipe (bench.e2e's peer)
     python -m bench.profile_step [--recipe deepspeed|torch] [--attn-impl A] [--loss-impl L] [--norm-impl N]
                                  [--compile|--no-compile]
@@ -230,9 +230,10 @@ def parse_args(argv):
     parser.add_argument("--norm-impl", default="eager", help="eager, triton (residual dropout + add + LayerNorm)")
     parser.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on a GPU, off on a CPU)")
-    parser.add_argument("--zero", type=int, default=2, choices=(0, 1, 2, 3), help="ZeRO stage (deepspeed recipe)")
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "autocast"),
-                        help="deepspeed recipe: bf16 (ds_configs/zero<N>_bf16.json) or autocast "
+    parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
+                        help="ZeRO stage (deepspeed recipe; default 0, as gpt1.train's default config)")
+    parser.add_argument("--precision", default="autocast", choices=("bf16", "autocast"),
+                        help="deepspeed recipe (default autocast, as gpt1.train's default config): bf16 (ds_configs/zero<N>_bf16.json) or autocast "
                              "(zero<N>_autocast_bf16.json: fp32 weights under torch_autocast)")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps on a GPU (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5 on a GPU, 2 on a CPU)")

@@ -215,13 +215,14 @@ def test_e2e_verdict():
     def row(name, ms, **kw):
         return dict({"bench": "e2e", "provider": name, "status": "ok", "ms": ms}, **kw)
 
-    rows = e2e.add_vs_nanogpt([row(e2e.NANOGPT.name, 60.0), row(e2e.DEFAULT.name, 55.0, gpu_busy=0.95,
+    rows = e2e.add_vs_nanogpt([row(e2e.NANOGPT.name, 60.0), row(e2e.DEFAULT.name, 50.0, gpu_busy=0.95,
                                                                  kernels_per_step=900),
-                               row("ours ZeRO-0", 45.0)])
+                               row(e2e.ZERO2.name, 55.0), row("ours ZeRO-1", 45.0)])
     lines = "\n".join(e2e.verdict(rows))
-    assert "1.09x (BEHIND the target, >= 1.2x)" in lines
+    assert "1.20x (meets the target, >= 1.2x)" in lines
     assert "GPU busy: 95.0% (meets" in lines and "kernels per step: 900 (meets" in lines
-    assert "fastest row (ours ZeRO-0): +22.2% step time (BEHIND" in lines
+    assert "fastest row (ours ZeRO-1): +22.2% step time (BEHIND" in lines
+    assert "ZeRO-2 did not run" in e2e.verdict(rows[:2])[-1]
     failed = e2e.verdict([dict(row(e2e.DEFAULT.name, None), status="error", reason="boom")])
     assert "did not run (error: boom)" in failed[0]
 
