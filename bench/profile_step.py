@@ -34,11 +34,19 @@ ops per step: aten::_local_scalar_dense calls at any depth (.item(), bool(tensor
 there. A synchronize called outside the dispatcher (torch.cuda.synchronize, DeepSpeed's timers) shows only on
 the GPU, in host syncs per step; on a CPU, torch's fused AdamW reads its step with .item() per parameter group or
 tensor, which it does not on a GPU.
+
+Everywhere, where the host's time goes: cProfile over --steps more steps (no synchronize inside the loop, so on
+a GPU the host runs ahead as in training until the launch queue fills): host ms per step (cProfile's total,
+its own overhead included, so read the shares rather than the sum), self time per step by package (HOST_PACKAGES:
+DeepSpeed, Triton's launcher, torch's compiled-graph runtime, our kernels' Python, ...) and the functions with
+the most self time. On a host-bound GPU step this says which Python to remove; the GPU profile cannot.
 """
 
 import contextlib
+import cProfile
 import json
 import os
+import pstats
 import re
 import tempfile
 import time
@@ -61,6 +69,17 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categori
 OPERATOR = re.compile(r"^(\w+)::\w")  # namespace::name
 SYNCING_OPS = ("aten::_local_scalar_dense",)  # .item(), bool(t), is_nonzero: a device-to-host copy and a wait
 COUNTED = ("aten", "c10d", "triton")  # counted namespaces; others (autograd::, gpt1_kernels::) are transparent
+# (package, pattern on a cProfile entry's file path or built-in name); the first that matches wins
+HOST_PACKAGES = (
+    ("deepspeed", r"/deepspeed/"),
+    ("triton launcher", r"/triton/|triton_launcher|__triton_launcher"),
+    ("compiled graphs", r"/torch/_inductor/|/torch/_dynamo/|/torch/_functorch/|torchinductor|<eval_with_key>"),
+    ("our kernels", r"/kernels/"),
+    ("gpt1", r"/gpt1/"),
+    ("optimizer", r"/torch/optim/"),
+    ("autograd engine", r"run_backward|/torch/autograd/"),
+    ("torch", r"/torch/|<built-in method torch|<method '.*' of 'torch"),
+)
 
 
 def kernel_family(name):
@@ -162,6 +181,36 @@ def operators(step, steps=1):
             "top_ops": [[n, c / steps] for n, c in names.most_common(15)]}
 
 
+def host_package(filename, funcname):
+    """The HOST_PACKAGES group of a cProfile entry (its file, or "~" and the built-in's name); "other" else."""
+    where = f"{filename}:{funcname}" if filename != "~" else funcname
+    for package, pattern in HOST_PACKAGES:
+        if re.search(pattern, where):
+            return package
+    return "other"
+
+
+def host_anatomy(step, steps=5):
+    """Where the host's time goes over `steps` steps (module docstring): {"host_ms_per_step", "host_by_package":
+    {package: self ms per step}, "host_top_functions": [[function, self ms per step, calls per step], ...]}."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, function): (primitive calls, calls, self s, cumulative s, ...)}
+    by_package, functions = Counter(), []
+    for (filename, line, funcname), (_, calls, self_s, _, _) in stats.items():
+        ms = self_s * 1e3 / steps
+        by_package[host_package(filename, funcname)] += ms
+        name = funcname if filename == "~" else f"{os.path.basename(filename)}:{line}({funcname})"
+        functions.append([name, ms, calls / steps])
+    functions.sort(key=lambda f: -f[1])
+    return {"host_ms_per_step": sum(by_package.values()),
+            "host_by_package": dict(sorted(by_package.items(), key=lambda kv: -kv[1])),
+            "host_top_functions": functions[:15]}
+
+
 def anatomy(step, device, steps=5):
     """The step's anatomy (module docstring) over `steps` profiled steps after the caller's warm-up: the GPU
     columns on a CUDA device, and operators per step (one step) everywhere."""
@@ -182,6 +231,9 @@ def anatomy(step, device, steps=5):
     t0 = time.perf_counter()
     out.update(operators(step))
     out.setdefault("wall_ms", (time.perf_counter() - t0) * 1e3)  # CPU: the one step under the CPU profiler
+    out.update(host_anatomy(step, steps))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return out
 
 
@@ -217,6 +269,11 @@ def format_anatomy(a, title):
                  f"{a['ops_all_per_step']:.0f} with the nested ones)")
     lines.append(f"sync ops per step (aten::_local_scalar_dense: .item(), bool(tensor)): {a['sync_ops_per_step']:.0f}")
     lines.append("top operators: " + ", ".join(f"{n} {c:.0f}" for n, c in a["top_ops"]))
+    if "host_ms_per_step" in a:
+        lines.append(f"host (cProfile, its overhead included): {a['host_ms_per_step']:.2f} ms/step; self ms/step by "
+                     "package: " + ", ".join(f"{p} {ms:.2f}" for p, ms in a["host_by_package"].items()))
+        lines.append("top host functions (self ms/step, calls/step): " + "; ".join(
+            f"{n} {ms:.3f} ({c:.0f})" for n, ms, c in a["host_top_functions"][:10]))
     return "\n".join(lines)
 
 

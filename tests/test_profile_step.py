@@ -129,3 +129,34 @@ def test_gpu_report_formats():
                peak_tflops=989.0, gpu="NVIDIA H200")
     md = "\n".join(e2e.markdown([row]))
     assert "GPU time by kernel family" in md and "| 90.0% |" in md and "GPU busy: 90.0% (BEHIND" in md
+
+
+def test_host_packages():
+    cases = {("/x/site-packages/deepspeed/runtime/engine.py", "step"): "deepspeed",
+             ("/x/site-packages/triton/backends/nvidia/driver.py", "__call__"): "triton launcher",
+             ("/x/site-packages/torch/_inductor/output_code.py", "__call__"): "compiled graphs",
+             ("/work/main/kernels/attention.py", "_forward"): "our kernels",
+             ("/work/main/gpt1/runtime.py", "step"): "gpt1",
+             ("/x/site-packages/torch/optim/adamw.py", "step"): "optimizer",
+             ("~", "<method 'run_backward' of 'torch._C._EngineBase' objects>"): "autograd engine",
+             ("~", "<built-in method torch._C._nn.linear>"): "torch",
+             ("/usr/lib/python3.11/json/encoder.py", "encode"): "other"}
+    for (filename, funcname), package in cases.items():
+        assert profile_step.host_package(filename, funcname) == package, (filename, funcname)
+
+
+def test_host_anatomy_of_a_step():
+    x = torch.randn(64, 64)
+
+    def step():
+        for _ in range(3):
+            torch.mm(x, x)
+
+    h = profile_step.host_anatomy(step, steps=2)
+    assert h["host_ms_per_step"] > 0 and h["host_by_package"]["torch"] > 0
+    assert h["host_ms_per_step"] == pytest.approx(sum(h["host_by_package"].values()))
+    mm = next(f for f in h["host_top_functions"] if "mm" in f[0])
+    assert mm[2] == 3  # calls per step
+    text = profile_step.format_anatomy(dict(profiled_steps=2, wall_ms=1.0, ops_per_step=3.0, ops_all_per_step=3.0,
+                                            sync_ops_per_step=0.0, top_ops=[["aten::mm", 3.0]], **h), "title")
+    assert "self ms/step by package: torch" in text and "calls/step" in text
