@@ -14,7 +14,9 @@
 #   ops       bench.run_all --only attention,cross_entropy,layer_norm, with the e2e rows included       (S_OPS=90 s, budget 60)
 # The seconds are environment variables (S_E2E=300 ...); the defaults add up to about 530 s, under the 600 s of one device call.
 # Two more stages run only when named, in a second device call (`bash bench/gpu_session.sh curves tune`):
-#   curves    bench.curves: 200 steps of the 117M model, compiled vs eager vs torch's kernels     (S_CURVES=200 s)
+#   curves    bench.curves: 200 steps of the 117M model, each run against torch's kernels       (S_CURVES=200 s)
+#             CURVES_RUNS picks the runs (default compiled,eager,reference; ~40 s each on an H100); to bisect
+#             the eager divergence: CURVES_RUNS=compiled,eager,reference,eager-attn,eager-loss S_CURVES=330
 #             needs the corpus: `gpt1 prepare --out data/shakespeare` on the CPU machine, then
 #             carry=[".gpu-wheels", "data/shakespeare"] (the GPU machine has no network)
 #   tune      bench.tune_attention: the attention launch table per sequence length and dropout    (S_TUNE=120 s)
@@ -125,8 +127,8 @@ PY
         stage ops "${S_OPS:-90}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy,layer_norm $include \
             --budget-s "${B_OPS:-60}" --out "$WORK/ops" ;;
     curves)
-        stage curves "${S_CURVES:-200}" $PY -m bench.curves $SMOKE_FLAG --out "$WORK/curves" \
-            --budget-s "$(( ${S_CURVES:-200} - 20 ))" ;;
+        stage curves "${S_CURVES:-200}" $PY -m bench.curves $SMOKE_FLAG --runs "${CURVES_RUNS:-compiled,eager,reference}" \
+            --out "$WORK/curves" --budget-s "$(( ${S_CURVES:-200} - 20 ))" ;;
     tune)
         stage tune "${S_TUNE:-120}" $PY -m bench.tune_attention $SMOKE_FLAG --out "$WORK/tune" \
             --budget-s "$(( ${S_TUNE:-120} - 20 ))" ;;
