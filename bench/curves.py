@@ -261,7 +261,8 @@ def plot(result, path):
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     curves = {r["name"]: r["losses"] for r in result["runs"] if r.get("losses")}
     for name, losses in curves.items():
-        ax.plot(range(1, len(losses) + 1), losses, label=name, linewidth=2 if name == ANCHOR else 1)
+        ax.plot(range(1, len(losses) + 1), losses, label=name, linewidth=2.5 if name == ANCHOR else 1,
+                zorder=1 if name == ANCHOR else 2)  # the anchor wide and beneath: the runs on it stay visible
     ref = curves.get(ANCHOR)
     for name, losses in curves.items():
         if ref and name != ANCHOR and len(losses) == len(ref):
