@@ -8,11 +8,11 @@
 # Stages, in this order (all by default, or the ones named as arguments), each in its own time box so that one
 # that hangs or overruns cannot take the others with it:
 #   roofline  bench.roofline: a bf16 8192^3 matmul and a device copy, to read MFU against     (S_ROOFLINE=20 s)
-#   tests     pytest on CUDA: tests/test_attention.py test_cross_entropy.py test_compile.py  (S_TESTS=100 s)
-#   e2e       bench.e2e: every row of ROWS, results rewritten after each row                 (S_E2E=230 s, budget 160)
-#   profile   bench.profile_step: the default path, then the nanoGPT recipe                  (S_PROFILE=45 s each)
+#   tests     pytest on CUDA: tests/test_attention.py test_cross_entropy.py test_compile.py  (S_TESTS=120 s)
+#   e2e       bench.e2e: every row of ROWS, results rewritten after each row                 (S_E2E=240 s, budget 170)
+#   profile   bench.profile_step: the default path, then the nanoGPT recipe                  (S_PROFILE=40 s each)
 #   ops       bench.run_all --only attention,cross_entropy,layer_norm, with the e2e rows included       (S_OPS=90 s, budget 60)
-# The seconds are environment variables (S_E2E=300 ...); the defaults add up to about 530 s, under the 600 s of one device call.
+# The seconds are environment variables (S_E2E=300 ...); the defaults add up to about 550 s, under the 600 s of one device call.
 # Two more stages run only when named, in a second device call (`bash bench/gpu_session.sh curves tune`):
 #   curves    bench.curves: 200 steps of the 117M model, each run against torch's kernels       (S_CURVES=200 s)
 #             CURVES_RUNS picks the runs (default compiled,eager,reference; ~40 s each on an H100); to bisect
@@ -102,10 +102,13 @@ for s in $STAGES; do
         grep '^roofline on' "$LOG" | tail -n 1 > "$WORK/roofline.txt" ;;
     tests)
         files=$(ls tests/test_attention.py tests/test_cross_entropy.py tests/test_compile.py 2>/dev/null)
-        stage tests "${S_TESTS:-100}" bash -c "$PY -m pytest -q -p no:cacheprovider $PYTEST_MODE $(echo $files) 2>&1 \
+        # pytest gets SIGINT 10 s before the box closes: it then prints the failures it has seen (a kill would
+        # leave only the progress dots)
+        stage tests "${S_TESTS:-120}" bash -c "timeout -s INT $(( ${S_TESTS:-120} - 10 )) $PY -m pytest -q \
+            -p no:cacheprovider --tb=short -rfE $PYTEST_MODE $(echo $files) 2>&1 \
             | tee '$WORK/pytest_cuda.txt'; exit \${PIPESTATUS[0]}" ;;
     e2e)
-        stage e2e "${S_E2E:-230}" $PY -m bench.e2e $SMOKE_FLAG --out "$WORK/e2e" --budget-s "${B_E2E:-160}"
+        stage e2e "${S_E2E:-240}" $PY -m bench.e2e $SMOKE_FLAG --out "$WORK/e2e" --budget-s "${B_E2E:-170}"
         if [ ! -s "$WORK/e2e/results.md" ] && [ -s "$WORK/e2e/results.json" ]; then  # cut short: tables from the rows
             $PY - "$WORK/e2e" <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys
@@ -117,9 +120,9 @@ PY
             pack
         fi ;;
     profile)
-        stage profile-default "${S_PROFILE:-45}" bash -c "$PY -m bench.profile_step $SMOKE_FLAG --json '$WORK/profile/default.json' \
+        stage profile-default "${S_PROFILE:-40}" bash -c "$PY -m bench.profile_step $SMOKE_FLAG --json '$WORK/profile/default.json' \
             2>&1 | tee '$WORK/profile/default.txt'; exit \${PIPESTATUS[0]}"
-        stage profile-nanogpt "${S_PROFILE:-45}" bash -c "$PY -m bench.profile_step $SMOKE_FLAG --peer --json '$WORK/profile/nanogpt.json' \
+        stage profile-nanogpt "${S_PROFILE:-40}" bash -c "$PY -m bench.profile_step $SMOKE_FLAG --peer --json '$WORK/profile/nanogpt.json' \
             2>&1 | tee '$WORK/profile/nanogpt.txt'; exit \${PIPESTATUS[0]}" ;;
     ops)
         include=""
