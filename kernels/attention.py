@@ -27,9 +27,13 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   rebuilds the packed one.
 
 Dtypes: fp16, bf16 and fp32 inputs; outputs and gradients are in the input dtype. Dot products take
-their operands in the input dtype and accumulate in fp32; all elementwise math is fp32. fp32 inputs use
-TF32 dot products on Ampere/Hopper (about 1e-3 relative error, like torch with allow_tf32=True); the
-kernels round fp32 operands to nearest TF32 themselves, since the tensor cores would truncate them.
+their operands in the input dtype and accumulate in fp32; all elementwise math is fp32. fp32 dots follow torch's
+fp32 matmul precision, read at every launch as cuBLAS reads it at every matmul (torch.set_float32_matmul_precision;
+torch.backends.cuda.matmul.allow_tf32 and .fp32_precision are views of the same setting): at torch's default
+"highest" they are exact fp32 products (tl.dot's input_precision="ieee", on the FMA units, whose peak is about
+1/7 of the TF32 tensor cores' on an H100); at "high" or "medium" TF32 on Ampere/Hopper (about 1e-3 relative
+error, like torch's TF32 matmuls), with the operands rounded to nearest TF32 by the kernels, since the tensor
+cores would truncate them. fp16 and bf16 dots are the same under every setting.
 
 Shapes: q, k, v of shape (B, H, T, D) with any strides (the model passes permuted views of its fused
 qkv projection); D in {16, 32, 64, 128}; any T >= 1, B, H >= 1. The output is laid out as (B, T, H, D)
@@ -50,7 +54,8 @@ Limits: self-attention only (q, k, v share T); B*H <= 65535 (CUDA grid y); offse
 (batch, head) slice (T * stride of T) must fit in int32; the dropout mask costs one Philox call per 8
 scores in the forward and T * W bytes per (batch, head) until the backward; a dropout p below 2^-17 rounds to
 no dropout. Under torch.compile, causal, softmax_scale and dropout_p
-are constants of the graph (a new value recompiles); the seed is not.
+are constants of the graph (a new value recompiles); the seed is not, nor is the fp32 matmul precision, which
+the operators read when they run (a CUDA graph keeps the kernels it captured, and so the precision of then).
 Launch configurations come from `_CONFIGS`, keyed by (arch, head dim, fp32 or not), overridden per kernel by the
 measured table kernels/attention_tuned.json (written by `python -m bench.tune_attention` on a GPU), keyed also by
 the sequence-length bucket (T rounded up to a power of two in [128, 2048]) and dropout; see `_config_for`. Under the
@@ -100,10 +105,11 @@ STAGE_TAIL = tl.constexpr(3)  # the blocks past the last whole block (T not a mu
 
 @triton.jit
 def _operand(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
-    """x as a tl.dot operand of the input dtype DTYPE.
-    ROUNDING "tf32" (fp32 inputs on a GPU): the tensor cores read only the top 19 bits of an fp32 operand,
-    i.e. truncate it to TF32, which biases every product towards zero (seen on an H200: the lse of a row came
-    out ~1e-3 low, systematically). Rounding to nearest first makes the error unbiased, as in cuBLAS's TF32.
+    """x as a _dot operand of the input dtype DTYPE (ROUNDING: see _rounding).
+    ROUNDING "tf32" (fp32 inputs with TF32 matmuls allowed): the tensor cores read only the top 19 bits of an
+    fp32 operand, i.e. truncate it to TF32, which biases every product towards zero (seen on an H200: the lse
+    of a row came out ~1e-3 low, systematically). Rounding to nearest first makes the error unbiased, as in
+    cuBLAS's TF32. ROUNDING "ieee" (fp32 inputs, exact fp32 dots): x as it is.
     ROUNDING "bf16" (bf16 under the interpreter, which multiplies bf16 dot operands as raw integers and
     truncates fp32 -> bf16): rounded to bf16 by bit arithmetic and kept in fp32, which tl.dot takes exactly."""
     if ROUNDING == "tf32":
@@ -112,6 +118,19 @@ def _operand(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
         return round_fp32(x, 16)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def _dot(a, b, acc, ROUNDING: tl.constexpr):
+    """tl.dot(a, b, acc) of two _operand tiles with the input precision of ROUNDING: for fp32 "ieee" (exact
+    products, on the FMA units) or "tf32" (tensor cores; also when TRITON_F32_DEFAULT says otherwise); 16-bit
+    tiles get no input_precision argument, so their dots are tl.dot's own."""
+    if ROUNDING == "ieee":
+        return tl.dot(a, b, acc, input_precision="ieee")
+    elif ROUNDING == "tf32":
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -212,7 +231,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, star
             kT = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
         kT, v = _operand(kT, DTYPE, ROUNDING), _operand(v, DTYPE, ROUNDING)
-        s = tl.dot(q, kT) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, base-2 logits
+        s = _dot(q, kT, None, ROUNDING) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, base-2 logits
         if BOUND_MASK:
             valid = offs_n[None, :] < T
             if CAUSAL_MASK:
@@ -232,7 +251,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, star
             tl.store(MASK + offs_m[:, None] * W + groups[None, :], bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD),
                      mask=(offs_m[:, None] < T) & (groups[None, :] * 8 < T))
             p = tl.where(keep_from_words(r0, r1, r2, r3, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
-        acc = tl.dot(_operand(p, DTYPE, ROUNDING), v, acc)
+        acc = _dot(_operand(p, DTYPE, ROUNDING), v, acc, ROUNDING)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kt
         v_ptrs += BLOCK_N * stride_vt
@@ -320,14 +339,14 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
             lse = tl.load(LSE + offs_m)
             delta = tl.load(DELTA + offs_m)
         qT, do = _operand(qT, DTYPE, ROUNDING), _operand(do, DTYPE, ROUNDING)
-        sT = tl.dot(k, qT) * qk_scale
+        sT = _dot(k, qT, None, ROUNDING) * qk_scale
         pT = tl.math.exp2(sT - lse[None, :] * LOG2E)
         if BOUND_MASK:
             valid = offs_m[None, :] < T
             if CAUSAL_MASK:
                 valid = valid & (offs_m[None, :] >= offs_n[:, None])
             pT = tl.where(valid, pT, 0.0)
-        dpT = tl.dot(v, tl.trans(do))  # d(dropped P)^T
+        dpT = _dot(v, tl.trans(do), None, ROUNDING)  # d(dropped P)^T
         if DROPOUT:
             # the forward's mask, stored in (query, key) orientation, read transposed into these tiles
             keep = _load_keep_t(MASK, W, offs_m, start_n, T, CAUSAL_MASK, BLOCK_M, BLOCK_N)
@@ -338,8 +357,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
         # dS is formed (and narrowed to the dot dtype) before the dV dot, so the mask and the fp32 pT and
         # dpT tiles are dead during both dots: this keeps the sm_80 dropout variant from spilling
         dsT = _operand(pT * (dpT - delta[None, :]), DTYPE, ROUNDING)
-        dv = tl.dot(_operand(pT_dropped, DTYPE, ROUNDING), do, dv)
-        dk = tl.dot(dsT, tl.trans(qT), dk)
+        dv = _dot(_operand(pT_dropped, DTYPE, ROUNDING), do, dv, ROUNDING)
+        dk = _dot(dsT, tl.trans(qT), dk, ROUNDING)
         qT_ptrs += BLOCK_M * stride_qt
         do_ptrs += BLOCK_M * stride_dot
     return dk, dv
@@ -432,19 +451,19 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, strid
             kT = tl.load(kT_ptrs)
             vT = tl.load(vT_ptrs)
         kT, vT = _operand(kT, DTYPE, ROUNDING), _operand(vT, DTYPE, ROUNDING)
-        s = tl.dot(q, kT) * qk_scale
+        s = _dot(q, kT, None, ROUNDING) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if BOUND_MASK:
             valid = offs_n[None, :] < T
             if CAUSAL_MASK:
                 valid = valid & (offs_m[:, None] >= offs_n[None, :])
             p = tl.where(valid, p, 0.0)
-        dp = tl.dot(do, vT)
+        dp = _dot(do, vT, None, ROUNDING)
         if DROPOUT:
             keep = _load_keep(MASK, W, offs_m, start_n, T, CAUSAL_MASK, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * DROPOUT_SCALE, 0.0)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(_operand(ds, DTYPE, ROUNDING), tl.trans(kT), dq)
+        dq = _dot(_operand(ds, DTYPE, ROUNDING), tl.trans(kT), dq, ROUNDING)
         kT_ptrs += BLOCK_N * stride_kt
         vT_ptrs += BLOCK_N * stride_vt
     return dq
@@ -534,25 +553,28 @@ def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, W, BLOCK_R: tl.constexpr
 # 8, the dropout draw group (the kernels check both with tl.static_assert). Chosen with
 # `python -m bench.compile_report`: the largest tiles that compile with dropout (Philox costs registers) without
 # spilling, using wgmma on sm_90 (whose M is BLOCK_M for fwd/dq and BLOCK_N for dkdv, so those stay >= 64 per
-# warpgroup).
+# warpgroup). The fp32 entries are for exact fp32 dots (torch's default precision, see _rounding), which run on the
+# FMA units: each thread holds its rows of one operand and its columns of the other over the whole reduction, so
+# they take smaller tiles than 16-bit ones, no wgmma on sm_90. Tiles chosen when the dots were TF32 spilled that way:
+# fwd D=64, 128 on both archs, D=32 on sm_90, dkdv and dq D=64 on sm_90 (under triton 3.6 and 3.9), dkdv D=128 on
+# both (under 3.6). Those below spill under neither, most with 8 warps, which halve each thread's share. The TF32
+# path ("high") uses the same tiles.
 _SMALL_D = (16, 32, 64)
 _CONFIGS = {
     **{(9, d, False): dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 3), dq=(128, 32, 8, 3)) for d in _SMALL_D},
     (9, 128, False): dict(fwd=(128, 32, 8, 3), dkdv=(16, 64, 8, 3), dq=(64, 32, 8, 3)),
-    **{(9, d, True): dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 32, 4, 2)) for d in _SMALL_D},
-    # fp32 k, v, dK, dV tiles of 64 x 128 do not fit one warpgroup's registers: mma.sync (no wgmma) there;
-    # dkdv 16x32 spilled once the fp32 operands were rounded to TF32 in registers, 16x16 does not
-    # dq 64x16 spilled under triton 3.6 (255 registers); 32x16 (mma.sync, BLOCK_M < 64) has room under both;
-    # fwd 64x16 in 2 stages spilled under 3.6 once it stored the packed dropout mask, in 1 stage it does not
-    (9, 128, True): dict(fwd=(64, 16, 4, 1), dkdv=(16, 16, 4, 2), dq=(32, 16, 4, 2)),
+    (9, 16, True): dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 32, 4, 2)),
+    (9, 32, True): dict(fwd=(64, 32, 8, 1), dkdv=(16, 64, 4, 2), dq=(64, 32, 4, 2)),
+    (9, 64, True): dict(fwd=(64, 16, 8, 2), dkdv=(32, 64, 8, 1), dq=(64, 32, 8, 2)),
+    (9, 128, True): dict(fwd=(64, 16, 8, 2), dkdv=(16, 32, 8, 2), dq=(32, 16, 4, 2)),
     # fwd 128x64 spilled under triton 3.9 once it stored the packed dropout mask; 128x32 spills under neither
     **{(8, d, False): dict(fwd=(128, 32, 8, 2), dkdv=(32, 128, 8, 2), dq=(128, 32, 8, 2)) for d in (32, 64)},
     (8, 16, False): dict(fwd=(128, 64, 8, 2), dkdv=(32, 128, 8, 2), dq=(64, 32, 4, 2)),
     (8, 128, False): dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2)),
-    **{(8, d, True): dict(fwd=(64, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(64, 32, 8, 2)) for d in (32, 64)},
-    # dq 64x32 spilled 8 bytes with 8 warps under triton 3.6 and with 4 under 3.9; 64x16 under neither
     (8, 16, True): dict(fwd=(64, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(64, 16, 4, 2)),
-    (8, 128, True): dict(fwd=(64, 32, 8, 2), dkdv=(16, 32, 8, 2), dq=(64, 32, 8, 2)),  # dkdv 32x64 spilled (TF32)
+    (8, 32, True): dict(fwd=(64, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(64, 32, 8, 2)),
+    (8, 64, True): dict(fwd=(64, 16, 8, 2), dkdv=(16, 32, 4, 2), dq=(64, 32, 8, 2)),
+    (8, 128, True): dict(fwd=(32, 16, 8, 2), dkdv=(32, 32, 8, 2), dq=(64, 32, 8, 2)),
 }
 # The interpreter runs each program in Python: small blocks keep the tests quick and exercise the
 # multi-block, diagonal-stage and tail paths on small T.
@@ -678,7 +700,7 @@ def _kernel_spec(name, kind, d, dtype, dropout, cfg, major):
     sig = {n: t for n, t in sig.items() if n in fn.arg_names}
     consts = {n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")}
     consts.update(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, DROPOUT=dropout,
-                  ROUNDING="tf32" if dtype == "fp32" else "none")
+                  ROUNDING="ieee" if dtype == "fp32" else "none")  # fp32: torch's default precision
     if not dropout:
         consts.update({n: None for n in ("SEED", "MASK") if n in fn.arg_names})
     return dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps, num_stages=num_stages,
@@ -768,11 +790,23 @@ def _check_inputs(q, k, v, dropout_p=0.0):
         raise ValueError(f"fused_attention: dropout_p must be in [0, 1), got {dropout_p}")
 
 
+def _fp32_matmul_tf32():
+    """Whether torch lets fp32 matmuls use TF32 on CUDA: set_float32_matmul_precision "high" or "medium" (its
+    default, "highest", does not). torch 2.9 added the per-backend setting, which the old setters write too;
+    once it is set directly, the old getters raise (they see the old and new APIs mixed), so it is read first."""
+    try:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch < 2.9
+        return torch.get_float32_matmul_precision() != "highest"
+
+
 def _rounding(q):
-    """The ROUNDING constexpr of the kernels (see _operand): TF32 operands for fp32 on a GPU, bit-exact bf16
-    rounding under the interpreter; otherwise a plain cast to the input dtype."""
-    if q.dtype == torch.float32 and not INTERPRET:
-        return "tf32"
+    """The ROUNDING constexpr of the kernels (see _operand and _dot), chosen at every launch, not cached: for
+    fp32, "ieee" (exact fp32 dots) or "tf32" (operands rounded to nearest TF32, TF32 dots) as torch's fp32
+    matmul precision says, on a GPU and under the interpreter alike (whose dots are exact either way); for
+    bf16 under the interpreter "bf16" (bit-exact rounding); otherwise "none", a plain cast to the input dtype."""
+    if q.dtype == torch.float32:
+        return "tf32" if _fp32_matmul_tf32() else "ieee"
     return "bf16" if q.dtype == torch.bfloat16 and INTERPRET else "none"
 
 
