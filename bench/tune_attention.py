@@ -7,7 +7,7 @@ What it measures: bf16, causal, head dims 64 (GPT-1's) then 128, T in 128 ... 20
 laid out as the model's fused qkv projection), dropout 0.1 (GPT-1 trains with it) then 0; for each kernel (fwd, dq,
 dkdv) a pruned candidate list: the `_CONFIGS` entry and its neighbours one knob away (BLOCK_M or BLOCK_N doubled
 or halved, 4 -> 8 warps, one pipeline stage more or less; see `candidates`), plus any config the committed table
-holds. Each candidate is launched once and its outputs compared with the default config's: equal up to bf16
+holds and its neighbours, so that each run climbs one step from where the last stopped. Each candidate is launched once and its outputs compared with the default config's: equal up to bf16
 rounding (other tiles sum in another order), the dropout mask bit for bit. A candidate that fails to compile or
 launch, spills registers (the compiled kernel's n_spills) or computes something else is rejected and reported.
 The rest are timed with triton.testing.do_bench (median; the backward kernels on their own, reading the default
@@ -34,7 +34,7 @@ from . import common
 
 GRID = {"D": (64, 128), "T": (128, 256, 512, 1024, 2048), "dropout": (0.1, 0.0), "H": 12, "tokens": 16384}
 SMOKE_GRID = {"D": (16,), "T": (40,), "dropout": (0.1, 0.0), "H": 2, "tokens": 40}
-LIMIT, SMOKE_LIMIT = 8, 2  # candidates per kernel, the default included
+LIMIT, SMOKE_LIMIT = 14, 2  # candidates per kernel, the default included
 MAX_BLOCK = 128  # larger tiles spill at D=64 already (the accumulators alone take 128 registers a thread)
 MIN_GAIN = 0.03  # a candidate replaces the default only when this much faster: below it, do_bench's noise decides
 TOL_STEPS = 4  # outputs may differ from the default's by this many rounding steps (bf16, fp32) at their scale
@@ -61,27 +61,31 @@ def _rows_per_warpgroup(kind, cfg):
 
 
 def candidates(kind, default, wgmma, limit=LIMIT, extra=()):
-    """default first, then the configs in extra and its neighbours one knob away (BLOCK_M or BLOCK_N x2 or /2,
-    4 -> 8 warps, a stage more or less), within the kernels' block rules (attention.block_rule_error) and tiles
-    <= MAX_BLOCK. A tile doubled from 4 warps gets 8 (each thread's share stays); never fewer warps for the same
-    tile (the share would double, and the defaults are the largest tiles that do not spill: under triton 3.9 all
-    such sm_90 variants spilled). With wgmma (sm_90): >= 64 MMA rows, and at least as many per warpgroup as the
-    default has, up to 64 (some defaults split a 64-row tile over two warpgroups), a halved tile going to 4 warps
-    for it."""
+    """default first, then the configs in extra (the committed table's), then the default's neighbours one knob
+    away (BLOCK_M or BLOCK_N x2 or /2, 4 -> 8 warps, a stage more or less), then the extra configs' neighbours (so
+    that each re-run on a GPU climbs one more step from where the last one stopped), within the kernels' block
+    rules (attention.block_rule_error) and tiles <= MAX_BLOCK. A tile doubled from 4 warps gets 8 (each thread's
+    share stays); never fewer warps for the same tile (the share would double, and the defaults are the largest
+    tiles that do not spill: under triton 3.9 all such sm_90 variants spilled). With wgmma (sm_90): >= 64 MMA
+    rows, and at least as many per warpgroup as the default has, up to 64 (some defaults split a 64-row tile over
+    two warpgroups), a halved tile going to 4 warps for it."""
     from kernels import attention
 
-    default = tuple(default)
-    bm, bn, w, s = default
+    default, extra = tuple(default), [tuple(c) for c in extra]
     want_rows = min(64, _rows_per_warpgroup(kind, default))
-    near = [(bm * 2, bn, max(w, 8), s), (bm, bn * 2, max(w, 8), s), (bm // 2, bn, w, s), (bm, bn // 2, w, s)]
-    if wgmma:
-        near = [c if _rows_per_warpgroup(kind, c) >= want_rows else (*c[:2], 4, s) for c in near]
-    near = [*map(tuple, extra), *near, *([(bm, bn, 8, s)] if w == 4 else []), (bm, bn, w, s + 1), (bm, bn, w, s - 1)]
+
+    def neighbours(cfg):
+        bm, bn, w, s = cfg
+        near = [(bm * 2, bn, max(w, 8), s), (bm, bn * 2, max(w, 8), s), (bm // 2, bn, w, s), (bm, bn // 2, w, s)]
+        if wgmma:
+            near = [c if _rows_per_warpgroup(kind, c) >= want_rows else (*c[:2], 4, s) for c in near]
+        return [*near, *([(bm, bn, 8, s)] if w == 4 else []), (bm, bn, w, s + 1), (bm, bn, w, s - 1)]
 
     def allowed(c):
         return (attention.block_rule_error(kind, *c) is None and max(c[:2]) <= MAX_BLOCK
                 and (not wgmma or (_mma_rows(kind, c) >= 64 and _rows_per_warpgroup(kind, c) >= want_rows)))
 
+    near = [*extra, *neighbours(default), *(n for c in extra for n in neighbours(c))]
     return [default] + [c for c in dict.fromkeys(near) if c != default and allowed(c)][:limit - 1]
 
 

@@ -214,3 +214,11 @@ def test_budget_stops_cleanly():
     data = tune_attention.table(rows, tune_attention.choose(rows, True), env, True)
     assert data["entries"] == []
     assert "not run (time budget)" in tune_attention.markdown(rows, [], data, True)
+
+
+def test_candidates_climb_from_the_committed_entry():
+    """A re-run tries the committed entry's own neighbours too: one step further from the default each run."""
+    committed = (64, 64, 4, 3)
+    cands = tune_attention.candidates("fwd", (128, 64, 8, 3), wgmma=True, extra=[list(committed)])
+    assert cands[:2] == [(128, 64, 8, 3), committed] and len(set(cands)) == len(cands) <= tune_attention.LIMIT
+    assert {(64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 3)} <= set(cands)  # the entry's neighbours
