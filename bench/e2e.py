@@ -234,7 +234,7 @@ def bench_row(base, recipe, s, smoke, dev, deadline):
         row.update(status="ok", ms=ms, ms_p20=p20, ms_p80=p80, wall_ms=wall, tokens_per_s=tok_s,
                    flops_per_token=fpt, mfu=mfu(tok_s, fpt, common.peak_bf16_tflops(base["gpu"])),
                    peak_mb=None if peak is None else peak - before)
-        row.update(profile_step.anatomy(step, dev, s["profile_steps"]))
+        row.update(profile_step.anatomy(step, dev, s["profile_steps"], host=not smoke))  # smoke: the harness only
     except Exception as exc:  # noqa: BLE001 - one row's failure must not end the run
         row.update(zip(("status", "reason"), common.failure(exc)))
     finally:

@@ -211,9 +211,9 @@ def host_anatomy(step, steps=5):
             "host_top_functions": functions[:15]}
 
 
-def anatomy(step, device, steps=5):
+def anatomy(step, device, steps=5, host=True):
     """The step's anatomy (module docstring) over `steps` profiled steps after the caller's warm-up: the GPU
-    columns on a CUDA device, and operators per step (one step) everywhere."""
+    columns on a CUDA device, operators per step (one step) everywhere, and with `host` the host's time."""
     import torch
 
     out = {"profiled_steps": steps}
@@ -231,10 +231,10 @@ def anatomy(step, device, steps=5):
     t0 = time.perf_counter()
     out.update(operators(step))
     out.setdefault("wall_ms", (time.perf_counter() - t0) * 1e3)  # CPU: the one step under the CPU profiler
-    if device.type == "cuda":
+    if host and device.type == "cuda":
         out.update(host_anatomy(step, steps))
         torch.cuda.synchronize()
-    else:  # the CPU computes inside the calls: one step shows the split, and the interpreter is slow
+    elif host:  # the CPU computes inside the calls: one step shows the split, and the interpreter is slow
         out.update(host_anatomy(step, 1))
     return out
 
