@@ -14,8 +14,8 @@ GPU. Each row is a Recipe:
   torch.autocast(bfloat16), torch.optim.AdamW(fused=True), clip_grad_norm_(1.0), torch.compile(model); with SDPA
   and the eager loss that is the peer ("nanoGPT recipe"), with our kernels a row of ours.
 ROWS runs the peer first, then our default path (gpt1.train's default config: ZeRO-0 under torch_autocast,
-triton/triton_linear, compiled), ZeRO-2 in DeepSpeed's bf16, the default with the materializing triton loss and
-with torch's kernels (what our kernels give), our kernels without DeepSpeed (what DeepSpeed costs), ZeRO-2 under
+triton/triton_linear, compiled), the default replayed as CUDA graphs (--compile-mode reduce-overhead) and with
+the materializing triton loss, ZeRO-2 in DeepSpeed's bf16, the default with torch's kernels (what our kernels give), our kernels without DeepSpeed (what DeepSpeed costs), ZeRO-2 under
 torch_autocast, ZeRO-1 and 0 in bf16, the fused residual-dropout-LayerNorm, the uncompiled and eager steps, and
 ZeRO-3 last (its compile is split at every parameter-gathering
 hook and takes longest), so that a time budget drops the least telling rows. torch.compile runs with dynamo's
@@ -60,6 +60,7 @@ class Recipe:
     precision: str = "bf16"  # deepspeed runtime: "bf16" (DeepSpeed's bf16: bf16 weights, an fp32 master copy in
     # the optimizer) or "autocast" (fp32 weights under DeepSpeed's torch_autocast in bf16, the nanoGPT recipe's)
     norm: str = "eager"  # norm_impl: eager, or triton (residual dropout + add + LayerNorm in one kernel)
+    compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays CUDA graphs
 
 
 NANOGPT = Recipe("nanoGPT recipe", "torch", "sdpa", "eager", True, None, "peer")
@@ -70,8 +71,9 @@ ZERO2 = replace(DEFAULT, name="ours ZeRO-2", zero=2, precision="bf16")
 ROWS = (
     NANOGPT,
     DEFAULT,
-    ZERO2,
+    replace(DEFAULT, name="ours CUDA graphs", compile_mode="reduce-overhead"),
     replace(DEFAULT, name="ours triton loss", loss="triton"),
+    ZERO2,
     replace(DEFAULT, name="DeepSpeed sdpa/eager", attn="sdpa", loss="eager", role="peer"),
     Recipe("torch + our kernels", "torch", "triton", "triton_linear", True, None),
     replace(ZERO2, name="ours ZeRO-2 autocast", precision="autocast"),
@@ -110,7 +112,9 @@ def resolve(recipe, device=None):
     from gpt1.model import resolve_attn_impl, resolve_loss_impl
 
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    compile_ = (dev.type == "cuda" and (recipe.zero or 0) < 3) if recipe.compile is None else recipe.compile
+    compile_ = recipe.compile
+    if compile_ is None:  # as runtime.compile_module decides it
+        compile_ = recipe.compile_mode != "default" or (dev.type == "cuda" and (recipe.zero or 0) < 3)
     return replace(recipe, attn=resolve_attn_impl(recipe.attn, dev), loss=resolve_loss_impl(recipe.loss, dev),
                    compile=compile_)
 
@@ -120,7 +124,9 @@ def describe(recipe, s):
     runtime = (f"DeepSpeed ZeRO-{recipe.zero}{' torch_autocast' if recipe.precision == 'autocast' else ''}"
                if recipe.runtime == "deepspeed" else "torch (autocast bf16, fused AdamW)")
     kernels = f"{recipe.attn}/{recipe.loss}" + ("/fused LN" if recipe.norm == "triton" else "")
-    text = (f"{runtime}, {kernels}, {'compiled' if recipe.compile else 'not compiled'}; "
+    compiled = "not compiled" if not recipe.compile else (
+        "compiled" if recipe.compile_mode == "default" else f"compiled ({recipe.compile_mode})")
+    text = (f"{runtime}, {kernels}, {compiled}; "
             f"{s['preset']} (V={s['vocab_size']}) T={s['seq_len']} micro batch {s['micro_batch']}, bf16, 1 rank")
     return {"recipe": asdict(recipe), "runtime": recipe.runtime, "zero": recipe.zero, "compiled": recipe.compile,
             "precision": recipe.precision if recipe.runtime == "deepspeed" else "autocast",
@@ -155,7 +161,7 @@ def deepspeed_step(model, recipe, s, smoke, dev, inputs, labels):
     if recipe.compile and smoke:  # runtime.compile_module's trace (fullgraph), without Inductor
         engine.module.forward = torch.compile(engine.module.forward, backend="eager", fullgraph=True)
     else:
-        runtime.compile_module(engine, recipe.compile, runtime.zero_stage(ds))
+        runtime.compile_module(engine, recipe.compile, runtime.zero_stage(ds), recipe.compile_mode)
 
     def step():
         loss = engine(inputs, labels=labels).loss
@@ -173,7 +179,8 @@ def torch_step(model, recipe, s, smoke, dev, inputs, labels):
     model.to(dev)
     optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=(0.9, 0.999), eps=1e-8,
                                   fused=True)
-    forward = torch.compile(model, backend="eager" if smoke else "inductor") if recipe.compile else model
+    mode = None if smoke or recipe.compile_mode == "default" else recipe.compile_mode
+    forward = torch.compile(model, backend="eager" if smoke else "inductor", mode=mode) if recipe.compile else model
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16):
@@ -381,7 +388,8 @@ def _runtime_cell(r):
 COLUMNS = [("row", "provider"), ("runtime", _runtime_cell),
            ("kernels (attn/loss)", lambda r: f"{r['attn_impl']}/{r['loss_impl']}"
             + ("/fused LN" if r.get("norm_impl") == "triton" else "")),
-           ("compiled", lambda r: "yes" if r["compiled"] else "no"),
+           ("compiled", lambda r: "no" if not r["compiled"] else (
+               "yes" if r.get("recipe", {}).get("compile_mode", "default") == "default" else r["recipe"]["compile_mode"])),
            ("step ms", common.value_or_status("ms", 4)), ("p20-p80", common.spread_cell),
            ("tokens/s", common.value_or_status("tokens_per_s", 4)), ("vs nanoGPT", common.ratio("vs_nanogpt")),
            ("MFU", _pct("mfu")), ("GPU busy", _pct("gpu_busy")),

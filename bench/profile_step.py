@@ -3,7 +3,7 @@
     python -m bench.profile_step                     # our default path: DeepSpeed ZeRO-0 autocast, auto kernels
     python -m bench.profile_step --peer              # the nanoGPT recipe (bench.e2e's peer)
     python -m bench.profile_step [--recipe deepspeed|torch] [--attn-impl A] [--loss-impl L] [--norm-impl N]
-                                 [--compile|--no-compile]
+                                 [--compile|--no-compile] [--compile-mode reduce-overhead]
                                  [--zero N] [--precision bf16|autocast] [--steps 5] [--smoke] [--json FILE]
 
 The step is bench.e2e's, built the same way (gpt1.runtime for the DeepSpeed path, as gpt1.train builds it).
@@ -289,6 +289,9 @@ def parse_args(argv):
     parser.add_argument("--norm-impl", default="eager", help="eager, triton (residual dropout + add + LayerNorm)")
     parser.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on a GPU, off on a CPU)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                        help="torch.compile's mode (reduce-overhead: CUDA graphs), as gpt1.train's --compile-mode")
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                         help="ZeRO stage (deepspeed recipe; default 0, as gpt1.train's default config)")
     parser.add_argument("--precision", default="autocast", choices=("bf16", "autocast"),
@@ -335,7 +338,7 @@ def main(argv=None):
     else:
         recipe = e2e.Recipe("profiled", args.recipe, args.attn_impl, args.loss_impl, args.compile,
                             args.zero if args.recipe == "deepspeed" else None, precision=args.precision,
-                            norm=args.norm_impl)
+                            norm=args.norm_impl, compile_mode=args.compile_mode)
     a = profile_recipe(e2e.resolve(recipe), args.smoke, not torch.cuda.is_available(), args.steps, args.warmup,
                        args.micro_batch)
     print(format_anatomy(a, f"profile_step: {a['description']}; {a['gpu']}; commit {a['commit']}"))

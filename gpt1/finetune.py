@@ -34,6 +34,7 @@ from .errors import GPT1Error, cli_errors
 from .runtime import (
     all_reduce,
     build_engine,
+    check_compile,
     check_kernels,
     compile_module,
     init_distributed,
@@ -76,6 +77,7 @@ class FinetuneConfig:
     log_interval: int = 10  # optimizer steps between train-loss rows
     seed: int = 42  # data order, head init and dropout
     compile: bool | None = None  # torch.compile the model; default: on a CUDA GPU under ZeRO 0-2
+    compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
 
 
 def parse_args(argv=None):
@@ -334,6 +336,7 @@ def main(argv=None):
     labels, train_ex, dev_ex, test_ex = read_task(run, task)
     if run.epochs < 1 or run.batch_size < 1:
         raise GPT1Error("--epochs and --batch-size must be positive")
+    check_compile(run.compile, run.compile_mode)
     rank, world, device = init_distributed()
     ds, max_grad_norm = lean_checks(ds_config(run, world), world)
     base, tok = load_init(run.init)
@@ -356,7 +359,7 @@ def main(argv=None):
         model, ds, lr=run.lr, weight_decay=run.weight_decay, lr_lambda=lr_lambda(total, run.warmup),
         max_grad_norm=max_grad_norm,
         tied_weight=model.transformer.tokens_embed.weight)  # L1's LM head
-    compile_module(engine, run.compile, zero_stage(ds))
+    compile_module(engine, run.compile, zero_stage(ds), run.compile_mode)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     torch.manual_seed(run.seed + 1 + rank)  # dropout masks differ across ranks
 

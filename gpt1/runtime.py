@@ -183,21 +183,39 @@ def build_engine(model, ds, *, lr, weight_decay=0.01, max_grad_norm=1.0, lr_lamb
     return engine, optimizer, scheduler
 
 
-def compile_module(engine, enabled, stage):
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def check_compile(enabled, mode):
+    """Refuse an unknown compile mode, or a mode other than "default" with compiling turned off (--no-compile)."""
+    if mode not in COMPILE_MODES:
+        raise GPT1Error(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if enabled is False and mode != "default":
+        raise GPT1Error(f"--compile-mode {mode} needs compiling; drop --no-compile")
+
+
+def compile_module(engine, enabled, stage, mode="default"):
     """torch.compile the forward of the engine's module in place when `enabled` (True, False, or None for the
-    default: on a CUDA GPU, under ZeRO 0-2); returns whether it compiled.
+    default: on a CUDA GPU under ZeRO 0-2, and wherever `mode` is not "default"); returns whether it compiled.
 
     Only `forward` is compiled, not the module call: DeepSpeed's own forward hooks stay eager around it, and
     the model's forward is one graph (fullgraph=True). The state_dict, checkpoints and the optimizer see the
     same module as without compiling. ZeRO-3 gathers parameters in hooks of every submodule, inside the
-    forward: dynamo recompiles on their guards and the tied head's backward fails there, so it is refused."""
+    forward: dynamo recompiles on their guards and the tied head's backward fails there, so it is refused.
+
+    mode is torch.compile's: "reduce-overhead" replays the forward and the backward graphs as CUDA graphs
+    (Inductor's CUDA graph trees), so that their launches, our kernels' included, cost the host one graph
+    launch each; the DeepSpeed step around them (optimizer, clipping) stays eager. On a CPU Inductor ignores the
+    CUDA graphs and compiles as "default" does."""
+    check_compile(enabled, mode)
     if enabled is None:
-        enabled = engine.device.type == "cuda" and stage < 3
+        enabled = mode != "default" or (engine.device.type == "cuda" and stage < 3)
     if enabled and stage == 3:
         raise GPT1Error("--compile is not supported under ZeRO-3 (DeepSpeed gathers parameters inside the "
                         "forward); use ZeRO-1/2 or --no-compile")
     if enabled:
-        engine.module.forward = torch.compile(engine.module.forward, fullgraph=True)
+        engine.module.forward = torch.compile(engine.module.forward, fullgraph=True,
+                                              mode=None if mode == "default" else mode)
     return bool(enabled)
 
 

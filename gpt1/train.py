@@ -50,6 +50,7 @@ class RunConfig:
     max_nonfinite: int = 5  # consecutive skipped steps after which the run stops
     seed: int = 1337
     compile: bool | None = None  # torch.compile the model (fullgraph); default: on a CUDA GPU under ZeRO 0-2
+    compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
     resume: bool = False  # continue from the newest complete checkpoint in --out
 
 
@@ -123,6 +124,7 @@ def main(argv=None):
     train_data, val_data = TokenFile(run.data, "train", meta["dtype"]), TokenFile(run.data, "val", meta["dtype"])
     cfg = build_model_config(run, meta)
     runtime.check_kernels(cfg, device)
+    runtime.check_compile(run.compile, run.compile_mode)
     checkpoint.check_run_dir(run, cfg, ds, meta, rank)
 
     runtime.seed_everything(run.seed)  # same initial weights on every rank
@@ -130,7 +132,7 @@ def main(argv=None):
     engine, optimizer, scheduler = runtime.build_engine(
         model, ds, lr=run.lr, weight_decay=run.weight_decay, max_grad_norm=max_grad_norm,
         lr_lambda=lr_lambda(run), tied_weight=model.tokens_embed.weight)
-    compiled = runtime.compile_module(engine, run.compile, runtime.zero_stage(ds))
+    compiled = runtime.compile_module(engine, run.compile, runtime.zero_stage(ds), run.compile_mode)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     tokens_per_step = micro * gas * world * run.seq_len
 

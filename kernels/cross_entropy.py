@@ -408,8 +408,10 @@ def _linear_extra_bytes(n_rows, n_classes, n_feat, dtype, chunk_rows):
 
 def _free_bytes(device):
     """Memory that tensors on device could still take: the driver's free memory plus what torch's caching
-    allocator holds unused. None off CUDA (the chunk rule then uses its budget alone)."""
-    if device.type != "cuda":
+    allocator holds unused. None off CUDA, and while a CUDA graph is being captured (torch.compile's
+    "reduce-overhead"), where the chunk size is fixed for every replay anyway: the chunk rule then uses its
+    budget alone."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return None
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

@@ -343,6 +343,24 @@ def test_gpt1_tiny_compiled_matches_eager(loss_impl, device):
     assert all(p.grad.abs().max() > 0 for p in ours.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_dropout_under_cuda_graphs_draws_anew_at_every_replay():
+    """torch.compile(mode="reduce-overhead") replays the attention as a CUDA graph: the seed is drawn inside the
+    graph, so every replay has a new mask (not the one captured), and the output is a dropout of the same
+    attention (its mean over the replays approaches the output without dropout)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 128, 64, device="cuda", dtype=BF16) for _ in range(3))
+    fn = torch.compile(lambda q, k, v: fused_attention(q, k, v, dropout_p=0.5) * 1.0, mode="reduce-overhead",
+                       fullgraph=True)
+    outs = []
+    for _ in range(40):
+        torch.compiler.cudagraph_mark_step_begin()
+        outs.append(fn(q, k, v).float().clone())
+    assert all(not torch.equal(a, b) for a, b in zip(outs[2:], outs[3:]))  # past warm-up and capture: replays
+    mean, exact = torch.stack(outs).mean(0), fused_attention(q, k, v).float()
+    assert (mean - exact).abs().mean() < 0.25 * (outs[-1] - exact).abs().mean()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are only detectable on CUDA")
 def test_no_host_sync_on_cuda():
     """Eager attention with dropout, and both losses compiled, run forward and backward without a host sync."""

@@ -179,11 +179,64 @@ def test_zero0_torch_autocast_is_the_nanogpt_recipe(dist_env):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("loss_impl", ["triton_linear", "triton"])
+def test_cuda_graphs_train_like_the_default_compile(dist_env, loss_impl):
+    """--compile-mode reduce-overhead in gpt1.train's default setting (ZeRO-0, torch_autocast bf16, our kernels):
+    Inductor replays the forward and backward as CUDA graphs (none skipped), and the weights after four steps
+    are those of the default compile."""
+    from torch._dynamo.utils import counters
+
+    cfg = dict(SMALL, n_positions=64, n_embd=64, n_head=2, attn_impl="triton", loss_impl=loss_impl)  # no dropout
+    data = batches(4, B=4, T=64)
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+          "torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "zero_optimization": {"stage": 0},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    weights = {}
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = GPT1(GPT1Config(**cfg))
+        lean, max_grad_norm = lean_checks(ds, 1)
+        engine, _, _ = build_engine(model, lean, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm)
+        assert compile_module(engine, True, 0, mode)
+        for w in data:
+            w = w.to(engine.device)
+            loss = engine(w[:, :-1], labels=w[:, 1:]).loss
+            engine.backward(loss)
+            engine.step()
+        weights[mode] = [p.detach().clone() for p in model.parameters()]
+        if mode == "reduce-overhead":
+            assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    for (name, _), a, b in zip(model.named_parameters(), weights["reduce-overhead"], weights["default"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_compile_is_refused_under_zero3():
     engine = SimpleNamespace(device=torch.device("cpu"), module=torch.nn.Linear(2, 2))
     assert compile_module(engine, None, 3) is False and compile_module(engine, False, 2) is False
     with pytest.raises(GPT1Error, match="ZeRO-3"):
         compile_module(engine, True, 3)
+    with pytest.raises(GPT1Error, match="ZeRO-3"):
+        compile_module(engine, None, 3, "reduce-overhead")
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """--compile-mode is torch.compile's mode ("default" passes none); a mode other than "default" compiles where
+    the default would not (a CPU), and is refused with --no-compile or when unknown."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    engine = SimpleNamespace(device=torch.device("cpu"), module=torch.nn.Linear(2, 2))
+    assert compile_module(engine, None, 0) is False and seen == []
+    assert compile_module(engine, True, 2) is True and seen[-1] == dict(fullgraph=True, mode=None)
+    assert compile_module(engine, None, 0, "reduce-overhead") is True
+    assert seen[-1] == dict(fullgraph=True, mode="reduce-overhead")
+    with pytest.raises(GPT1Error, match="needs compiling"):
+        compile_module(engine, False, 0, "max-autotune")
+    with pytest.raises(GPT1Error, match="must be one of default, reduce-overhead"):
+        compile_module(engine, True, 0, "fast")
+    assert len(seen) == 2
 
 
 def test_load_ds_config_overrides_and_refuses(tmp_path):

@@ -255,11 +255,12 @@ def bad_input_cases(data, tmp_path):
         "broken ds config": (dict(config=str(tmp_path / "broken.json")), "not valid JSON"),
         "seq too long": (dict(config=good, seq_len=129), "n_positions"),
         "missing data": (dict(config=good, data=str(tmp_path / "nodata")), "nodata"),
+        "compile mode": (dict(config=good, compile_mode="fast"), "--compile-mode must be one of"),
     }
 
 
 @pytest.mark.parametrize("case", ["batch sizes", "unknown preset", "missing ds config", "broken ds config",
-                                  "seq too long", "missing data"])
+                                  "seq too long", "missing data", "compile mode"])
 def test_bad_input_is_one_line_error(data, tmp_path, case):
     flags, msg = bad_input_cases(data, tmp_path)[case]
     out = str(tmp_path / "run")
