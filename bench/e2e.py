@@ -408,6 +408,25 @@ FAMILY_COLUMNS = [("row", "provider"), *((f, _family_ms(f)) for f in profile_ste
                   ("wall ms (profiled)", lambda r: common.fmt(r.get("wall_ms")))]
 
 
+HOST_PACKAGE_NAMES = tuple(p for p, _ in profile_step.HOST_PACKAGES) + ("other",)
+HOST_COLUMNS = [("row", "provider"), ("host ms/step", lambda r: common.fmt(r.get("host_ms_per_step"))),
+                *((p, lambda r, p=p: common.fmt(r["host_by_package"].get(p, 0.0))) for p in HOST_PACKAGE_NAMES)]
+
+
+def host_lines(rows):
+    """The host's time per step by package (cProfile's self time, its own overhead included), and each row's
+    top functions: on a host-bound step, the Python to remove."""
+    timed = [r for r in rows if r.get("host_by_package")]
+    if not timed:
+        return []
+    lines = ["### Host time by package, self ms per step (cProfile)", "", common.markdown_table(timed, HOST_COLUMNS),
+             "", "Top host functions (self ms per step, calls per step):", ""]
+    for r in timed:
+        top = "; ".join(f"`{name}` {ms:.2f} ({calls:.0f})" for name, ms, calls in r["host_top_functions"][:6])
+        lines.append(f"- {r['provider']}: {top}")
+    return lines + [""]
+
+
 def markdown(rows):
     rows = add_vs_nanogpt([r for r in rows if r["bench"] == "e2e"])
     note = (f"## End to end\n\n{formula(rows)}.\n\nStep time: median of the per-step intervals between CUDA events "
@@ -424,7 +443,7 @@ def markdown(rows):
     if profiled:
         lines += ["### GPU time by kernel family, ms per step", "",
                   common.markdown_table(profiled, FAMILY_COLUMNS), ""]
-    return lines + common.unavailable(rows) + [""]
+    return lines + host_lines(rows) + common.unavailable(rows) + [""]
 
 
 def plot(rows, out_dir):

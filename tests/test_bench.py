@@ -227,6 +227,18 @@ def test_e2e_verdict():
     assert "did not run (error: boom)" in failed[0]
 
 
+def test_e2e_host_table():
+    """The rows' host time by package and their top functions (bench.profile_step's cProfile anatomy)."""
+    timed = {"bench": "e2e", "provider": "ours", "status": "ok", "host_ms_per_step": 12.5,
+             "host_by_package": {"deepspeed": 1.25, "triton launcher": 4.0, "other": 0.5},
+             "host_top_functions": [["jit.py:600(run)", 3.0, 60.0], ["{built-in method torch.mm}", 1.5, 300.0]]}
+    lines = "\n".join(e2e.host_lines([timed, {"bench": "e2e", "provider": "untimed", "status": "not run"}]))
+    header = "| row | host ms/step | " + " | ".join(e2e.HOST_PACKAGE_NAMES) + " |"
+    assert header in lines and "| ours | 12.5 | 1.25 | 4 | 0 |" in lines and "untimed" not in lines
+    assert "- ours: `jit.py:600(run)` 3.00 (60); `{built-in method torch.mm}` 1.50 (300)" in lines
+    assert e2e.host_lines([{"bench": "e2e", "provider": "x"}]) == []
+
+
 def test_gpu_session_script_packs_its_results(tmp_path):
     """bench/gpu_session.sh in its CPU smoke form: each stage time-boxed, three files in $OUT."""
     env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable,
