@@ -3,7 +3,7 @@ same model (same losses, same gradients, same training trajectory)."""
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, grads_agree, replayed_dropout
 
 from gpt1 import GPT1, GPT1Config, get_config
 from gpt1.model import filter_logits
@@ -195,39 +195,6 @@ def test_generate_and_filter_logits():
     assert long.shape == (1, 40)
 
 
-def _replayed_dropout(monkeypatch, mode):
-    """Patch the model's attention: "ours" runs kernels.fused_attention with the seeds 1000, 1001, ... in call
-    order; "replay" runs the eager reference with the keep-masks that those seeds give."""
-    import kernels
-    from kernels import reference
-    from kernels.attention import attention_dropout_mask
-
-    fused, calls = kernels.fused_attention, []
-
-    def attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0):
-        seed = 1000 + len(calls)
-        calls.append(seed)
-        if mode == "ours":
-            return fused(q, k, v, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, _seed=seed)
-        B, H, T, _ = q.shape
-        mask = attention_dropout_mask(seed, B, H, T, dropout_p, device=q.device)
-        return reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
-                                   dropout_mask=mask)
-
-    monkeypatch.setattr(kernels, "fused_attention", attention)
-    return calls
-
-
-def _grads_agree(a, b, name):
-    """16-bit gradients of the same computation: the same direction and size up to rounding (cosine >= 0.998,
-    norms within 2%; SDPA and the eager attention in bf16 at GPT-1 width differ by at most 0.9998 and 0.05%).
-    A wrong mask or a wrong term moves an attention weight's gradient far past that."""
-    a, b = a.double().flatten(), b.double().flatten()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
-    ratio = (a.norm() / b.norm()).item()
-    assert cos >= 0.998 and abs(ratio - 1) <= 0.02, f"{name}: cosine {cos:.5f}, norm ratio {ratio:.4f}"
-
-
 @pytest.mark.parametrize("scale", ["small", "gpt1"])
 @pytest.mark.parametrize("loss_impl", ["eager", "triton_linear"])
 def test_kernel_attention_dropout_gives_the_gradients_of_its_mask(loss_impl, scale, device, monkeypatch):
@@ -244,7 +211,7 @@ def test_kernel_attention_dropout_gives_the_gradients_of_its_mask(loss_impl, sca
     runs = []
     for mode in ("ours", "replay"):
         with monkeypatch.context() as mp:
-            _replayed_dropout(mp, mode)
+            replayed_dropout(mp, mode)
             model = small_model(attn_pdrop=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_impl="triton",
                                 loss_impl=loss_impl if mode == "ours" else "eager", **shape).to(device, dtype)
             opt = torch.optim.AdamW(model.param_groups(0.01), lr=1e-3)
@@ -267,4 +234,4 @@ def test_kernel_attention_dropout_gives_the_gradients_of_its_mask(loss_impl, sca
         else:
             assert_close(ours_l[step], ref_l[step], name=f"loss, step {step}", atol=1e-2, rtol=0)
             for name, a, b in zip(names, ours_g[step], ref_g[step]):
-                _grads_agree(a, b, f"{name}.grad, step {step}")
+                grads_agree(a, b, f"{name}.grad, step {step}")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gpt1 import GPT1, GPT1Config
+from helpers import grads_agree, replayed_dropout
 from gpt1.errors import GPT1Error
 from gpt1.model import param_groups
 from gpt1.runtime import GuardedAdamW, build_engine, compile_module, init_distributed, lean_checks, load_ds_config
@@ -177,6 +178,58 @@ def test_zero0_torch_autocast_is_the_nanogpt_recipe(dist_env):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert p.dtype == torch.float32
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("scale", ["small", "gpt1"])
+def test_zero2_bf16_eager_kernels_follow_the_replayed_reference(dist_env, monkeypatch, scale):
+    """The conditions of the loss curves' eager run (bench.curves "eager"): DeepSpeed ZeRO-2 in bf16 with
+    overlap_comm and contiguous gradients as the config has them, not compiled, our attention (dropout on) and
+    fused linear cross-entropy, against the eager reference with the same keep-masks replayed: every parameter's
+    gradient (as autograd hands it to ZeRO's hooks) and the loss agree at every step, to bf16 rounding. "gpt1"
+    (GPU only): two layers of GPT-1's width, heads and vocabulary at T=512."""
+    if scale == "gpt1" and not torch.cuda.is_available():
+        pytest.skip("GPT-1 scale runs on a GPU")
+    small = scale == "small"
+    shape = dict(n_positions=32, n_embd=32, n_layer=2, n_head=2) if small else dict(
+        vocab_size=40478, n_positions=512, n_embd=768, n_layer=2, n_head=12)
+    cfg = dict(SMALL, **shape, attn_pdrop=0.2, attn_impl="triton")
+    B, T = (4, 32) if small else (8, 512)
+    data = batches(3, B=B, T=T, V=cfg["vocab_size"])
+    ds = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+          "bf16": {"enabled": True}, "zero_optimization": {"stage": 2, "overlap_comm": True,
+                                                          "contiguous_gradients": True, "reduce_bucket_size": 5e7},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    runs = {}
+    for mode in ("ours", "replay"):
+        with monkeypatch.context() as mp:
+            replayed_dropout(mp, mode)
+            torch.manual_seed(0)
+            model = GPT1(GPT1Config(**{**cfg, "loss_impl": "triton_linear" if mode == "ours" else "eager"}))
+            lean, max_grad_norm = lean_checks(ds, 1)
+            engine, _, _ = build_engine(model, lean, lr=1e-3, weight_decay=WD, max_grad_norm=max_grad_norm,
+                                        tied_weight=model.tokens_embed.weight)
+            grads = []  # per step, per parameter: the gradient that reaches ZeRO's hooks
+            for i, p in enumerate(model.parameters()):
+                p.register_hook(lambda g, i=i: grads[-1].__setitem__(i, g.detach().float().clone()))
+            losses = []
+            for w in data:
+                w = w.to(engine.device)
+                grads.append({})
+                loss = engine(w[:, :-1], labels=w[:, 1:]).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.detach().float())
+            runs[mode] = torch.stack(losses), grads
+    (ours_l, ours_g), (ref_l, ref_g) = runs["ours"], runs["replay"]
+    names = [n for n, _ in model.named_parameters()]
+    torch.testing.assert_close(ours_l, ref_l, rtol=0, atol=1e-3 if small else 1e-2)
+    for step, (a, b) in enumerate(zip(ours_g, ref_g)):
+        assert sorted(a) == sorted(b) == list(range(len(names))), f"step {step}: gradients missing"
+        for i, name in enumerate(names):
+            if small:
+                torch.testing.assert_close(a[i], b[i], rtol=2e-2, atol=2e-3, msg=f"{name}.grad, step {step}")
+            else:
+                grads_agree(a[i], b[i], f"{name}.grad, step {step}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
