@@ -405,7 +405,12 @@ def _family_ms(family):
 
 FAMILY_COLUMNS = [("row", "provider"), *((f, _family_ms(f)) for f in profile_step.FAMILY_NAMES),
                   ("GPU kernel ms", lambda r: common.fmt(r.get("gpu_kernel_ms"))),
-                  ("wall ms (profiled)", lambda r: common.fmt(r.get("wall_ms")))]
+                  ("wall ms (profiled)", lambda r: common.fmt(r.get("wall_ms"))),
+                  ("GPU idle gaps/step", lambda r: common.fmt(r.get("idle_gaps_per_step"))),
+                  ("idle ms/step", lambda r: common.fmt(r.get("idle_gap_ms_per_step"))),
+                  ("longest gap ms", lambda r: common.fmt((r.get("longest_idle_gaps_ms") or [None])[0])),
+                  ("copies by kind/step", lambda r: ", ".join(f"{k} {n:.0f}" for k, n in
+                                                               (r.get("copies_by_kind") or {}).items()))]
 
 
 HOST_PACKAGE_NAMES = tuple(p for p, _ in profile_step.HOST_PACKAGES) + ("other",)
@@ -424,6 +429,11 @@ def host_lines(rows):
     for r in timed:
         top = "; ".join(f"`{name}` {ms:.2f} ({calls:.0f})" for name, ms, calls in r["host_top_functions"][:6])
         lines.append(f"- {r['provider']}: {top}")
+    traced = [r for r in timed if r.get("runtime_calls")]
+    if traced:
+        lines += ["", "Host CUDA calls (calls per step, ms per step, from the profiled steps):", ""]
+        lines += [f"- {r['provider']}: " + "; ".join(f"`{n}` {c:.0f}, {ms:.2f}" for n, c, ms in r["runtime_calls"][:6])
+                  for r in traced]
     return lines + [""]
 
 

@@ -66,6 +66,7 @@ FAMILIES = (
 )
 FAMILY_NAMES = tuple(f for f, _ in FAMILIES) + ("elementwise",)
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of GPU work
+IDLE_GAP_US = 20.0  # a GPU idle gap at least this long counts (shorter ones are launch latency)
 OPERATOR = re.compile(r"^(\w+)::\w")  # namespace::name
 SYNCING_OPS = ("aten::_local_scalar_dense",)  # .item(), bool(t), is_nonzero: a device-to-host copy and a wait
 COUNTED = ("aten", "c10d", "triton")  # counted namespaces; others (autograd::, gpt1_kernels::) are transparent
@@ -115,13 +116,42 @@ def gpu_anatomy(trace_events, steps, wall_ms, own_syncs=0):
     for e in kernels:
         top[e["name"][:120]] += e["dur"] / 1e3 / steps
     union_ms = busy_us([(e["ts"], e["ts"] + e["dur"]) for e in gpu]) / 1e3 / steps
+    copies = Counter(" ".join(e["name"].split()[:2]) for e in gpu if e["cat"] != "kernel")  # "Memcpy HtoD", ...
+    runtime = {}
+    for e in trace_events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and e.get("ph", "X") == "X":
+            n_ms = runtime.setdefault(e["name"], [0, 0.0])
+            n_ms[0] += 1
+            n_ms[1] += e.get("dur", 0) / 1e3
+    gaps = idle_gaps_us([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
     return {"wall_ms": wall_ms, "gpu_kernel_ms": sum(e["dur"] for e in gpu) / 1e3 / steps,
             "gpu_busy": union_ms / wall_ms if wall_ms else None, "kernels_per_step": len(kernels) / steps,
             "copies_per_step": (len(gpu) - len(kernels)) / steps,
             # our own synchronizes missing from the trace: runtime calls were not recorded, the count is unknown
             "host_syncs_per_step": (len(syncs) - own_syncs) / steps if len(syncs) >= own_syncs else None,
             "families": families,
-            "top_kernels": [[name, ms] for name, ms in top.most_common(12)]}
+            "top_kernels": [[name, ms] for name, ms in top.most_common(12)],
+            # a host-to-device copy from pageable memory waits for the stream: a sync the counts above miss
+            "copies_by_kind": {k: n / steps for k, n in copies.most_common()},
+            # where the host's CUDA calls spend their time (a launch that blocks: the launch queue is full, the GPU
+            # is the bottleneck; a long cudaMemcpyAsync or cudaStreamSynchronize: the host waits on the GPU)
+            "runtime_calls": [[name, n / steps, ms / steps] for name, (n, ms) in
+                              sorted(runtime.items(), key=lambda kv: -kv[1][1])[:10]],
+            # GPU idle between activities: spread thin (the host cannot keep up) or in a few long gaps (a wait)
+            "idle_gaps_per_step": sum(1 for g in gaps if g >= IDLE_GAP_US) / steps,
+            "idle_gap_ms_per_step": sum(g for g in gaps if g >= IDLE_GAP_US) / 1e3 / steps,
+            "longest_idle_gaps_ms": [g / 1e3 for g in sorted(gaps, reverse=True)[:5]]}
+
+
+def idle_gaps_us(intervals):
+    """The lengths of the gaps between the union of (start, end) intervals (the GPU's idle stretches inside the
+    profiled window)."""
+    gaps, end = [], None
+    for a, b in sorted(intervals):
+        if end is not None and a > end:
+            gaps.append(a - end)
+        end = b if end is None else max(end, b)
+    return gaps
 
 
 def count_operators(events):
@@ -265,6 +295,14 @@ def format_anatomy(a, title):
             share = f["ms"] / a["gpu_kernel_ms"] if a["gpu_kernel_ms"] else 0.0
             lines.append(f"{fam:<14} {f['ms']:>8.3f} {share:>7.1%} {f['count']:>14.0f}")
         lines.append("top kernels (ms/step): " + "; ".join(f"{n} {ms:.3f}" for n, ms in a["top_kernels"][:8]))
+        if "idle_gaps_per_step" in a:
+            lines.append(f"GPU idle gaps >= {IDLE_GAP_US:.0f} us: {a['idle_gaps_per_step']:.0f}/step, "
+                         f"{a['idle_gap_ms_per_step']:.2f} ms/step; longest (ms): "
+                         + ", ".join(f"{g:.2f}" for g in a["longest_idle_gaps_ms"]))
+            lines.append("copies per step by kind: " + (", ".join(f"{k} {n:.0f}" for k, n in
+                                                                 a["copies_by_kind"].items()) or "none"))
+            lines.append("host CUDA calls (calls/step, ms/step): " + "; ".join(
+                f"{n} {c:.0f} {ms:.2f}" for n, c, ms in a["runtime_calls"][:8]))
     else:
         lines.append(f"wall {a['wall_ms']:.1f} ms for one step under the CPU profiler (not a GPU measurement)")
     lines.append(f"operators per step: {a['ops_per_step']:.0f} (outermost aten/c10d operators and Triton launches; "

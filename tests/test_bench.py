@@ -237,6 +237,8 @@ def test_e2e_host_table():
     assert header in lines and "| ours | 12.5 | 1.25 | 4 | 0 |" in lines and "untimed" not in lines
     assert "- ours: `jit.py:600(run)` 3.00 (60); `{built-in method torch.mm}` 1.50 (300)" in lines
     assert e2e.host_lines([{"bench": "e2e", "provider": "x"}]) == []
+    traced = dict(timed, runtime_calls=[["cudaLaunchKernel", 800.0, 4.5], ["cudaMemcpyAsync", 2.0, 3.25]])
+    assert "- ours: `cudaLaunchKernel` 800, 4.50; `cudaMemcpyAsync` 2, 3.25" in "\n".join(e2e.host_lines([traced]))
 
 
 def test_gpu_session_script_packs_its_results(tmp_path):

@@ -73,6 +73,13 @@ def test_gpu_anatomy_from_a_trace():
     assert a["top_kernels"][0][0] == "sm90_xmma_gemm"
     no_runtime = [e for e in events if e["cat"] != "cuda_runtime"]
     assert profile_step.gpu_anatomy(no_runtime, 2, 1.0, own_syncs=2)["host_syncs_per_step"] is None
+    # where the GPU waited: the gaps between its busy stretches 400-500, 900-1000 and 1100-1200 us
+    assert a["longest_idle_gaps_ms"] == [0.1, 0.1, 0.1] and a["idle_gaps_per_step"] == 1.5
+    assert a["idle_gap_ms_per_step"] == pytest.approx(0.15)
+    assert a["copies_by_kind"] == {"Memcpy HtoD": 0.5}
+    assert a["runtime_calls"][0] == ["cudaLaunchKernel", 0.5, pytest.approx(0.0025)]
+    assert [r[0] for r in a["runtime_calls"]] == ["cudaLaunchKernel", "cudaDeviceSynchronize", "cudaStreamSynchronize"]
+    assert profile_step.idle_gaps_us([(0, 10), (5, 15), (40, 50), (45, 60), (61, 62)]) == [25, 1]
 
 
 def test_a_triton_launch_counts_once():
@@ -123,6 +130,7 @@ def test_gpu_report_formats():
              ops_all_per_step=900.0, sync_ops_per_step=0.0, top_ops=[["aten::mm", 40.0]])
     text = profile_step.format_anatomy(a, "title")
     assert "GPU busy 90.0%, 2 kernels/step" in text and "attention" in text and "operators per step: 300" in text
+    assert "GPU idle gaps >= 20 us: 0/step" in text and "copies per step by kind: none" in text
     row = dict(a, bench="e2e", table="t", x=512, mode="step", provider=e2e.DEFAULT.name, status="ok", ms=1.0,
                ms_p20=0.9, ms_p80=1.1, tokens_per_s=1e5, mfu=0.3, peak_mb=1000.0, runtime="deepspeed", zero=2,
                attn_impl="triton", loss_impl="triton_linear", compiled=True, flops_per_token=1e9, seq_len=512,
