@@ -480,21 +480,22 @@ def _mm_fp32(a, b, out):
     return torch.mm(a.float(), b.float(), out=out)
 
 
-def _chunk_grads(logits, h, weight, grad_hidden, grad_weight, grad_bias, dw_slice):
+def _chunk_grads(logits, logits_blocks, h, weight, grad_hidden, grad_weight, grad_bias, dw_slices):
     """Turn one chunk's d logits into d hidden (fp32, written) and d weight, d bias (fp32, accumulated).
 
     No 16-bit rounding happens here: the backward scales these by the incoming gradient and rounds once.
-    dw_slice is an (S, C) fp32 buffer for 16-bit inputs: torch's addmm cannot portably add a half product
-    into an fp32 tensor, so the chunk's d weight goes through it S = _DW_SLICE classes at a time (a (V, C)
-    buffer would cost another 119 MiB at GPT-1 size); fp32 accumulates in the matmul itself."""
+    grad_weight is the fp32 accumulator, as a tuple of row blocks of S = _DW_SLICE classes for 16-bit inputs,
+    whose products go through dw_slices, fp32 (S, C) buffers of the same heights: torch's addmm cannot portably
+    add a half product into an fp32 tensor (a (V, C) buffer would cost another 119 MiB at GPT-1 size). fp32
+    accumulates in the matmul itself (grad_weight a tensor, dw_slices None). logits_blocks: the (S, n) blocks of
+    logits^T that go with grad_weight's, made once per buffer: the host's cost per chunk is two operators per block."""
     if grad_hidden is not None:
         _mm_fp32(logits, weight, grad_hidden)
-    if grad_weight is not None and dw_slice is None:
+    if grad_weight is not None and dw_slices is None:
         grad_weight.addmm_(logits.t(), h)
     elif grad_weight is not None:
-        for v in range(0, logits.shape[1], dw_slice.shape[0]):
-            part = logits[:, v: v + dw_slice.shape[0]].t()  # (S, n)
-            grad_weight[v: v + part.shape[0]] += _mm_fp32(part, h, dw_slice[: part.shape[0]])
+        for part, acc, buf in zip(logits_blocks, grad_weight, dw_slices):
+            acc += _mm_fp32(part, h, buf)
     if grad_bias is not None:
         grad_bias += logits.sum(0, dtype=torch.float32)
 
@@ -510,12 +511,17 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
     are 16-byte aligned. The kernel reads the padded columns as -inf and writes them a zero gradient, so
     they add nothing to d hidden (their weight rows are zero too), and the d weight / d bias rows they
     produce are zero and cut off before returning.
+
+    Every view the loop needs (the chunks of hidden, target, the losses and d hidden, the row blocks of the d
+    weight accumulator) is made before it, by one split each: on a GPU each operator costs the host a few
+    microseconds, and at GPT-1's shapes the loop runs 9-26 chunks per call.
     """
     n_rows, n_classes, n_feat = hidden.shape[0], weight.shape[0], weight.shape[1]
     need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
     compute_grad = need_h or need_w or need_b
     v_pad = _padded_vocab(n_classes)
     weight, bias = _pad_rows(weight.contiguous(), v_pad), _pad_rows(bias, v_pad)
+    weight_t = weight.t()
     f32 = {"dtype": torch.float32, "device": hidden.device}
     loss_rows = torch.empty(n_rows, **f32)
     grad_hidden = torch.empty(n_rows, n_feat, **f32) if need_h else None
@@ -523,23 +529,40 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
     grad_bias = torch.zeros(v_pad, **f32) if need_b else None
     # one logits buffer, and for 16-bit inputs one fp32 d weight slice, serve every chunk
     buffer = hidden.new_empty((min(chunk_size, n_rows), v_pad))
-    dw_slice = torch.empty(min(_DW_SLICE, v_pad), n_feat, **f32) if need_w and weight.dtype != torch.float32 else None
-    for start in range(0, n_rows, chunk_size):
-        end = min(start + chunk_size, n_rows)
-        h, logits = hidden[start:end], buffer[: end - start]  # (n, C), (n, V_pad)
+    dw_blocks, dw_slices = grad_weight, None
+    if need_w and weight.dtype != torch.float32:
+        dw_blocks = grad_weight.split(_DW_SLICE)
+        dw_slice = torch.empty(min(_DW_SLICE, v_pad), n_feat, **f32)
+        dw_slices = [dw_slice[: block.shape[0]] for block in dw_blocks[-2:]]  # the full height, and the last's
+        dw_slices = dw_slices[:1] * (len(dw_blocks) - 1) + dw_slices[-1:]
+    # the logits view of a chunk, by its rows (all chunks are full but the last), with its column blocks
+    # transposed for the d weight products (16-bit inputs)
+    n_last = n_rows - (n_rows - 1) // chunk_size * chunk_size
+    views = {}
+    for n in dict.fromkeys((buffer.shape[0], n_last)):
+        logits = buffer[:n] if n != buffer.shape[0] else buffer
+        views[n] = logits, logits.t().split(_DW_SLICE) if dw_slices is not None else None
+    chunks = zip(hidden.split(chunk_size), target.split(chunk_size), loss_rows.split(chunk_size),
+                 grad_hidden.split(chunk_size) if need_h else _none(),
+                 row_scale.split(chunk_size) if row_scale is not None else _none())
+    for h, t, loss, gh, rs in chunks:
+        logits, logits_blocks = views[h.shape[0]]  # (n, V_pad)
         if bias is None:
-            torch.mm(h, weight.t(), out=logits)
+            torch.mm(h, weight_t, out=logits)
         else:
-            torch.addmm(bias, h, weight.t(), out=logits)
-        rs = row_scale[start:end] if row_scale is not None else None
-        _launch(logits, target[start:end], loss_rows[start:end], ignore_index, eps, grad_scale, compute_grad, rs,
-                n_cols=n_classes)
+            torch.addmm(bias, h, weight_t, out=logits)
+        _launch(logits, t, loss, ignore_index, eps, grad_scale, compute_grad, rs, n_cols=n_classes)
         if compute_grad:
-            _chunk_grads(logits, h, weight, grad_hidden[start:end] if need_h else None, grad_weight, grad_bias,
-                         dw_slice)
+            _chunk_grads(logits, logits_blocks, h, weight, gh, dw_blocks, grad_bias, dw_slices)
     grad_weight = grad_weight[:n_classes] if need_w else None  # a prefix of rows: still contiguous
     grad_bias = grad_bias[:n_classes] if need_b else None
     return loss_rows, grad_hidden, grad_weight, grad_bias
+
+
+def _none():
+    """An endless stream of None, zipped in for a per-chunk view that does not exist."""
+    while True:
+        yield None
 
 
 def _empty(like, dtype=None):
