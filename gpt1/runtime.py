@@ -251,7 +251,9 @@ class GuardedAdamW(torch.optim.AdamW):
       ranks by one all_reduce when the gradients are partitioned;
     - found_inf = the norm is not finite (a NaN or inf anywhere on any rank makes it so): the same on every
       rank, so every rank skips alike;
-    - clipping to max_grad_norm (0: off) by multiplying the gradients with a device scalar;
+    - clipping to max_grad_norm (0: off), folded into the optimizer kernel: torch's fused AdamW divides each
+      gradient by its grad_scale tensor (GradScaler's unscaling uses it so), here max(norm / max_grad_norm, 1),
+      so the gradients get no pass of their own (they stay unclipped in .grad);
     then torch's fused AdamW kernel with found_inf, which leaves weights, moments and step count untouched
     when found_inf is set. The counters (steps skipped, the longest run of skipped steps) live on the device;
     `read_counters` fetches them (one sync), which the training loop does when it logs.
@@ -266,7 +268,7 @@ class GuardedAdamW(torch.optim.AdamW):
         super().__init__(params, fused=True, **kwargs)
         self.max_grad_norm = max_grad_norm
         self._engine, self._zero, self._partitioned, self._guarded_step = None, None, False, None
-        self._clip, self._counters = None, None  # counters: skipped, current run, longest run since the last read
+        self._unclip, self._counters = None, None  # counters: skipped, current run, longest run since the last read
 
     def attach(self, engine, stage):
         self._engine, self._partitioned = engine, stage >= 1 and dist.get_world_size() > 1
@@ -288,7 +290,8 @@ class GuardedAdamW(torch.optim.AdamW):
             dist.all_reduce(sq)
         norm = sq.sqrt()
         self.found_inf = (~torch.isfinite(norm)).float()  # read by the fused AdamW kernel
-        self._clip = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0) if self.max_grad_norm > 0 else None
+        # the inverse of clip_grad_norm_'s factor max_norm / (norm + 1e-6), clamped at 1: the kernel divides by it
+        self._unclip = ((norm + 1e-6) / self.max_grad_norm).clamp(min=1.0) if self.max_grad_norm > 0 else None
         if self._counters is None:
             self._counters = torch.zeros(3, device=norm.device)
         self._count(self.found_inf)
@@ -307,8 +310,7 @@ class GuardedAdamW(torch.optim.AdamW):
         if step_id is None or step_id != self._guarded_step:
             self._guard(grads + self._waiting_grads())
             self._guarded_step = step_id
-        if self._clip is not None:
-            torch._foreach_mul_(grads, self._clip)
+        self.grad_scale = self._unclip  # read by torch's AdamW.step and handed to the fused kernel
         return super().step(closure)
 
     def count_skip(self, device):
