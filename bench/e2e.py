@@ -15,11 +15,12 @@ GPU. Each row is a Recipe:
   and the eager loss that is the peer ("nanoGPT recipe"), with our kernels a row of ours.
 ROWS runs the peer first, then our default path (gpt1.train's default config: ZeRO-0 under torch_autocast,
 triton/triton_linear, compiled), the default replayed as CUDA graphs (--compile-mode reduce-overhead) and with
-the materializing triton loss, ZeRO-2 in DeepSpeed's bf16, the default with torch's kernels (what our kernels give), our kernels without DeepSpeed (what DeepSpeed costs), ZeRO-2 under
-torch_autocast, ZeRO-1 and 0 in bf16, the fused residual-dropout-LayerNorm, the uncompiled and eager steps, and
-ZeRO-3 last (its compile is split at every parameter-gathering
-hook and takes longest), so that a time budget drops the least telling rows. torch.compile runs with dynamo's
-default recompile limits here, even inside bench.run_all, whose op benches raise them.
+the materializing triton loss, ZeRO-2 in DeepSpeed's bf16, the default with torch's kernels (what our kernels
+give), our kernels without DeepSpeed (what DeepSpeed costs), ZeRO-2 under torch_autocast, ZeRO-1 and 0 in bf16,
+the fused residual-dropout-LayerNorm, the uncompiled and eager steps, and ZeRO-3 last (its compile is split at
+every parameter-gathering hook and takes longest), so that a time budget drops the least telling rows.
+torch.compile runs with dynamo's default recompile limits here, even inside bench.run_all, whose op benches raise
+them.
 
 Per row, after --warmup steps (the first pays the compile): --steps timed steps. On a GPU each step's time is
 the interval between CUDA events recorded after consecutive steps, with no synchronize in between (the loop
@@ -389,7 +390,8 @@ COLUMNS = [("row", "provider"), ("runtime", _runtime_cell),
            ("kernels (attn/loss)", lambda r: f"{r['attn_impl']}/{r['loss_impl']}"
             + ("/fused LN" if r.get("norm_impl") == "triton" else "")),
            ("compiled", lambda r: "no" if not r["compiled"] else (
-               "yes" if r.get("recipe", {}).get("compile_mode", "default") == "default" else r["recipe"]["compile_mode"])),
+               "yes" if r.get("recipe", {}).get("compile_mode", "default") == "default"
+               else r["recipe"]["compile_mode"])),
            ("step ms", common.value_or_status("ms", 4)), ("p20-p80", common.spread_cell),
            ("tokens/s", common.value_or_status("tokens_per_s", 4)), ("vs nanoGPT", common.ratio("vs_nanogpt")),
            ("MFU", _pct("mfu")), ("GPU busy", _pct("gpu_busy")),

@@ -333,8 +333,9 @@ def parse_args(argv):
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                         help="ZeRO stage (deepspeed recipe; default 0, as gpt1.train's default config)")
     parser.add_argument("--precision", default="autocast", choices=("bf16", "autocast"),
-                        help="deepspeed recipe (default autocast, as gpt1.train's default config): bf16 (ds_configs/zero<N>_bf16.json) or autocast "
-                             "(zero<N>_autocast_bf16.json: fp32 weights under torch_autocast)")
+                        help="deepspeed recipe (default autocast, as gpt1.train's default config): bf16 "
+                             "(ds_configs/zero<N>_bf16.json) or autocast (zero<N>_autocast_bf16.json: fp32 weights "
+                             "under torch_autocast)")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps on a GPU (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5 on a GPU, 2 on a CPU)")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step")

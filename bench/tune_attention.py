@@ -7,9 +7,10 @@ What it measures: bf16, causal, head dims 64 (GPT-1's) then 128, T in 128 ... 20
 laid out as the model's fused qkv projection), dropout 0.1 (GPT-1 trains with it) then 0; for each kernel (fwd, dq,
 dkdv) a pruned candidate list: the `_CONFIGS` entry and its neighbours one knob away (BLOCK_M or BLOCK_N doubled
 or halved, 4 -> 8 warps, one pipeline stage more or less; see `candidates`), plus any config the committed table
-holds and its neighbours, so that each run climbs one step from where the last stopped. Each candidate is launched once and its outputs compared with the default config's: equal up to bf16
-rounding (other tiles sum in another order), the dropout mask bit for bit. A candidate that fails to compile or
-launch, spills registers (the compiled kernel's n_spills) or computes something else is rejected and reported.
+holds and its neighbours, so that each run climbs one step from where the last stopped. Each candidate is
+launched once and its outputs compared with the default config's: equal up to bf16 rounding (other tiles sum
+in another order), the dropout mask bit for bit. A candidate that fails to compile or launch, spills registers
+(the compiled kernel's n_spills) or computes something else is rejected and reported.
 The rest are timed with triton.testing.do_bench (median; the backward kernels on their own, reading the default
 forward's lse and mask and the default dq kernel's delta). A candidate becomes a table entry when it is at least
 MIN_GAIN faster than the default; otherwise the kernel keeps `_CONFIGS` for that (D, T bucket, dropout).

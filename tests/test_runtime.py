@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import grads_agree, replayed_dropout
 
 from gpt1 import GPT1, GPT1Config
-from helpers import grads_agree, replayed_dropout
 from gpt1.errors import GPT1Error
 from gpt1.model import param_groups
 from gpt1.runtime import GuardedAdamW, build_engine, compile_module, init_distributed, lean_checks, load_ds_config
@@ -210,7 +210,7 @@ def test_zero2_bf16_eager_kernels_follow_the_replayed_reference(dist_env, monkey
                                         tied_weight=model.tokens_embed.weight)
             grads = []  # per step, per parameter: the gradient that reaches ZeRO's hooks
             for i, p in enumerate(model.parameters()):
-                p.register_hook(lambda g, i=i: grads[-1].__setitem__(i, g.detach().float().clone()))
+                p.register_hook(lambda g, i=i, grads=grads: grads[-1].__setitem__(i, g.detach().float().clone()))
             losses = []
             for w in data:
                 w = w.to(engine.device)
