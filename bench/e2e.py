@@ -15,9 +15,9 @@ GPU. Each row is a Recipe:
   and the eager loss that is the peer ("nanoGPT recipe"), with our kernels a row of ours.
 ROWS runs the peer first, then our default path (gpt1.train's default config: ZeRO-0 under torch_autocast,
 triton/triton_linear, compiled), the default replayed as CUDA graphs (--compile-mode reduce-overhead) and with
-the materializing triton loss, ZeRO-2 in DeepSpeed's bf16, the default with torch's kernels (what our kernels
-give), our kernels without DeepSpeed (what DeepSpeed costs), ZeRO-2 under torch_autocast, ZeRO-1 and 0 in bf16,
-the fused residual-dropout-LayerNorm, the uncompiled and eager steps, and ZeRO-3 last (its compile is split at
+the materializing triton loss and with the fused residual-dropout-LayerNorm, ZeRO-2 in DeepSpeed's bf16, the
+default with torch's kernels (what our kernels give), our kernels without DeepSpeed (what DeepSpeed costs), ZeRO-2
+under torch_autocast, ZeRO-1 and 0 in bf16, the uncompiled and eager steps, and ZeRO-3 last (its compile is split at
 every parameter-gathering hook and takes longest), so that a time budget drops the least telling rows.
 torch.compile runs with dynamo's default recompile limits here, even inside bench.run_all, whose op benches raise
 them.
@@ -74,12 +74,12 @@ ROWS = (
     DEFAULT,
     replace(DEFAULT, name="ours CUDA graphs", compile_mode="reduce-overhead"),
     replace(DEFAULT, name="ours triton loss", loss="triton"),
+    replace(DEFAULT, name="ours fused LN", norm="triton"),
     ZERO2,
     replace(DEFAULT, name="DeepSpeed sdpa/eager", attn="sdpa", loss="eager", role="peer"),
     Recipe("torch + our kernels", "torch", "triton", "triton_linear", True, None),
     replace(ZERO2, name="ours ZeRO-2 autocast", precision="autocast"),
     *(replace(ZERO2, name=f"ours ZeRO-{z}", zero=z) for z in (1, 0)),
-    replace(DEFAULT, name="ours fused LN", norm="triton"),
     replace(DEFAULT, name="ours uncompiled", compile=False),
     replace(DEFAULT, name="eager", attn="eager", loss="eager", compile=False, role=common.EAGER),
     replace(ZERO2, name="ours ZeRO-3 uncompiled", zero=3, compile=False),  # runtime.compile_module refuses ZeRO-3

@@ -14,6 +14,7 @@
 #             test_cross_entropy.py                                                         (S_TESTS=120 s)
 #   e2e       bench.e2e: every row of ROWS, results rewritten after each row; each row carries its GPU anatomy
 #             and its host anatomy (cProfile by package), so no profile stage is needed   (S_E2E=300 s, budget 240)
+#             E2E_ONLY="row,row" runs only those rows (bench.e2e --only; names as in bench/e2e.py ROWS)
 #   ops       bench.run_all --only attention,cross_entropy,layer_norm, with the e2e rows included       (S_OPS=100 s, budget 70)
 # The seconds are environment variables (S_E2E=300 ...); the defaults add up to about 540 s, under the 600 s of one device call.
 # More stages run only when named, in a second device call (`bash bench/gpu_session.sh curves tune`):
@@ -115,7 +116,10 @@ for s in $STAGES; do
             -p no:cacheprovider --tb=short -rfE $PYTEST_MODE $(echo $files) 2>&1 \
             | tee '$WORK/pytest_cuda.txt'; exit \${PIPESTATUS[0]}" ;;
     e2e)
-        stage e2e "${S_E2E:-300}" $PY -m bench.e2e $SMOKE_FLAG --out "$WORK/e2e" --budget-s "${B_E2E:-240}"
+        only=()
+        [ -n "${E2E_ONLY:-}" ] && only=(--only "$E2E_ONLY")
+        stage e2e "${S_E2E:-300}" $PY -m bench.e2e $SMOKE_FLAG --out "$WORK/e2e" --budget-s "${B_E2E:-240}" \
+            ${only[@]+"${only[@]}"}
         if [ ! -s "$WORK/e2e/results.md" ] && [ -s "$WORK/e2e/results.json" ]; then  # cut short: tables from the rows
             $PY - "$WORK/e2e" <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys
