@@ -232,6 +232,41 @@ def test_zero2_bf16_eager_kernels_follow_the_replayed_reference(dist_env, monkey
                 grads_agree(a[i], b[i], f"{name}.grad, step {step}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are only detectable on CUDA")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_default_training_step_never_waits_on_the_gpu(dist_env, mode):
+    """gpt1.train's default step on a GPU (DeepSpeed ZeRO-0 under torch_autocast bf16, our kernels with dropout,
+    compiled; and as CUDA graphs) makes no host sync: torch's sync debug mode turns any (an .item(), a pageable
+    host-to-device copy, a synchronize) into an error."""
+    cfg = dict(SMALL, n_positions=64, n_embd=64, n_head=2, attn_impl="triton", loss_impl="triton_linear",
+               attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1)
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+          "torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "zero_optimization": {"stage": 0},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT1(GPT1Config(**cfg))
+    lean, max_grad_norm = lean_checks(ds, 1)
+    engine, _, _ = build_engine(model, lean, lr=LR, weight_decay=WD, max_grad_norm=max_grad_norm)
+    assert compile_module(engine, True, 0, mode)
+    w = batches(1, B=4, T=64)[0].to(engine.device)
+
+    def step():
+        loss = engine(w[:, :-1], labels=w[:, 1:]).loss
+        engine.backward(loss)
+        engine.step()
+
+    for _ in range(3):  # compiles, records the CUDA graphs, builds Triton's kernels
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("loss_impl", ["triton_linear", "triton"])
 def test_cuda_graphs_train_like_the_default_compile(dist_env, loss_impl):
