@@ -11,12 +11,12 @@
 #   tests     pytest on CUDA, the newest checks first: the model-level dropout mask replay at GPT-1 scale (plain
 #             AdamW, then DeepSpeed ZeRO-2 bf16 as the curves' eager run), CUDA graphs in the DeepSpeed step,
 #             no host sync in the default step, then tests/test_compile.py test_attention.py
-#             test_cross_entropy.py                                                         (S_TESTS=120 s)
+#             test_cross_entropy.py                                                         (S_TESTS=150 s)
 #   e2e       bench.e2e: every row of ROWS, results rewritten after each row; each row carries its GPU anatomy
 #             and its host anatomy (cProfile by package), so no profile stage is needed   (S_E2E=300 s, budget 240)
 #             E2E_ONLY="row,row" runs only those rows (bench.e2e --only; names as in bench/e2e.py ROWS)
-#   ops       bench.run_all --only attention,cross_entropy,layer_norm, with the e2e rows included       (S_OPS=100 s, budget 70)
-# The seconds are environment variables (S_E2E=300 ...); the defaults add up to about 540 s, under the 600 s of one device call.
+#   ops       bench.run_all --only attention,cross_entropy,layer_norm, with the e2e rows included       (S_OPS=90 s, budget 60)
+# The seconds are environment variables (S_E2E=300 ...); the defaults add up to about 560 s, under the 600 s of one device call.
 # More stages run only when named, in a second device call (`bash bench/gpu_session.sh curves tune`):
 #   profile   bench.profile_step: the default path, then the nanoGPT recipe, as text       (S_PROFILE=40 s each)
 #   curves    bench.curves: 200 steps of the 117M model, each run against torch's kernels       (S_CURVES=200 s)
@@ -113,7 +113,7 @@ for s in $STAGES; do
             $(ls tests/test_compile.py tests/test_attention.py tests/test_cross_entropy.py 2>/dev/null)"
         # pytest gets SIGINT 10 s before the box closes: it then prints the failures it has seen (a kill would
         # leave only the progress dots)
-        stage tests "${S_TESTS:-120}" bash -c "timeout -s INT $(( ${S_TESTS:-120} - 10 )) $PY -m pytest -q \
+        stage tests "${S_TESTS:-150}" bash -c "timeout -s INT $(( ${S_TESTS:-150} - 10 )) $PY -m pytest -q \
             -p no:cacheprovider --tb=short -rfE $PYTEST_MODE $(echo $files) 2>&1 \
             | tee '$WORK/pytest_cuda.txt'; exit \${PIPESTATUS[0]}" ;;
     e2e)
@@ -139,8 +139,8 @@ PY
     ops)
         include=""
         [ -s "$WORK/e2e/results.json" ] && include="--include $WORK/e2e/results.json"
-        stage ops "${S_OPS:-100}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy,layer_norm $include \
-            --budget-s "${B_OPS:-70}" --out "$WORK/ops" ;;
+        stage ops "${S_OPS:-90}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy,layer_norm $include \
+            --budget-s "${B_OPS:-60}" --out "$WORK/ops" ;;
     curves)
         stage curves "${S_CURVES:-200}" $PY -m bench.curves $SMOKE_FLAG --runs "${CURVES_RUNS:-compiled,eager,reference}" \
             --out "$WORK/curves" --budget-s "$(( ${S_CURVES:-200} - 20 ))" ;;
