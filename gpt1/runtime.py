@@ -310,7 +310,8 @@ class GuardedAdamW(torch.optim.AdamW):
         if step_id is None or step_id != self._guarded_step:
             self._guard(grads + self._waiting_grads())
             self._guarded_step = step_id
-        self.grad_scale = self._unclip  # read by torch's AdamW.step and handed to the fused kernel
+        if self._unclip is not None:  # read by torch's AdamW.step and handed to the fused kernel; without clipping
+            self.grad_scale = self._unclip  # left alone (torch's GradScaler sets it to unscale fp16 gradients)
         return super().step(closure)
 
     def count_skip(self, device):

@@ -49,6 +49,29 @@ def test_guarded_adamw_alone_matches_clipped_adamw():
     assert opt.read_counters() == (0, 0)
 
 
+def test_guarded_adamw_keeps_a_loss_scalers_grad_scale():
+    """Without clipping the guard leaves the fused kernel's grad_scale as torch's GradScaler sets it (the loss scale
+    that the kernel divides the fp16 gradients by); with clipping it is the clipping's, and equals clipping first."""
+    torch.manual_seed(0)
+    model, data = GPT1(GPT1Config(**SMALL)), batches(2)
+    ref = reference_steps(copy.deepcopy(model), data)  # clipped to CLIP
+    # a large eps makes the update depend on the gradients' scale (Adam's is otherwise nearly scale-free)
+    unscaled = copy.deepcopy(model)
+    opt_ref = torch.optim.AdamW(param_groups(unscaled, WD), lr=LR, betas=(0.9, 0.999), eps=1e-2)
+    scaled = copy.deepcopy(model)
+    opt = GuardedAdamW(param_groups(scaled, WD), lr=LR, betas=(0.9, 0.999), eps=1e-2, max_grad_norm=0.0)
+    for w in data:
+        for m, o, scale in ((unscaled, opt_ref, 1.0), (scaled, opt, 1024.0)):
+            o.zero_grad()
+            (m(w[:, :-1], labels=w[:, 1:]).loss * scale).backward()
+        opt.grad_scale = torch.tensor(1024.0)  # as GradScaler.step does for a fused optimizer
+        opt_ref.step()
+        opt.step()
+    for (name, p), q in zip(scaled.named_parameters(), unscaled.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert any((p - q).abs().max() > 1e-4 for p, q in zip(scaled.parameters(), ref.parameters()))  # not clipped
+
+
 @pytest.fixture(scope="module")
 def dist_env():
     init_distributed()  # one rank over gloo, in this process
