@@ -12,7 +12,8 @@ the same initial weights and the same batches in the same order, the loss logged
 - compiled:   --compile, our kernels (attention, loss and norm as gpt1.train picks them);
 - eager:      --no-compile, the same kernels;
 - eager-attn, eager-loss: --no-compile with only our attention, or only our loss (bisects an eager divergence);
-- compiled-reference: --compile with torch's kernels (separates Inductor's glue from our kernels).
+- compiled-reference: --compile with torch's kernels (separates Inductor's glue from our kernels);
+- compiled-graphs: --compile-mode reduce-overhead, our kernels, the forward and backward replayed as CUDA graphs.
 
 Each run of ours is compared with the reference, step by step: d(t) = loss(t) - reference(t). No two runs agree
 bitwise (dropout draws other masks in each: Inductor's random numbers are not eager's, SDPA's are not ours; and
@@ -64,6 +65,7 @@ RUNS = {
     "eager-attn": ["--no-compile", "--loss-impl", "eager", "--norm-impl", "eager"],  # our attention only
     "eager-loss": ["--no-compile", "--attn-impl", "sdpa", "--norm-impl", "eager"],  # our loss only
     "compiled-reference": ["--compile", *TORCH_KERNELS],  # Inductor's glue around torch's kernels
+    "compiled-graphs": ["--compile", "--compile-mode", "reduce-overhead"],  # the same as CUDA graphs
 }
 DEFAULT_RUNS = "compiled,eager,reference"
 FIRST_STEP = re.compile(r"first step, which compiles the model: ([0-9.]+) s")

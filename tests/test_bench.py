@@ -343,6 +343,8 @@ def test_curves_run_flags_under_smoke():
     assert flags["eager-loss"] == curves.RUNS["eager-loss"] + ["--loss-impl", "triton_linear"]
     assert flags["reference"] == curves.RUNS["reference"]
     assert flags["compiled-reference"] == curves.RUNS["compiled-reference"]
+    assert flags["compiled-graphs"] == curves.RUNS["compiled-graphs"] + ["--attn-impl", "triton", "--loss-impl",
+                                                                         "triton_linear"]
     assert all(curves.run_flags(gpu, f) == f for f in curves.RUNS.values())
 
 
