@@ -480,7 +480,7 @@ def _mm_fp32(a, b, out):
     return torch.mm(a.float(), b.float(), out=out)
 
 
-def _chunk_grads(logits, logits_blocks, h, weight, grad_hidden, grad_weight, grad_bias, dw_slices):
+def _chunk_grads(logits, logits_blocks, h, weight, grad_hidden, grad_weight, grad_bias, dw_slices, first):
     """Turn one chunk's d logits into d hidden (fp32, written) and d weight, d bias (fp32, accumulated).
 
     No 16-bit rounding happens here: the backward scales these by the incoming gradient and rounds once.
@@ -488,16 +488,27 @@ def _chunk_grads(logits, logits_blocks, h, weight, grad_hidden, grad_weight, gra
     whose products go through dw_slices, fp32 (S, C) buffers of the same heights: torch's addmm cannot portably
     add a half product into an fp32 tensor (a (V, C) buffer would cost another 119 MiB at GPT-1 size). fp32
     accumulates in the matmul itself (grad_weight a tensor, dw_slices None). logits_blocks: the (S, n) blocks of
-    logits^T that go with grad_weight's, made once per buffer: the host's cost per chunk is two operators per block."""
+    logits^T that go with grad_weight's, made once per buffer: the host's cost per chunk is two operators per block.
+    The first chunk writes the accumulators (allocated empty) instead of adding to them: no zero fill, and no
+    product through a buffer for that chunk."""
     if grad_hidden is not None:
         _mm_fp32(logits, weight, grad_hidden)
     if grad_weight is not None and dw_slices is None:
-        grad_weight.addmm_(logits.t(), h)
+        if first:
+            torch.mm(logits.t(), h, out=grad_weight)
+        else:
+            grad_weight.addmm_(logits.t(), h)
     elif grad_weight is not None:
         for part, acc, buf in zip(logits_blocks, grad_weight, dw_slices):
-            acc += _mm_fp32(part, h, buf)
+            if first:
+                _mm_fp32(part, h, acc)
+            else:
+                acc += _mm_fp32(part, h, buf)
     if grad_bias is not None:
-        grad_bias += logits.sum(0, dtype=torch.float32)
+        if first:
+            torch.sum(logits, 0, dtype=torch.float32, out=grad_bias)
+        else:
+            grad_bias += logits.sum(0, dtype=torch.float32)
 
 
 def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps, grad_scale, chunk_size,
@@ -525,8 +536,9 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
     f32 = {"dtype": torch.float32, "device": hidden.device}
     loss_rows = torch.empty(n_rows, **f32)
     grad_hidden = torch.empty(n_rows, n_feat, **f32) if need_h else None
-    grad_weight = torch.zeros(v_pad, n_feat, **f32) if need_w else None
-    grad_bias = torch.zeros(v_pad, **f32) if need_b else None
+    # written by the first chunk (there is always one: an empty input is one empty chunk, whose products are zero)
+    grad_weight = torch.empty(v_pad, n_feat, **f32) if need_w else None
+    grad_bias = torch.empty(v_pad, **f32) if need_b else None
     # one logits buffer, and for 16-bit inputs one fp32 d weight slice, serve every chunk
     buffer = hidden.new_empty((min(chunk_size, n_rows), v_pad))
     dw_blocks, dw_slices = grad_weight, None
@@ -545,7 +557,7 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
     chunks = zip(hidden.split(chunk_size), target.split(chunk_size), loss_rows.split(chunk_size),
                  grad_hidden.split(chunk_size) if need_h else _none(),
                  row_scale.split(chunk_size) if row_scale is not None else _none())
-    for h, t, loss, gh, rs in chunks:
+    for i, (h, t, loss, gh, rs) in enumerate(chunks):
         logits, logits_blocks = views[h.shape[0]]  # (n, V_pad)
         if bias is None:
             torch.mm(h, weight_t, out=logits)
@@ -553,7 +565,7 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
             torch.addmm(bias, h, weight_t, out=logits)
         _launch(logits, t, loss, ignore_index, eps, grad_scale, compute_grad, rs, n_cols=n_classes)
         if compute_grad:
-            _chunk_grads(logits, logits_blocks, h, weight, gh, dw_blocks, grad_bias, dw_slices)
+            _chunk_grads(logits, logits_blocks, h, weight, gh, dw_blocks, grad_bias, dw_slices, first=i == 0)
     grad_weight = grad_weight[:n_classes] if need_w else None  # a prefix of rows: still contiguous
     grad_bias = grad_bias[:n_classes] if need_b else None
     return loss_rows, grad_hidden, grad_weight, grad_bias
