@@ -111,11 +111,12 @@ def resolve(recipe, device=None):
     import torch
 
     from gpt1.model import resolve_attn_impl, resolve_loss_impl
+    from gpt1.runtime import compiles_by_default
 
     dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compile_ = recipe.compile
-    if compile_ is None:  # as runtime.compile_module decides it
-        compile_ = recipe.compile_mode != "default" or (dev.type == "cuda" and (recipe.zero or 0) < 3)
+    if compile_ is None:
+        compile_ = compiles_by_default(dev.type, recipe.zero or 0, recipe.compile_mode)
     return replace(recipe, attn=resolve_attn_impl(recipe.attn, dev), loss=resolve_loss_impl(recipe.loss, dev),
                    compile=compile_)
 
@@ -386,12 +387,16 @@ def _runtime_cell(r):
     return f"ZeRO-{r['zero']}" + (" autocast" if r.get("precision") == "autocast" else "")
 
 
+def _compiled_cell(r):
+    """no, yes (torch.compile's default mode) or the mode's name."""
+    mode = r.get("recipe", {}).get("compile_mode", "default")
+    return "no" if not r["compiled"] else ("yes" if mode == "default" else mode)
+
+
 COLUMNS = [("row", "provider"), ("runtime", _runtime_cell),
            ("kernels (attn/loss)", lambda r: f"{r['attn_impl']}/{r['loss_impl']}"
             + ("/fused LN" if r.get("norm_impl") == "triton" else "")),
-           ("compiled", lambda r: "no" if not r["compiled"] else (
-               "yes" if r.get("recipe", {}).get("compile_mode", "default") == "default"
-               else r["recipe"]["compile_mode"])),
+           ("compiled", _compiled_cell),
            ("step ms", common.value_or_status("ms", 4)), ("p20-p80", common.spread_cell),
            ("tokens/s", common.value_or_status("tokens_per_s", 4)), ("vs nanoGPT", common.ratio("vs_nanogpt")),
            ("MFU", _pct("mfu")), ("GPU busy", _pct("gpu_busy")),

@@ -66,6 +66,9 @@ FAMILIES = (
 )
 FAMILY_NAMES = tuple(f for f, _ in FAMILIES) + ("elementwise",)
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of GPU work
+# gpt1.runtime.COMPILE_MODES, written out: importing gpt1 imports triton, which must wait until main has chosen
+# the interpreter (tests/test_profile_step.py checks the two agree)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 IDLE_GAP_US = 20.0  # a GPU idle gap at least this long counts (shorter ones are launch latency)
 OPERATOR = re.compile(r"^(\w+)::\w")  # namespace::name
 SYNCING_OPS = ("aten::_local_scalar_dense",)  # .item(), bool(t), is_nonzero: a device-to-host copy and a wait
@@ -90,14 +93,20 @@ def kernel_family(name):
     return "elementwise"
 
 
+def _merged(intervals):
+    """The union of (start, end) intervals as disjoint (start, end) segments, in order."""
+    segments = []
+    for a, b in sorted(intervals):
+        if segments and a <= segments[-1][1]:
+            segments[-1][1] = max(segments[-1][1], b)
+        else:
+            segments.append([a, b])
+    return segments
+
+
 def busy_us(intervals):
     """Length of the union of (start, end) intervals."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
+    return sum(b - a for a, b in _merged(intervals))
 
 
 def gpu_anatomy(trace_events, steps, wall_ms, own_syncs=0):
@@ -146,12 +155,8 @@ def gpu_anatomy(trace_events, steps, wall_ms, own_syncs=0):
 def idle_gaps_us(intervals):
     """The lengths of the gaps between the union of (start, end) intervals (the GPU's idle stretches inside the
     profiled window)."""
-    gaps, end = [], None
-    for a, b in sorted(intervals):
-        if end is not None and a > end:
-            gaps.append(a - end)
-        end = b if end is None else max(end, b)
-    return gaps
+    segments = _merged(intervals)
+    return [b[0] - a[1] for a, b in zip(segments, segments[1:])]
 
 
 def count_operators(events):
@@ -327,8 +332,7 @@ def parse_args(argv):
     parser.add_argument("--norm-impl", default="eager", help="eager, triton (residual dropout + add + LayerNorm)")
     parser.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on a GPU, off on a CPU)")
-    parser.add_argument("--compile-mode", default="default",
-                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                         help="torch.compile's mode (reduce-overhead: CUDA graphs), as gpt1.train's --compile-mode")
     parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
                         help="ZeRO stage (deepspeed recipe; default 0, as gpt1.train's default config)")

@@ -194,6 +194,12 @@ def check_compile(enabled, mode):
         raise GPT1Error(f"--compile-mode {mode} needs compiling; drop --no-compile")
 
 
+def compiles_by_default(device_type, stage, mode="default"):
+    """Whether the model is compiled when --compile / --no-compile is not given: on a CUDA GPU under ZeRO 0-2, and
+    wherever a compile mode other than "default" asks for it."""
+    return mode != "default" or (device_type == "cuda" and stage < 3)
+
+
 def compile_module(engine, enabled, stage, mode="default"):
     """torch.compile the forward of the engine's module in place when `enabled` (True, False, or None for the
     default: on a CUDA GPU under ZeRO 0-2, and wherever `mode` is not "default"); returns whether it compiled.
@@ -209,7 +215,7 @@ def compile_module(engine, enabled, stage, mode="default"):
     CUDA graphs and compiles as "default" does."""
     check_compile(enabled, mode)
     if enabled is None:
-        enabled = mode != "default" or (engine.device.type == "cuda" and stage < 3)
+        enabled = compiles_by_default(engine.device.type, stage, mode)
     if enabled and stage == 3:
         raise GPT1Error("--compile is not supported under ZeRO-3 (DeepSpeed gathers parameters inside the "
                         "forward); use ZeRO-1/2 or --no-compile")

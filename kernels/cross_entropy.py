@@ -61,6 +61,7 @@ Limits and side effects:
 """
 
 import math
+from itertools import repeat
 from typing import Optional
 
 import torch
@@ -545,18 +546,17 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
     if need_w and weight.dtype != torch.float32:
         dw_blocks = grad_weight.split(_DW_SLICE)
         dw_slice = torch.empty(min(_DW_SLICE, v_pad), n_feat, **f32)
-        dw_slices = [dw_slice[: block.shape[0]] for block in dw_blocks[-2:]]  # the full height, and the last's
-        dw_slices = dw_slices[:1] * (len(dw_blocks) - 1) + dw_slices[-1:]
-    # the logits view of a chunk, by its rows (all chunks are full but the last), with its column blocks
-    # transposed for the d weight products (16-bit inputs)
-    n_last = n_rows - (n_rows - 1) // chunk_size * chunk_size
-    views = {}
-    for n in dict.fromkeys((buffer.shape[0], n_last)):
-        logits = buffer[:n] if n != buffer.shape[0] else buffer
-        views[n] = logits, logits.t().split(_DW_SLICE) if dw_slices is not None else None
+        dw_slices = [dw_slice[: block.shape[0]] for block in dw_blocks]
+
+    def logits_view(n):  # a chunk's logits, with their column blocks transposed for the d weight products
+        logits = buffer[:n]
+        return logits, logits.t().split(_DW_SLICE) if dw_slices is not None else None
+
+    # by rows: every chunk is full but the last
+    views = {n: logits_view(n) for n in {buffer.shape[0], n_rows - (n_rows - 1) // chunk_size * chunk_size}}
     chunks = zip(hidden.split(chunk_size), target.split(chunk_size), loss_rows.split(chunk_size),
-                 grad_hidden.split(chunk_size) if need_h else _none(),
-                 row_scale.split(chunk_size) if row_scale is not None else _none())
+                 grad_hidden.split(chunk_size) if need_h else repeat(None),
+                 row_scale.split(chunk_size) if row_scale is not None else repeat(None))
     for i, (h, t, loss, gh, rs) in enumerate(chunks):
         logits, logits_blocks = views[h.shape[0]]  # (n, V_pad)
         if bias is None:
@@ -569,12 +569,6 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
     grad_weight = grad_weight[:n_classes] if need_w else None  # a prefix of rows: still contiguous
     grad_bias = grad_bias[:n_classes] if need_b else None
     return loss_rows, grad_hidden, grad_weight, grad_bias
-
-
-def _none():
-    """An endless stream of None, zipped in for a per-chunk view that does not exist."""
-    while True:
-        yield None
 
 
 def _empty(like, dtype=None):

@@ -46,6 +46,12 @@ def test_kernel_families():
         assert profile_step.kernel_family(name) == family, name
 
 
+def test_compile_modes_are_gpt1_trains():
+    from gpt1.runtime import COMPILE_MODES
+
+    assert profile_step.COMPILE_MODES == COMPILE_MODES
+
+
 def test_busy_time_is_the_union_of_intervals():
     assert profile_step.busy_us([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
     assert profile_step.busy_us([]) == 0
