@@ -13,7 +13,8 @@ the same initial weights and the same batches in the same order, the loss logged
 - eager:      --no-compile, the same kernels;
 - eager-attn, eager-loss: --no-compile with only our attention, or only our loss (bisects an eager divergence);
 - compiled-reference: --compile with torch's kernels (separates Inductor's glue from our kernels);
-- compiled-graphs: --compile-mode reduce-overhead, our kernels, the forward and backward replayed as CUDA graphs.
+- compiled-graphs: --compile-mode reduce-overhead, our kernels, the forward and backward replayed as CUDA graphs;
+- compiled-ln, eager-ln: compiled or not, our kernels with the fused dropout + add + LayerNorm (--norm-impl triton).
 
 Each run of ours is compared with the reference, step by step: d(t) = loss(t) - reference(t). No two runs agree
 bitwise (dropout draws other masks in each: Inductor's random numbers are not eager's, SDPA's are not ours; and
@@ -66,6 +67,8 @@ RUNS = {
     "eager-loss": ["--no-compile", "--attn-impl", "sdpa", "--norm-impl", "eager"],  # our loss only
     "compiled-reference": ["--compile", *TORCH_KERNELS],  # Inductor's glue around torch's kernels
     "compiled-graphs": ["--compile", "--compile-mode", "reduce-overhead"],  # the same as CUDA graphs
+    "compiled-ln": ["--compile", "--norm-impl", "triton"],  # with our fused dropout + add + LayerNorm
+    "eager-ln": ["--no-compile", "--norm-impl", "triton"],
 }
 DEFAULT_RUNS = "compiled,eager,reference"
 FIRST_STEP = re.compile(r"first step, which compiles the model: ([0-9.]+) s")

@@ -14,8 +14,9 @@ GPU. Each row is a Recipe:
   torch.autocast(bfloat16), torch.optim.AdamW(fused=True), clip_grad_norm_(1.0), torch.compile(model); with SDPA
   and the eager loss that is the peer ("nanoGPT recipe"), with our kernels a row of ours.
 ROWS runs the peer first, then our default path (gpt1.train's default config: ZeRO-0 under torch_autocast,
-triton/triton_linear, compiled), the default replayed as CUDA graphs (--compile-mode reduce-overhead) and with
-the materializing triton loss and with the fused residual-dropout-LayerNorm, ZeRO-2 in DeepSpeed's bf16, the
+triton/triton_linear, compiled), the default replayed as CUDA graphs (--compile-mode reduce-overhead), that with
+the fused residual-dropout-LayerNorm (--norm-impl triton), the default with the fused LayerNorm alone and with the
+materializing triton loss, ZeRO-2 in DeepSpeed's bf16, the
 default with torch's kernels (what our kernels give), our kernels without DeepSpeed (what DeepSpeed costs), ZeRO-2
 under torch_autocast, ZeRO-1 and 0 in bf16, the uncompiled and eager steps, and ZeRO-3 last (its compile is split at
 every parameter-gathering hook and takes longest), so that a time budget drops the least telling rows.
@@ -73,8 +74,9 @@ ROWS = (
     NANOGPT,
     DEFAULT,
     replace(DEFAULT, name="ours CUDA graphs", compile_mode="reduce-overhead"),
-    replace(DEFAULT, name="ours triton loss", loss="triton"),
+    replace(DEFAULT, name="ours CUDA graphs + fused LN", compile_mode="reduce-overhead", norm="triton"),
     replace(DEFAULT, name="ours fused LN", norm="triton"),
+    replace(DEFAULT, name="ours triton loss", loss="triton"),
     ZERO2,
     replace(DEFAULT, name="DeepSpeed sdpa/eager", attn="sdpa", loss="eager", role="peer"),
     Recipe("torch + our kernels", "torch", "triton", "triton_linear", True, None),

@@ -70,10 +70,18 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
+def compute_dtype(t):
+    """The dtype a sublayer computes t in: torch.autocast's on t's device when it is on, else t's own."""
+    return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
+
+
 class AddLayerNorm(nn.LayerNorm):
     """ln(x + dropout(h)), the post-LN block's residual add: torch's ops (impl "eager") or one Triton kernel each
-    way (impl "triton"). A LayerNorm module (same parameters and state_dict keys) whose own forward reads its
-    weights, so that module hooks such as ZeRO-3's parameter gathering see them used."""
+    way (impl "triton"). Returns (y, y_branch): y for the next residual add, in the residual stream's dtype (fp32
+    under torch.autocast), and y in the compute dtype for the next sublayer (y itself when they agree). The
+    kernel writes both and adds their gradients itself. A LayerNorm module (same parameters and state_dict keys)
+    whose own forward reads its weights, so that module hooks such as ZeRO-3's parameter gathering see them
+    used."""
 
     def __init__(self, n_embd, eps, dropout_p, impl):
         super().__init__(n_embd, eps=eps)
@@ -82,12 +90,15 @@ class AddLayerNorm(nn.LayerNorm):
     def forward(self, x, h):
         if self.impl == "triton":
             p = self.dropout_p if self.training else 0.0
-            return kernels.fused_add_dropout_layer_norm(x, h, self.weight, self.bias, dropout_p=p, eps=self.eps)
-        return super().forward(x + F.dropout(h, self.dropout_p, self.training))
+            return kernels.fused_add_dropout_layer_norm(x, h, self.weight, self.bias, dropout_p=p, eps=self.eps,
+                                                        branch_dtype=compute_dtype(h))
+        y = super().forward(x + F.dropout(h, self.dropout_p, self.training))
+        return y, y.to(compute_dtype(h))
 
 
 class Block(nn.Module):
-    """Post-LN block as in the paper's code: LayerNorm after each residual add, the branch's dropout before it."""
+    """Post-LN block as in the paper's code: LayerNorm after each residual add, the branch's dropout before it.
+    Takes and returns the residual stream x with its copy in the compute dtype, x_branch (see AddLayerNorm)."""
 
     def __init__(self, config):
         super().__init__()
@@ -97,9 +108,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.ln_2 = AddLayerNorm(*norm)
 
-    def forward(self, x):
-        x = self.ln_1(x, self.attn(x))
-        return self.ln_2(x, self.mlp(x))
+    def forward(self, x, x_branch):
+        x, x_branch = self.ln_1(x, self.attn(x_branch))
+        return self.ln_2(x, self.mlp(x_branch))
 
 
 class GPT1(nn.Module):
@@ -133,14 +144,19 @@ class GPT1(nn.Module):
 
     def hidden_states(self, input_ids):
         """The final hidden states (B, T, C) of the decoder (there is no final LayerNorm)."""
+        return self._decode(input_ids)[0]
+
+    def _decode(self, input_ids):
+        """The final hidden states in the residual stream's dtype and in the compute dtype (see AddLayerNorm)."""
         T = input_ids.shape[1]
         if T > self.config.n_positions:
             raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))  # (B, T, C)
+        x_branch = x.to(compute_dtype(x))
         for block in self.h:
-            x = block(x)
-        return x
+            x, x_branch = block(x, x_branch)
+        return x, x_branch
 
     def lm_logits(self, hidden):
         return F.linear(hidden, self.tokens_embed.weight)  # tied head: (B, T, V)
@@ -162,7 +178,7 @@ class GPT1(nn.Module):
     def forward(self, input_ids, labels=None):
         """input_ids (B, T); labels (B, T) are the targets of each position, already shifted
         (labels[:, t] is the token after input_ids[:, t]), -100 where no loss is wanted."""
-        hidden = self.hidden_states(input_ids)
+        hidden = self._decode(input_ids)[1]  # what the head computes with
         if labels is None:
             return GPT1Output(logits=self.lm_logits(hidden))
         loss, logits = self.lm_loss(hidden, labels)

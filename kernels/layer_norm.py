@@ -6,10 +6,13 @@ Algorithm (the structure of Triton's tutorial 05 "layer norm" and Apex's fused L
 - Forward: one program per BLOCK_R rows holds each row whole in registers (BLOCK_C = next power of 2 >= C).
   It forms r = x + keep * h / (1 - p) in fp32, the mean, the variance of (r - mean) (two passes over the
   registers, no E[r^2] - E[r]^2 cancellation), rstd = 1 / sqrt(var + eps), and stores
-  y = (r - mean) * rstd * weight + bias, rounded once to the output dtype. Only mean and rstd (fp32, one per
-  row) are saved: the sum r is never written, the backward recomputes it from x and h.
+  y = (r - mean) * rstd * weight + bias, rounded once to the output dtype (and, with a branch_dtype, once more
+  to that dtype: a second output for the next sublayer). Only mean and rstd (fp32, one per row) are saved: the
+  sum r is never written, the backward recomputes it from x and h.
 - Backward: a few hundred programs (4 per SM on a GPU) each own a contiguous chunk of rows, walk it BLOCK_R
-  rows at a time, recompute r, xhat = (r - mean) * rstd and the keep-mask, and write
+  rows at a time, read the output's gradient dy (the sum of the gradients of y and of its branch copy, added
+  here rather than by autograd in a pass of its own), recompute r, xhat = (r - mean) * rstd and the keep-mask,
+  and write
   dr = rstd * (w dy - xhat * mean(xhat * w dy) - mean(w dy)) as dx and dr * keep / (1 - p) as dh. The
   d weight = sum(dy * xhat) and d bias = sum(dy) partials of the chunk stay in fp32 registers and are stored
   once per program as (n_programs, C) fp32 rows, which the launcher sums with torch (.sum(0)) and casts to the
@@ -31,9 +34,10 @@ fp32); dx in x's dtype, dh in h's, d weight and d bias in the parameters' dtypes
 Shapes: x and h of the same shape (..., C); the leading dims are flattened into N rows (any N >= 0, N = 0 gives
 empty results); rows may have any stride, columns must have stride 1 or are copied first.
 
-Operators: `gpt1_kernels::add_dropout_layer_norm(x, h, weight, bias?, seed?, dropout_p, eps) -> (y, mean, rstd)`
-and `gpt1_kernels::add_dropout_layer_norm_backward(dy, x, h, weight, bias?, mean, rstd, seed?, dropout_p)
--> (dx, dh, dweight, dbias)` (dbias empty without bias: an operator cannot return None), torch.library custom
+Operators: `gpt1_kernels::add_dropout_layer_norm(x, h, weight, bias?, seed?, dropout_p, eps, branch_dtype?) ->
+(y, y_branch, mean, rstd)` and `gpt1_kernels::add_dropout_layer_norm_backward(dy?, dy_branch?, x, h, weight, bias?,
+mean, rstd, seed?, dropout_p) -> (dx, dh, dweight, dbias)` (y_branch empty without a branch_dtype, dbias without
+bias: an operator cannot return None), torch.library custom
 ops with fake implementations and the backward registered with register_autograd, so
 torch.compile(fullgraph=True) traces fused_add_dropout_layer_norm forward and backward without a graph break.
 In eager mode the public function calls the same launchers through AddDropoutLayerNormFunction (no dispatcher
@@ -100,10 +104,11 @@ def _stored(x, DTYPE: tl.constexpr, RTNE_BF16: tl.constexpr):
 
 
 @triton.jit
-def _add_ln_fwd_kernel(X, H, W, B, Y, MEAN, RSTD, SEED, DROP_THRESHOLD, DROPOUT_SCALE, eps,
-                       stride_x, stride_h, stride_y, N, C,
+def _add_ln_fwd_kernel(X, H, W, B, Y, Y_BRANCH, MEAN, RSTD, SEED, DROP_THRESHOLD, DROPOUT_SCALE, eps,
+                       stride_x, stride_h, N, C,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       RTNE_BF16: tl.constexpr):
+                       HAS_BRANCH: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """Y and Y_BRANCH (the same values in the branch dtype, if HAS_BRANCH) are contiguous (N, C)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
@@ -117,18 +122,22 @@ def _add_ln_fwd_kernel(X, H, W, B, Y, MEAN, RSTD, SEED, DROP_THRESHOLD, DROPOUT_
     y = d * rstd[:, None] * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], _stored(y, Y.dtype.element_ty, RTNE_BF16), mask=mask)
+    offs = rows[:, None] * C + cols[None, :]
+    tl.store(Y + offs, _stored(y, Y.dtype.element_ty, RTNE_BF16), mask=mask)
+    if HAS_BRANCH:
+        tl.store(Y_BRANCH + offs, _stored(y, Y_BRANCH.dtype.element_ty, RTNE_BF16), mask=mask)
     tl.store(MEAN + rows, mean, mask=rows < N)
     tl.store(RSTD + rows, rstd, mask=rows < N)
 
 
 @triton.jit
-def _add_ln_bwd_kernel(X, H, W, DY, DX, DH, DW_PART, DB_PART, MEAN, RSTD, SEED, DROP_THRESHOLD, DROPOUT_SCALE,
-                       stride_x, stride_h, stride_dy, N, C, rows_per_program,
+def _add_ln_bwd_kernel(X, H, W, DY, DY_BRANCH, DX, DH, DW_PART, DB_PART, MEAN, RSTD, SEED, DROP_THRESHOLD,
+                       DROPOUT_SCALE, stride_x, stride_h, stride_dy, stride_dyb, N, C, rows_per_program,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       RTNE_BF16: tl.constexpr):
-    """Rows [pid * rows_per_program, ...) (rows_per_program a multiple of BLOCK_R); DX and DH are contiguous
-    (N, C), DW_PART and DB_PART (n_programs, C) fp32, one row per program."""
+                       HAS_DY: tl.constexpr, HAS_DY_BRANCH: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """Rows [pid * rows_per_program, ...) (rows_per_program a multiple of BLOCK_R); the output's gradient is
+    DY + DY_BRANCH (each read only if present: the gradients of y and of its branch copy); DX and DH are
+    contiguous (N, C), DW_PART and DB_PART (n_programs, C) fp32, one row per program."""
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, N)
@@ -146,7 +155,11 @@ def _add_ln_bwd_kernel(X, H, W, DY, DX, DH, DW_PART, DB_PART, MEAN, RSTD, SEED, 
         mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         xhat = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        if HAS_DY:
+            dy += tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DY_BRANCH:
+            dy += tl.load(DY_BRANCH + rows[:, None] * stride_dyb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         wdy = dy * w[None, :]
         c1 = tl.sum(xhat * wdy, axis=1) / C
         c2 = tl.sum(wdy, axis=1) / C
@@ -178,29 +191,32 @@ def _add_ln_dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, N, C, BLOCK_R: tl.co
 # Launch configurations
 # ----------------------------------------------------------------------------------------------------
 
-# (BLOCK_R, num_warps) of both kernels on a GPU, from the row width: tiles of 2048 elements while a row is shorter,
-# about 16 elements per thread (two 16-byte loads of a 16-bit row), 4 to 16 warps (8 warps at C = 768 made the
-# fp32-residual backward keep 8 bytes on the stack under triton 3.6). The backward runs 4 programs per
-# SM (enough partial d weight rows to fill the GPU, few enough that their sum is cheap). Checked with
-# `python -m bench.compile_report --filter add_ln`: no spills at C = 768 on sm_80 and sm_90.
+# (BLOCK_R, num_warps) on a GPU, from the row width. Forward: tiles of 2048 elements while a row is shorter, about 16
+# elements per thread (two 16-byte loads of a 16-bit row), 4 to 16 warps. Backward: tiles of 1024 elements, about 8
+# per thread: it holds x, h, both output gradients and the mask bits of a tile at once, and at 2048 elements on 4
+# warps it kept 8 bytes on the stack (bf16, dropout, sm_90, triton 3.6) and needed 96-166 registers, so that only
+# 3 of its 4 programs per SM could be resident; at 1024 it needs 70-80 (8 warps on 2048 also avoid the stack but
+# need 105-116). It runs 4 programs per SM (enough partial d weight rows to fill the GPU, few enough that their sum
+# is cheap). Checked with `python -m bench.compile_report --filter add_ln`: no spills at C = 768 on sm_80 and sm_90.
 _BWD_PROGRAMS_PER_SM = 4
 # The interpreter runs each program in Python: small tiles and few backward programs keep the tests quick while
 # still running several tiles per program, a partial tile and more than one partial d weight row.
-_INTERPRETER_CONFIG = dict(tile=(2, 1), programs=3)
+_INTERPRETER_CONFIG = dict(fwd=(2, 1), bwd=(2, 1), programs=3)
 
 
-def _gpu_tile(block_c):
-    rows = max(1, 2048 // block_c)
-    return rows, min(16, max(4, rows * block_c // 512))
+def _gpu_tile(block_c, backward=False):
+    elements, per_thread = (1024, 8) if backward else (2048, 16)
+    rows = max(1, elements // block_c)
+    return rows, min(16, max(4, rows * block_c // (32 * per_thread)))
 
 
 @functools.cache
 def _config_for(device, block_c):
-    """{"tile": (BLOCK_R, num_warps), "programs": the most backward programs}."""
+    """{"fwd": (BLOCK_R, num_warps), "bwd": (BLOCK_R, num_warps), "programs": the most backward programs}."""
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return dict(tile=_gpu_tile(block_c), programs=_BWD_PROGRAMS_PER_SM * sms)
+    return dict(fwd=_gpu_tile(block_c), bwd=_gpu_tile(block_c, backward=True), programs=_BWD_PROGRAMS_PER_SM * sms)
 
 
 def _block_c(C):
@@ -208,9 +224,10 @@ def _block_c(C):
 
 
 def _compile_specs():
-    """COMPILE_SPECS for bench.compile_report (format in its docstring): both kernels at GPT-1's C = 768 with bias,
-    in the GPU configuration, for bf16 x and h (bf16 weights) and for an fp32 residual x with bf16 h (fp32 weights,
-    torch.autocast), each with dropout (the training case) and without (SEED None); and the mask kernel."""
+    """COMPILE_SPECS for bench.compile_report (format in its docstring): both kernels at GPT-1's C = 768 with bias
+    and a bf16 branch copy (as the model runs them), in the GPU configuration, for bf16 x and h (bf16 weights) and
+    for an fp32 residual x with bf16 h (fp32 weights, torch.autocast), each with dropout (the training case) and
+    without (SEED None); and the mask kernel."""
     C, block_c = 768, _block_c(768)
     specs = []
     for x_t, h_t, w_t in (("bf16", "bf16", "bf16"), ("fp32", "bf16", "fp32")):
@@ -218,14 +235,17 @@ def _compile_specs():
         for dropout in (True, False):
             common = dict(SEED="*i64:16", DROP_THRESHOLD="i32", DROPOUT_SCALE="fp32", C="i32:16", N="i32")
             fwd = dict(X=f"*{x_t}:16", H=f"*{h_t}:16", W=f"*{w_t}:16", B=f"*{w_t}:16", Y=f"*{y_t}:16",
-                       MEAN="*fp32:16", RSTD="*fp32:16", eps="fp32", stride_x="i32:16", stride_h="i32:16",
-                       stride_y="i32:16", **common)
-            bwd = dict(X=f"*{x_t}:16", H=f"*{h_t}:16", W=f"*{w_t}:16", DY=f"*{y_t}:16", DX=f"*{x_t}:16",
-                       DH=f"*{h_t}:16", DW_PART="*fp32:16", DB_PART="*fp32:16", MEAN="*fp32:16", RSTD="*fp32:16",
-                       stride_x="i32:16", stride_h="i32:16", stride_dy="i32:16", rows_per_program="i32", **common)
-            for kind, fn, sig in (("fwd", _add_ln_fwd_kernel, fwd), ("bwd", _add_ln_bwd_kernel, bwd)):
-                block_r, num_warps = _gpu_tile(block_c)
-                consts = dict(BLOCK_R=block_r, BLOCK_C=block_c, DROPOUT=dropout, HAS_BIAS=True, RTNE_BF16=False)
+                       Y_BRANCH="*bf16:16", MEAN="*fp32:16", RSTD="*fp32:16", eps="fp32", stride_x="i32:16",
+                       stride_h="i32:16", **common)
+            bwd = dict(X=f"*{x_t}:16", H=f"*{h_t}:16", W=f"*{w_t}:16", DY=f"*{y_t}:16", DY_BRANCH="*bf16:16",
+                       DX=f"*{x_t}:16", DH=f"*{h_t}:16", DW_PART="*fp32:16", DB_PART="*fp32:16", MEAN="*fp32:16",
+                       RSTD="*fp32:16", stride_x="i32:16", stride_h="i32:16", stride_dy="i32:16",
+                       stride_dyb="i32:16", rows_per_program="i32", **common)
+            for kind, fn, sig, flags in (("fwd", _add_ln_fwd_kernel, fwd, dict(HAS_BRANCH=True)),
+                                         ("bwd", _add_ln_bwd_kernel, bwd, dict(HAS_DY=True, HAS_DY_BRANCH=True))):
+                block_r, num_warps = _gpu_tile(block_c, backward=kind == "bwd")
+                consts = dict(BLOCK_R=block_r, BLOCK_C=block_c, DROPOUT=dropout, HAS_BIAS=True, RTNE_BF16=False,
+                              **flags)
                 if not dropout:
                     del sig["SEED"]
                     consts.update(SEED=None)
@@ -288,24 +308,28 @@ def add_dropout_layer_norm_forward(x, h, weight, bias=None, *, dropout_p=0.0, ep
     new_dropout_seed); read only when dropout_p > 0."""
     _check_inputs(x, h, weight, bias, dropout_p)
     _check_eps(eps)
-    return _forward(x, h, weight, bias, seed_tensor(seed, x.device) if dropout_p > 0.0 else None, dropout_p, eps)
+    y, _, mean, rstd = _forward(x, h, weight, bias, seed_tensor(seed, x.device) if dropout_p > 0.0 else None,
+                                dropout_p, eps)
+    return y, mean, rstd
 
 
-def _forward(x, h, weight, bias, seed, dropout_p, eps):
+def _forward(x, h, weight, bias, seed, dropout_p, eps, branch_dtype=None):
+    """(y, y_branch, mean, rstd); y_branch (y in branch_dtype) is None without a branch_dtype."""
     C = x.shape[-1]
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, h.dtype), device=x.device)
+    y_branch = torch.empty(x.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None else None
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     N = mean.numel()
     if N == 0:
-        return y, mean, rstd
+        return y, y_branch, mean, rstd
     x2, h2, block_c = _rows(x), _rows(h), _block_c(C)
-    block_r, num_warps = _config_for(x.device, block_c)["tile"]
+    block_r, num_warps = _config_for(x.device, block_c)["fwd"]
     _add_ln_fwd_kernel[(triton.cdiv(N, block_r),)](
-        x2, h2, weight, bias, y, mean, rstd, seed, *dropout_args(dropout_p), eps, x2.stride(0), h2.stride(0), C,
-        N, C, BLOCK_R=block_r, BLOCK_C=block_c, DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None,
-        RTNE_BF16=INTERPRET, num_warps=num_warps)
-    return y, mean, rstd
+        x2, h2, weight, bias, y, y_branch, mean, rstd, seed, *dropout_args(dropout_p), eps, x2.stride(0),
+        h2.stride(0), N, C, BLOCK_R=block_r, BLOCK_C=block_c, DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None,
+        HAS_BRANCH=y_branch is not None, RTNE_BF16=INTERPRET, num_warps=num_warps)
+    return y, y_branch, mean, rstd
 
 
 def add_dropout_layer_norm_backward(dy, x, h, weight, bias, mean, rstd, *, dropout_p=0.0, seed=0):
@@ -314,30 +338,34 @@ def add_dropout_layer_norm_backward(dy, x, h, weight, bias, mean, rstd, *, dropo
     drawn again from them."""
     _check_inputs(x, h, weight, bias, dropout_p)
     seed = seed_tensor(seed, x.device) if dropout_p > 0.0 else None
-    dx, dh, dweight, dbias = _backward(dy, x, h, weight, bias, mean, rstd, seed, dropout_p)
+    dx, dh, dweight, dbias = _backward(dy, None, x, h, weight, bias, mean, rstd, seed, dropout_p)
     return dx, dh, dweight, dbias if bias is not None else None
 
 
-def _backward(dy, x, h, weight, bias, mean, rstd, seed, dropout_p):
-    """(dx, dh, dweight, dbias), dbias an empty tensor without bias (contiguous, in the inputs' dtypes)."""
+def _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
+    """(dx, dh, dweight, dbias), dbias an empty tensor without bias (contiguous, in the inputs' dtypes). The
+    output's gradient is dy + dy_branch, either of them None where that output got no gradient."""
     C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     N = dx.numel() // C
     cfg = _config_for(x.device, _block_c(C))
-    block_r, num_warps = cfg["tile"]
+    block_r, num_warps = cfg["bwd"]
     rows_per_program = triton.cdiv(triton.cdiv(max(N, 1), cfg["programs"]), block_r) * block_r
     n_programs = triton.cdiv(N, rows_per_program)
     # every program writes its whole partial row(s); no program is empty
     dw_part = torch.empty((n_programs, C), dtype=torch.float32, device=x.device)
     db_part = torch.empty((n_programs if bias is not None else 0, C), dtype=torch.float32, device=x.device)
     if N:
-        x2, h2, dy2 = _rows(x), _rows(h), _rows(dy)
+        x2, h2 = _rows(x), _rows(h)
+        dy2 = _rows(dy) if dy is not None else None
+        dyb2 = _rows(dy_branch) if dy_branch is not None else None
         _add_ln_bwd_kernel[(n_programs,)](
-            x2, h2, weight, dy2, dx, dh, dw_part, db_part, mean, rstd, seed, *dropout_args(dropout_p),
-            x2.stride(0), h2.stride(0), dy2.stride(0), N, C, rows_per_program, BLOCK_R=block_r,
-            BLOCK_C=_block_c(C), DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None, RTNE_BF16=INTERPRET,
-            num_warps=num_warps)
+            x2, h2, weight, dy2, dyb2, dx, dh, dw_part, db_part, mean, rstd, seed, *dropout_args(dropout_p),
+            x2.stride(0), h2.stride(0), dy2.stride(0) if dy2 is not None else 0,
+            dyb2.stride(0) if dyb2 is not None else 0, N, C, rows_per_program, BLOCK_R=block_r,
+            BLOCK_C=_block_c(C), DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None, HAS_DY=dy2 is not None,
+            HAS_DY_BRANCH=dyb2 is not None, RTNE_BF16=INTERPRET, num_warps=num_warps)
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(bias.dtype) if bias is not None else weight.new_empty((0,))
     return dx, dh, dweight, dbias
@@ -363,77 +391,92 @@ def add_dropout_layer_norm_mask(seed, n_rows, C, p, device="cpu"):
 
 @torch.library.custom_op("gpt1_kernels::add_dropout_layer_norm", mutates_args=())
 def add_dropout_layer_norm_op(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                              seed: Optional[torch.Tensor], dropout_p: float,
-                              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd) of the forward kernel; differentiable in x, h, weight, bias (the backward is
+                              seed: Optional[torch.Tensor], dropout_p: float, eps: float,
+                              branch_dtype: Optional[torch.dtype] = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, y_branch, mean, rstd) of the forward kernel, y_branch an empty tensor without a branch_dtype (an
+    operator cannot return None); differentiable in x, h, weight, bias (the backward is
     add_dropout_layer_norm_backward_op)."""
-    return _forward(x, h, weight, bias, seed, dropout_p, eps)
+    y, y_branch, mean, rstd = _forward(x, h, weight, bias, seed, dropout_p, eps, branch_dtype)
+    return y, y_branch if y_branch is not None else y.new_empty((0,)), mean, rstd
 
 
 @add_dropout_layer_norm_op.register_fake
-def _(x, h, weight, bias, seed, dropout_p, eps):
+def _(x, h, weight, bias, seed, dropout_p, eps, branch_dtype=None):
     stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, h.dtype)), stats, torch.empty_like(stats)
+    y = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, h.dtype))
+    y_branch = x.new_empty(x.shape, dtype=branch_dtype) if branch_dtype is not None else y.new_empty((0,))
+    return y, y_branch, stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("gpt1_kernels::add_dropout_layer_norm_backward", mutates_args=())
-def add_dropout_layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+def add_dropout_layer_norm_backward_op(dy: Optional[torch.Tensor], dy_branch: Optional[torch.Tensor],
+                                       x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                                        bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                                        seed: Optional[torch.Tensor], dropout_p: float
                                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dh, dweight, dbias), contiguous, in the dtypes of x, h, weight, bias; dbias is an empty tensor of
-    weight's dtype without bias."""
-    return _backward(dy, x, h, weight, bias, mean, rstd, seed, dropout_p)
+    """(dx, dh, dweight, dbias), contiguous, in the dtypes of x, h, weight, bias, for the output gradient
+    dy + dy_branch (either may be None); dbias is an empty tensor of weight's dtype without bias."""
+    return _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p)
 
 
 @add_dropout_layer_norm_backward_op.register_fake
-def _(dy, x, h, weight, bias, mean, rstd, seed, dropout_p):
+def _(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
     dbias = bias.new_empty(bias.shape) if bias is not None else weight.new_empty((0,))
     return x.new_empty(x.shape), h.new_empty(h.shape), weight.new_empty(weight.shape), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    x, h, weight, bias, seed, dropout_p, _eps = inputs
-    _, mean, rstd = output
+    x, h, weight, bias, seed, dropout_p, _eps, branch_dtype = inputs
+    _, y_branch, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, h, weight, bias, mean, rstd, seed)
-    ctx.dropout_p = dropout_p
+    ctx.dropout_p, ctx.branch = dropout_p, branch_dtype is not None
 
 
-def _op_backward(ctx, dy, _dmean, _drstd):
+def _op_backward(ctx, dy, dy_branch, _dmean, _drstd):
     x, h, weight, bias, mean, rstd, seed = ctx.saved_tensors
-    dx, dh, dweight, dbias = add_dropout_layer_norm_backward_op(dy, x, h, weight, bias, mean, rstd, seed,
-                                                                ctx.dropout_p)
-    return dx, dh, dweight, dbias if bias is not None else None, None, None, None
+    dx, dh, dweight, dbias = add_dropout_layer_norm_backward_op(dy, dy_branch if ctx.branch else None, x, h, weight,
+                                                                bias, mean, rstd, seed, ctx.dropout_p)
+    return dx, dh, dweight, dbias if bias is not None else None, None, None, None, None
 
 
 add_dropout_layer_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 class AddDropoutLayerNormFunction(torch.autograd.Function):
-    """The eager path: the launchers the operators wrap, without a custom op's dispatcher round trip."""
+    """The eager path: the launchers the operators wrap, without a custom op's dispatcher round trip. Returns y,
+    or (y, y_branch) with a branch_dtype; an output that gets no gradient is not read as zeros."""
 
     @staticmethod
-    def forward(ctx, x, h, weight, bias, seed, dropout_p, eps):
-        y, mean, rstd = _forward(x, h, weight, bias, seed, dropout_p, eps)
+    def forward(ctx, x, h, weight, bias, seed, dropout_p, eps, branch_dtype):
+        y, y_branch, mean, rstd = _forward(x, h, weight, bias, seed, dropout_p, eps, branch_dtype)
         ctx.save_for_backward(x, h, weight, bias, mean, rstd, seed)
         ctx.dropout_p = dropout_p
-        return y
+        ctx.set_materialize_grads(False)
+        return y if y_branch is None else (y, y_branch)
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dy_branch=None):
         x, h, weight, bias, mean, rstd, seed = ctx.saved_tensors
-        dx, dh, dweight, dbias = _backward(dy, x, h, weight, bias, mean, rstd, seed, ctx.dropout_p)
-        return dx, dh, dweight, dbias if bias is not None else None, None, None, None
+        dx, dh, dweight, dbias = _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, ctx.dropout_p)
+        return dx, dh, dweight, dbias if bias is not None else None, None, None, None, None
 
 
-def fused_add_dropout_layer_norm(x, h, weight, bias=None, *, dropout_p=0.0, eps=1e-5, _seed=None):
+def fused_add_dropout_layer_norm(x, h, weight, bias=None, *, dropout_p=0.0, eps=1e-5, branch_dtype=None, _seed=None):
     """layer_norm(x + dropout(h, dropout_p), (C,), weight, bias, eps) for (..., C) tensors, in one kernel each way;
     same signature and result as `kernels.reference.add_dropout_layer_norm` (with the keep-mask drawn here).
-    `_seed` (tests only; an int or a 1-element int64 tensor) fixes the dropout seed; by default one is drawn on
-    x's device when dropout_p > 0 (new_dropout_seed)."""
+
+    branch_dtype: also return the output rounded to that dtype, as (y, y_branch). A post-LN block's output feeds
+    both the next residual add (y, in the residual stream's dtype) and the next sublayer (y_branch, in its compute
+    dtype: bf16 under torch.autocast); the backward then adds the two gradients inside its kernel, where autograd
+    would add them in a kernel of its own (one more pass over an (N, C) fp32 tensor per LayerNorm), and the
+    sublayer needs no cast. `_seed` (tests only; an int or a 1-element int64 tensor) fixes the dropout seed; by
+    default one is drawn on x's device when dropout_p > 0 (new_dropout_seed)."""
     _check_inputs(x, h, weight, bias, dropout_p)
     _check_eps(eps)
+    if branch_dtype is not None and branch_dtype not in DTYPES:
+        _fail(f"branch_dtype {branch_dtype} is not supported (use float16, bfloat16 or float32)", TypeError)
     if x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
         x = x.float()  # autocast's layer_norm output is fp32 (the residual stream it feeds stays fp32)
     dropout_p, eps = float(dropout_p), float(eps)
@@ -441,5 +484,6 @@ def fused_add_dropout_layer_norm(x, h, weight, bias=None, *, dropout_p=0.0, eps=
     if dropout_p > 0.0:
         seed = seed_tensor(_seed, x.device) if _seed is not None else new_dropout_seed(x.device)
     if torch.compiler.is_compiling():
-        return add_dropout_layer_norm_op(x, h, weight, bias, seed, dropout_p, eps)[0]
-    return AddDropoutLayerNormFunction.apply(x, h, weight, bias, seed, dropout_p, eps)
+        y, y_branch, _, _ = add_dropout_layer_norm_op(x, h, weight, bias, seed, dropout_p, eps, branch_dtype)
+        return y if branch_dtype is None else (y, y_branch)
+    return AddDropoutLayerNormFunction.apply(x, h, weight, bias, seed, dropout_p, eps, branch_dtype)

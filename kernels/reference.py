@@ -53,9 +53,10 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
                          reduction=reduction)
 
 
-def add_dropout_layer_norm(x, h, weight, bias=None, dropout_p=0.0, eps=1e-5, dropout_mask=None):
+def add_dropout_layer_norm(x, h, weight, bias=None, dropout_p=0.0, eps=1e-5, dropout_mask=None, branch_dtype=None):
     """layer_norm(x + dropout(h), (C,), weight, bias, eps) on (..., C) tensors, computed in fp32 (float64 stays
-    float64) and returned in promote_types(x.dtype, h.dtype), as the fused op does.
+    float64) and returned in promote_types(x.dtype, h.dtype), as the fused op does; with branch_dtype, (y, the
+    result rounded once to branch_dtype).
 
     dropout_mask, if given, is the boolean keep-mask of h's shape to apply instead of drawing one (kept elements
     scaled by 1 / (1 - dropout_p)), so a test can replay exactly the mask that the fused kernel generated.
@@ -69,6 +70,8 @@ def add_dropout_layer_norm(x, h, weight, bias=None, dropout_p=0.0, eps=1e-5, dro
         h = F.dropout(h, p=dropout_p)
     weight, bias = weight.to(compute), bias.to(compute) if bias is not None else None
     y = F.layer_norm(x.to(compute) + h, x.shape[-1:], weight, bias, eps)
+    if branch_dtype is not None:
+        return y.to(out_dtype), y.to(branch_dtype if compute != torch.float64 else compute)
     return y.to(out_dtype)
 
 

@@ -345,6 +345,8 @@ def test_curves_run_flags_under_smoke():
     assert flags["compiled-reference"] == curves.RUNS["compiled-reference"]
     assert flags["compiled-graphs"] == curves.RUNS["compiled-graphs"] + ["--attn-impl", "triton", "--loss-impl",
                                                                          "triton_linear"]
+    assert flags["compiled-ln"] == ["--compile", "--norm-impl", "triton", "--attn-impl", "triton", "--loss-impl",
+                                    "triton_linear"]
     assert all(curves.run_flags(gpu, f) == f for f in curves.RUNS.values())
 
 

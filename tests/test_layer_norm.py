@@ -37,11 +37,15 @@ def _inputs(shape, x_dtype, h_dtype, w_dtype, bias, device):
 
 
 def _run(fn, inputs, dy, dtype=None):
-    """[y, dx, dh, dweight, dbias (if any)] of fn(x, h, weight, bias) on fresh leaf copies (optionally cast)."""
+    """[y, dx, dh, dweight, dbias (if any)] of fn(x, h, weight, bias) on fresh leaf copies (optionally cast).
+    With a tuple of outputs (y, y_branch) and of gradients: [y, y_branch, dx, ...], a None gradient leaving
+    that output out of the backward."""
     leaves = [t.detach().clone().to(dtype or t.dtype).requires_grad_() if t is not None else None for t in inputs]
-    y = fn(*leaves)
+    out = fn(*leaves)
+    outs, dys = (out, dy) if isinstance(out, tuple) else ((out,), (dy,))
     present = [t for t in leaves if t is not None]
-    return [y, *torch.autograd.grad(y, present, dy.to(y.dtype))]
+    pairs = [(o, d.to(o.dtype)) for o, d in zip(outs, dys) if d is not None]
+    return [*outs, *torch.autograd.grad([o for o, _ in pairs], present, [d for _, d in pairs])]
 
 
 def _mask(shape, p, device):
@@ -127,6 +131,55 @@ def test_launchers_match_autograd(device):
     assert add_dropout_layer_norm_backward(dy, x, h, w, None, mean, rstd, dropout_p=p, seed=SEED)[3] is None
 
 
+BRANCH_CASES = [  # shape, x dtype, h dtype, weight/bias dtype, branch dtype, dropout p
+    ((2, 3, 768), FP32, BF16, FP32, BF16, 0.1),  # the model under torch.autocast
+    ((7, 100), BF16, BF16, BF16, BF16, 0.1),  # DeepSpeed's bf16: a second bf16 buffer
+    ((5, 100), FP32, FP32, FP32, FP16, 0.0),
+]
+
+
+@pytest.mark.parametrize("shape,x_dtype,h_dtype,w_dtype,branch_dtype,p", BRANCH_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-x{str(c[1])[6:]}-branch{str(c[4])[6:]}"
+                              for c in BRANCH_CASES])
+def test_branch_output_against_reference(shape, x_dtype, h_dtype, w_dtype, branch_dtype, p, device):
+    """With branch_dtype the op returns (y, y rounded to branch_dtype), and its backward takes both outputs'
+    gradients: y, y_branch and every gradient within the criterion against the reference, whose autograd adds
+    the two gradients."""
+    torch.manual_seed(0)
+    inputs = _inputs(shape, x_dtype, h_dtype, w_dtype, True, device)
+    dys = (torch.randn(shape, device=device), torch.randn(shape, device=device))
+    mask = _mask(torch.Size(shape), p, device)
+    actual = _run(lambda *a: fused_add_dropout_layer_norm(*a, dropout_p=p, branch_dtype=branch_dtype, _seed=SEED),
+                  inputs, dys)
+    ref = lambda *a: reference.add_dropout_layer_norm(*a, dropout_p=p, dropout_mask=mask, branch_dtype=branch_dtype)
+    low, truth = _run(ref, inputs, dys), _run(ref, inputs, dys, dtype=torch.float64)
+    out_dtype = torch.promote_types(x_dtype, h_dtype)
+    assert [t.dtype for t in actual] == [out_dtype, branch_dtype, x_dtype, h_dtype, w_dtype, w_dtype]
+    assert actual[0].data_ptr() != actual[1].data_ptr()
+    assert_close(actual[1], actual[0].to(branch_dtype), atol=0, rtol=0, name="y_branch")  # one rounding of y
+    assert_all_within(list(zip(("y", "y_branch", *NAMES[1:]), actual, low, truth)), atol=fp32_eps_at(*truth))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+@pytest.mark.parametrize("used", ["y", "y_branch"])
+def test_branch_with_one_output_unused(used, compiled, device):
+    """Only one of (y, y_branch) reaches the loss (the last block's y_branch feeds the head): the gradients equal
+    those of the plain op on that output's gradient, eager (the unused one is never read) and compiled."""
+    torch.manual_seed(0)
+    shape, p = (3, 100), 0.2
+    inputs = _inputs(shape, FP32, BF16, FP32, True, device)
+    dy = torch.randn(shape, device=device).to(BF16).float()  # exact in bf16: both outputs see the same gradient
+    fn = lambda *a: fused_add_dropout_layer_norm(*a, dropout_p=p, branch_dtype=BF16, _seed=SEED)
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    actual = _run(fn, inputs, (dy, None) if used == "y" else (None, dy))[2:]
+    expected = _run(lambda *a: fused_add_dropout_layer_norm(*a, dropout_p=p, _seed=SEED), inputs, dy)[1:]
+    for a, e, name in zip(actual, expected, NAMES[1:]):
+        assert_close(a, e, atol=0, rtol=0, name=name)
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------------------------------------- dropout
 
 
@@ -198,26 +251,32 @@ def test_compiled_matches_eager(x_dtype, h_dtype, bias, p, device):
     torch._dynamo.reset()
 
 
-def _op_args(device, dropout, bias):
+def _op_args(device, dropout, bias, branch_dtype=None):
     torch.manual_seed(0)
     x, h, w, b = (t.requires_grad_() if t is not None else None for t in _inputs((3, 5, 24), FP32, BF16, FP32,
                                                                                   bias, device))
-    return (x, h, w, b, new_dropout_seed(device) if dropout else None, 0.2 if dropout else 0.0, 1e-5)
+    return (x, h, w, b, new_dropout_seed(device) if dropout else None, 0.2 if dropout else 0.0, 1e-5, branch_dtype)
 
 
-def _op_backward_args(device, bias):
-    x, h, w, b, seed, p, eps = _op_args(device, True, bias)
+def _op_backward_args(device, bias, grads=("y", "y_branch")):
+    x, h, w, b, seed, p, eps, _ = _op_args(device, True, bias)
     x, h, w = x.detach(), h.detach(), w.detach()
     b = b.detach() if b is not None else None
-    y, mean, rstd = add_dropout_layer_norm_op(x, h, w, b, seed, p, eps)
-    return (torch.randn_like(y), x, h, w, b, mean, rstd, seed, p)
+    y, _, mean, rstd = add_dropout_layer_norm_op(x, h, w, b, seed, p, eps, BF16)
+    dy = torch.randn_like(y) if "y" in grads else None
+    dy_branch = torch.randn_like(y).to(BF16) if "y_branch" in grads else None
+    return (dy, dy_branch, x, h, w, b, mean, rstd, seed, p)
 
 
 OPCHECK_CASES = {
     "forward": (add_dropout_layer_norm_op, lambda d: _op_args(d, dropout=False, bias=True)),
     "forward dropout no bias": (add_dropout_layer_norm_op, lambda d: _op_args(d, dropout=True, bias=False)),
+    "forward branch": (add_dropout_layer_norm_op, lambda d: _op_args(d, dropout=True, bias=True, branch_dtype=BF16)),
     "backward": (add_dropout_layer_norm_backward_op, lambda d: _op_backward_args(d, bias=True)),
     "backward no bias": (add_dropout_layer_norm_backward_op, lambda d: _op_backward_args(d, bias=False)),
+    "backward y only": (add_dropout_layer_norm_backward_op, lambda d: _op_backward_args(d, True, grads=("y",))),
+    "backward branch only": (add_dropout_layer_norm_backward_op,
+                             lambda d: _op_backward_args(d, True, grads=("y_branch",))),
 }
 
 
@@ -251,6 +310,7 @@ def _t(*shape, dtype=FP32, device="cpu"):
     ((_t(2, 8), _t(2, 8), _t(8)), dict(eps=-1e-5), ValueError, "eps"),
     ((_t(2, 0), _t(2, 0), _t(0)), {}, ValueError, r"C = 0 is not supported \(1 <= C <= 8192\)"),
     ((_t(1, 8193), _t(1, 8193), _t(8193)), {}, ValueError, "C = 8193"),
+    ((_t(2, 8), _t(2, 8), _t(8)), dict(branch_dtype=torch.int8), TypeError, "branch_dtype torch.int8 is not supported"),
 ])
 def test_errors(args, kwargs, exc, match):
     with pytest.raises(exc, match=f"^fused_add_dropout_layer_norm: {match}"):
