@@ -316,10 +316,11 @@ def test_opcheck(case, device):
 # ---------------------------------------------------------------------------------------------- the model
 
 
-@pytest.mark.parametrize("loss_impl", ["triton", "triton_linear"])
-def test_gpt1_tiny_compiled_matches_eager(loss_impl, device):
+@pytest.mark.parametrize("loss_impl,autocast", [("triton", False), ("triton_linear", False), ("triton_linear", True)])
+def test_gpt1_tiny_compiled_matches_eager(loss_impl, autocast, device):
     """The whole model with our attention and loss (and add-LayerNorm), compiled in one graph, against itself in
-    eager mode."""
+    eager mode; under torch.autocast too (fp32 weights and residual stream, bf16 branch copies into the
+    sublayers)."""
     models = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -332,8 +333,9 @@ def test_gpt1_tiny_compiled_matches_eager(loss_impl, device):
     x, y = ids[:, :-1], ids[:, 1:].clone()
     y[1, 3:6] = IGNORE
     compiled, counter = _compile(ours)
-    loss = eager(x, labels=y).loss
-    loss_c = compiled(x, labels=y).loss
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        loss = eager(x, labels=y).loss
+        loss_c = compiled(x, labels=y).loss
     loss.backward()
     loss_c.backward()
     assert counter.frame_count == 1
