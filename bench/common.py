@@ -215,8 +215,9 @@ GRAD_IN_FORWARD = ("n/a", "computes its gradient in the forward (its fwd row inc
 
 def time_modes(fn, inputs, modes, smoke, grad_in_forward=False):
     """{mode: measured columns, or status and reason} of fn, a training forward (inputs require grad) that
-    returns a tensor: "fwd" times fn(), "bwd" the backward of one retained graph, "fwd+bwd" both. A provider
-    that computes its gradient in the forward (grad_in_forward) has no backward of its own: "bwd" is n/a."""
+    returns a tensor, or a tuple of tensors (each then gets a gradient of its own): "fwd" times fn(), "bwd" the
+    backward of one retained graph, "fwd+bwd" both. A provider that computes its gradient in the forward
+    (grad_in_forward) has no backward of its own: "bwd" is n/a."""
     import torch
 
     results = {}
@@ -229,11 +230,13 @@ def time_modes(fn, inputs, modes, smoke, grad_in_forward=False):
             call = fn
             if mode != "fwd":
                 out = fn()
-                grad = None if out.dim() == 0 else torch.randn_like(out)
+                outs = out if isinstance(out, tuple) else (out,)
+                grads = [None if o.dim() == 0 else torch.randn_like(o) for o in outs]
                 if mode == "bwd":
-                    call = functools.partial(out.backward, grad, retain_graph=True)
+                    call = functools.partial(torch.autograd.backward, outs, grads, retain_graph=True)
                 else:
-                    out, call = None, functools.partial(_forward_backward, fn, grad)
+                    out = outs = None
+                    call = functools.partial(_forward_backward, fn, grads)
             results[mode] = {"status": "ok", **measure_ms(call, smoke, grad_to_none=inputs),
                              "peak_mb": measure_peak_mb(call, grad_to_none=inputs)}
         except Exception as exc:  # noqa: BLE001 - one provider's failure must not end the run
@@ -287,8 +290,11 @@ def dynamo_default_limits():
             setattr(torch._dynamo.config, limit, value)
 
 
-def _forward_backward(fn, grad):
-    fn().backward(grad)
+def _forward_backward(fn, grads):
+    import torch
+
+    out = fn()
+    torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
 
 
 def free_memory():

@@ -4,10 +4,14 @@
 
 y = layer_norm(x + dropout(h)) over (N, C=768) rows, N = 8k..32k tokens, dropout 0 and 0.1 (GPT-1's
 resid_pdrop), two precisions: bf16 x and h (DeepSpeed's bf16 model) and an fp32 residual x with a bf16 branch h
-(torch.autocast, the nanoGPT recipe's). Providers: ours (kernels.fused_add_dropout_layer_norm), eager (torch's
-ops: F.dropout, the add, F.layer_norm), torch.compile of that (Inductor fuses it into a kernel each way, with
-its own dropout draws). GB/s counts the bytes that must move: x and h read and y written (fwd), dy, x and h read
-and dx and dh written (bwd); the parameters and per-row statistics are left out (under 1%).
+(torch.autocast, the nanoGPT recipe's). As in the model (gpt1.model.AddLayerNorm), each provider returns
+(y, y_branch): y for the next residual add and y in bf16 for the next sublayer (y itself where it is bf16
+already), and the backward receives a gradient for each. Providers: ours (kernels.fused_add_dropout_layer_norm
+with branch_dtype, which writes both outputs and adds both gradients in its kernels), eager (torch's ops:
+F.dropout, the add, F.layer_norm, the cast), torch.compile of that (Inductor fuses it into a kernel each way, with
+its own dropout draws). GB/s counts the bytes that must move: x and h read, y written and y_branch where it is a
+tensor of its own (fwd); dy, dy_branch, x and h read, dx and dh written (bwd); the parameters and per-row
+statistics are left out (under 1%).
 """
 
 import functools
@@ -20,26 +24,38 @@ SMOKE_GRID = {"N": (24,), "C": 100, "dropout": (0.1,)}
 PRECISIONS = {"bf16": ("bfloat16", "bfloat16"), "fp32 residual": ("float32", "bfloat16")}  # x dtype, h dtype
 
 
+BRANCH_SIZE = 2  # bytes per element of y_branch, bf16
+
+
 def ln_bytes(N, C, x_size, h_size, mode="fwd+bwd"):
-    """Bytes that must move: fwd reads x, h and writes y (in the promoted dtype); bwd reads dy, x, h and writes
-    dx, dh."""
+    """Bytes that must move: fwd reads x, h and writes y (in the promoted dtype) and y_branch (bf16) unless y is
+    bf16 already; bwd reads dy, dy_branch, x, h and writes dx, dh."""
     y_size = max(x_size, h_size)
-    fwd = N * C * (x_size + h_size + y_size)
-    bwd = N * C * (y_size + 2 * x_size + 2 * h_size)
+    branch = BRANCH_SIZE if y_size != BRANCH_SIZE else 0
+    fwd = N * C * (x_size + h_size + y_size + branch)
+    bwd = N * C * (y_size + BRANCH_SIZE + 2 * x_size + 2 * h_size)
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
 def torch_add_dropout_layer_norm(x, h, weight, bias, dropout_p):
+    """(y, y in bf16) with torch's ops, as gpt1.model.AddLayerNorm's eager path."""
+    import torch
     import torch.nn.functional as F
 
-    return F.layer_norm(x + F.dropout(h, dropout_p), weight.shape, weight, bias)
+    y = F.layer_norm(x + F.dropout(h, dropout_p), weight.shape, weight, bias)
+    return y, y.to(torch.bfloat16)
+
+
+def ours(x, h, weight, bias, dropout_p):
+    import torch
+
+    import kernels
+
+    return kernels.fused_add_dropout_layer_norm(x, h, weight, bias, dropout_p=dropout_p, branch_dtype=torch.bfloat16)
 
 
 def providers(smoke):
-    import kernels
-
-    return {"ours": lambda x, h, w, b, p: kernels.fused_add_dropout_layer_norm(x, h, w, b, dropout_p=p),
-            "eager": torch_add_dropout_layer_norm,
+    return {"ours": ours, "eager": torch_add_dropout_layer_norm,
             "torch.compile": common.compiled(torch_add_dropout_layer_norm, smoke)}
 
 
@@ -88,9 +104,11 @@ COLUMNS = [("N", "N"), ("provider", "provider"), ("ms", common.value_or_status("
 
 def markdown(rows):
     rows = [r for r in rows if r["bench"] == "layer_norm"]
-    note = ("## Add + dropout + LayerNorm\n\nGB/s against the bytes that must move: x and h read and y written "
-            "(fwd), dy, x and h read and dx, dh written (bwd). eager is torch's ops; torch.compile fuses them "
-            "itself. \"fp32 residual\": x fp32, h bf16, as under torch.autocast.")
+    note = ("## Add + dropout + LayerNorm\n\nEach provider returns (y, y_branch), y_branch the bf16 copy for the "
+            "next sublayer, and its backward gets a gradient for each, as in the model. GB/s against the bytes "
+            "that must move: x and h read, y and (unless y is bf16) y_branch written (fwd), dy, dy_branch, x and h "
+            "read and dx, dh written (bwd). eager is torch's ops; torch.compile fuses them itself. \"fp32 "
+            "residual\": x fp32, h bf16, as under torch.autocast.")
     return common.tables_markdown(rows, COLUMNS, note) + common.unavailable(rows) + [""]
 
 

@@ -24,9 +24,10 @@ def test_attention_flops():
 
 def test_layer_norm_bytes():
     N, C = 1024, 768
-    assert layer_norm.ln_bytes(N, C, 2, 2, "fwd") == 3 * N * C * 2  # x, h read, y written
-    assert layer_norm.ln_bytes(N, C, 4, 2, "fwd") == N * C * (4 + 2 + 4)  # y in the promoted dtype, fp32
-    assert layer_norm.ln_bytes(N, C, 2, 2, "fwd+bwd") == 8 * N * C * 2  # + dy, x, h read, dx, dh written
+    assert layer_norm.ln_bytes(N, C, 2, 2, "fwd") == 3 * N * C * 2  # x, h read, y (also the bf16 branch) written
+    assert layer_norm.ln_bytes(N, C, 4, 2, "fwd") == N * C * (4 + 2 + 4 + 2)  # y fp32, y_branch bf16
+    assert layer_norm.ln_bytes(N, C, 2, 2, "fwd+bwd") == 9 * N * C * 2  # + dy, dy_branch, x, h read, dx, dh written
+    assert layer_norm.ln_bytes(N, C, 4, 2, "bwd") == N * C * (4 + 2 + 2 * 4 + 2 * 2)
 
 
 def test_cross_entropy_bytes_and_flops():
@@ -190,6 +191,20 @@ def test_time_modes_grad_in_forward():
     assert res["bwd"]["status"] == "n/a" and "forward" in res["bwd"]["reason"]
     assert res["fwd"]["status"] == res["fwd+bwd"]["status"] == "ok"
     assert res["fwd"]["host_ms"] > 0
+
+
+def test_time_modes_with_two_outputs():
+    """A provider that returns a tuple (the add-LayerNorm's y and y_branch) is timed with a gradient for each
+    output, both reaching the inputs."""
+    import torch
+
+    x = torch.randn(8, requires_grad=True)
+    fn = lambda: (x * 2, (x * 3).to(torch.bfloat16))
+    res = common.time_modes(fn, [x], common.MODES, smoke=True)
+    assert all(r["status"] == "ok" for r in res.values()), res
+    x.grad = None
+    common._forward_backward(fn, [torch.ones(8), torch.ones(8, dtype=torch.bfloat16)])
+    assert torch.equal(x.grad, torch.full((8,), 5.0))
 
 
 def test_headline_shows_short_sequences_and_host_time():
