@@ -60,7 +60,7 @@ FAMILIES = (
     ("attention", r"_attn_|flash|fmha|sdpa|attention|cudnn"),
     ("loss", r"cross_entropy|nll_loss|LogSoftMax|log_softmax"),
     ("optimizer", r"adam|Adam|multi_tensor|foreach|lpnorm"),
-    ("layernorm", r"layer_norm|LayerNorm|layernorm"),
+    ("layernorm", r"layer_norm|LayerNorm|layernorm|_add_ln_"),
     ("copies", r"^Memcpy|^Memset|direct_copy|CatArray|copy_kernel"),
     ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|_mm_|addmm|bmm|splitK|triton_tem_"),
 )

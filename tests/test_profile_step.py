@@ -36,6 +36,8 @@ def test_kernel_families():
         "cunn_SoftMaxForward<8, float, float, float, LogSoftMaxForwardEpilogue>": "loss",
         "triton_red_fused__log_softmax_nll_loss_forward_3": "loss",
         "triton_per_fused_add_native_layer_norm_native_layer_norm_backward_5": "layernorm",
+        "_add_ln_fwd_kernel": "layernorm",
+        "_add_ln_bwd_kernel": "layernorm",
         "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>": "optimizer",
         "Memcpy DtoD (Device -> Device)": "copies",
         "void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>": "copies",
