@@ -10,8 +10,8 @@
 #   roofline  bench.roofline: a bf16 8192^3 matmul and a device copy, to read MFU against     (S_ROOFLINE=20 s)
 #   tests     pytest on CUDA, the newest checks first: the model-level dropout mask replay at GPT-1 scale (plain
 #             AdamW, then DeepSpeed ZeRO-2 bf16 as the curves' eager run), CUDA graphs in the DeepSpeed step,
-#             no host sync in the default step, then tests/test_compile.py test_attention.py
-#             test_cross_entropy.py                                                         (S_TESTS=150 s)
+#             no host sync in the default step, then tests/test_layer_norm.py test_compile.py
+#             test_attention.py test_cross_entropy.py                                       (S_TESTS=150 s)
 #   e2e       bench.e2e: every row of ROWS, results rewritten after each row; each row carries its GPU anatomy
 #             and its host anatomy (cProfile by package), so no profile stage is needed   (S_E2E=300 s, budget 240)
 #             E2E_ONLY="row,row" runs only those rows (bench.e2e --only; names as in bench/e2e.py ROWS)
@@ -110,7 +110,8 @@ for s in $STAGES; do
             tests/test_runtime.py::test_zero2_bf16_eager_kernels_follow_the_replayed_reference
             tests/test_runtime.py::test_cuda_graphs_train_like_the_default_compile
             tests/test_runtime.py::test_default_training_step_never_waits_on_the_gpu
-            $(ls tests/test_compile.py tests/test_attention.py tests/test_cross_entropy.py 2>/dev/null)"
+            $(ls tests/test_layer_norm.py tests/test_compile.py tests/test_attention.py tests/test_cross_entropy.py \
+                2>/dev/null)"
         # pytest gets SIGINT 10 s before the box closes: it then prints the failures it has seen (a kill would
         # leave only the progress dots)
         stage tests "${S_TESTS:-150}" bash -c "timeout -s INT $(( ${S_TESTS:-150} - 10 )) $PY -m pytest -q \
