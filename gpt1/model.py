@@ -70,16 +70,23 @@ class MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
-def compute_dtype(t):
-    """The dtype a sublayer computes t in: torch.autocast's on t's device when it is on, else t's own."""
-    return torch.get_autocast_dtype(t.device.type) if torch.is_autocast_enabled(t.device.type) else t.dtype
+def compute_dtype(dtype, device):
+    """The dtype a sublayer computes a `dtype` tensor in: torch.autocast's on `device` when it is on, else dtype."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+
+
+def in_compute_dtype(t):
+    """t in its compute dtype: t itself when it is already (not even a no-op `.to` call: the host counts those)."""
+    dtype = compute_dtype(t.dtype, t.device)
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class AddLayerNorm(nn.LayerNorm):
     """ln(x + dropout(h)), the post-LN block's residual add: torch's ops (impl "eager") or one Triton kernel each
     way (impl "triton"). Returns (y, y_branch): y for the next residual add, in the residual stream's dtype (fp32
-    under torch.autocast), and y in the compute dtype for the next sublayer (y itself when they agree). The
-    kernel writes both and adds their gradients itself. A LayerNorm module (same parameters and state_dict keys)
+    under torch.autocast), and y in the compute dtype for the next sublayer: torch's ops hand y itself where the
+    dtypes agree (autograd then adds the two gradients in a kernel of its own), the kernel always writes a second
+    tensor and adds the two gradients as it reads them. A LayerNorm module (same parameters and state_dict keys)
     whose own forward reads its weights, so that module hooks such as ZeRO-3's parameter gathering see them
     used."""
 
@@ -89,11 +96,11 @@ class AddLayerNorm(nn.LayerNorm):
 
     def forward(self, x, h):
         if self.impl == "triton":
-            p = self.dropout_p if self.training else 0.0
+            p, y_dtype = self.dropout_p if self.training else 0.0, torch.promote_types(x.dtype, h.dtype)
             return kernels.fused_add_dropout_layer_norm(x, h, self.weight, self.bias, dropout_p=p, eps=self.eps,
-                                                        branch_dtype=compute_dtype(h))
+                                                        branch_dtype=compute_dtype(y_dtype, x.device))
         y = super().forward(x + F.dropout(h, self.dropout_p, self.training))
-        return y, y.to(compute_dtype(h))
+        return y, in_compute_dtype(y)
 
 
 class Block(nn.Module):
@@ -153,7 +160,7 @@ class GPT1(nn.Module):
             raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))  # (B, T, C)
-        x_branch = x.to(compute_dtype(x))
+        x_branch = in_compute_dtype(x)
         for block in self.h:
             x, x_branch = block(x, x_branch)
         return x, x_branch
