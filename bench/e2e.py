@@ -367,6 +367,13 @@ def verdict(rows):
         lines.append(_target_line("kernels per step", f"{default['kernels_per_step']:.0f}",
                                   default["kernels_per_step"] <= TARGETS["kernels_per_step"],
                                   f"<= {TARGETS['kernels_per_step']}"))
+    ours = [r for r in rows if r.get("status") == "ok" and common.role(r) == common.OURS and r.get("ms")]
+    best = min(ours, key=lambda r: r["ms"])
+    if best is not default:
+        busy = f", GPU busy {best['gpu_busy']:.1%}" if best.get("gpu_busy") is not None else ""
+        ratio = f", {best['vs_nanogpt']:.2f}x the nanoGPT recipe" if best.get("vs_nanogpt") else ""
+        lines.append(f"- Our fastest row is not the default: {best['provider']}, {best['ms']:.2f} ms per step against "
+                     f"{default['ms']:.2f}{ratio}{busy}")
     zero2 = next((r for r in rows if r["provider"] == ZERO2.name and r.get("status") == "ok"), None)
     if zero2 is None:
         lines.append("- ZeRO-2 did not run: no comparison with the fastest row.")

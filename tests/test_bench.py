@@ -237,7 +237,9 @@ def test_e2e_verdict():
     assert "1.20x (meets the target, >= 1.2x)" in lines
     assert "GPU busy: 95.0% (meets" in lines and "kernels per step: 900 (meets" in lines
     assert "fastest row (ours ZeRO-1): +22.2% step time (BEHIND" in lines
+    assert "Our fastest row is not the default: ours ZeRO-1, 45.00 ms per step against 50.00, 1.33x the" in lines
     assert "ZeRO-2 did not run" in e2e.verdict(rows[:2])[-1]
+    assert not any("fastest row is not" in line for line in e2e.verdict(rows[:3]))
     failed = e2e.verdict([dict(row(e2e.DEFAULT.name, None), status="error", reason="boom")])
     assert "did not run (error: boom)" in failed[0]
 
