@@ -980,6 +980,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v, _seed, *ctx.args = inputs  # args: causal, softmax_scale, dropout_p
     o, lse, mask = output
     ctx.mark_non_differentiable(lse, mask)
+    ctx.set_materialize_grads(False)  # the backward reads do only: no zeros for lse and mask
     ctx.save_for_backward(q, k, v, o, lse, mask)
 
 

@@ -649,6 +649,9 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, eps, chunk)
     ctx.dtype = weight.dtype
     ctx.mark_non_differentiable(grad_hidden, grad_weight, grad_bias, post_scale)
+    # the backward reads only the loss's gradient: without this, autograd would hand it fp32 zeros of d hidden's
+    # and d weight's sizes for these outputs in eager mode (an allocation and a fill of 175 MB per GPT-1 step)
+    ctx.set_materialize_grads(False)
     if ctx.defer:
         ctx.save_for_backward(hidden, weight, target, bias)
     else:
@@ -665,10 +668,19 @@ def _linear_backward(ctx, grad_loss, *_):
         grad_hidden, grad_weight, grad_bias, post_scale = ctx.saved_tensors
         # these are (N, C) and (V, C): scaling them costs little next to the forward's matmuls
         scale = grad_loss.float() * post_scale
-        grad_hidden, grad_weight, grad_bias = grad_hidden * scale, grad_weight * scale, grad_bias * scale
+        return (_scaled(grad_hidden, scale, ctx.dtype) if need_h else None,
+                _scaled(grad_weight, scale, ctx.dtype) if need_w else None, None,
+                _scaled(grad_bias, scale, ctx.dtype) if need_b else None, *[None] * 7)
     # the one rounding to the inputs' dtype
     return (grad_hidden.to(ctx.dtype) if need_h else None, grad_weight.to(ctx.dtype) if need_w else None, None,
             grad_bias.to(ctx.dtype) if need_b else None, *[None] * 7)
+
+
+def _scaled(grad, scale, dtype):
+    """grad * scale in fp32, rounded once to dtype and written straight into the result: no fp32 product of the
+    (V, C) or (N, C) size beside the saved gradient (at N = 32768 that was 215 MiB more at the backward's peak).
+    The saved gradient is left as it was, so that a second backward (retain_graph) scales it again from scratch."""
+    return torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
 linear_cross_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)

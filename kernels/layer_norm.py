@@ -430,6 +430,7 @@ def _setup_context(ctx, inputs, output):
     x, h, weight, bias, seed, dropout_p, _eps, branch_dtype = inputs
     _, y_branch, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an output without a gradient is not read (dy or dy_branch None)
     ctx.save_for_backward(x, h, weight, bias, mean, rstd, seed)
     ctx.dropout_p, ctx.branch = dropout_p, branch_dtype is not None
 
