@@ -194,8 +194,8 @@ def _add_ln_dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, N, C, BLOCK_R: tl.co
 # (BLOCK_R, num_warps) on a GPU, from the row width. Forward: tiles of 2048 elements while a row is shorter, about 16
 # elements per thread (two 16-byte loads of a 16-bit row), 4 to 16 warps. Backward: tiles of 1024 elements, about 8
 # per thread: it holds x, h, both output gradients and the mask bits of a tile at once, and at 2048 elements on 4
-# warps it kept 8 bytes on the stack (bf16, dropout, sm_90, triton 3.6) and needed 96-166 registers, so that only
-# 3 of its 4 programs per SM could be resident; at 1024 it needs 70-80 (8 warps on 2048 also avoid the stack but
+# warps it kept 8 bytes on the stack (bf16, dropout, sm_90, triton 3.6) and needed up to 166 registers, at which
+# only 3 of its 4 programs per SM fit at once; at 1024 it needs 70-80 (8 warps on 2048 also avoid the stack but
 # need 105-116). It runs 4 programs per SM (enough partial d weight rows to fill the GPU, few enough that their sum
 # is cheap). Checked with `python -m bench.compile_report --filter add_ln`: no spills at C = 768 on sm_80 and sm_90.
 _BWD_PROGRAMS_PER_SM = 4
