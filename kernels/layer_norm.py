@@ -15,8 +15,8 @@ Algorithm (the structure of Triton's tutorial 05 "layer norm" and Apex's fused L
   and write
   dr = rstd * (w dy - xhat * mean(xhat * w dy) - mean(w dy)) as dx and dr * keep / (1 - p) as dh. The
   d weight = sum(dy * xhat) and d bias = sum(dy) partials of the chunk stay in fp32 registers and are stored
-  once per program as (n_programs, C) fp32 rows, which the launcher sums with torch (.sum(0)) and casts to the
-  parameters' dtype: no atomics, so the gradients are bitwise reproducible.
+  once per program as (n_programs, C) fp32 rows, which a third small kernel sums in a fixed order and stores in
+  the parameters' dtypes: no atomics, so the gradients are bitwise reproducible.
 - Dropout: kernels._common's Philox draws (dropout_words / keep_from_words), stream 0, counter
   (column // 8, row, 0, seed): element (i, j) is kept iff its 16-bit draw >= round(p * 65536) (p quantized
   to 1/65536), kept elements scaled by 1/(1 - p). The forward draws the mask; the backward draws it again from
@@ -178,6 +178,27 @@ def _add_ln_bwd_kernel(X, H, W, DY, DY_BRANCH, DX, DH, DW_PART, DB_PART, MEAN, R
 
 
 @triton.jit
+def _add_ln_param_grads_kernel(DW_PART, DB_PART, DW, DB, n_parts, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """DW[c] = the sum over p of DW_PART[p, c] (and DB of DB_PART), in fp32, in a fixed order, stored in DW's (DB's)
+    dtype: the backward's per-program partial rows in one launch, where torch's sums and casts took four."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    dw = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for start in range(0, n_parts, BLOCK_P):
+        parts = start + tl.arange(0, BLOCK_P)
+        offs = parts[:, None] * C + cols[None, :]
+        mask = (parts[:, None] < n_parts) & col_ok[None, :]
+        dw += tl.load(DW_PART + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            db += tl.load(DB_PART + offs, mask=mask, other=0.0)
+    tl.store(DW + cols, _stored(tl.sum(dw, axis=0), DW.dtype.element_ty, RTNE_BF16), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB + cols, _stored(tl.sum(db, axis=0), DB.dtype.element_ty, RTNE_BF16), mask=col_ok)
+
+
+@triton.jit
 def _add_ln_dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, N, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     # the keep-mask of rows [program * BLOCK_R, ...) as (N, C) uint8, drawn as the forward and backward draw it
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -199,6 +220,9 @@ def _add_ln_dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, N, C, BLOCK_R: tl.co
 # need 105-116). It runs 4 programs per SM (enough partial d weight rows to fill the GPU, few enough that their sum
 # is cheap). Checked with `python -m bench.compile_report --filter add_ln`: no spills at C = 768 on sm_80 and sm_90.
 _BWD_PROGRAMS_PER_SM = 4
+# (BLOCK_P, BLOCK_C) of the kernel that sums the backward's partial d weight / d bias rows: 12 programs at C = 768,
+# each adding 32 of the ~500 partial rows at a time (16 fp32 per thread and tensor on 4 warps)
+_PARAM_GRADS_TILE = (32, 64)
 # The interpreter runs each program in Python: small tiles and few backward programs keep the tests quick while
 # still running several tiles per program, a partial tile and more than one partial d weight row.
 _INTERPRETER_CONFIG = dict(fwd=(2, 1), bwd=(2, 1), programs=3)
@@ -252,6 +276,13 @@ def _compile_specs():
                 name = f"add_ln_{kind} C={C} x {x_t} h {h_t}{' dropout' if dropout else ''}"
                 specs.append(dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps,
                                   num_stages=1))
+    block_p, block_pc = _PARAM_GRADS_TILE
+    for w_t in ("bf16", "fp32"):
+        specs.append(dict(name=f"add_ln_param_grads C={C} {w_t}", fn=_add_ln_param_grads_kernel,
+                          signature=dict(DW_PART="*fp32:16", DB_PART="*fp32:16", DW=f"*{w_t}:16", DB=f"*{w_t}:16",
+                                         n_parts="i32", C="i32:16"),
+                          constexprs=dict(BLOCK_P=block_p, BLOCK_C=block_pc, HAS_BIAS=True, RTNE_BF16=False),
+                          num_warps=4, num_stages=1))
     specs.append(dict(name=f"add_ln_dropout_mask C={C}", fn=_add_ln_dropout_mask_kernel,
                       signature=dict(MASK="*u8:16", SEED="*i64:16", DROP_THRESHOLD="i32", N="i32", C="i32:16"),
                       constexprs=dict(BLOCK_R=2, BLOCK_C=block_c), num_warps=4, num_stages=1))
@@ -366,8 +397,12 @@ def _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
             dyb2.stride(0) if dyb2 is not None else 0, N, C, rows_per_program, BLOCK_R=block_r,
             BLOCK_C=_block_c(C), DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None, HAS_DY=dy2 is not None,
             HAS_DY_BRANCH=dyb2 is not None, RTNE_BF16=INTERPRET, num_warps=num_warps)
-    dweight = dw_part.sum(0).to(weight.dtype)
-    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else weight.new_empty((0,))
+    dweight = torch.empty(C, dtype=weight.dtype, device=x.device)
+    dbias = torch.empty(C, dtype=bias.dtype, device=x.device) if bias is not None else weight.new_empty((0,))
+    block_p, block_c = _PARAM_GRADS_TILE
+    _add_ln_param_grads_kernel[(triton.cdiv(C, block_c),)](
+        dw_part, db_part, dweight, dbias, n_programs, C, BLOCK_P=block_p, BLOCK_C=block_c, HAS_BIAS=bias is not None,
+        RTNE_BF16=INTERPRET, num_warps=4)
     return dx, dh, dweight, dbias
 
 
