@@ -659,27 +659,26 @@ def _linear_setup_context(ctx, inputs, output):
 
 
 def _linear_backward(ctx, grad_loss, *_):
-    need_h, need_w, need_b = ctx.needs
     if ctx.defer:
         hidden, weight, target, bias = ctx.saved_tensors
-        grad_hidden, grad_weight, grad_bias = linear_cross_entropy_backward_op(
-            hidden, weight, target, bias, grad_loss, *ctx.args, *ctx.needs)
+        grads = linear_cross_entropy_backward_op(hidden, weight, target, bias, grad_loss, *ctx.args, *ctx.needs)
+        scale = None  # the rows are scaled inside the recomputation
     else:
-        grad_hidden, grad_weight, grad_bias, post_scale = ctx.saved_tensors
+        *grads, post_scale = ctx.saved_tensors
         # these are (N, C) and (V, C): scaling them costs little next to the forward's matmuls
         scale = grad_loss.float() * post_scale
-        return (_scaled(grad_hidden, scale, ctx.dtype) if need_h else None,
-                _scaled(grad_weight, scale, ctx.dtype) if need_w else None, None,
-                _scaled(grad_bias, scale, ctx.dtype) if need_b else None, *[None] * 7)
-    # the one rounding to the inputs' dtype
-    return (grad_hidden.to(ctx.dtype) if need_h else None, grad_weight.to(ctx.dtype) if need_w else None, None,
-            grad_bias.to(ctx.dtype) if need_b else None, *[None] * 7)
+    grad_hidden, grad_weight, grad_bias = (_rounded(g, scale, ctx.dtype) if need else None
+                                           for g, need in zip(grads, ctx.needs))
+    return grad_hidden, grad_weight, None, grad_bias, *[None] * 7
 
 
-def _scaled(grad, scale, dtype):
-    """grad * scale in fp32, rounded once to dtype and written straight into the result: no fp32 product of the
-    (V, C) or (N, C) size beside the saved gradient (at N = 32768 that was 215 MiB more at the backward's peak).
-    The saved gradient is left as it was, so that a second backward (retain_graph) scales it again from scratch."""
+def _rounded(grad, scale, dtype):
+    """The one rounding of an fp32 gradient to the inputs' dtype, times scale (None: 1) in fp32 first, written
+    straight into the result: no fp32 product of the (V, C) or (N, C) size beside the saved gradient (at N = 32768
+    that was 215 MiB more at the backward's peak). The saved gradient is left as it was, so that a second backward
+    (retain_graph) scales it again from scratch."""
+    if scale is None:
+        return grad.to(dtype)
     return torch.mul(grad, scale, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 

@@ -399,10 +399,10 @@ def _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
             HAS_DY_BRANCH=dyb2 is not None, RTNE_BF16=INTERPRET, num_warps=num_warps)
     dweight = torch.empty(C, dtype=weight.dtype, device=x.device)
     dbias = torch.empty(C, dtype=bias.dtype, device=x.device) if bias is not None else weight.new_empty((0,))
-    block_p, block_c = _PARAM_GRADS_TILE
-    _add_ln_param_grads_kernel[(triton.cdiv(C, block_c),)](
-        dw_part, db_part, dweight, dbias, n_programs, C, BLOCK_P=block_p, BLOCK_C=block_c, HAS_BIAS=bias is not None,
-        RTNE_BF16=INTERPRET, num_warps=4)
+    parts_tile, cols_tile = _PARAM_GRADS_TILE
+    _add_ln_param_grads_kernel[(triton.cdiv(C, cols_tile),)](
+        dw_part, db_part, dweight, dbias, n_programs, C, BLOCK_P=parts_tile, BLOCK_C=cols_tile,
+        HAS_BIAS=bias is not None, RTNE_BF16=INTERPRET, num_warps=4)
     return dx, dh, dweight, dbias
 
 
@@ -463,7 +463,7 @@ def _(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
 
 def _setup_context(ctx, inputs, output):
     x, h, weight, bias, seed, dropout_p, _eps, branch_dtype = inputs
-    _, y_branch, mean, rstd = output
+    _, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.set_materialize_grads(False)  # an output without a gradient is not read (dy or dy_branch None)
     ctx.save_for_backward(x, h, weight, bias, mean, rstd, seed)
