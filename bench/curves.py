@@ -34,7 +34,11 @@ An earlier criterion measured the tolerance as eager-vs-reference and compared c
 eager path then widened its own yardstick, and the H100 run was called "agree". Anchoring every run on the
 reference avoids that. The first step's time (compiling) of a compiled run is reported as gpt1.train prints it.
 
-Writes results.json (every run's per-step losses, the summary), results.md and curves.png to --out
+Beside the loss, each run's gradient norm before clipping (logged by gpt1.train where our guarded optimizer clips)
+and its skipped steps are recorded and tabled per window of steps, with each norm's ratio to the reference's: a
+gradient off by a factor, or steps skipped as non-finite, show there, where the loss only shows their effect.
+
+Writes results.json (every run's per-step losses and gradient norms, the summary), results.md and curves.png to --out
 (default bench/results/<gpu>/curves). A run that disagrees is a measurement, not a failure: the exit status is
 non-zero only when a run errors. Needs a prepared corpus (`gpt1 prepare --out data/shakespeare`; the GPU machine
 has no network, so prepare it on the CPU machine and carry data/shakespeare). --smoke: gpt1-tiny for a few steps
@@ -135,7 +139,8 @@ def run_flags(args, flags):
 
 
 def train_run(args, name, flags, work, timeout_s):
-    """One gpt1.train run: {"name", "flags", "status", "losses": [per step], "val_loss", "first_step_s", "wall_s"}."""
+    """One gpt1.train run: {"name", "flags", "status", "losses": [per step], "grad_norms": [per step, before
+    clipping; None where gpt1.train does not measure them], "skipped_steps", "val_loss", "first_step_s", "wall_s"}."""
     out = os.path.join(work, name)
     row = {"name": name, "flags": " ".join(run_flags(args, flags)), "status": "error"}
     t0 = time.perf_counter()
@@ -149,11 +154,15 @@ def train_run(args, name, flags, work, timeout_s):
         tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
         return dict(row, reason=f"gpt1.train exited {proc.returncode}: {tail[0][:300]}")
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    losses = {m["step"]: m["loss"] for m in metrics if "loss" in m}
+    train = sorted((m for m in metrics if "loss" in m), key=lambda m: m["step"])
     vals = [m["val_loss"] for m in metrics if "val_loss" in m]
     first = FIRST_STEP.search(proc.stdout)
-    return dict(row, status="ok", losses=[losses[s] for s in sorted(losses)], val_loss=vals[-1] if vals else None,
-                first_step_s=float(first.group(1)) if first else None)
+    # a skipped step logs no norm: the list is only kept whole, so that its steps line up with the losses'
+    norms = [m.get("grad_norm") for m in train]
+    return dict(row, status="ok", losses=[m["loss"] for m in train],
+                grad_norms=norms if train and None not in norms else None,
+                skipped_steps=train[-1].get("skipped_steps", 0) if train else None,
+                val_loss=vals[-1] if vals else None, first_step_s=float(first.group(1)) if first else None)
 
 
 def half_stats(diffs):
@@ -225,17 +234,19 @@ def markdown(result):
              f"{result['torch']}, triton {result['triton']}, deepspeed {result['deepspeed']}; commit "
              f"{result['commit']}", *([""] + result["notes"] if result.get("notes") else []), "",
              "| run | gpt1.train flags | status | loss at steps 1 / 10 / 50% / last | "
-             "val loss | first step s (compile) | wall s |", "|---|---|---|---|---|---|---|"]
+             "val loss | skipped steps | first step s (compile) | wall s |", "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:
         curve = r.get("losses") or []
         picks = [curve[i] for i in sorted({0, min(9, len(curve) - 1), len(curve) // 2, len(curve) - 1})] if curve \
             else []
         lines.append(f"| {r['name']} | `{r['flags']}` | {r['status']}{': ' + r['reason'] if r.get('reason') else ''}"
                      f" | {' / '.join(f'{x:.3f}' for x in picks)} | {_num(r.get('val_loss'), 4)} | "
+                     f"{'' if r.get('skipped_steps') is None else r['skipped_steps']} | "
                      f"{_num(r.get('first_step_s'), 1)} | {_num(r.get('wall_s'), 0)} |")
     s = result["summary"]
     if s:
         lines += [""] + differences(result)
+    lines += grad_norm_table(result)
     return lines + ["", "**verdict**:", ""] + [f"- {v}" for v in verdict(s)] + ["", "![curves.png](curves.png)", ""]
 
 
@@ -257,13 +268,40 @@ def differences(result):
     return lines
 
 
+def grad_norm_table(result):
+    """The gradient norm before clipping, mean per window of steps, of every run that logged it at every step,
+    and its ratio to the reference's: a gradient that is wrong by a factor shows here before it shows in the loss."""
+    norms = {r["name"]: r["grad_norms"] for r in result["runs"] if r.get("grad_norms")}
+    if not norms:
+        return []
+    n = min(map(len, norms.values()))
+    ref = norms.get(ANCHOR)
+    lines = ["", "Gradient norm before clipping (gpt1.train's `grad_norm`), mean per window" +
+             (f"; in brackets the ratio to the {ANCHOR}'s:" if ref else ":"), "",
+             "| steps | " + " | ".join(norms) + " |", "|---" * (len(norms) + 1) + "|"]
+    for lo, hi in windows(n):
+        cells = []
+        for name, g in norms.items():
+            mean = statistics.fmean(g[lo:hi])
+            ratio = mean / statistics.fmean(ref[lo:hi]) if ref and name != ANCHOR else None
+            cells.append(f"{mean:.3f}" + (f" ({ratio:.2f}x)" if ratio is not None else ""))
+        lines.append(f"| {lo + 1}{f'-{hi}' if hi > lo + 1 else ''} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _num(v, decimals):
     return "" if v is None else f"{v:.{decimals}f}"
 
 
 def plot(result, path):
     plt = common.pyplot()
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    norms = {r["name"]: r["grad_norms"] for r in result["runs"] if r.get("grad_norms")}
+    fig, (ax, bx, *nx) = plt.subplots(1, 3 if norms else 2, figsize=(16 if norms else 11, 4))
+    for name, g in norms.items():
+        nx[0].plot(range(1, len(g) + 1), g, label=name, linewidth=2.5 if name == ANCHOR else 1,
+                   zorder=1 if name == ANCHOR else 2)
+    if norms:
+        nx[0].set(title="gradient norm before clipping", xlabel="step", yscale="log")
     curves = {r["name"]: r["losses"] for r in result["runs"] if r.get("losses")}
     for name, losses in curves.items():
         ax.plot(range(1, len(losses) + 1), losses, label=name, linewidth=2.5 if name == ANCHOR else 1,
@@ -277,7 +315,7 @@ def plot(result, path):
         bx.axhline(y, color="gray", linestyle="--", linewidth=0.8)
     ax.set(title="training loss", xlabel="step", ylabel="nats")
     bx.set(title=f"per-step difference against the {ANCHOR} (dashed: +-{TOL_ABS})", xlabel="step", ylabel="nats")
-    for x in (ax, bx):
+    for x in (ax, bx, *nx):
         x.grid(alpha=0.3)
         if x.get_legend_handles_labels()[0]:
             x.legend(fontsize=8)

@@ -20,8 +20,10 @@
 # More stages run only when named, in a second device call (`bash bench/gpu_session.sh curves tune`):
 #   profile   bench.profile_step: the default path, then the nanoGPT recipe, as text       (S_PROFILE=40 s each)
 #   curves    bench.curves: 200 steps of the 117M model, each run against torch's kernels       (S_CURVES=200 s)
-#             CURVES_RUNS picks the runs (default compiled,eager,reference; ~40 s each on an H100); to bisect
-#             the eager divergence: CURVES_RUNS=compiled,eager,reference,eager-attn,eager-loss S_CURVES=330
+#             CURVES_RUNS picks the runs (default compiled,eager,reference; ~40 s each on an H100), CURVES_CONFIG
+#             the DeepSpeed config (default ds_configs/zero0_autocast_bf16.json, the default path's); to bisect
+#             the eager divergence where the H100 saw it: CURVES_CONFIG=ds_configs/zero2_bf16.json
+#             CURVES_RUNS=eager,eager-attn,eager-loss,compiled S_CURVES=240
 #             needs the corpus: `gpt1 prepare --out data/shakespeare` on the CPU machine, then
 #             carry=[".gpu-wheels", "data/shakespeare"] (the GPU machine has no network)
 #   tune      bench.tune_attention: the attention launch table per sequence length and dropout    (S_TUNE=120 s)
@@ -144,6 +146,7 @@ PY
             --budget-s "${B_OPS:-60}" --out "$WORK/ops" ;;
     curves)
         stage curves "${S_CURVES:-200}" $PY -m bench.curves $SMOKE_FLAG --runs "${CURVES_RUNS:-compiled,eager,reference}" \
+            --deepspeed-config "${CURVES_CONFIG:-ds_configs/zero0_autocast_bf16.json}" \
             --out "$WORK/curves" --budget-s "$(( ${S_CURVES:-200} - 20 ))" ;;
     tune)
         stage tune "${S_TUNE:-120}" $PY -m bench.tune_attention $SMOKE_FLAG --out "$WORK/tune" \

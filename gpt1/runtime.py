@@ -9,6 +9,7 @@ only when it logs.
 import argparse
 import contextlib
 import json
+import math
 import os
 import random
 import signal
@@ -140,9 +141,7 @@ def lean_checks(ds, world_size):
     stage, bf16 = zero_stage(ds), ds.get("bf16", {}).get("enabled", False)
     if stage in (1, 2) and world_size == 1 and ds["zero_optimization"].get("overlap_comm"):
         ds["zero_optimization"] = {**ds["zero_optimization"], "overlap_comm": False}
-    fp16 = ds.get("fp16", {}).get("enabled", False) or (
-        torch_autocast(ds) and ds["torch_autocast"].get("dtype", "bfloat16") in ("float16", "fp16", "half"))
-    if fp16 or stage == 3 or (stage == 0 and bf16):
+    if fp16(ds) or stage == 3 or (stage == 0 and bf16):
         return ds, 0.0
     max_grad_norm = float(ds.get("gradient_clipping", 0.0))
     ds = {**ds, "gradient_clipping": 0.0}
@@ -151,6 +150,12 @@ def lean_checks(ds, world_size):
     if bf16:
         ds["bf16"] = {**ds["bf16"], "check_grad_overflow": False}
     return ds, max_grad_norm
+
+
+def fp16(ds):
+    """Whether the config trains in fp16 (DeepSpeed's fp16 or torch_autocast in fp16): with a loss scaler."""
+    return ds.get("fp16", {}).get("enabled", False) or (
+        torch_autocast(ds) and ds["torch_autocast"].get("dtype", "bfloat16") in ("float16", "fp16", "half"))
 
 
 def torch_autocast(ds):
@@ -179,7 +184,8 @@ def build_engine(model, ds, *, lr, weight_decay=0.01, max_grad_norm=1.0, lr_lamb
         engine.enable_backward_allreduce = False
     if tied_weight is not None and zero_stage(ds) == 3:
         deepspeed.zero.register_external_parameter(engine.module, tied_weight)
-    optimizer.attach(engine, zero_stage(ds))
+    # the norm the guard measures is the gradients' own unless DeepSpeed clipped or unscaled them first
+    optimizer.attach(engine, zero_stage(ds), raw_norm=not fp16(ds) and not ds.get("gradient_clipping", 0.0))
     return engine, optimizer, scheduler
 
 
@@ -261,8 +267,9 @@ class GuardedAdamW(torch.optim.AdamW):
       gradient by its grad_scale tensor (GradScaler's unscaling uses it so), here max(norm / max_grad_norm, 1),
       so the gradients get no pass of their own (they stay unclipped in .grad);
     then torch's fused AdamW kernel with found_inf, which leaves weights, moments and step count untouched
-    when found_inf is set. The counters (steps skipped, the longest run of skipped steps) live on the device;
-    `read_counters` fetches them (one sync), which the training loop does when it logs.
+    when found_inf is set. The counters (steps skipped, the longest run of skipped steps) and the last step's
+    gradient norm live on the device; `read_counters` fetches them (one sync), which the training loop does when
+    it logs.
 
     ZeRO-1/2 step the groups one at a time, and when the first group is stepped the others' gradients are
     still in DeepSpeed's averaged_gradients: `attach` lets the guard read them there, so that the norm and
@@ -275,9 +282,13 @@ class GuardedAdamW(torch.optim.AdamW):
         self.max_grad_norm = max_grad_norm
         self._engine, self._zero, self._partitioned, self._guarded_step = None, None, False, None
         self._unclip, self._counters = None, None  # counters: skipped, current run, longest run since the last read
+        self._norm, self._raw_norm = None, True  # the last step's gradient norm; whether it is the one to log
 
-    def attach(self, engine, stage):
+    def attach(self, engine, stage, raw_norm=True):
+        """raw_norm: whether the gradients this optimizer sees are as the backward made them, so that the norm it
+        measures is the one to log (not where DeepSpeed clips or unscales them before calling it)."""
         self._engine, self._partitioned = engine, stage >= 1 and dist.get_world_size() > 1
+        self._raw_norm = raw_norm
         self._zero = engine.optimizer if stage in (1, 2) else None
 
     def _waiting_grads(self):
@@ -301,6 +312,7 @@ class GuardedAdamW(torch.optim.AdamW):
         if self._counters is None:
             self._counters = torch.zeros(3, device=norm.device)
         self._count(self.found_inf)
+        self._norm = norm if self._raw_norm else None  # kept, not copied: no work per step
 
     def _count(self, skipped_now):
         skipped, run, longest = self._counters.unbind()
@@ -325,14 +337,18 @@ class GuardedAdamW(torch.optim.AdamW):
         if self._counters is None:
             self._counters = torch.zeros(3, device=device)
         self._count(torch.ones((), device=device))
+        self._norm = None  # DeepSpeed skipped the step before the guard saw it
 
     def read_counters(self):
-        """(steps skipped so far, longest run of consecutive skipped steps since the last read); syncs."""
+        """(steps skipped so far, longest run of consecutive skipped steps since the last read, the last step's
+        global gradient norm before clipping: None where it was not finite, or not measured, see attach); syncs
+        once."""
         if self._counters is None:
-            return 0, 0
-        skipped, run, longest = self._counters.tolist()
+            return 0, 0, None
+        values = self._counters if self._norm is None else torch.cat([self._counters, self._norm.reshape(1).float()])
+        skipped, run, longest, *norm = values.tolist()
         self._counters[2] = run
-        return int(skipped), int(longest)
+        return int(skipped), int(longest), norm[0] if norm and math.isfinite(norm[0]) else None
 
 
 class StopSignal:

@@ -150,7 +150,7 @@ def main(argv=None):
               f"{len(train_data)} train / {len(val_data)} val tokens; compiled: {'yes' if compiled else 'no'}",
               flush=True)
     metrics = os.path.join(run.out, "metrics.jsonl")
-    stop, fp16 = runtime.StopSignal(), ds.get("fp16", {}).get("enabled", False)
+    stop, fp16 = runtime.StopSignal(), runtime.fp16(ds)
     loss_sum = torch.zeros((), device=device)  # summed micro-batch losses since the last log, on the device
     ds_skipped = engine.skipped_steps
     bar = tqdm(total=run.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)
@@ -171,9 +171,11 @@ def main(argv=None):
         if step % run.log_interval == 0 or step == run.max_steps:
             # the one host sync of the loop: the loss, the skip counters and the clock
             loss = runtime.all_reduce([loss_sum.item() / (gas * (step - logged))], device)[0] / world
-            skipped, longest = optimizer.read_counters()
+            skipped, longest, grad_norm = optimizer.read_counters()
             row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
                    "tokens_per_s": tokens_per_step * (step - logged) / timer.lap(), "skipped_steps": skipped}
+            if grad_norm is not None:  # where DeepSpeed leaves the gradients alone (runtime.build_engine)
+                row["grad_norm"] = grad_norm
             loss_sum.zero_()
             logged = step
             if rank == 0:

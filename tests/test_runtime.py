@@ -3,6 +3,7 @@ ZeRO-2 step (which calls it once per parameter group) as on its own; DeepSpeed c
 
 import copy
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -24,21 +25,24 @@ def batches(n, B=2, T=8, V=64):
     return [torch.randint(0, V, (B, T + 1), generator=g) for _ in range(n)]
 
 
-def reference_steps(model, data):
-    """The same steps with torch's AdamW and clip_grad_norm_: what GuardedAdamW must do."""
+def reference_steps(model, data, norms=None):
+    """The same steps with torch's AdamW and clip_grad_norm_: what GuardedAdamW must do. norms (a list) receives
+    each step's gradient norm before clipping."""
     opt = torch.optim.AdamW(param_groups(model, WD), lr=LR, betas=(0.9, 0.999), eps=1e-8)
     for w in data:
         opt.zero_grad()
         model(w[:, :-1], labels=w[:, 1:]).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        if norms is not None:
+            norms.append(norm.item())
         opt.step()
     return model
 
 
 def test_guarded_adamw_alone_matches_clipped_adamw():
     torch.manual_seed(0)
-    model, data = GPT1(GPT1Config(**SMALL)), batches(3)
-    ref = reference_steps(copy.deepcopy(model), data)
+    model, data, norms = GPT1(GPT1Config(**SMALL)), batches(3), []
+    ref = reference_steps(copy.deepcopy(model), data, norms)
     opt = GuardedAdamW(param_groups(model, WD), lr=LR, betas=(0.9, 0.999), eps=1e-8, max_grad_norm=CLIP)
     for w in data:
         opt.zero_grad()
@@ -46,7 +50,9 @@ def test_guarded_adamw_alone_matches_clipped_adamw():
         opt.step()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-    assert opt.read_counters() == (0, 0)
+    skipped, longest, grad_norm = opt.read_counters()
+    assert (skipped, longest) == (0, 0)
+    assert grad_norm == pytest.approx(norms[-1], rel=1e-5)  # the last step's, before clipping
 
 
 def test_guarded_adamw_keeps_a_loss_scalers_grad_scale():
@@ -89,14 +95,16 @@ def zero2_engine(model):
 def test_guard_inside_zero2_clips_by_the_global_norm(dist_env):
     """ZeRO-2 (fp32) steps the two parameter groups one at a time; the clipping still uses the norm over both."""
     torch.manual_seed(0)
-    model, data = GPT1(GPT1Config(**SMALL)), batches(3)
-    ref = reference_steps(copy.deepcopy(model), data)
-    engine, _ = zero2_engine(model)
+    model, data, norms = GPT1(GPT1Config(**SMALL)), batches(3), []
+    ref = reference_steps(copy.deepcopy(model), data, norms)
+    engine, optimizer = zero2_engine(model)
     for w in data:
         engine.backward(engine(w[:, :-1], labels=w[:, 1:]).loss)
         engine.step()
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+    # the logged norm covers both groups
+    assert optimizer.read_counters()[2] == pytest.approx(norms[-1], rel=1e-4)
 
 
 def test_guard_inside_zero2_skips_the_whole_step(dist_env):
@@ -113,11 +121,12 @@ def test_guard_inside_zero2_skips_the_whole_step(dist_env):
     handle.remove()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
-    assert optimizer.read_counters() == (1, 1)
+    assert optimizer.read_counters() == (1, 1, None)  # a skipped step's norm is not finite: not logged
     engine.backward(engine(w[:, :-1], labels=w[:, 1:]).loss)
     engine.step()
     assert not torch.equal(model.h[0].attn.c_attn.weight, before["h.0.attn.c_attn.weight"])
-    assert optimizer.read_counters()[0] == 1  # not skipped: the count stays
+    skipped, longest, grad_norm = optimizer.read_counters()
+    assert skipped == 1 and math.isfinite(grad_norm) and grad_norm > 0  # not skipped: the count stays
 
 
 def test_lean_checks_keep_deepspeeds_where_it_needs_them():

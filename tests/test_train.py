@@ -233,6 +233,9 @@ def test_nan_loss_is_skipped_then_stops_the_run(data, tmp_path, stage):
     rows = {r["step"]: r for r in metrics(out) if "loss" in r}
     assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 1, 2, 2, 2, 2]
     assert all(np.isfinite(rows[s]["loss"]) for s in (1, 4, 5, 6))
+    # the gradient norm is logged where the guard measures it (ZeRO-2), for the steps it did not skip
+    assert [s for s in range(1, 7) if "grad_norm" in rows[s]] == ([1, 4, 5, 6] if stage == 2 else [])
+    assert all(np.isfinite(rows[s]["grad_norm"]) and rows[s]["grad_norm"] > 0 for s in rows if "grad_norm" in rows[s])
     # the weights never saw a NaN: the final model is finite
     import torch
     state = torch.load(os.path.join(out, "model.pt"), map_location="cpu", weights_only=True)
