@@ -159,13 +159,29 @@ def _config_cases():
             for key in _CONFIGS for causal, p in ((True, 0.1), (False, 0.0))]
 
 
-@pytest.mark.parametrize("key,causal,p", _config_cases())
-def test_launch_config(key, causal, p, device):
-    """One table entry through the launchers' config=, with B = H = 1 and T just past the entry's largest block:
-    every kernel then runs several blocks, the causal diagonal stages (BLOCK_M != BLOCK_N) and a tail block."""
+def _tuned_cases():
+    """The measured table's block shapes that the default table does not have (kernels/attention_tuned.json):
+    each in its kernel, the default configs in the two others, causal with dropout and full, as the tuned
+    entries' keys say (bucket and dropout choose an entry; a kernel's block shapes are what its code sees)."""
+    cases = {}
+    for (arch, D, fp32, _bucket, _dropout, kind), cfg in sorted(attention._TUNED.items()):
+        base = _CONFIGS[(arch, D, fp32)]
+        if cfg[:2] != base[kind][:2]:
+            cases.setdefault((arch, D, fp32, kind, cfg[:2]), {**base, kind: cfg})
+    return [pytest.param((arch, D, fp32), causal, p, cfg, id=f"sm{arch}0-D{D}{'-fp32' if fp32 else ''}-{kind}"
+                         f"{blocks[0]}x{blocks[1]}-{'causal' if causal else 'full'}")
+            for (arch, D, fp32, kind, blocks), cfg in cases.items() for causal, p in ((True, 0.1), (False, 0.0))]
+
+
+@pytest.mark.parametrize("key,causal,p,cfg", [pytest.param(*c.values, None, id=c.id) for c in _config_cases()]
+                         + _tuned_cases())
+def test_launch_config(key, causal, p, cfg, device):
+    """One table entry (the default table's, or a block shape of the measured table) through the launchers'
+    config=, with B = H = 1 and T just past the entry's largest block: every kernel then runs several blocks, the
+    causal diagonal stages (BLOCK_M != BLOCK_N) and a tail block."""
     torch.manual_seed(0)
     arch, D, fp32 = key
-    cfg = _CONFIGS[key]
+    cfg = cfg or _CONFIGS[key]
     T = max(max(blocks[:2]) for blocks in cfg.values()) + 9
     dtype = FP32 if fp32 else BF16 if arch == 9 else FP16
     q, k, v, do = (torch.randn(1, 1, T, D, device=device).to(dtype) for _ in range(4))
