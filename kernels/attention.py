@@ -1018,12 +1018,13 @@ def fused_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
     fixes the dropout seed; by default one is drawn on q's device when dropout_p > 0 (new_dropout_seed)."""
     if not isinstance(causal, bool):
         raise TypeError(f"fused_attention: causal must be a bool, got {type(causal).__name__}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
-        raise ValueError(f"fused_attention: softmax_scale must be a positive number or None, got {softmax_scale}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf):
+        raise ValueError(f"fused_attention: softmax_scale must be a positive finite number or None, got "
+                         f"{softmax_scale}")
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"fused_attention: dropout_p must be a number in [0, 1), got {dropout_p}")
-    q, k, v = autocast_inputs(q, k, v)  # as SDPA under torch.autocast
-    _check_inputs(q, k, v, dropout_p)
+    _check_inputs(q, k, v, dropout_p)  # before the cast, which would trip over a non-tensor
+    q, k, v = autocast_inputs(q, k, v)  # as SDPA under torch.autocast: shapes and devices stay, dtypes agree
     dropout_p, sm_scale = float(dropout_p), float(_scale(q, softmax_scale))
     seed = None
     if dropout_p > 0.0:

@@ -50,6 +50,7 @@ truncates); GPU code is unaffected.
 """
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -323,8 +324,8 @@ def _check_inputs(x, h, weight, bias, dropout_p):
 
 
 def _check_eps(eps):
-    if not isinstance(eps, (int, float)) or not eps > 0.0:
-        _fail(f"eps must be a positive number, got {eps}")
+    if not isinstance(eps, (int, float)) or not 0.0 < eps < math.inf:
+        _fail(f"eps must be a positive finite number, got {eps}")
 
 
 def _rows(t):

@@ -322,7 +322,9 @@ def _t(*shape, dtype=FP32, device="cpu"):
     ((_t(1, 2, 5, 16),) * 3, dict(causal=1), TypeError, "causal"),
     ((_t(1, 2, 5, 16),) * 3, dict(softmax_scale=0.0), ValueError, "softmax_scale"),
     ((_t(1, 2, 5, 16),) * 3, dict(softmax_scale=-0.5), ValueError, "softmax_scale"),
+    ((_t(1, 2, 5, 16),) * 3, dict(softmax_scale=float("inf")), ValueError, "softmax_scale"),
     ((_t(1, 2, 5, 16), _t(1, 2, 5, 16), [0.0]), {}, TypeError, "v must be a torch.Tensor"),
+    (([0.0], _t(1, 2, 5, 16), _t(1, 2, 5, 16)), {}, TypeError, "q must be a torch.Tensor"),
 ])
 def test_errors(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -225,6 +225,8 @@ def test_bad_target_raises(bad, device):
     ((30,), torch.zeros(3, dtype=torch.long), {}, ValueError, "logits must be 2-D"),
     ((3, 10), torch.zeros(3, dtype=torch.long), {"reduction": "avg"}, ValueError, "reduction must be"),
     ((3, 10), torch.zeros(3, dtype=torch.long), {"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+    ((3, 10), torch.zeros(3, dtype=torch.long), {"ignore_index": 2**63}, ValueError, "ignore_index must fit in int64"),
+    ((3, 10), torch.zeros(3, dtype=torch.long), {"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
 ])
 def test_bad_arguments_raise(logits_shape, target, kwargs, error, match, device):
     with pytest.raises(error, match=match):
@@ -241,6 +243,50 @@ def test_bad_linear_shapes_raise(device):
         fused_linear_cross_entropy(h, w.bfloat16(), t.to(device))
     with pytest.raises(ValueError, match=r"target must have shape \(5,\)"):
         fused_linear_cross_entropy(h, w, t[:4].to(device))
+    with pytest.raises(TypeError, match="hidden must be a torch.Tensor, got list"):  # before autocast reads it
+        fused_linear_cross_entropy([[0.0] * 8] * 5, w, t.to(device))
+    for chunk in (0, 2.0, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+            fused_linear_cross_entropy(h, w, t.to(device), chunk_size=chunk)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        fused_cross_entropy([[0.0] * 8] * 5, t.to(device))
+
+
+@pytest.mark.parametrize("view", ["expand", "as_strided"])
+def test_overlapping_rows_are_copied_before_the_gradient_is_written(view, device):
+    """Logits whose rows share memory (an expanded row, an as_strided window) cannot hold the gradient in place:
+    each row's program would write over rows that others still read. They get a contiguous copy, as a
+    column-strided view does; the loss and the gradient reaching the leaf are the reference's."""
+    torch.manual_seed(0)
+    base, target = torch.randn(4, 300, device=device), torch.randint(0, 300, (4,), device=device)
+    make = {"expand": lambda b: b[:1].expand(4, 300), "as_strided": lambda b: b.view(-1).as_strided((4, 300), (7, 1))}
+    out = []
+    for fn in (fused_cross_entropy, reference.cross_entropy):
+        leaf = _leaf(base.clone())
+        loss = fn(make[view](leaf), target, reduction="sum")
+        out.append((loss, *torch.autograd.grad(loss, leaf)))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_classes_with_every_target_ignored(reduction, device):
+    """V = 0, which torch's cross-entropy admits when every target is ignored: a zero loss (the reference's mean
+    of nothing) and empty gradients, plain and fused with the linear head; a target that is not ignored is out of
+    range."""
+    target = torch.full((3,), -100, device=device)
+    logits = _leaf(torch.randn(3, 0, device=device))
+    loss = fused_cross_entropy(logits.clone(), target, reduction=reduction)
+    torch.testing.assert_close(loss, reference.cross_entropy(logits, target, reduction=reduction))
+    loss.sum().backward()
+    assert logits.grad.shape == (3, 0)
+    h, w = _leaf(torch.randn(3, 8, device=device)), _leaf(torch.randn(0, 8, device=device))
+    loss = fused_linear_cross_entropy(h, w, target, reduction=reduction)
+    assert torch.equal(loss, torch.zeros_like(loss)) and loss.shape == ((3,) if reduction == "none" else ())
+    loss.sum().backward()
+    assert torch.equal(h.grad, torch.zeros_like(h)) and w.grad.shape == (0, 8)
+    with pytest.raises(ValueError, match=r"outside \[0, 0\)"):
+        fused_cross_entropy(torch.randn(3, 0, device=device), torch.tensor([0, -100, -100], device=device))
 
 
 # ----------------------------------------------------------------------------- fused linear
