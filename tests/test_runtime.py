@@ -132,8 +132,12 @@ def test_guard_inside_zero2_skips_the_whole_step(dist_env):
 def test_lean_checks_keep_deepspeeds_where_it_needs_them():
     fp16 = {"fp16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
     zero3 = {"bf16": {"enabled": True}, "gradient_clipping": 1.0, "zero_optimization": {"stage": 3}}
-    for ds in (fp16, zero3):  # only DeepSpeed's throughput timer, which syncs twice a step, goes
-        assert lean_checks(ds, 1) == ({**ds, "timers": {"throughput": {"enabled": False}}}, 0.0)
+    for ds in (fp16, zero3):  # their checks and clipping stay; DeepSpeed's throughput timer, which syncs twice a
+        # step, goes (and on one rank ZeRO-1/2's overlap and bucket, see the next test)
+        one_rank = {"overlap_comm": False, "contiguous_gradients": False} if ds is fp16 else {}
+        assert lean_checks(ds, 2) == ({**ds, "timers": {"throughput": {"enabled": False}}}, 0.0)
+        assert lean_checks(ds, 1) == ({**ds, "timers": {"throughput": {"enabled": False}},
+                                       "zero_optimization": {**ds["zero_optimization"], **one_rank}}, 0.0)
     lean, clip = lean_checks({"bf16": {"enabled": True}, "gradient_clipping": 1.0,
                               "zero_optimization": {"stage": 1}}, 1)
     assert clip == 1.0 and lean["bf16"]["check_grad_overflow"] is False
@@ -142,31 +146,44 @@ def test_lean_checks_keep_deepspeeds_where_it_needs_them():
     assert lean_checks(kept, 1)[0]["timers"] == kept["timers"]  # a config's own choice stands
 
 
-def test_lean_checks_turn_overlap_comm_off_on_one_rank():
+def test_lean_checks_turn_overlap_comm_and_contiguous_gradients_off_on_one_rank():
     for stage in (1, 2):
-        ds = {"bf16": {"enabled": True}, "zero_optimization": {"stage": stage, "overlap_comm": True}}
-        assert lean_checks(ds, 1)[0]["zero_optimization"]["overlap_comm"] is False
-        assert lean_checks(ds, 2)[0]["zero_optimization"]["overlap_comm"] is True  # the config's choice
-        assert ds["zero_optimization"]["overlap_comm"] is True  # the caller's dict is not changed
-    zero3 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "overlap_comm": True}}
-    assert lean_checks(zero3, 1)[0]["zero_optimization"]["overlap_comm"] is True
+        zo = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True}
+        ds = {"bf16": {"enabled": True}, "zero_optimization": zo}
+        one = lean_checks(ds, 1)[0]["zero_optimization"]
+        assert one["overlap_comm"] is False and one["contiguous_gradients"] is False
+        several = lean_checks(ds, 2)[0]["zero_optimization"]  # the config's choices
+        assert several["overlap_comm"] is True and several["contiguous_gradients"] is True
+        assert ds["zero_optimization"] == zo  # the caller's dict is not changed
+    zero3 = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3, "overlap_comm": True,
+                                                               "contiguous_gradients": True}}
+    assert lean_checks(zero3, 1)[0]["zero_optimization"] == zero3["zero_optimization"]
 
 
 def test_one_rank_zero2_engine_runs_without_overlap_comm(dist_env):
     """DeepSpeed's ZeRO-1/2 optimizer synchronizes the device at the end of each backward (on CUDA) when its
-    overlap_comm is set (stage_1_and_2.py, independent_gradient_partition_epilogue): the shipped ZeRO-2
-    config sets it, the engine built from it through lean_checks on one rank runs without it, and trains."""
+    overlap_comm is set (stage_1_and_2.py, independent_gradient_partition_epilogue), and copies every gradient
+    into its bucket when contiguous_gradients is: the shipped ZeRO-2 config sets both, the engine built from it
+    through lean_checks on one rank runs without either, and takes the very same steps as with the bucket
+    (fp32 here: bitwise)."""
     with open("ds_configs/zero2_bf16.json") as f:
-        shipped = {**json.load(f), "train_micro_batch_size_per_gpu": 2}
-    for ds, overlap in ((shipped, True), (lean_checks(shipped, 1)[0], False)):
+        shipped = {**json.load(f), "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": False}}
+    lean = lean_checks(shipped, 1)[0]
+    bucketed = {**lean, "zero_optimization": {**lean["zero_optimization"], "contiguous_gradients": True}}
+    weights = []
+    for ds, overlap, contiguous in ((shipped, True, True), (lean, False, False), (bucketed, False, True)):
         torch.manual_seed(0)
         engine, _, _ = build_engine(GPT1(GPT1Config(**SMALL)), ds, lr=LR)
-        assert engine.optimizer.overlap_comm is overlap
+        assert (engine.optimizer.overlap_comm, engine.optimizer.contiguous_gradients) == (overlap, contiguous)
         w = batches(1)[0]
         before = engine.module.h[0].mlp.c_fc.weight.detach().clone()
-        engine.backward(engine(w[:, :-1], labels=w[:, 1:]).loss)
-        engine.step()
+        for _ in range(2):
+            engine.backward(engine(w[:, :-1], labels=w[:, 1:]).loss)
+            engine.step()
         assert not torch.equal(engine.module.h[0].mlp.c_fc.weight, before)
+        weights.append({n: p.detach().clone() for n, p in engine.module.named_parameters()})
+    for n, p in weights[1].items():
+        assert torch.equal(p, weights[2][n]), n
 
 
 def test_lean_checks_under_torch_autocast():
