@@ -8,13 +8,16 @@ only when it logs.
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import time
+import tokenize
 from dataclasses import fields
 
 import numpy as np
@@ -24,21 +27,40 @@ import torch.distributed as dist
 from .errors import GPT1Error
 
 
+def field_comments(cls):
+    """{field name: its trailing comment} of a dataclass's source (`name: type = default  # comment`): the one
+    place where each flag is documented, shown by --help. Empty when the source cannot be read."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    comments = {}
+    for tok in tokenize.generate_tokens(iter(line + "\n" for line in lines).__next__):
+        if tok.type == tokenize.COMMENT:
+            match = re.match(r"\s*(\w+)\s*:", lines[tok.start[0] - 1])
+            if match:
+                comments[match.group(1)] = tok.string.lstrip("# ").strip()
+    return comments
+
+
 def parse_dataclass(cls, argv, prog, description):
     """An instance of the dataclass `cls` from command-line flags named after its fields (--max-steps and
     --max_steps), plus the --local_rank / --deepspeed flags that DeepSpeed's launcher passes. A bool field
-    is a switch (--resume); an optional bool field (default None: decided at run time) takes --x / --no-x."""
+    is a switch (--resume); an optional bool field (default None: decided at run time) takes --x / --no-x.
+    Each flag's help is its field's comment (field_comments) and its default."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    comments = field_comments(cls)
     for f in fields(cls):
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        about = comments.get(f.name, "")
         if f.type in (bool, "bool"):
-            parser.add_argument(*flags, dest=f.name, action="store_true")
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=about or None)
         elif f.type in (bool | None, "bool | None"):
             parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help="default: on where it pays (see the README)")
+                                help=about or "default: on where it pays (see the README)")
         else:
             parser.add_argument(*flags, dest=f.name, type=type(f.default), default=f.default,
-                                help=f"default: {f.default!r}")
+                                help=f"{about + ' ' if about else ''}(default: {f.default!r})")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     parser.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # the launcher's flag
     args = parser.parse_args(argv)

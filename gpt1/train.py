@@ -48,7 +48,7 @@ class RunConfig:
     save_interval: int = 500  # steps between checkpoints (and at the end)
     keep_checkpoints: int = 3  # complete checkpoints kept on disk
     max_nonfinite: int = 5  # consecutive skipped steps after which the run stops
-    seed: int = 1337
+    seed: int = 1337  # initial weights, data order and dropout masks
     compile: bool | None = None  # torch.compile the model (fullgraph); default: on a CUDA GPU under ZeRO 0-2
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
     resume: bool = False  # continue from the newest complete checkpoint in --out

@@ -4,6 +4,7 @@ ZeRO-2 step (which calls it once per parameter group) as on its own; DeepSpeed c
 import copy
 import json
 import math
+from dataclasses import fields
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,16 @@ from helpers import grads_agree, replayed_dropout
 from gpt1 import GPT1, GPT1Config
 from gpt1.errors import GPT1Error
 from gpt1.model import param_groups
-from gpt1.runtime import GuardedAdamW, build_engine, compile_module, init_distributed, lean_checks, load_ds_config
+from gpt1.runtime import (
+    GuardedAdamW,
+    build_engine,
+    compile_module,
+    field_comments,
+    init_distributed,
+    lean_checks,
+    load_ds_config,
+    parse_dataclass,
+)
 
 SMALL = dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0,
              resid_pdrop=0.0, attn_impl="eager", loss_impl="eager")
@@ -385,3 +395,29 @@ def test_load_ds_config_overrides_and_refuses(tmp_path):
     path.write_text(json.dumps({"train_batch_size": 30, "gradient_accumulation_steps": 4}))
     with pytest.raises(GPT1Error, match="not divisible"):
         load_ds_config(str(path), world_size=2)
+
+
+def test_each_flags_help_is_its_fields_comment(capsys):
+    """--help documents every flag of gpt1.train and gpt1.finetune with its field's comment in the run config's
+    source, then its default."""
+    from gpt1.finetune import FinetuneConfig
+    from gpt1.train import RunConfig
+
+    comments = {}
+    for cls in (RunConfig, FinetuneConfig):
+        with pytest.raises(SystemExit):
+            parse_dataclass(cls, ["--help"], "prog", "about")
+        out = " ".join(capsys.readouterr().out.split())
+        comments[cls] = field_comments(cls)
+        for f in fields(cls):
+            assert comments[cls].get(f.name), f"{cls.__name__}.{f.name} has no comment to show"
+            assert comments[cls][f.name] in out, f.name
+    assert "--lr LR peak learning rate (the paper's) (default: 0.00025)" in " ".join(
+        parse_help(RunConfig, capsys).split())
+    assert comments[RunConfig]["resume"] == "continue from the newest complete checkpoint in --out"
+
+
+def parse_help(cls, capsys):
+    with pytest.raises(SystemExit):
+        parse_dataclass(cls, ["--help"], "prog", "about")
+    return capsys.readouterr().out
