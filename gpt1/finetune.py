@@ -36,6 +36,7 @@ from .runtime import (
     build_engine,
     check_compile,
     check_kernels,
+    check_ranges,
     compile_module,
     init_distributed,
     lean_checks,
@@ -81,7 +82,11 @@ class FinetuneConfig:
 
 
 def parse_args(argv=None):
-    return parse_dataclass(FinetuneConfig, argv, "gpt1 finetune", "Fine-tune GPT-1 on a GLUE-format task.")
+    run = parse_dataclass(FinetuneConfig, argv, "gpt1 finetune", "Fine-tune GPT-1 on a GLUE-format task.")
+    check_ranges(run, epochs=(1, None), batch_size=(1, None), gradient_accumulation_steps=(1, None),
+                 warmup=(0.0, 1.0), weight_decay=(0.0, None), lm_coef=(0.0, None), clf_dropout=(0.0, 1.0),
+                 max_len=(0, None), log_interval=(1, None))
+    return run
 
 
 # ---- input transformations (figure 1): token id lists of one example, special tokens kept whole
@@ -334,8 +339,6 @@ def main(argv=None):
     run = parse_args(argv)
     task = glue.get_task(run.task, run.text_column, run.text_b_column, run.label_column, run.choice_columns)
     labels, train_ex, dev_ex, test_ex = read_task(run, task)
-    if run.epochs < 1 or run.batch_size < 1:
-        raise GPT1Error("--epochs and --batch-size must be positive")
     check_compile(run.compile, run.compile_mode)
     rank, world, device = init_distributed()
     ds, max_grad_norm = lean_checks(ds_config(run, world), world)

@@ -67,6 +67,16 @@ def parse_dataclass(cls, argv, prog, description):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
+def check_ranges(run, **ranges):
+    """A one-line error for the first flag outside its range, given as (low, high) with either end None (open):
+    --max-steps -5 must not pass for "no steps", nor --micro-batch-size -2 for "the config's"."""
+    for name, (low, high) in ranges.items():
+        value = getattr(run, name)
+        if (low is not None and value < low) or (high is not None and value > high) or value != value:
+            bounds = f"at least {low}" if high is None else f"at most {high}" if low is None else f"in [{low}, {high}]"
+            raise GPT1Error(f"--{name.replace('_', '-')} must be {bounds}, got {value}")
+
+
 def init_distributed():
     """deepspeed.init_distributed, with a one-rank environment when not started by a launcher;
     returns (rank, world size, this rank's device)."""

@@ -55,7 +55,15 @@ class RunConfig:
 
 
 def parse_args(argv=None):
-    return runtime.parse_dataclass(RunConfig, argv, "gpt1 train", "Pre-train GPT-1 with DeepSpeed.")
+    run = runtime.parse_dataclass(RunConfig, argv, "gpt1 train", "Pre-train GPT-1 with DeepSpeed.")
+    runtime.check_ranges(run, max_steps=(1, None), min_lr=(0.0, None), warmup_steps=(-1, None),
+                         weight_decay=(0.0, None), seq_len=(0, None), micro_batch_size=(0, None),
+                         gradient_accumulation_steps=(0, None), eval_interval=(1, None), eval_batches=(1, None),
+                         log_interval=(1, None), save_interval=(1, None), keep_checkpoints=(1, None),
+                         max_nonfinite=(1, None))
+    if run.dropout != -1.0:  # -1: the model's own rates
+        runtime.check_ranges(run, dropout=(0.0, 1.0))
+    return run
 
 
 def build_model_config(run, meta):

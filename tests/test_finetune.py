@@ -304,3 +304,21 @@ def test_init_from_run_or_hf_directory(pretrained, tmp_path):
     assert grown.tokens_embed.weight.shape[0] == grown.config.vocab_size == tok.vocab_size + 5
     with torch.no_grad():
         assert_close(grown.hidden_states(ids), hf_model.hidden_states(ids), 1e-5, 1e-5, "old rows kept")
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--batch-size", "-4"], "--batch-size must be at least 1"),
+    (["--warmup", "1.5"], "--warmup must be in [0.0, 1.0], got 1.5"),
+    (["--lm-coef", "-0.5"], "--lm-coef must be at least 0.0"),
+    (["--clf-dropout", "2"], "--clf-dropout must be in [0.0, 1.0]"),
+    (["--log-interval", "0"], "--log-interval must be at least 1"),
+])
+def test_flags_out_of_range_are_refused(flags, msg):
+    import re
+
+    from gpt1.errors import GPT1Error
+    from gpt1.finetune import parse_args
+
+    with pytest.raises(GPT1Error, match=re.escape(msg)):
+        parse_args(flags)

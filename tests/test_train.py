@@ -3,6 +3,7 @@ SIGTERM saves and exits 0, non-finite steps are skipped and then stop the run, b
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -259,11 +260,12 @@ def bad_input_cases(data, tmp_path):
         "seq too long": (dict(config=good, seq_len=129), "n_positions"),
         "missing data": (dict(config=good, data=str(tmp_path / "nodata")), "nodata"),
         "compile mode": (dict(config=good, compile_mode="fast"), "--compile-mode must be one of"),
+        "negative steps": (dict(config=good, max_steps=-5), "--max-steps must be at least 1, got -5"),
     }
 
 
 @pytest.mark.parametrize("case", ["batch sizes", "unknown preset", "missing ds config", "broken ds config",
-                                  "seq too long", "missing data", "compile mode"])
+                                  "seq too long", "missing data", "compile mode", "negative steps"])
 def test_bad_input_is_one_line_error(data, tmp_path, case):
     flags, msg = bad_input_cases(data, tmp_path)[case]
     out = str(tmp_path / "run")
@@ -273,6 +275,28 @@ def test_bad_input_is_one_line_error(data, tmp_path, case):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and msg in last, res.stderr[-2000:]
     assert not os.path.exists(os.path.join(out, "checkpoints"))
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--log-interval", "0"], "--log-interval must be at least 1, got 0"),
+    (["--micro-batch-size", "-2"], "--micro-batch-size must be at least 0, got -2"),  # 0: the config's
+    (["--gradient-accumulation-steps", "-1"], "--gradient-accumulation-steps must be at least 0"),
+    (["--eval-batches", "0"], "--eval-batches must be at least 1"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    (["--save-interval", "0"], "--save-interval must be at least 1"),
+    (["--warmup-steps", "-2"], "--warmup-steps must be at least -1"),  # -1: the default warmup
+    (["--dropout", "-0.5"], "--dropout must be in [0.0, 1.0], got -0.5"),  # only -1 means the model's rates
+    (["--min-lr", "nan"], "--min-lr must be at least 0.0, got nan"),
+])
+def test_flags_out_of_range_are_refused(flags, msg):
+    """A value outside a flag's range is refused before anything starts, where it used to pass as a sentinel
+    (--micro-batch-size -2 as "the config's") or fail later with a traceback (--log-interval 0)."""
+    from gpt1.errors import GPT1Error
+    from gpt1.train import parse_args
+
+    with pytest.raises(GPT1Error, match=re.escape(msg)):
+        parse_args(flags)
+    parse_args(["--dropout", "-1", "--micro-batch-size", "0", "--warmup-steps", "-1"])  # the sentinels pass
 
 
 def test_run_dir_of_another_model_is_refused(data, tmp_path):
