@@ -13,8 +13,10 @@ def add_arguments(parser):
     parser.add_argument("--prompt", default="\n", help="text to continue")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
-    parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=None)
-    parser.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=None)
+    parser.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=None,
+                        help="sample among the k most likely tokens only")
+    parser.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=None,
+                        help="sample among the most likely tokens whose probability reaches p (nucleus)")
     parser.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -23,6 +25,8 @@ def add_arguments(parser):
 def generate(args):
     if args.max_new_tokens < 0 or args.temperature < 0 or args.num_samples < 1:
         raise GPT1Error("--max-new-tokens and --temperature must be >= 0, --num-samples >= 1")
+    if args.top_k is not None and args.top_k < 1:
+        raise GPT1Error(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise GPT1Error(f"--top-p must be in (0, 1], got {args.top_p}")
     model, tokenizer = load_run(args.run, args.device)

@@ -138,6 +138,7 @@ def test_cli_metrics(run_dir):
 @pytest.mark.parametrize("args, msg", [
     (["generate", "--run", "/nonexistent"], "not a finished run directory"),
     (["generate", "--run", "RUN", "--top-p", "1.5"], "--top-p"),
+    (["generate", "--run", "RUN", "--top-k", "-3"], "--top-k must be at least 1"),
     (["generate", "--run", "RUN", "--max-new-tokens", "-1"], "--max-new-tokens"),
     (["export-hf", "/nonexistent", "/tmp/x"], "not a finished run directory"),
     (["metrics", "/nonexistent"], "not found"),
