@@ -98,7 +98,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     smoke = args.smoke
     args.runs = selected_runs(args.runs)
-    args.steps = args.steps or (4 if smoke else 200)
+    args.steps = args.steps if args.steps is not None else (4 if smoke else 200)
     args.data = args.data or (None if smoke else "data/shakespeare")
     args.model = args.model or ("gpt1-tiny" if smoke else "gpt1")
     args.micro_batch_size = args.micro_batch_size or (2 if smoke else 32)

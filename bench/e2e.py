@@ -510,9 +510,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30; smoke 1)")
     parser.add_argument("--only", default=None, help="comma-separated row names (default: every row of ROWS)")
     args = parser.parse_args(argv)
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    unknown = [n for n in only or () if n not in {r.name for r in ROWS}]
+    if unknown:
+        parser.error(f"--only: unknown row(s) {', '.join(map(repr, unknown))}; rows: "
+                     f"{', '.join(repr(r.name) for r in ROWS)}")
     common.use_interpreter_without_gpu(args.smoke)
     out = common.out_dir(args)
-    only = args.only.split(",") if args.only else None
     rows = run(args.smoke, common.Deadline(args.budget_s), args.micro_batch, args.steps, only, out)
     common.write_outputs(rows, out, "End-to-end training-step benchmark", [(markdown, plot)])
 

@@ -76,6 +76,9 @@ def budgets(names, budget_s, smoke):
     return {n: 0 if smoke or not budget_s else budget_s * BUDGET_SHARES[n] / total for n in names}
 
 
+BENCHES = ("attention", "cross_entropy", "layer_norm", "e2e")
+
+
 def main(argv=None):
     parser = common.cli_parser(__doc__.splitlines()[0])
     parser.set_defaults(budget_s=450)
@@ -84,12 +87,16 @@ def main(argv=None):
     parser.add_argument("--include", action="append", default=[], help="results.json of an earlier run whose rows "
                                                                        "join the tables (repeatable)")
     args = parser.parse_args(argv)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown or not names:
+        parser.error(f"--only: unknown bench(es) {', '.join(unknown) or '(none given)'}; benches: {', '.join(BENCHES)}")
     common.use_interpreter_without_gpu(args.smoke)  # before any module imports kernels
     from . import attention, cross_entropy, e2e, layer_norm
 
     out, benches = common.out_dir(args), {"attention": attention, "cross_entropy": cross_entropy,
                                           "layer_norm": layer_norm, "e2e": e2e}
-    names = args.only.split(",")
+    assert set(benches) == set(BENCHES)
     rows, t0 = [], time.monotonic()
     for path in args.include:
         with open(path) as f:

@@ -345,6 +345,20 @@ def test_curves_run_selection():
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
     assert "unknown run(s) bogus" in proc.stderr and "eager-loss" in proc.stderr
+    with pytest.raises(SystemExit):
+        curves.parse_args(["--steps", "0"])  # not the default's sentinel: a curve needs two steps
+
+
+@pytest.mark.parametrize("module,args,msg", [
+    ("bench.e2e", ["--only", "nanoGPT recipe,bogus"], "--only: unknown row(s) 'bogus'; rows: 'nanoGPT recipe'"),
+    ("bench.run_all", ["--only", "attention,bogus"], "--only: unknown bench(es) bogus; benches: attention"),
+])
+def test_only_names_an_unknown_row_or_bench(module, args, msg):
+    """A misspelt --only name is an error naming the known ones (it used to run nothing, or raise a KeyError),
+    on a CPU as on a GPU: checked before the GPU is."""
+    proc = subprocess.run([sys.executable, "-m", module, "--smoke", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_curves_run_flags_under_smoke():
