@@ -224,9 +224,11 @@ _BWD_PROGRAMS_PER_SM = 4
 # (BLOCK_P, BLOCK_C) of the kernel that sums the backward's partial d weight / d bias rows: 12 programs at C = 768,
 # each adding 32 of the ~500 partial rows at a time (16 fp32 per thread and tensor on 4 warps)
 _PARAM_GRADS_TILE = (32, 64)
-# The interpreter runs each program in Python: small tiles and few backward programs keep the tests quick while
-# still running several tiles per program, a partial tile and more than one partial d weight row.
-_INTERPRETER_CONFIG = dict(fwd=(2, 1), bwd=(2, 1), programs=3)
+# The interpreter runs each program in Python, at a cost per program: forward tiles of 8 rows (2 made the model's
+# dropout test spend 136 s in 64 programs per call), small backward tiles and few backward programs keep the
+# tests quick while still running several programs, several tiles per program, a partial tile and more than one
+# partial d weight row.
+_INTERPRETER_CONFIG = dict(fwd=(8, 1), bwd=(2, 1), programs=3)
 
 
 def _gpu_tile(block_c, backward=False):
