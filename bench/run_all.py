@@ -13,6 +13,7 @@ Each bench has a share of --budget-s; rows still to run when its share is spent 
 Without --out the results go to bench/results/<gpu model>/, the committed set for that GPU.
 """
 
+import importlib
 import json
 import time
 
@@ -92,11 +93,7 @@ def main(argv=None):
     if unknown or not names:
         parser.error(f"--only: unknown bench(es) {', '.join(unknown) or '(none given)'}; benches: {', '.join(BENCHES)}")
     common.use_interpreter_without_gpu(args.smoke)  # before any module imports kernels
-    from . import attention, cross_entropy, e2e, layer_norm
-
-    out, benches = common.out_dir(args), {"attention": attention, "cross_entropy": cross_entropy,
-                                          "layer_norm": layer_norm, "e2e": e2e}
-    assert set(benches) == set(BENCHES)
+    out, benches = common.out_dir(args), {n: importlib.import_module(f".{n}", __package__) for n in names}
     rows, t0 = [], time.monotonic()
     for path in args.include:
         with open(path) as f:

@@ -30,6 +30,14 @@ def round_fp32(x, DROP_BITS: tl.constexpr):
     return bits.to(tl.float32, bitcast=True)
 
 
+def check_tensors(prefix="", **tensors):
+    """A TypeError naming the first argument that is not a torch.Tensor (a bias may be None), checked before
+    anything reads an attribute of it; prefix: the public function's name, as its other errors carry it."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
+            raise TypeError(f"{prefix}{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
 def autocast_inputs(*tensors):
     """The tensors as torch.autocast hands them to a matmul (F.linear, SDPA): floating ones cast to the
     autocast dtype when autocast is on for their device type; unchanged otherwise (None passes through).

@@ -79,6 +79,7 @@ from kernels._common import (
     LOG2E,
     autocast_inputs,
     bits_from_words,
+    check_tensors,
     dropout_args,
     dropout_words,
     keep_from_words,
@@ -766,9 +767,8 @@ def _config(q, dropout):
 
 
 def _check_inputs(q, k, v, dropout_p=0.0):
+    check_tensors("fused_attention: ", q=q, k=k, v=v)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"fused_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"fused_attention: {name} must have shape (B, H, T, D), got rank {t.dim()} "
                              f"shape {tuple(t.shape)}")

@@ -76,7 +76,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, LOG2E, autocast_inputs, round_fp32
+from kernels._common import INTERPRET, LOG2E, autocast_inputs, check_tensors, round_fp32
 
 _REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -211,13 +211,6 @@ def _check_options(ignore_index, label_smoothing, reduction):
         raise ValueError(f"ignore_index must fit in int64 (the targets' dtype), got {ignore_index}")
 
 
-def _check_tensors(**tensors):
-    """Each named argument a torch.Tensor (None allowed for bias): checked before anything reads an attribute."""
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _check_target(target, n_rows, n_classes, ignore_index):
     """Validate dtype and shape; in eager mode also the values (one reduction and one host sync). Under
     torch.compile the values are not read on the host (that would be a graph break): the kernel turns a bad
@@ -237,7 +230,7 @@ def _check_target(target, n_rows, n_classes, ignore_index):
 
 def _check_ce_inputs(logits, target, ignore_index, label_smoothing, reduction):
     _check_options(ignore_index, label_smoothing, reduction)
-    _check_tensors(logits=logits, target=target)
+    check_tensors(logits=logits, target=target)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
     if logits.dtype not in _DTYPES:
@@ -256,8 +249,7 @@ def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, r
         return
     n_cols = row_len if n_cols is None else n_cols
     if n_cols == 0:  # no classes (as torch allows): an ignored row's loss is 0, any other is a bad target, NaN
-        loss.copy_((target != ignore_index).float() * math.nan)  # NaN * 0 is NaN: mark the ignored ones apart
-        loss.masked_fill_(target == ignore_index, 0.0)
+        loss.fill_(math.nan).masked_fill_(target == ignore_index, 0.0)
         return
     if compute_grad and not isinstance(grad_scale, torch.Tensor):
         grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=logits.device)
@@ -724,7 +716,7 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     _check_options(ignore_index, label_smoothing, reduction)
-    _check_tensors(hidden=hidden, weight=weight, target=target, bias=bias)  # before the cast reads their devices
+    check_tensors(hidden=hidden, weight=weight, target=target, bias=bias)  # before the cast reads their devices
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)  # as F.linear under torch.autocast
     _check_linear_inputs(hidden, weight, target, bias)
     _check_target(target, hidden.shape[0], weight.shape[0], ignore_index)

@@ -59,6 +59,7 @@ import triton.language as tl
 
 from kernels._common import (
     INTERPRET,
+    check_tensors,
     dropout_args,
     dropout_words,
     keep_from_words,
@@ -305,9 +306,8 @@ def _fail(message, exc=ValueError):
 
 
 def _check_inputs(x, h, weight, bias, dropout_p):
+    check_tensors("fused_add_dropout_layer_norm: ", x=x, h=h, weight=weight, bias=bias)
     for name, t in (("x", x), ("h", h), ("weight", weight), ("bias", bias)):
-        if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
-            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}", TypeError)
         if t is not None and t.dtype not in DTYPES:
             _fail(f"{name} dtype {t.dtype} is not supported (use float16, bfloat16 or float32)", TypeError)
     if x.dim() == 0 or x.shape != h.shape:
