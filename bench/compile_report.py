@@ -7,10 +7,12 @@ configuration of the GPT-1 shapes with `triton.compile(ASTSource(...), target=GP
 (no GPU needed) and reads the cubin with the `cuobjdump -res-usage` that ships in triton's nvidia backend.
 It prints one row per (kernel, configuration, arch): registers per thread, shared memory (dynamic, as the
 launch needs it), local memory (the stack frame plus local arrays: register spills land there), the spill
-traffic in the SASS (`cuobjdump -sass`: STL stores / LDL loads to local memory), and on sm_90 whether the
+traffic in the SASS (`cuobjdump -sass`: STL stores / LDL loads to local memory), on sm_90 whether the
 kernel uses wgmma (Hopper's warpgroup MMA: wgmma.mma_async in the PTX, HGMMA instructions in the SASS; the
-SASS count is what the hardware runs). Must run WITHOUT TRITON_INTERPRET=1. --markdown writes the same
-table as Markdown (bench/gpu_session.sh keeps it beside the GPU results).
+SASS count is what the hardware runs), and the instruction mix: SASS instructions in all (static: a loop body
+counts once, so compare variants of one kernel, not kernels) and the shared-memory stores / loads and
+barriers, where a tile changing register layout makes its round trip. Must run WITHOUT TRITON_INTERPRET=1.
+--markdown writes the same table as Markdown (bench/gpu_session.sh keeps it beside the GPU results).
 
 Registry format. A kernel module takes part by defining a module-level list `COMPILE_SPECS`; the modules
 listed in `SPEC_MODULES` are imported (a missing module is skipped). Each entry is a dict
@@ -114,9 +116,13 @@ _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)"
 
 
 def sass_counts(sass):
-    """{"STL", "LDL", "HGMMA", "HMMA"}: local-memory stores / loads (spills) and tensor-core instructions."""
+    """{"STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "total"}: local-memory stores / loads (spills),
+    tensor-core instructions, shared-memory stores / loads and barriers (a layout conversion between register
+    layouts goes through shared memory: one STS/LDS pair and barriers per converted tile), and the number of
+    instructions (static: a loop body counts once)."""
     ops = [m.group(1) for m in _SASS_OP.finditer(sass)]
-    return {op: ops.count(op) for op in ("STL", "LDL", "HGMMA", "HMMA")}
+    counts = {op: ops.count(op) for op in ("STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR")}
+    return {**counts, "total": len(ops)}
 
 
 def compile_one(mod_name, index, arch):
@@ -139,7 +145,8 @@ def compile_one(mod_name, index, arch):
     return dict(row, ok=True, registers=usage.get("reg"), shared=kernel.metadata.shared,
                 local=usage.get("stack", 0) + usage.get("local", 0), spill_stores=sass["STL"],
                 spill_loads=sass["LDL"], wgmma="wgmma.mma_async" in kernel.asm["ptx"], hgmma=sass["HGMMA"],
-                hmma=sass["HMMA"])
+                hmma=sass["HMMA"], instructions=sass["total"], smem_stores=sass["STS"], smem_loads=sass["LDS"],
+                barriers=sass["BAR"])
 
 
 def _config_label(constexprs, num_warps, num_stages):
@@ -161,7 +168,7 @@ def run(archs=ARCHS, name_filter=None, jobs=None):
         return list(pool.map(compile_one, *zip(*work))) if work else []
 
 
-HEAD = ("kernel", "config", "arch", "regs", "smem", "local", "STL/LDL", "wgmma")
+HEAD = ("kernel", "config", "arch", "regs", "smem", "local", "STL/LDL", "wgmma", "instrs", "STS/LDS/BAR")
 
 
 def _cells(r):
@@ -169,11 +176,12 @@ def _cells(r):
         return [r["kernel"], r["config"], f"sm_{r['arch']}", "FAILED", r["error"]]
     wgmma = "-" if r["arch"] < 90 else "no" if not (r["wgmma"] or r["hgmma"]) else f"yes ({r['hgmma']} HGMMA)"
     return [r["kernel"], r["config"], f"sm_{r['arch']}", str(r["registers"]), str(r["shared"]), str(r["local"]),
-            f"{r['spill_stores']}/{r['spill_loads']}", wgmma]
+            f"{r['spill_stores']}/{r['spill_loads']}", wgmma, str(r["instructions"]),
+            f"{r['smem_stores']}/{r['smem_loads']}/{r['barriers']}"]
 
 
 def format_table(rows):
-    widths = (44, 18, 5, 5, 7, 6, 8, 16)
+    widths = (44, 18, 5, 5, 7, 6, 8, 16, 6, 11)
     lines = [" ".join(f"{h:<{w}}" for h, w in zip(HEAD, widths)).rstrip()]
     for r in rows:
         lines.append(" ".join(f"{c:<{w}}" for c, w in zip(_cells(r), widths)).rstrip())

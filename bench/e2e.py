@@ -33,8 +33,8 @@ embeddings; the GPU's dense bf16 peak from common.PEAK_BF16_TFLOPS). Then bench.
 a few more steps: GPU busy %, kernels per step, ms by kernel family, operators per step. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps less what was allocated before the model was built.
 
---smoke: gpt1-tiny with a 512-token vocabulary, T=32, B=1, one warm-up and one timed step on the CPU under the
-Triton interpreter; "compiled" rows use dynamo with backend="eager" (the trace is checked, with fullgraph
+--smoke: one layer of gpt1-tiny with a 512-token vocabulary, T=32, B=1, one warm-up and one timed step on the CPU
+under the Triton interpreter; "compiled" rows use dynamo with backend="eager" (the trace is checked, with fullgraph
 where our path asks for it; Inductor is not run).
 """
 
@@ -137,20 +137,30 @@ def describe(recipe, s):
     compiled = "not compiled" if not recipe.compile else (
         "compiled" if recipe.compile_mode == "default" else f"compiled ({recipe.compile_mode})")
     text = (f"{runtime}, {kernels}, {compiled}; "
-            f"{s['preset']} (V={s['vocab_size']}) T={s['seq_len']} micro batch {s['micro_batch']}, bf16, 1 rank")
+            f"{model_label(s)} T={s['seq_len']} micro batch {s['micro_batch']}, bf16, 1 rank")
     return {"recipe": asdict(recipe), "runtime": recipe.runtime, "zero": recipe.zero, "compiled": recipe.compile,
             "precision": recipe.precision if recipe.runtime == "deepspeed" else "autocast",
             "attn_impl": recipe.attn, "loss_impl": recipe.loss, "norm_impl": recipe.norm, "description": text}
+
+
+def model_config(s, **kwargs):
+    """The model config of settings s: its preset with its vocabulary (and its layer count, where s sets one)."""
+    from gpt1 import get_config
+
+    return get_config(s["preset"], vocab_size=s["vocab_size"], **{k: s[k] for k in ("n_layer",) if k in s}, **kwargs)
+
+
+def model_label(s):
+    return f"{s['preset']}{' with %d layer(s)' % s['n_layer'] if 'n_layer' in s else ''} (V={s['vocab_size']})"
 
 
 def build_step(recipe, s, smoke, dev):
     """(step, teardown): step() runs one training step of the recipe on one fixed batch."""
     import torch
 
-    from gpt1 import GPT1, get_config
+    from gpt1 import GPT1
 
-    cfg = get_config(s["preset"], vocab_size=s["vocab_size"], attn_impl=recipe.attn, loss_impl=recipe.loss,
-                     norm_impl=recipe.norm)
+    cfg = model_config(s, attn_impl=recipe.attn, loss_impl=recipe.loss, norm_impl=recipe.norm)
     torch.manual_seed(1337)
     model = GPT1(cfg)
     x = torch.randint(0, s["vocab_size"], (s["micro_batch"], s["seq_len"] + 1), device=dev)
@@ -272,10 +282,10 @@ def reset_compiler():
 def flops_per_token(s):
     import torch
 
-    from gpt1 import GPT1, get_config
+    from gpt1 import GPT1
 
     with torch.device("meta"):
-        model = GPT1(get_config(s["preset"], vocab_size=s["vocab_size"]))
+        model = GPT1(model_config(s))
     return model.flops_per_token(s["seq_len"])
 
 
@@ -290,10 +300,13 @@ def run(smoke, deadline=None, micro_batch=None, steps=None, only=None, out=None)
     """The rows of ROWS (or those named in `only`); with `out`, results are rewritten after every row, so that a
     run cut short still leaves the rows it finished."""
     s = settings(smoke, micro_batch, steps)
+    if smoke:  # one layer: the interpreter runs every kernel program in Python, and the harness is what is tested
+        s["n_layer"] = 1
     deadline, env, dev = deadline or common.Deadline(0), common.environment(smoke), init()
-    table = (f"{s['preset']} (V={s['vocab_size']}) training step, T={s['seq_len']}, micro batch {s['micro_batch']}, "
+    table = (f"{model_label(s)} training step, T={s['seq_len']}, micro batch {s['micro_batch']}, "
              "bf16, 1 rank")
     base = dict(env, bench="e2e", table=table, x=s["seq_len"], mode="step", preset=s["preset"],
+                **{k: s[k] for k in ("n_layer",) if k in s},
                 vocab_size=s["vocab_size"], seq_len=s["seq_len"], micro_batch=s["micro_batch"], steps=s["steps"],
                 warmup_steps=s["warmup"],
                 peak_tflops=common.peak_bf16_tflops(env["gpu"]))
@@ -319,9 +332,10 @@ def fill_not_run(rows, reason):
     """rows plus a "not run" row for every recipe of ROWS that has none (a run cut short from outside)."""
     done = {r["provider"] for r in rows}
     keep = ("gpu", "torch", "triton", "deepspeed", "commit", "smoke", "bench", "table", "x", "mode", "preset",
-            "vocab_size", "seq_len", "micro_batch", "steps", "warmup_steps", "peak_tflops")
+            "n_layer", "vocab_size", "seq_len", "micro_batch", "steps", "warmup_steps", "peak_tflops")
     base = {k: rows[0][k] for k in keep if rows and k in rows[0]}
     s = {k: base.get(k) for k in ("preset", "vocab_size", "seq_len", "micro_batch")}
+    s.update({k: base[k] for k in ("n_layer",) if k in base})
     return rows + [dict(base, provider=r.name, role=r.role, **describe(r, s), status="not run", reason=reason)
                    for r in ROWS if r.name not in done]
 

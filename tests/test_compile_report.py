@@ -61,8 +61,12 @@ def test_sass_counts():
     sass = """        /*0a50*/                   STL.64 [R1+0x8], R4 ;
         /*0a60*/              @!P0 LDL R6, [R1+0x8] ;
         /*0a70*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
-        /*0a80*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;"""
-    assert sass_counts(sass) == {"STL": 1, "LDL": 1, "HGMMA": 1, "HMMA": 1}
+        /*0a80*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0a90*/                   STS.U8 [R3], R2 ;
+        /*0aa0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0ab0*/              @P1  LDS.U8 R5, [R3] ;
+        /*0ac0*/                   LDSM.16.M88.4 R8, [R9] ;"""
+    assert sass_counts(sass) == {"STL": 1, "LDL": 1, "HGMMA": 1, "HMMA": 1, "STS": 1, "LDS": 1, "BAR": 1, "total": 8}
 
 
 def test_compile_specs_are_dicts_naming_every_argument():
