@@ -87,7 +87,6 @@ from kernels._common import (
     check_tensors,
     dropout_args,
     dropout_words,
-    keep_from_words,
     new_dropout_seed,
     round_fp32,
     seed_tensor,
@@ -178,6 +177,20 @@ def _load_keep(MASK, W, rows, col_start, T, DIAG: tl.constexpr, BLOCK_R: tl.cons
 
 
 @triton.jit
+def _keep_of_bits(bits, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The forward's (BLOCK_R, BLOCK_C) keep-mask of the packed bytes (BLOCK_R, BLOCK_C // 8) it has just drawn.
+    Unpacked by broadcasting alone, as _load_keep unpacks loaded bytes, these bytes would be recomputed, Philox
+    and all, in the MMA layout of the scores (4x the draws on sm_90); made from the draws with tl.join
+    (keep_from_words) they cross shared memory three times per key block (sm_90, D=64, triton 3.6: 3000 SASS
+    instructions, 59 shared-memory stores, 73 loads). Split into nibbles by one join, only the small (R, C/8, 2)
+    nibble tile does: 2696 instructions, 11 stores, 43 loads."""
+    b = bits.to(tl.int32)
+    b = tl.join(b, b >> 4)  # (R, C/8, 2): nibble h of byte g
+    b = (b[:, :, :, None] >> tl.arange(0, 4)[None, None, None, :]) & 1  # (R, C/8, 2, 4): column 8g + 4h + k
+    return tl.reshape(b, [BLOCK_R, BLOCK_C]) != 0
+
+
+@triton.jit
 def _load_keep_t(MASK, W, rows, col_start, T, DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """The same, transposed: (BLOCK_C, BLOCK_R), for the dK/dV kernel's (key, query) tiles."""
     ptrs, ok = _packed_mask_ptrs(MASK, W, rows, col_start, T, DIAG, BLOCK_R, BLOCK_C, TRANSPOSED=True)
@@ -254,9 +267,10 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, star
             # the mask, packed, for the backward: only bytes with a column < T (the buffer's padding is not
             # written) of rows < T
             groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-            tl.store(MASK + offs_m[:, None] * W + groups[None, :], bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD),
+            bits = bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD)
+            tl.store(MASK + offs_m[:, None] * W + groups[None, :], bits,
                      mask=(offs_m[:, None] < T) & (groups[None, :] * 8 < T))
-            p = tl.where(keep_from_words(r0, r1, r2, r3, DROP_THRESHOLD, BLOCK_M, BLOCK_N), p, 0.0)
+            p = tl.where(_keep_of_bits(bits, BLOCK_M, BLOCK_N), p, 0.0)
         acc = _dot(_operand(p, DTYPE, ROUNDING), v, acc, ROUNDING)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kt
