@@ -65,6 +65,7 @@ FAMILIES = (
     ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|_mm_|addmm|bmm|splitK|triton_tem_"),
 )
 FAMILY_NAMES = tuple(f for f, _ in FAMILIES) + ("elementwise",)
+TOP_KERNELS = 40  # kernels listed per anatomy, the costliest first
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of GPU work
 # gpt1.runtime.COMPILE_MODES, written out: importing gpt1 imports triton, which must wait until main has chosen
 # the interpreter (tests/test_profile_step.py checks the two agree)
@@ -121,9 +122,10 @@ def gpu_anatomy(trace_events, steps, wall_ms, own_syncs=0):
         fam = families["copies" if e["cat"] != "kernel" else kernel_family(e["name"])]
         fam["ms"] += e["dur"] / 1e3 / steps
         fam["count"] += 1 / steps
-    top = Counter()
+    top, launches = Counter(), Counter()
     for e in kernels:
         top[e["name"][:120]] += e["dur"] / 1e3 / steps
+        launches[e["name"][:120]] += 1 / steps
     union_ms = busy_us([(e["ts"], e["ts"] + e["dur"]) for e in gpu]) / 1e3 / steps
     copies = Counter(" ".join(e["name"].split()[:2]) for e in gpu if e["cat"] != "kernel")  # "Memcpy HtoD", ...
     runtime = {}
@@ -139,7 +141,9 @@ def gpu_anatomy(trace_events, steps, wall_ms, own_syncs=0):
             # our own synchronizes missing from the trace: runtime calls were not recorded, the count is unknown
             "host_syncs_per_step": (len(syncs) - own_syncs) / steps if len(syncs) >= own_syncs else None,
             "families": families,
-            "top_kernels": [[name, ms] for name, ms in top.most_common(12)],
+            # [name, ms/step, launches/step, family]: enough of them that the elementwise family is accounted for
+            "top_kernels": [[name, ms, launches[name], kernel_family(name)]
+                            for name, ms in top.most_common(TOP_KERNELS)],
             # a host-to-device copy from pageable memory waits for the stream: a sync the counts above miss
             "copies_by_kind": {k: n / steps for k, n in copies.most_common()},
             # where the host's CUDA calls spend their time (a launch that blocks: the launch queue is full, the GPU
@@ -299,7 +303,8 @@ def format_anatomy(a, title):
             f = a["families"][fam]
             share = f["ms"] / a["gpu_kernel_ms"] if a["gpu_kernel_ms"] else 0.0
             lines.append(f"{fam:<14} {f['ms']:>8.3f} {share:>7.1%} {f['count']:>14.0f}")
-        lines.append("top kernels (ms/step): " + "; ".join(f"{n} {ms:.3f}" for n, ms in a["top_kernels"][:8]))
+        lines.append(f"top kernels: {'ms/step':>8} {'launches/step':>14} {'family':<12} name")
+        lines += [f"{'':<12} {ms:>8.3f} {n:>14.1f} {fam:<12} {name}" for name, ms, n, fam in a["top_kernels"]]
         if "idle_gaps_per_step" in a:
             lines.append(f"GPU idle gaps >= {IDLE_GAP_US:.0f} us: {a['idle_gaps_per_step']:.0f}/step, "
                          f"{a['idle_gap_ms_per_step']:.2f} ms/step; longest (ms): "

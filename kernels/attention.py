@@ -25,11 +25,11 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   recompile per value nor a value frozen into a CUDA graph.
   `attention_dropout_mask` rebuilds the mask of a seed for tests; `attention_backward` (the seed API)
   rebuilds the packed one.
-  Cost (static, from the compile report; not yet profiled on a GPU): with dropout the sm_90 D=64 bf16 forward runs
-  twice the SASS instructions of the plain one (3000 against 1500, triton 3.6), as its time on the H100 doubles:
-  the Philox calls and, per key block, three tiles through shared memory (the draws' joins, and the keep-mask
-  into the MMA layout). Draws laid out as the MMA owns the columns remove those trips, but Triton then computes
-  the Philox calls twice, once more in the mask store's layout; the way out is not found yet.
+  Cost (static, from the compile report; not yet profiled on a GPU): with dropout the sm_90 D=64 bf16 forward ran
+  twice the SASS instructions of the plain one (3000 against 1500, triton 3.6), as its time on the H100 doubled
+  (0.20 against ~0.11 ms per call at T=512): the Philox calls, and per key block three tiles through shared
+  memory on their way into the MMA layout of the scores. The keep-mask is now unpacked from the stored bytes
+  (_keep_of_bits): 2696 instructions, one small tile through shared memory. Philox is most of the rest.
 
 Dtypes: fp16, bf16 and fp32 inputs; outputs and gradients are in the input dtype. Dot products take
 their operands in the input dtype and accumulate in fp32; all elementwise math is fp32. fp32 dots follow torch's

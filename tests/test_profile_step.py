@@ -79,7 +79,7 @@ def test_gpu_anatomy_from_a_trace():
     assert a["families"]["gemm"] == {"ms": pytest.approx(0.4), "count": 1.0}
     assert a["families"]["communication"]["ms"] == pytest.approx(0.15)
     assert a["families"]["copies"]["count"] == 0.5
-    assert a["top_kernels"][0][0] == "sm90_xmma_gemm"
+    assert a["top_kernels"][0] == ["sm90_xmma_gemm", pytest.approx(0.4), 1.0, "gemm"]  # name, ms, launches, family
     no_runtime = [e for e in events if e["cat"] != "cuda_runtime"]
     assert profile_step.gpu_anatomy(no_runtime, 2, 1.0, own_syncs=2)["host_syncs_per_step"] is None
     # where the GPU waited: the gaps between its busy stretches 400-500, 900-1000 and 1100-1200 us
