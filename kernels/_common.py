@@ -55,24 +55,30 @@ def autocast_inputs(*tensors):
 # ----------------------------------------------------------------------------------------------------
 
 
+# Philox-4x32 rounds per call: 7, as FlashAttention-2's dropout runs it. 10 (Triton's default, Random123's and
+# C++26's philox4x32) is a safety margin above the fewest rounds that pass TestU01's BigCrush (Salmon et al.,
+# "Parallel random numbers: as easy as 1, 2, 3", SC 2011); no statistical defect is known at 7.
+PHILOX_ROUNDS = tl.constexpr(7)
+
+
 @triton.jit
 def dropout_words(SEED, STREAM, rows, col_start, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """The dropout draws of the elements rows x (col_start + [0, BLOCK_C)) of one stream (the attention's
     b*H + h, a head's probabilities), col_start a multiple of 8: four (BLOCK_R, BLOCK_C // 8) uint32 words.
-    One Philox-4x32-10 call, counter (j // 8, i, stream, seed) with a fixed key, gives four 32-bit words =
+    One Philox-4x32 call (PHILOX_ROUNDS), counter (j // 8, i, stream, seed) with a fixed key, gives four 32-bit words =
     eight 16-bit draws u for the columns j = 8*(j // 8) + [0, 8) of row i: column 8g + 2k + h is the low
     (h = 0) or high (h = 1) half of word k. Element (i, j) is kept iff its u >= DROP_THRESHOLD =
     round(p * 65536). The draws are a function of (seed, stream, i, j) alone, whatever the block sizes; 1/8 of
     one Philox call per element (tl.rand spends a whole call, 4 words, on each element).
     seed is the low 32 bits of the int64 at SEED (see new_dropout_seed), read here, per tile. Held for the whole
-    loop, or used as the Philox key (whose ten round keys then are loop-invariant registers rather than
+    loop, or used as the Philox key (whose round keys then are loop-invariant registers rather than
     immediates), it made the tightest configurations spill (sm_90 fp32 D=128 dq, sm_80 16-bit D=64 dkdv)."""
     tl.static_assert(BLOCK_C % 8 == 0, "the dropout draws come in groups of 8 columns")
     zero = tl.zeros([BLOCK_R, BLOCK_C // 8], dtype=tl.uint32)
     group = (col_start // 8 + tl.arange(0, BLOCK_C // 8)).to(tl.uint32)
     c0 = zero + group[None, :]
     c1 = zero + rows.to(tl.uint32)[:, None]
-    return tl.philox(0, c0, c1, zero + STREAM.to(tl.uint32), zero + tl.load(SEED).to(tl.uint32))
+    return tl.philox(0, c0, c1, zero + STREAM.to(tl.uint32), zero + tl.load(SEED).to(tl.uint32), PHILOX_ROUNDS)
 
 
 @triton.jit

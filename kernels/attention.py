@@ -13,7 +13,7 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   blocks at or below the diagonal, reading delta. Each output block is written by exactly one program, with
   no atomics, so two backward passes on the same inputs give bitwise identical gradients.
 - Dropout (GPT-1 trains with attn_pdrop=0.1; the tutorial and FlashAttention-3 have none): one
-  Philox-4x32-10 call with counter (j // 8, i, b*H + h, seed) gives eight 16-bit draws, for columns j of row i
+  Philox-4x32-7 call with counter (j // 8, i, b*H + h, seed) gives eight 16-bit draws, for columns j of row i
   in one group of 8; element (b, h, i, j) is kept iff its draw >= round(p * 65536) (kernels._common's
   dropout_words), so the dropout rate is p quantized to 1/65536 (FlashAttention-2 uses 8-bit draws, 1/256);
   kept values are scaled by 1/(1 - p). The mask is drawn once, in the forward, which also stores it packed, one bit per
@@ -29,7 +29,8 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   twice the SASS instructions of the plain one (3000 against 1500, triton 3.6), as its time on the H100 doubled
   (0.20 against ~0.11 ms per call at T=512): the Philox calls, and per key block three tiles through shared
   memory on their way into the MMA layout of the scores. The keep-mask is now unpacked from the stored bytes
-  (_keep_of_bits): 2696 instructions, one small tile through shared memory. Philox is most of the rest.
+  (_keep_of_bits; 2696 instructions, one small tile through shared memory) and Philox runs 7 rounds rather than
+  10 (kernels._common.PHILOX_ROUNDS): 2560. Most of the rest is the draws and their packing into bytes.
 
 Dtypes: fp16, bf16 and fp32 inputs; outputs and gradients are in the input dtype. Dot products take
 their operands in the input dtype and accumulate in fp32; all elementwise math is fp32. fp32 dots follow torch's

@@ -4,6 +4,7 @@ ZeRO-2 step (which calls it once per parameter group) as on its own; DeepSpeed c
 import copy
 import json
 import math
+import os
 from dataclasses import fields
 from types import SimpleNamespace
 
@@ -90,7 +91,20 @@ def test_guarded_adamw_keeps_a_loss_scalers_grad_scale():
 
 @pytest.fixture(scope="module")
 def dist_env():
-    init_distributed()  # one rank over gloo, in this process
+    """One rank over gloo, in this process; afterwards its group is destroyed and the launcher-style variables that
+    init_distributed set are removed, so that a later subprocess (a one-rank run, which takes RANK in its environment
+    for a launcher's) picks a port of its own rather than this group's."""
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    before = {k: os.environ.get(k) for k in keys}
+    init_distributed()
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def zero2_engine(model):
