@@ -10,8 +10,9 @@ launch needs it), local memory (the stack frame plus local arrays: register spil
 traffic in the SASS (`cuobjdump -sass`: STL stores / LDL loads to local memory), on sm_90 whether the
 kernel uses wgmma (Hopper's warpgroup MMA: wgmma.mma_async in the PTX, HGMMA instructions in the SASS; the
 SASS count is what the hardware runs), and the instruction mix: SASS instructions in all (static: a loop body
-counts once, so compare variants of one kernel, not kernels) and the shared-memory stores / loads and
-barriers, where a tile changing register layout makes its round trip. Must run WITHOUT TRITON_INTERPRET=1.
+counts once, so compare variants of one kernel, not kernels), in each loop body (per key or query block: the
+closest static measure of the time), and the shared-memory stores / loads and barriers, where a tile changing
+register layout makes its round trip. Must run WITHOUT TRITON_INTERPRET=1.
 --markdown writes the same table as Markdown (bench/gpu_session.sh keeps it beside the GPU results).
 
 Registry format. A kernel module takes part by defining a module-level list `COMPILE_SPECS`; the modules
@@ -115,6 +116,24 @@ def _res_usage(cubin):
 _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
+# a SASS line with its address: /*0a50*/ [@P0 ]OPCODE.MODIFIERS operands ;
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
+
+
+def loop_bodies(sass):
+    """The number of instructions in each loop of the SASS, in address order: a loop is a backward branch (BRA to
+    a lower address) and runs the instructions from its target to itself. The kernels' loops over key or query
+    blocks are where their time goes, so these, not the total, say what a change costs per block."""
+    lines = [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(sass)]
+    bodies = []
+    for addr, op, rest in lines:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            start = int(target.group(1), 16)
+            bodies.append(sum(start <= a <= addr for a, _, _ in lines))
+    return bodies
+
+
 def sass_counts(sass):
     """{"STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "total"}: local-memory stores / loads (spills),
     tensor-core instructions, shared-memory stores / loads and barriers (a layout conversion between register
@@ -141,12 +160,13 @@ def compile_one(mod_name, index, arch):
     except Exception as e:  # noqa: BLE001 -- report it, the table goes on
         return dict(row, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
     usage = _res_usage(kernel.asm["cubin"])
-    sass = sass_counts(_cuobjdump_out(kernel.asm["cubin"], "-sass"))
+    text = _cuobjdump_out(kernel.asm["cubin"], "-sass")
+    sass = sass_counts(text)
     return dict(row, ok=True, registers=usage.get("reg"), shared=kernel.metadata.shared,
                 local=usage.get("stack", 0) + usage.get("local", 0), spill_stores=sass["STL"],
                 spill_loads=sass["LDL"], wgmma="wgmma.mma_async" in kernel.asm["ptx"], hgmma=sass["HGMMA"],
                 hmma=sass["HMMA"], instructions=sass["total"], smem_stores=sass["STS"], smem_loads=sass["LDS"],
-                barriers=sass["BAR"])
+                barriers=sass["BAR"], loop_instructions=loop_bodies(text))
 
 
 def _config_label(constexprs, num_warps, num_stages):
@@ -168,7 +188,8 @@ def run(archs=ARCHS, name_filter=None, jobs=None):
         return list(pool.map(compile_one, *zip(*work))) if work else []
 
 
-HEAD = ("kernel", "config", "arch", "regs", "smem", "local", "STL/LDL", "wgmma", "instrs", "STS/LDS/BAR")
+HEAD = ("kernel", "config", "arch", "regs", "smem", "local", "STL/LDL", "wgmma", "instrs", "loop instrs",
+        "STS/LDS/BAR")
 
 
 def _cells(r):
@@ -177,11 +198,11 @@ def _cells(r):
     wgmma = "-" if r["arch"] < 90 else "no" if not (r["wgmma"] or r["hgmma"]) else f"yes ({r['hgmma']} HGMMA)"
     return [r["kernel"], r["config"], f"sm_{r['arch']}", str(r["registers"]), str(r["shared"]), str(r["local"]),
             f"{r['spill_stores']}/{r['spill_loads']}", wgmma, str(r["instructions"]),
-            f"{r['smem_stores']}/{r['smem_loads']}/{r['barriers']}"]
+            "/".join(map(str, r["loop_instructions"])) or "-", f"{r['smem_stores']}/{r['smem_loads']}/{r['barriers']}"]
 
 
 def format_table(rows):
-    widths = (44, 18, 5, 5, 7, 6, 8, 16, 6, 11)
+    widths = (44, 18, 5, 5, 7, 6, 8, 16, 6, 12, 11)
     lines = [" ".join(f"{h:<{w}}" for h, w in zip(HEAD, widths)).rstrip()]
     for r in rows:
         lines.append(" ".join(f"{c:<{w}}" for c, w in zip(_cells(r), widths)).rstrip())

@@ -369,10 +369,12 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
             pT = tl.where(valid, pT, 0.0)
         dpT = _dot(v, tl.trans(do), None, ROUNDING)  # d(dropped P)^T
         if DROPOUT:
-            # the forward's mask, stored in (query, key) orientation, read transposed into these tiles
+            # the forward's mask, stored in (query, key) orientation, read transposed into these tiles; the
+            # dropout scale s is applied once to dK and dV (see _attn_bwd_dkdv_kernel), so delta is divided by it
             keep = _load_keep_t(MASK, W, offs_m, start_n, T, CAUSAL_MASK, BLOCK_M, BLOCK_N)
-            pT_dropped = tl.where(keep, pT * DROPOUT_SCALE, 0.0)
-            dpT = tl.where(keep, dpT * DROPOUT_SCALE, 0.0)
+            pT_dropped = tl.where(keep, pT, 0.0)
+            dpT = tl.where(keep, dpT, 0.0)
+            delta = delta * (1.0 / DROPOUT_SCALE)
         else:
             pT_dropped = pT
         # dS is formed (and narrowed to the dot dtype) before the dV dot, so the mask and the fp32 pT and
@@ -443,6 +445,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_sc
                                   ROUNDING=ROUNDING)
 
     dk *= sm_scale
+    if DROPOUT:  # dV = s (keep P)^T dO and dS = s P (keep dP - delta / s): the scale s once per output
+        dk *= DROPOUT_SCALE
+        dv *= DROPOUT_SCALE
     DK += off_b * stride_dkb + off_h * stride_dkh
     DV += off_b * stride_dvb + off_h * stride_dvh
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd, _stored(dk, DTYPE, ROUNDING),
@@ -453,7 +458,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_sc
 
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
-                       MASK, W, T, DROPOUT_SCALE,
+                       MASK, W, T,
                        STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = kT_ptrs.dtype.element_ty
@@ -482,7 +487,7 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, strid
         dp = _dot(do, vT, None, ROUNDING)
         if DROPOUT:
             keep = _load_keep(MASK, W, offs_m, start_n, T, CAUSAL_MASK, BLOCK_M, BLOCK_N)
-            dp = tl.where(keep, dp * DROPOUT_SCALE, 0.0)
+            dp = tl.where(keep, dp, 0.0)  # the scale is the caller's, and delta comes divided by it
         ds = p * (dp - delta[:, None])
         dq = _dot(_operand(ds, DTYPE, ROUNDING), tl.trans(kT), dq, ROUNDING)
         kT_ptrs += BLOCK_N * stride_kt
@@ -531,6 +536,8 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, qk_scale, sm_scale
     # no separate preprocess launch and no extra pass over O and dO.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
     tl.store(DELTA + offs_m, delta, mask=row_mask)
+    if DROPOUT:  # dS = s P (keep dP - delta / s): the dropout scale s once, on dQ, rather than on every dP
+        delta = delta * (1.0 / DROPOUT_SCALE)
     q, do = _operand(q, DTYPE, ROUNDING), _operand(do, DTYPE, ROUNDING)
     lse = tl.load(LSE + offs_m, mask=row_mask, other=0.0) * LOG2E
     kT_ptrs = K + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
@@ -539,13 +546,15 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, qk_scale, sm_scale
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # the whole key blocks unmasked, then the diagonal block (causal) or the key tail, masked
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
-                            MASK, W, T, DROPOUT_SCALE, STAGE=STAGE_FULL, CAUSAL=CAUSAL,
+                            MASK, W, T, STAGE=STAGE_FULL, CAUSAL=CAUSAL,
                             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
-                            MASK, W, T, DROPOUT_SCALE, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
+                            MASK, W, T, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
                             CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
 
     dq *= sm_scale
+    if DROPOUT:
+        dq *= DROPOUT_SCALE
     DQ += off_b * stride_dqb + off_h * stride_dqh
     tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, _stored(dq, DTYPE, ROUNDING),
              mask=row_mask[:, None])

@@ -69,6 +69,19 @@ def test_sass_counts():
     assert sass_counts(sass) == {"STL": 1, "LDL": 1, "HGMMA": 1, "HMMA": 1, "STS": 1, "LDS": 1, "BAR": 1, "total": 8}
 
 
+def test_loop_bodies():
+    from bench.compile_report import loop_bodies
+
+    sass = """        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IMAD R2, R3, R4, R5 ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0030*/              @P0  BRA 0x10 ;
+        /*0040*/                   BRA 0x60 ;
+        /*0050*/                   NOP ;
+        /*0060*/                   EXIT ;"""
+    assert loop_bodies(sass) == [3]  # 0x10-0x30; the forward branch is no loop
+
+
 def test_compile_specs_are_dicts_naming_every_argument():
     import importlib
 
