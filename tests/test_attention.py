@@ -286,6 +286,26 @@ def test_dropout_mask_fraction_and_seeds(device):
     assert torch.equal(keep[:, :, :20, :20], attention_dropout_mask(SEED, 2, 3, 20, p, device))
 
 
+def test_dropout_draws_show_no_bias_or_correlation(device):
+    """The 7-round Philox draws (kernels._common.PHILOX_ROUNDS) at p = 1/2, as +-1 values: no bias at any of the
+    eight columns that one call serves, and no correlation between the two halves of one word, the words of one
+    call, neighbouring rows (consecutive counters), heads (streams) or consecutive seeds. 5 standard errors."""
+    B, H, T = 2, 2, 256
+    x = attention_dropout_mask(SEED, B, H, T, 0.5, device).float() * 2 - 1
+    n = x.numel()
+    assert abs(x.mean().item()) < 5 / n**0.5
+    assert all(abs(x[..., j::8].mean().item()) < 5 / (n / 8) ** 0.5 for j in range(8))
+
+    def corr(a, b):
+        return abs((a * b).mean().item()) * a.numel() ** 0.5  # in standard errors
+
+    pairs = {"halves of a word": (x[..., 0::2], x[..., 1::2]), "words of a call": (x[..., 0::8], x[..., 2::8]),
+             "neighbouring rows": (x[..., :-1, :], x[..., 1:, :]), "heads": (x[:, 0], x[:, 1]),
+             "seeds": (x, attention_dropout_mask(SEED + 1, B, H, T, 0.5, device).float() * 2 - 1)}
+    for name, (a, b) in pairs.items():
+        assert corr(a, b) < 5, name
+
+
 def test_dropout_seed_follows_torch_manual_seed(device):
     q, k, v = (torch.randn(1, 2, 24, 16, device=device) for _ in range(3))
     outs = []
