@@ -908,7 +908,7 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, mask, config=Non
     if q.numel() == 0:
         return dq, dk, dv
     cfg = config or _config(q, dropout_p > 0.0)
-    delta = torch.empty_like(lse)  # rowsum(dO * O) (over 1 - p with dropout), written by dq, read by dK/dV
+    delta = torch.empty_like(lse)  # rowsum(dO * O), times 1 - p with dropout: written by dq, read by dK/dV
     # dq first: it also computes delta, which the dK/dV kernel (next on the same stream) reads
     bwd = _bwd_args(q, mask, causal, sm_scale, dropout_p)
     _launch_dq(q, k, v, o, do, dq, lse, delta, bwd, cfg["dq"])
