@@ -112,25 +112,26 @@ def _res_usage(cubin):
     return {k.lower(): int(v) for k, v in fields.items()}
 
 
-# a SASS instruction: /*0a50*/ [@P0 |@!P0 ] OPCODE.MODIFIERS ...
-_SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
-
-
-# a SASS line with its address: /*0a50*/ [@P0 ]OPCODE.MODIFIERS operands ;
+# a SASS instruction: /*0a50*/ [@P0 |@!P0 ] OPCODE.MODIFIERS operands ;
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)([^;]*);")
+
+
+def _instructions(sass):
+    """[(address, opcode, operands)] of the SASS, in address order."""
+    return [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(sass)]
 
 
 def loop_bodies(sass):
     """The number of instructions in each loop of the SASS, in address order: a loop is a backward branch (BRA to
     a lower address) and runs the instructions from its target to itself. The kernels' loops over key or query
     blocks are where their time goes, so these, not the total, say what a change costs per block."""
-    lines = [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(sass)]
+    lines = _instructions(sass)
+    index = {addr: i for i, (addr, _, _) in enumerate(lines)}
     bodies = []
-    for addr, op, rest in lines:
+    for i, (addr, op, rest) in enumerate(lines):
         target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
         if target and int(target.group(1), 16) < addr:
-            start = int(target.group(1), 16)
-            bodies.append(sum(start <= a <= addr for a, _, _ in lines))
+            bodies.append(i - index[int(target.group(1), 16)] + 1)
     return bodies
 
 
@@ -139,7 +140,7 @@ def sass_counts(sass):
     tensor-core instructions, shared-memory stores / loads and barriers (a layout conversion between register
     layouts goes through shared memory: one STS/LDS pair and barriers per converted tile), and the number of
     instructions (static: a loop body counts once)."""
-    ops = [m.group(1) for m in _SASS_OP.finditer(sass)]
+    ops = [op for _, op, _ in _instructions(sass)]
     counts = {op: ops.count(op) for op in ("STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR")}
     return {**counts, "total": len(ops)}
 

@@ -147,11 +147,14 @@ def model_config(s, **kwargs):
     """The model config of settings s: its preset with its vocabulary (and its layer count, where s sets one)."""
     from gpt1 import get_config
 
-    return get_config(s["preset"], vocab_size=s["vocab_size"], **{k: s[k] for k in ("n_layer",) if k in s}, **kwargs)
+    if s.get("n_layer"):
+        kwargs["n_layer"] = s["n_layer"]
+    return get_config(s["preset"], vocab_size=s["vocab_size"], **kwargs)
 
 
 def model_label(s):
-    return f"{s['preset']}{' with %d layer(s)' % s['n_layer'] if 'n_layer' in s else ''} (V={s['vocab_size']})"
+    layers = f" with {s['n_layer']} layer(s)" if s.get("n_layer") else ""
+    return f"{s['preset']}{layers} (V={s['vocab_size']})"
 
 
 def build_step(recipe, s, smoke, dev):
@@ -306,7 +309,7 @@ def run(smoke, deadline=None, micro_batch=None, steps=None, only=None, out=None)
     table = (f"{model_label(s)} training step, T={s['seq_len']}, micro batch {s['micro_batch']}, "
              "bf16, 1 rank")
     base = dict(env, bench="e2e", table=table, x=s["seq_len"], mode="step", preset=s["preset"],
-                **{k: s[k] for k in ("n_layer",) if k in s},
+                n_layer=s.get("n_layer"),  # None: the preset's
                 vocab_size=s["vocab_size"], seq_len=s["seq_len"], micro_batch=s["micro_batch"], steps=s["steps"],
                 warmup_steps=s["warmup"],
                 peak_tflops=common.peak_bf16_tflops(env["gpu"]))
@@ -334,8 +337,7 @@ def fill_not_run(rows, reason):
     keep = ("gpu", "torch", "triton", "deepspeed", "commit", "smoke", "bench", "table", "x", "mode", "preset",
             "n_layer", "vocab_size", "seq_len", "micro_batch", "steps", "warmup_steps", "peak_tflops")
     base = {k: rows[0][k] for k in keep if rows and k in rows[0]}
-    s = {k: base.get(k) for k in ("preset", "vocab_size", "seq_len", "micro_batch")}
-    s.update({k: base[k] for k in ("n_layer",) if k in base})
+    s = {k: base.get(k) for k in ("preset", "n_layer", "vocab_size", "seq_len", "micro_batch")}
     return rows + [dict(base, provider=r.name, role=r.role, **describe(r, s), status="not run", reason=reason)
                    for r in ROWS if r.name not in done]
 

@@ -553,7 +553,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, qk_scale, sm_scale
                             MASK, W, T, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
                             CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
 
-    dq *= sm_scale * DROPOUT_SCALE if DROPOUT else sm_scale
+    dq *= sm_scale * DROPOUT_SCALE  # the dropout scale s (1 without dropout), see delta above
     DQ += off_b * stride_dqb + off_h * stride_dqh
     tl.store(DQ + offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd, _stored(dq, DTYPE, ROUNDING),
              mask=row_mask[:, None])
