@@ -11,8 +11,9 @@ traffic in the SASS (`cuobjdump -sass`: STL stores / LDL loads to local memory),
 kernel uses wgmma (Hopper's warpgroup MMA: wgmma.mma_async in the PTX, HGMMA instructions in the SASS; the
 SASS count is what the hardware runs), and the instruction mix: SASS instructions in all (static: a loop body
 counts once, so compare variants of one kernel, not kernels), in each loop body (per key or query block: the
-closest static measure of the time), and the shared-memory stores / loads and barriers, where a tile changing
-register layout makes its round trip. Must run WITHOUT TRITON_INTERPRET=1.
+closest static measure of the time), the shared-memory stores / loads and barriers, where a tile changing
+register layout makes its round trip, and the global loads / stores with, in brackets, those that move 16 bytes
+(a bandwidth-bound kernel wants all of its loop's accesses among them). Must run WITHOUT TRITON_INTERPRET=1.
 --markdown writes the same table as Markdown (bench/gpu_session.sh keeps it beside the GPU results).
 
 Registry format. A kernel module takes part by defining a module-level list `COMPILE_SPECS`; the modules
@@ -121,27 +122,43 @@ def _instructions(sass):
     return [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(sass)]
 
 
-def loop_bodies(sass):
-    """The number of instructions in each loop of the SASS, in address order: a loop is a backward branch (BRA to
-    a lower address) and runs the instructions from its target to itself. The kernels' loops over key or query
-    blocks are where their time goes, so these, not the total, say what a change costs per block."""
+def loops(sass):
+    """The instructions [(address, opcode, operands)] of each loop of the SASS, in address order: a loop is a
+    backward branch (BRA to a lower address) and runs the instructions from its target to itself."""
     lines = _instructions(sass)
     index = {addr: i for i, (addr, _, _) in enumerate(lines)}
-    bodies = []
+    found = []
     for i, (addr, op, rest) in enumerate(lines):
         target = re.search(r"0x([0-9a-f]+)", rest) if op == "BRA" else None
         if target and int(target.group(1), 16) < addr:
-            bodies.append(i - index[int(target.group(1), 16)] + 1)
-    return bodies
+            found.append(lines[index[int(target.group(1), 16)]:i + 1])
+    return found
+
+
+def _narrow_global_in_loops(sass):
+    """Global loads and stores inside loop bodies that move less than 16 bytes (not .128)."""
+    return sum(op in ("LDG", "STG") and not rest.split(None, 1)[0].endswith(".128")
+               for body in loops(sass) for _, op, rest in body)
+
+
+def loop_bodies(sass):
+    """The number of instructions in each loop of the SASS (loops). The kernels' loops over key or query blocks
+    are where their time goes, so these, not the total, say what a change costs per block."""
+    return [len(body) for body in loops(sass)]
 
 
 def sass_counts(sass):
-    """{"STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "total"}: local-memory stores / loads (spills),
-    tensor-core instructions, shared-memory stores / loads and barriers (a layout conversion between register
-    layouts goes through shared memory: one STS/LDS pair and barriers per converted tile), and the number of
+    """{"STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG", "LDG128", "STG128", "total"}:
+    local-memory stores / loads (spills), tensor-core instructions, shared-memory stores / loads and barriers (a
+    layout conversion between register layouts goes through shared memory: one STS/LDS pair and barriers per
+    converted tile), global loads / stores in all and those moving 16 bytes (.128: what a bandwidth-bound loop
+    needs; a 2-byte LDG.E.U16 in a loop body moves an eighth as much per instruction), and the number of
     instructions (static: a loop body counts once)."""
-    ops = [op for _, op, _ in _instructions(sass)]
-    counts = {op: ops.count(op) for op in ("STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR")}
+    lines = _instructions(sass)
+    ops = [op for _, op, _ in lines]
+    counts = {op: ops.count(op) for op in ("STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG")}
+    for op in ("LDG", "STG"):
+        counts[op + "128"] = sum(o == op and rest.split(None, 1)[0].endswith(".128") for _, o, rest in lines)
     return {**counts, "total": len(ops)}
 
 
@@ -167,7 +184,9 @@ def compile_one(mod_name, index, arch):
                 local=usage.get("stack", 0) + usage.get("local", 0), spill_stores=sass["STL"],
                 spill_loads=sass["LDL"], wgmma="wgmma.mma_async" in kernel.asm["ptx"], hgmma=sass["HGMMA"],
                 hmma=sass["HMMA"], instructions=sass["total"], smem_stores=sass["STS"], smem_loads=sass["LDS"],
-                barriers=sass["BAR"], loop_instructions=loop_bodies(text))
+                barriers=sass["BAR"], global_loads=sass["LDG"], global_loads_128=sass["LDG128"],
+                global_stores=sass["STG"], global_stores_128=sass["STG128"], loop_instructions=loop_bodies(text),
+                loop_narrow_global=_narrow_global_in_loops(text))
 
 
 def _config_label(constexprs, num_warps, num_stages):
@@ -190,7 +209,7 @@ def run(archs=ARCHS, name_filter=None, jobs=None):
 
 
 HEAD = ("kernel", "config", "arch", "regs", "smem", "local", "STL/LDL", "wgmma", "instrs", "loop instrs",
-        "STS/LDS/BAR")
+        "STS/LDS/BAR", "LDG/STG (16 B)")
 
 
 def _cells(r):
@@ -199,11 +218,12 @@ def _cells(r):
     wgmma = "-" if r["arch"] < 90 else "no" if not (r["wgmma"] or r["hgmma"]) else f"yes ({r['hgmma']} HGMMA)"
     return [r["kernel"], r["config"], f"sm_{r['arch']}", str(r["registers"]), str(r["shared"]), str(r["local"]),
             f"{r['spill_stores']}/{r['spill_loads']}", wgmma, str(r["instructions"]),
-            "/".join(map(str, r["loop_instructions"])) or "-", f"{r['smem_stores']}/{r['smem_loads']}/{r['barriers']}"]
+            "/".join(map(str, r["loop_instructions"])) or "-", f"{r['smem_stores']}/{r['smem_loads']}/{r['barriers']}",
+            f"{r['global_loads']} ({r['global_loads_128']})/{r['global_stores']} ({r['global_stores_128']})"]
 
 
 def format_table(rows):
-    widths = (44, 18, 5, 5, 7, 6, 8, 16, 6, 12, 11)
+    widths = (44, 18, 5, 5, 7, 6, 8, 16, 6, 12, 11, 14)
     lines = [" ".join(f"{h:<{w}}" for h, w in zip(HEAD, widths)).rstrip()]
     for r in rows:
         lines.append(" ".join(f"{c:<{w}}" for c, w in zip(_cells(r), widths)).rstrip())

@@ -7,7 +7,9 @@ the loss and, for label smoothing, the sum of the logits. The second rewrites th
 gradient of the loss, d loss / d x_j = scale * (softmax_j - (1 - eps) [j == y] - eps / V), computed in
 fp32 and rounded to the logits dtype only at the store (the true-class term is not rounded first).
 The gradient goes INTO the logits buffer, so no second N x V tensor exists; the backward only scales
-it, in place, by the incoming gradient (one pass, always: testing for a gradient of 1 would cost a sync).
+it, in place, by the incoming gradient, and each of its programs returns at once when that factor is exactly 1
+(loss.backward() on a bf16 or fp32 mean): tested on the device, so no host sync. Rows are walked in
+16-byte groups whatever V is (_row_segments), so that the passes move 16 bytes per access.
 
 fused_linear_cross_entropy never builds the full logits: it walks the tokens in chunks, computes a
 chunk's logits with one matmul, runs the kernel on them in place and turns the chunk's gradient into
@@ -96,105 +98,173 @@ _VOCAB_ALIGN = 64
 
 
 @triton.jit
-def _row_stats(ROW, n_cols, row_len, BLOCK_V: tl.constexpr):
-    """One pass over a row: running max m, sum of exp(x - m), and sum of x (for label smoothing).
-    Columns [n_cols, row_len) are read (see _cross_entropy_kernel) but count as -inf."""
+def _row_segments(start, row_len, ALIGN: tl.constexpr):
+    """The row at element offsets [start, end = start + row_len) of a 16-byte aligned buffer, split at the
+    16-byte boundaries inside it: (head_end, body_end, end) with a head [start, min(head_end, end)) and a tail
+    [body_end, end) each shorter than ALIGN (the elements in 16 bytes) and a body [head_end, body_end) of whole
+    16-byte groups (empty in a row shorter than that). A row of V = 40478 bf16 columns starts 12 bytes past a
+    boundary every other row: only accesses whose offsets and bounds Triton can prove multiples of ALIGN, the
+    body's, compile to 16-byte vector loads and stores (the whole row as one masked range stays in 2-byte
+    ones). head_end and body_end are built from // ALIGN * ALIGN and a max alone, which Triton's analysis
+    follows; clamping head_end to end with a min would lose that."""
+    end = start + row_len
+    head_end = (start + ALIGN - 1) // ALIGN * ALIGN
+    body_end = tl.maximum(end // ALIGN * ALIGN, head_end)
+    return head_end, body_end, end
+
+
+@triton.jit
+def _stats_block(PTR, offs, mask, col, n_cols, m, d, x_sum):
+    """Fold the elements PTR[offs] (where mask; column index col) into the running max m, sum of exp(x - m) d
+    and sum of x; columns >= n_cols (padding) count as -inf. The first block folded must hold a class."""
+    is_class = mask & (col < n_cols)
+    x = tl.load(PTR + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.where(is_class, x, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    # subtract before scaling by log2(e): x - m is exact near the max even for |x| ~ 1e4
+    d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((x - m_new) * LOG2E), axis=0)
+    x_sum += tl.sum(tl.where(is_class, x, 0.0), axis=0)
+    return m_new, d, x_sum
+
+
+@triton.jit
+def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):
+    """One pass over the row LOGITS[start : start + row_len]: running max m, sum of exp(x - m), and sum of x
+    (for label smoothing). Columns [n_cols, row_len) are read (see _cross_entropy_kernel) but count as -inf."""
+    head_end, body_end, end = _row_segments(start, row_len, ALIGN)
     m = tl.full([], float("-inf"), tl.float32)
     d = tl.zeros([], dtype=tl.float32)
     x_sum = tl.zeros([], dtype=tl.float32)
-    for start in range(0, row_len, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(ROW + cols, mask=cols < row_len, other=float("-inf")).to(tl.float32)
-        x = tl.where(cols < n_cols, x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        # subtract before scaling by log2(e): x - m is exact near the max even for |x| ~ 1e4
-        d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((x - m_new) * LOG2E), axis=0)
-        x_sum += tl.sum(tl.where(cols < n_cols, x, 0.0), axis=0)
-        m = m_new
+    edge = tl.arange(0, ALIGN)
+    if head_end > start:  # an empty first block would make m - m_new = -inf - -inf (row_len >= n_cols >= 1)
+        m, d, x_sum = _stats_block(LOGITS, start + edge, (start + edge < head_end) & (start + edge < end), edge,
+                                   n_cols, m, d, x_sum)
+    BODY = LOGITS + head_end
+    for k in range(0, body_end - head_end, BLOCK_V):
+        offs = k + tl.arange(0, BLOCK_V)
+        m, d, x_sum = _stats_block(BODY, offs, offs < body_end - head_end, head_end - start + offs, n_cols,
+                                   m, d, x_sum)
+    if end > body_end:
+        m, d, x_sum = _stats_block(LOGITS, body_end + edge, body_end + edge < end, body_end - start + edge,
+                                   n_cols, m, d, x_sum)
     return m, d, x_sum
 
 
 @triton.jit
-def _write_row_grad(ROW, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """Second pass: overwrite the row with scale * (softmax - (1 - eps) onehot(y) - eps / V), and
-    columns [n_cols, row_len) with 0."""
-    inv_d = 1.0 / d
-    smooth = eps / n_cols
-    for start in range(0, row_len, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < row_len
-        x = tl.load(ROW + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        x = tl.where(cols < n_cols, x, float("-inf"))  # no inf / NaN from whatever the padding holds
-        g = tl.exp2((x - m) * LOG2E) * inv_d - smooth
-        g = tl.where(cols == y, g - (1.0 - eps), g) * scale
-        g = tl.where(cols < n_cols, g, 0.0)
-        if RTNE_BF16:
-            g = round_fp32(g, 16)  # the interpreter would truncate
-        tl.store(ROW + cols, g.to(ROW.dtype.element_ty), mask=mask)
+def _grad_block(PTR, offs, mask, col, n_cols, y, m, inv_d, smooth, eps, scale, RTNE_BF16: tl.constexpr):
+    """Overwrite PTR[offs] (where mask; column index col) with scale * (softmax - (1 - eps) onehot(y) - eps / V),
+    and columns >= n_cols with 0."""
+    x = tl.load(PTR + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    x = tl.where(col < n_cols, x, float("-inf"))  # no inf / NaN from whatever the padding holds
+    g = tl.exp2((x - m) * LOG2E) * inv_d - smooth
+    g = tl.where(col == y, g - (1.0 - eps), g) * scale
+    g = tl.where(col < n_cols, g, 0.0)
+    if RTNE_BF16:
+        g = round_fp32(g, 16)  # the interpreter would truncate
+    tl.store(PTR + offs, g.to(PTR.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _fill_row(ROW, row_len, value, BLOCK_V: tl.constexpr):
-    for start in range(0, row_len, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        tl.store(ROW + cols, tl.full([BLOCK_V], value, dtype=ROW.dtype.element_ty), mask=cols < row_len)
+def _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.constexpr,
+                    ALIGN: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """Second pass: overwrite the row LOGITS[start : start + row_len] with its gradient (_grad_block)."""
+    head_end, body_end, end = _row_segments(start, row_len, ALIGN)
+    inv_d = 1.0 / d
+    smooth = eps / n_cols
+    edge = tl.arange(0, ALIGN)
+    _grad_block(LOGITS, start + edge, (start + edge < head_end) & (start + edge < end), edge, n_cols, y, m, inv_d,
+                smooth, eps, scale, RTNE_BF16)
+    BODY = LOGITS + head_end
+    for k in range(0, body_end - head_end, BLOCK_V):
+        offs = k + tl.arange(0, BLOCK_V)
+        _grad_block(BODY, offs, offs < body_end - head_end, head_end - start + offs, n_cols, y, m, inv_d, smooth,
+                    eps, scale, RTNE_BF16)
+    _grad_block(LOGITS, body_end + edge, body_end + edge < end, body_end - start + edge, n_cols, y, m, inv_d,
+                smooth, eps, scale, RTNE_BF16)
+
+
+@triton.jit
+def _fill_row(LOGITS, start, row_len, value, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):
+    head_end, body_end, end = _row_segments(start, row_len, ALIGN)
+    edge = tl.arange(0, ALIGN)
+    tl.store(LOGITS + start + edge, tl.full([ALIGN], value, dtype=LOGITS.dtype.element_ty),
+             mask=(start + edge < head_end) & (start + edge < end))
+    BODY = LOGITS + head_end
+    for k in range(0, body_end - head_end, BLOCK_V):
+        offs = k + tl.arange(0, BLOCK_V)
+        tl.store(BODY + offs, tl.full([BLOCK_V], value, dtype=LOGITS.dtype.element_ty),
+                 mask=offs < body_end - head_end)
+    tl.store(LOGITS + body_end + edge, tl.full([ALIGN], value, dtype=LOGITS.dtype.element_ty),
+             mask=body_end + edge < end)
 
 
 @triton.jit
 def _cross_entropy_kernel(
     LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, GRAD_SCALE, n_cols, row_len, ignore_index, eps,
-    BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, RTNE_BF16: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+    RTNE_BF16: tl.constexpr,
 ):
     """LOSS[r] = CE(LOGITS[r, :n_cols], TARGET[r]); if COMPUTE_GRAD, LOGITS[r, :n_cols] <- its gradient
     times GRAD_SCALE[0] (times ROW_SCALE[r] if HAS_ROW_SCALE) and LOGITS[r, n_cols:row_len] <- 0.
     GRAD_SCALE is a device scalar (it depends on the count of valid targets, which the host never reads).
     A target outside [0, n_cols) that is not ignore_index gets a NaN loss and a NaN gradient row.
 
-    row_len >= n_cols is how many columns are loaded and stored. Loads and stores are masked with
-    cols < row_len, and Triton issues 16-byte vector accesses only when it can prove such a mask
-    constant over each group of 8 columns: with row_len and stride_row multiples of 16 (the padded
-    chunks of fused_linear_cross_entropy) they vectorize, with row_len = V = 40478 they stay scalar.
+    row_len >= n_cols is how many columns are loaded and stored; ALIGN = 16 // element size. Each row is walked
+    as a short head, a body of whole 16-byte groups and a short tail (_row_segments), so that whatever V and
+    the row stride are, the body moves 16 bytes per access when LOGITS itself is 16-byte aligned.
     """
     row = tl.program_id(0).to(tl.int64)
-    ROW = LOGITS + row * stride_row
+    start = row * stride_row
     y = tl.load(TARGET + row)
     if y == ignore_index:  # loss 0, gradient 0, and the row is never read
         tl.store(LOSS + row, 0.0)
         if COMPUTE_GRAD:
-            _fill_row(ROW, row_len, 0.0, BLOCK_V)
+            _fill_row(LOGITS, start, row_len, 0.0, BLOCK_V, ALIGN)
         return
-    if (y < 0) | (y >= n_cols):  # a bad target: visible as NaN, and ROW + y is never read
+    if (y < 0) | (y >= n_cols):  # a bad target: visible as NaN, and LOGITS[start + y] is never read
         tl.store(LOSS + row, float("nan"))
         if COMPUTE_GRAD:
-            _fill_row(ROW, row_len, float("nan"), BLOCK_V)
+            _fill_row(LOGITS, start, row_len, float("nan"), BLOCK_V, ALIGN)
         return
-    m, d, x_sum = _row_stats(ROW, n_cols, row_len, BLOCK_V)
+    m, d, x_sum = _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V, ALIGN)
     lse = m + tl.log(d)
-    x_y = tl.load(ROW + y).to(tl.float32)
+    x_y = tl.load(LOGITS + start + y).to(tl.float32)
     loss = (1.0 - eps) * (lse - x_y) + eps * (lse - x_sum / n_cols)
     tl.store(LOSS + row, loss)
     if COMPUTE_GRAD:
         scale = tl.load(GRAD_SCALE)
         if HAS_ROW_SCALE:
             scale = scale * tl.load(ROW_SCALE + row).to(tl.float32)
-        _write_row_grad(ROW, n_cols, row_len, y, m, d, eps, scale, BLOCK_V, RTNE_BF16)
+        _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V, ALIGN, RTNE_BF16)
+
+
+@triton.jit
+def _scale_block(PTR, offs, mask, factor, RTNE_BF16: tl.constexpr):
+    g = tl.load(PTR + offs, mask=mask, other=0.0).to(tl.float32) * factor
+    if RTNE_BF16:
+        g = round_fp32(g, 16)  # the interpreter would truncate
+    tl.store(PTR + offs, g.to(PTR.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _scale_grad_kernel(GRAD, stride_row, row_len, GRAD_OUT, stride_go, POST_SCALE,
-                       BLOCK_V: tl.constexpr, RTNE_BF16: tl.constexpr):
+                       BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, RTNE_BF16: tl.constexpr):
     """GRAD[r, :row_len] *= GRAD_OUT[r * stride_go] * POST_SCALE[0], in fp32 with one rounding to GRAD's dtype
-    (stride_go = 0: one incoming gradient for every row). The backward of fused_cross_entropy, in place."""
+    (stride_go = 0: one incoming gradient for every row). The backward of fused_cross_entropy, in place.
+    A factor of exactly 1 (loss.backward() on a bf16 or fp32 mean) leaves the row as it is: the program reads
+    two scalars and returns, so the usual backward costs a launch, not a pass over N x V, and no host sync."""
     row = tl.program_id(0).to(tl.int64)
-    ROW = GRAD + row * stride_row
     factor = tl.load(GRAD_OUT + row * stride_go).to(tl.float32) * tl.load(POST_SCALE)
-    for start in range(0, row_len, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < row_len
-        g = tl.load(ROW + cols, mask=mask, other=0.0).to(tl.float32) * factor
-        if RTNE_BF16:
-            g = round_fp32(g, 16)  # the interpreter would truncate
-        tl.store(ROW + cols, g.to(ROW.dtype.element_ty), mask=mask)
+    if factor != 1.0:
+        start = row * stride_row
+        head_end, body_end, end = _row_segments(start, row_len, ALIGN)
+        edge = tl.arange(0, ALIGN)
+        _scale_block(GRAD, start + edge, (start + edge < head_end) & (start + edge < end), factor, RTNE_BF16)
+        BODY = GRAD + head_end
+        for k in range(0, body_end - head_end, BLOCK_V):
+            offs = k + tl.arange(0, BLOCK_V)
+            _scale_block(BODY, offs, offs < body_end - head_end, factor, RTNE_BF16)
+        _scale_block(GRAD, body_end + edge, body_end + edge < end, factor, RTNE_BF16)
 
 
 # ----------------------------------------------------------------------------- host launchers
@@ -258,7 +328,8 @@ def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, r
     _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
         grad_scale if compute_grad else loss, n_cols, row_len, ignore_index, eps,
-        BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, HAS_ROW_SCALE=row_scale is not None,
+        BLOCK_V=block_v, ALIGN=16 // logits.element_size(), COMPUTE_GRAD=compute_grad,
+        HAS_ROW_SCALE=row_scale is not None,
         RTNE_BF16=INTERPRET and logits.dtype == torch.bfloat16, num_warps=_NUM_WARPS,
     )
 
@@ -325,15 +396,15 @@ def cross_entropy_forward(logits, target, ignore_index=-100, label_smoothing=0.0
 def cross_entropy_backward(grad_logits, grad_output, post_scale):
     """Scale the stored gradient in place by grad_output (a scalar, or one per row) times post_scale, in fp32
     (an fp16 buffer multiplied by a tensor factor would round the factor to fp16 first); returns it.
-    Always one pass: testing for a factor of 1 would be a host sync."""
+    A row whose factor is exactly 1 is not touched: the kernel tests it on the device (no host sync)."""
     n_rows, row_len = grad_logits.shape
     if n_rows == 0 or row_len == 0:
         return grad_logits
     stride_go = grad_output.stride(0) if grad_output.dim() else 0
     _scale_grad_kernel[(n_rows,)](grad_logits, grad_logits.stride(0), row_len, grad_output, stride_go, post_scale,
                                   BLOCK_V=min(triton.next_power_of_2(row_len), _MAX_BLOCK_V),
-                                  RTNE_BF16=INTERPRET and grad_logits.dtype == torch.bfloat16,
-                                  num_warps=_NUM_WARPS)
+                                  ALIGN=16 // grad_logits.element_size(),
+                                  RTNE_BF16=INTERPRET and grad_logits.dtype == torch.bfloat16, num_warps=_NUM_WARPS)
     return grad_logits
 
 
@@ -739,7 +810,8 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False):
                       "row_len": "i32:16" if padded else "i32", "ignore_index": "i32", "eps": "fp32",
                       "GRAD_SCALE": "*fp32:16"},
         "constexprs": {"BLOCK_V": min(triton.next_power_of_2(n_classes), _MAX_BLOCK_V),
-                       "COMPUTE_GRAD": compute_grad, "HAS_ROW_SCALE": False, "RTNE_BF16": False},
+                       "ALIGN": 4 if dtype == "fp32" else 8, "COMPUTE_GRAD": compute_grad, "HAS_ROW_SCALE": False,
+                       "RTNE_BF16": False},
         "num_warps": _NUM_WARPS,
         "num_stages": 3,
     }
@@ -755,6 +827,6 @@ COMPILE_SPECS = [
     {"name": "cross_entropy_scale_grad_bf16_V40478", "fn": _scale_grad_kernel,
      "signature": {"GRAD": "*bf16:16", "stride_row": "i32", "row_len": "i32", "GRAD_OUT": "*fp32:16",
                    "stride_go": "i32:16", "POST_SCALE": "*fp32:16"},  # stride 0: the JIT's divisible-by-16 case
-     "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "RTNE_BF16": False}, "num_warps": _NUM_WARPS,
+     "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "ALIGN": 8, "RTNE_BF16": False}, "num_warps": _NUM_WARPS,
      "num_stages": 3},
 ]

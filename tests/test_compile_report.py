@@ -45,6 +45,16 @@ def test_every_attention_config_is_compiled_for_its_arch(rows):
     assert {r["arch"] for r in rows} == {80, 90}
 
 
+def test_cross_entropy_loops_move_16_bytes_per_access(rows):
+    """The cross-entropy passes are bandwidth-bound: every global load and store in their loops is a 16-byte
+    access, also on rows of V = 40478 that start off a 16-byte boundary (2-byte ones before the rows were
+    walked in aligned groups)."""
+    ce_rows = [r for r in rows if r["fn"] in ("_cross_entropy_kernel", "_scale_grad_kernel")]
+    assert len(ce_rows) >= 8
+    assert all(r["loop_narrow_global"] == 0 and r["global_loads_128"] > 0 for r in ce_rows), \
+        [(r["kernel"], r["arch"], r["loop_narrow_global"]) for r in ce_rows if r["loop_narrow_global"]]
+
+
 def test_sm90_attention_uses_wgmma(rows):
     # the fp32 specs compile exact fp32 dots (torch's default matmul precision), which run on the FMA units
     matmul_rows = [r for r in rows if r["arch"] == 90 and r["fn"] in
@@ -65,8 +75,12 @@ def test_sass_counts():
         /*0a90*/                   STS.U8 [R3], R2 ;
         /*0aa0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0ab0*/              @P1  LDS.U8 R5, [R3] ;
-        /*0ac0*/                   LDSM.16.M88.4 R8, [R9] ;"""
-    assert sass_counts(sass) == {"STL": 1, "LDL": 1, "HGMMA": 1, "HMMA": 1, "STS": 1, "LDS": 1, "BAR": 1, "total": 8}
+        /*0ac0*/                   LDSM.16.M88.4 R8, [R9] ;
+        /*0ad0*/                   LDG.E.128 R12, desc[UR4][R2.64] ;
+        /*0ae0*/              @!P2 LDG.E.U16 R7, desc[UR4][R4.64] ;
+        /*0af0*/                   STG.E.128 desc[UR4][R2.64], R12 ;"""
+    assert sass_counts(sass) == {"STL": 1, "LDL": 1, "HGMMA": 1, "HMMA": 1, "STS": 1, "LDS": 1, "BAR": 1, "LDG": 2,
+                                 "STG": 1, "LDG128": 1, "STG128": 1, "total": 11}
 
 
 def test_loop_bodies():

@@ -65,7 +65,7 @@ def _compare_ce(x, target, dtype, label_smoothing=0.0, reduction="mean", grad_we
     assert_error_within(kern.grad, ref.grad, truth.grad, name="grad")
 
 
-@pytest.mark.parametrize("n,v", [(3, 40478), (1, 40478), (37, 1000), (5, 8193), (9, 7)])
+@pytest.mark.parametrize("n,v", [(3, 40478), (1, 40478), (37, 1000), (5, 8193), (9, 3)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
@@ -142,7 +142,7 @@ def test_fp16_mean_gradient_is_rounded_once(grad_output, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_padding_columns(dtype, device):
     """The kernel on a row-padded buffer (fused_linear_cross_entropy's chunks): whatever the padding columns
-    hold, they change no loss and receive an exact zero gradient."""
+    hold (1e4, NaN), they change no loss and receive an exact zero gradient."""
     torch.manual_seed(8)
     n, v = 6, 1001
     width = _padded_vocab(v)
@@ -155,8 +155,11 @@ def test_kernel_padding_columns(dtype, device):
     _launch(padded, target, loss_pad, IGNORE, 0.1, 0.5, True, n_cols=v)
     ref = x.clone()
     _launch(ref, target, loss_ref, IGNORE, 0.1, 0.5, True)
-    assert torch.equal(loss_pad, loss_ref)
-    assert torch.equal(padded[:, :v], ref), "class columns differ from the unpadded run"
+    # the rows' sums run in another order (an unpadded row of 1001 columns starts off a 16-byte boundary, so it
+    # is walked as head, body and tail): equal up to fp32 summation order, then one rounding to dtype
+    torch.testing.assert_close(loss_pad, loss_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(padded[:, :v].float(), ref.float(), rtol=2**-7 if dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-9, msg="class columns differ from the unpadded run")
     assert torch.equal(padded[:, v:], torch.zeros_like(padded[:, v:])), "padding columns got a gradient"
 
 
