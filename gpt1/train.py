@@ -49,6 +49,7 @@ class RunConfig:
     keep_checkpoints: int = 3  # complete checkpoints kept on disk
     max_nonfinite: int = 5  # consecutive skipped steps after which the run stops
     seed: int = 1337  # initial weights, data order and dropout masks
+    dropout_seed: int = -1  # when >= 0, the dropout masks' seed instead (same weights and data, other masks)
     compile: bool | None = None  # torch.compile the model (fullgraph); default: on a CUDA GPU under ZeRO 0-2
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
     resume: bool = False  # continue from the newest complete checkpoint in --out
@@ -63,6 +64,8 @@ def parse_args(argv=None):
                          max_nonfinite=(1, None))
     if run.dropout != -1.0:  # -1: the model's own rates
         runtime.check_ranges(run, dropout=(0.0, 1.0))
+    if run.dropout_seed != -1:  # -1: from --seed
+        runtime.check_ranges(run, dropout_seed=(0, None))
     return run
 
 
@@ -146,7 +149,8 @@ def main(argv=None):
 
     # one global order of windows, read by position: the position is part of every checkpoint
     sampler = WindowSampler(train_data, run.seq_len + 1, run.seed, rank, world)
-    torch.manual_seed(run.seed + 1 + rank)  # dropout masks differ across ranks
+    # dropout masks differ across ranks; --dropout-seed redraws them alone (bench.curves' noise floor)
+    torch.manual_seed((run.seed + 1 if run.dropout_seed < 0 else run.dropout_seed) + rank)
     step = 0
     if run.resume:  # restores the sampler's position and every RNG as they were at the checkpoint
         step = checkpoint.load(engine, run, cfg, rank, sampler)

@@ -373,6 +373,7 @@ def test_curves_run_flags_under_smoke():
     assert flags["eager-attn"] == curves.RUNS["eager-attn"] + ["--attn-impl", "triton"]
     assert flags["eager-loss"] == curves.RUNS["eager-loss"] + ["--loss-impl", "triton_linear"]
     assert flags["reference"] == curves.RUNS["reference"]
+    assert flags["reference-2"] == curves.RUNS["reference"] + ["--dropout-seed", "2"]  # torch's kernels, other masks
     assert flags["compiled-reference"] == curves.RUNS["compiled-reference"]
     assert flags["compiled-graphs"] == curves.RUNS["compiled-graphs"] + ["--attn-impl", "triton", "--loss-impl",
                                                                          "triton_linear"]
@@ -382,24 +383,28 @@ def test_curves_run_flags_under_smoke():
 
 
 def test_curves_smoke(tmp_path):
-    """bench.curves --smoke: three real gpt1.train runs (gpt1-tiny; torch's kernels, then ours under the
-    interpreter, compiled and not) on a corpus it prepares; without dropout each agrees with the reference."""
+    """bench.curves --smoke: four real gpt1.train runs (gpt1-tiny; torch's kernels, then ours under the
+    interpreter, compiled and not, then torch's with --dropout-seed) on a corpus it prepares; without dropout each
+    agrees with the reference, and the reseeded reference is the reference itself: --dropout-seed changes neither
+    the initial weights nor the batches."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "bench.curves", "--smoke", "--dropout", "0", "--steps", "3",
-                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
+                           "--runs", "compiled,eager,reference-2", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "results.json").read_text())
-    assert [r["name"] for r in result["runs"]] == ["reference", "compiled", "eager"]
-    assert [r["status"] for r in result["runs"]] == ["ok"] * 3
+    assert [r["name"] for r in result["runs"]] == ["reference", "compiled", "eager", "reference-2"]
+    assert [r["status"] for r in result["runs"]] == ["ok"] * 4
     assert all(len(r["losses"]) == 3 for r in result["runs"])
+    assert result["runs"][3]["losses"] == result["runs"][0]["losses"]
+    assert "--dropout-seed 2" in result["runs"][3]["flags"]
     # ZeRO-0 under autocast: our guard clips, so every step's gradient norm is logged; none was skipped
     assert all(len(r["grad_norms"]) == 3 and min(r["grad_norms"]) > 0 and r["skipped_steps"] == 0
                for r in result["runs"])
     compiled = result["runs"][1]
     assert "--attn-impl triton" in compiled["flags"] and compiled["first_step_s"] > 0
     s = result["summary"]
-    assert s["agree"] and list(s["runs"]) == ["compiled", "eager"], s
+    assert s["agree"] and list(s["runs"]) == ["compiled", "eager", "reference-2"], s
     assert all(p["max_abs"] < 2e-3 for p in s["runs"].values()), s
     md = (tmp_path / "results.md").read_text()
     assert "compiled agrees with the reference" in md and "eager agrees with the reference" in md

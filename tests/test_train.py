@@ -287,6 +287,7 @@ def test_bad_input_is_one_line_error(data, tmp_path, case):
     (["--warmup-steps", "-2"], "--warmup-steps must be at least -1"),  # -1: the default warmup
     (["--dropout", "-0.5"], "--dropout must be in [0.0, 1.0], got -0.5"),  # only -1 means the model's rates
     (["--min-lr", "nan"], "--min-lr must be at least 0.0, got nan"),
+    (["--dropout-seed", "-2"], "--dropout-seed must be at least 0, got -2"),  # -1: derived from --seed
 ])
 def test_flags_out_of_range_are_refused(flags, msg):
     """A value outside a flag's range is refused before anything starts, where it used to pass as a sentinel
@@ -296,7 +297,7 @@ def test_flags_out_of_range_are_refused(flags, msg):
 
     with pytest.raises(GPT1Error, match=re.escape(msg)):
         parse_args(flags)
-    parse_args(["--dropout", "-1", "--micro-batch-size", "0", "--warmup-steps", "-1"])  # the sentinels pass
+    parse_args(["--dropout", "-1", "--micro-batch-size", "0", "--warmup-steps", "-1", "--dropout-seed", "-1"])  # -1s pass
 
 
 def test_run_dir_of_another_model_is_refused(data, tmp_path):
