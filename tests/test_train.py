@@ -297,7 +297,8 @@ def test_flags_out_of_range_are_refused(flags, msg):
 
     with pytest.raises(GPT1Error, match=re.escape(msg)):
         parse_args(flags)
-    parse_args(["--dropout", "-1", "--micro-batch-size", "0", "--warmup-steps", "-1", "--dropout-seed", "-1"])  # -1s pass
+    # the sentinels pass
+    parse_args(["--dropout", "-1", "--micro-batch-size", "0", "--warmup-steps", "-1", "--dropout-seed", "-1"])
 
 
 def test_run_dir_of_another_model_is_refused(data, tmp_path):
