@@ -1,6 +1,6 @@
 """Loss curves: our training paths against torch's kernels, run for real through gpt1.train.
 
-    python -m bench.curves [--runs compiled,eager,reference] [--data data/shakespeare] [--steps 200] [--model gpt1]
+    python -m bench.curves [--runs compiled,eager,reference-2] [--data data/shakespeare] [--steps 200] [--model gpt1]
                            [--micro-batch-size 32] [--deepspeed-config ds_configs/zero0_autocast_bf16.json]
                            [--dropout P] [--out DIR] [--budget-s S] [--smoke]
 
@@ -80,7 +80,7 @@ RUNS = {
     "compiled-ln": ["--compile", "--norm-impl", "triton"],  # with our fused dropout + add + LayerNorm
     "eager-ln": ["--no-compile", "--norm-impl", "triton"],
 }
-DEFAULT_RUNS = "compiled,eager,reference"
+DEFAULT_RUNS = "compiled,eager,reference-2"
 FIRST_STEP = re.compile(r"first step, which compiles the model: ([0-9.]+) s")
 
 

@@ -26,3 +26,13 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def pytest_runtest_logreport(report):
+    """With GPT1_TEST_FAILURES=<file>, each failure's report is appended to that file as it happens: a GPU session
+    whose time box interrupts pytest (bench/gpu_session.sh) keeps the failures seen so far, which pytest itself
+    prints only at the end."""
+    path = os.environ.get("GPT1_TEST_FAILURES")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n\n")
