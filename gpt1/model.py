@@ -46,16 +46,17 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        # (B, T, 3, nh, hs) -> three (B, nh, T, hs) views; the kernels take the strides as they are
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         p = self.attn_pdrop if self.training else 0.0
         impl = resolve_attn_impl(self.attn_impl, x.device)
-        if impl == "triton":
-            y = kernels.fused_attention(q, k, v, causal=True, dropout_p=p)
-        elif impl == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        if impl == "triton":  # reads q, k, v through qkv's strides; its gradient comes back in qkv's layout
+            y = kernels.fused_attention_qkv(qkv, causal=True, dropout_p=p)
         else:
-            y = reference.attention(q, k, v, causal=True, dropout_p=p)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # three (B, nh, T, hs) views
+            if impl == "sdpa":
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            else:
+                y = reference.attention(q, k, v, causal=True, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)  # the residual dropout is the block's, fused with its add and LayerNorm
 

@@ -57,6 +57,11 @@ skips the dispatcher and calls the same launchers through FusedAttentionFunction
 dispatch costs tens of microseconds per call, and the per-call host work is kept to the checks, a cached
 config lookup, the seed draw (only with dropout) and the output allocation.
 
+fused_attention_qkv(qkv) takes the packed projections (B, T, 3, H, D) that the model's q/k/v linear makes, runs
+the same kernels on the same views (gpt1_kernels::attention_qkv and attention_qkv_backward, eager path
+FusedAttentionQKVFunction) and returns d qkv as one contiguous tensor in that layout: with three separate
+gradients, Inductor stacked dq, dk, dv into it with a copy (0.45 ms of an H200's training step, commit 53af6d7).
+
 Limits: self-attention only (q, k, v share T); B*H <= 65535 (CUDA grid y); offsets within one
 (batch, head) slice (T * stride of T) must fit in int32; the dropout mask costs one Philox call per 8
 scores in the forward and T * W bytes per (batch, head) until the backward; a dropout p below 2^-17 rounds to
@@ -901,10 +906,11 @@ def attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=None, 
     return _backward(do, q, k, v, o, lse, causal, _scale(q, softmax_scale), dropout_p, mask, config)
 
 
-def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, mask, config=None):
-    """(dq, dk, dv); mask: the forward's packed keep-mask (None without dropout)."""
+def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, mask, config=None, out=None):
+    """(dq, dk, dv); mask: the forward's packed keep-mask (None without dropout). out: the (B, H, T, D) tensors
+    to write them into (any strides: the views of one packed gradient), by default new contiguous ones."""
     B, H, T, D = q.shape
-    dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    dq, dk, dv = out or (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
     if q.numel() == 0:
         return dq, dk, dv
     cfg = config or _config(q, dropout_p > 0.0)
@@ -1023,6 +1029,66 @@ def _attention_op_backward(ctx, do, _dlse, _dmask):
 attention_op.register_autograd(_attention_op_backward, setup_context=_setup_context)
 
 
+def unpack_qkv(qkv):
+    """The (B, H, T, D) views q, k, v of packed projections qkv (B, T, 3, H, D): a fused q/k/v linear's output
+    (B, T, 3 * H * D) viewed, as the model makes it."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _backward_qkv(do, qkv, o, lse, causal, sm_scale, dropout_p, mask):
+    """d qkv, contiguous (B, T, 3, H, D): the two backward kernels write dq, dk and dv through its views."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _backward(do, *unpack_qkv(qkv), o, lse, causal, sm_scale, dropout_p, mask, out=unpack_qkv(dqkv))
+    return dqkv
+
+
+@torch.library.custom_op("gpt1_kernels::attention_qkv", mutates_args=())
+def attention_qkv_op(qkv: torch.Tensor, seed: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+                     dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attention_op on the views unpack_qkv(qkv); differentiable in qkv, whose gradient comes back packed
+    (attention_qkv_backward_op)."""
+    o, lse, mask = _forward(*unpack_qkv(qkv), causal, softmax_scale, dropout_p, seed)
+    return o, lse, mask if mask is not None else qkv.new_empty((0,), dtype=torch.uint8)
+
+
+@attention_qkv_op.register_fake
+def _(qkv, seed, causal, softmax_scale, dropout_p):
+    B, T, _, H, D = qkv.shape
+    mask_shape = (B * H, T, _mask_row_bytes(T)) if dropout_p > 0.0 else (0,)
+    return (qkv.new_empty((B, T, H, D)).transpose(1, 2), qkv.new_empty((B, H, T), dtype=torch.float32),
+            qkv.new_empty(mask_shape, dtype=torch.uint8))
+
+
+@torch.library.custom_op("gpt1_kernels::attention_qkv_backward", mutates_args=())
+def attention_qkv_backward_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                              mask: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+                              dropout_p: float) -> torch.Tensor:
+    """d qkv, contiguous (B, T, 3, H, D); mask: the forward's packed keep-mask (None without dropout)."""
+    return _backward_qkv(do, qkv, o, lse, causal, softmax_scale, dropout_p, mask)
+
+
+@attention_qkv_backward_op.register_fake
+def _(do, qkv, o, lse, mask, causal, softmax_scale, dropout_p):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context_qkv(ctx, inputs, output):
+    qkv, _seed, *ctx.args = inputs  # args: causal, softmax_scale, dropout_p
+    o, lse, mask = output
+    ctx.mark_non_differentiable(lse, mask)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(qkv, o, lse, mask)
+
+
+def _attention_qkv_op_backward(ctx, do, _dlse, _dmask):
+    qkv, o, lse, mask = ctx.saved_tensors
+    return (attention_qkv_backward_op(do, qkv, o, lse, mask if ctx.args[2] > 0.0 else None, *ctx.args),
+            None, None, None, None)
+
+
+attention_qkv_op.register_autograd(_attention_qkv_op_backward, setup_context=_setup_context_qkv)
+
+
 class FusedAttentionFunction(torch.autograd.Function):
     """The eager path: the launchers the operators wrap, without the dispatcher round trip of a custom op
     (tens of microseconds of Python per call)."""
@@ -1041,11 +1107,23 @@ class FusedAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-def fused_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, _seed=None):
-    """softmax(q k^T * scale [+ causal mask]) with dropout, times v, for (B, H, T, D) tensors; same signature
-    and result as `kernels.reference.attention` (under torch.autocast q, k, v are cast to its dtype first, as
-    SDPA casts them). `_seed` (tests only; an int or a 1-element int64 tensor)
-    fixes the dropout seed; by default one is drawn on q's device when dropout_p > 0 (new_dropout_seed)."""
+class FusedAttentionQKVFunction(torch.autograd.Function):
+    """FusedAttentionFunction on packed projections (fused_attention_qkv's eager path)."""
+
+    @staticmethod
+    def forward(ctx, qkv, seed, causal, softmax_scale, dropout_p):
+        o, lse, mask = _forward(*unpack_qkv(qkv), causal, softmax_scale, dropout_p, seed)
+        ctx.save_for_backward(qkv, o, lse, mask)
+        ctx.args = (causal, softmax_scale, dropout_p)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse, mask = ctx.saved_tensors
+        return _backward_qkv(do, qkv, o, lse, *ctx.args, mask), None, None, None, None
+
+
+def _check_options(causal, softmax_scale, dropout_p):
     if not isinstance(causal, bool):
         raise TypeError(f"fused_attention: causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf):
@@ -1053,12 +1131,43 @@ def fused_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, 
                          f"{softmax_scale}")
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"fused_attention: dropout_p must be a number in [0, 1), got {dropout_p}")
+
+
+def _dropout_seed(dropout_p, _seed, device):
+    if dropout_p == 0.0:
+        return None
+    return seed_tensor(_seed, device) if _seed is not None else new_dropout_seed(device)
+
+
+def fused_attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, _seed=None):
+    """softmax(q k^T * scale [+ causal mask]) with dropout, times v, for (B, H, T, D) tensors; same signature
+    and result as `kernels.reference.attention` (under torch.autocast q, k, v are cast to its dtype first, as
+    SDPA casts them). `_seed` (tests only; an int or a 1-element int64 tensor)
+    fixes the dropout seed; by default one is drawn on q's device when dropout_p > 0 (new_dropout_seed)."""
+    _check_options(causal, softmax_scale, dropout_p)
     _check_inputs(q, k, v, dropout_p)  # before the cast, which would trip over a non-tensor
     q, k, v = autocast_inputs(q, k, v)  # as SDPA under torch.autocast: shapes and devices stay, dtypes agree
     dropout_p, sm_scale = float(dropout_p), float(_scale(q, softmax_scale))
-    seed = None
-    if dropout_p > 0.0:
-        seed = seed_tensor(_seed, q.device) if _seed is not None else new_dropout_seed(q.device)
+    seed = _dropout_seed(dropout_p, _seed, q.device)
     if torch.compiler.is_compiling():
         return attention_op(q, k, v, seed, causal, sm_scale, dropout_p)[0]
     return FusedAttentionFunction.apply(q, k, v, seed, causal, sm_scale, dropout_p)
+
+
+def fused_attention_qkv(qkv, *, causal=True, softmax_scale=None, dropout_p=0.0, _seed=None):
+    """fused_attention(q, k, v) of packed projections qkv (B, T, 3, H, D), q, k, v = unpack_qkv(qkv): the same
+    kernels on the same views, so the same result, bit for bit, with the same seed. Its backward writes d qkv
+    into one (B, T, 3, H, D) tensor, the gradient of the q/k/v linear's output as it is, where fused_attention's
+    three gradients are stacked into that layout by a copy (at GPT-1's shapes 75 MB read and 75 MB written per
+    layer and step). Returns (B, H, T, D), like fused_attention."""
+    _check_options(causal, softmax_scale, dropout_p)
+    check_tensors("fused_attention_qkv: ", qkv=qkv)
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"fused_attention_qkv: qkv must have shape (B, T, 3, H, D), got {tuple(qkv.shape)}")
+    _check_inputs(*unpack_qkv(qkv), dropout_p)
+    (qkv,) = autocast_inputs(qkv)
+    dropout_p, sm_scale = float(dropout_p), float(_scale(qkv, softmax_scale))
+    seed = _dropout_seed(dropout_p, _seed, qkv.device)
+    if torch.compiler.is_compiling():
+        return attention_qkv_op(qkv, seed, causal, sm_scale, dropout_p)[0]
+    return FusedAttentionQKVFunction.apply(qkv, seed, causal, sm_scale, dropout_p)

@@ -85,25 +85,26 @@ def assert_all_within(checks, *, atol=None, known=(), strict=True, factor=2.0):
 
 
 def replayed_dropout(monkeypatch, mode):
-    """Patch the model's attention: "ours" runs kernels.fused_attention with the seeds 1000, 1001, ... in call
-    order; "replay" runs the eager reference with the keep-masks that those seeds give."""
+    """Patch the model's attention: "ours" runs kernels.fused_attention_qkv with the seeds 1000, 1001, ... in
+    call order; "replay" runs the eager reference with the keep-masks that those seeds give."""
     import kernels
     from kernels import reference
-    from kernels.attention import attention_dropout_mask
+    from kernels.attention import attention_dropout_mask, unpack_qkv
 
-    fused, calls = kernels.fused_attention, []
+    fused, calls = kernels.fused_attention_qkv, []
 
-    def attention(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0):
+    def attention(qkv, *, causal=True, softmax_scale=None, dropout_p=0.0):
         seed = 1000 + len(calls)
         calls.append(seed)
         if mode == "ours":
-            return fused(q, k, v, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, _seed=seed)
+            return fused(qkv, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, _seed=seed)
+        q, k, v = unpack_qkv(qkv)
         B, H, T, _ = q.shape
         mask = attention_dropout_mask(seed, B, H, T, dropout_p, device=q.device)
         return reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p,
                                    dropout_mask=mask)
 
-    monkeypatch.setattr(kernels, "fused_attention", attention)
+    monkeypatch.setattr(kernels, "fused_attention_qkv", attention)
     return calls
 
 

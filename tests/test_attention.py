@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import assert_all_within, assert_error_within, fp32_eps_at
 
-from kernels import attention, fused_attention, reference
+from kernels import attention, fused_attention, fused_attention_qkv, reference
 from kernels.attention import (
     _CONFIGS,
     DTYPES,
@@ -27,6 +27,7 @@ from kernels.attention import (
     attention_forward,
     attention_op,
     unpack_dropout_mask,
+    unpack_qkv,
 )
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
@@ -319,6 +320,34 @@ def test_dropout_seed_follows_torch_manual_seed(device):
     after = torch.rand(1)
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(1))
+
+
+@pytest.mark.parametrize("dtype,p,T", [(BF16, 0.2, 45), (FP32, 0.0, 33)])
+def test_packed_qkv_is_fused_attention_bit_for_bit(dtype, p, T, device):
+    """fused_attention_qkv runs the same kernels on the same views as fused_attention(*unpack_qkv(qkv)): the same
+    output and, gathered into one packed tensor, the same gradient, bit for bit (with the same seed); that
+    gradient is one contiguous (B, T, 3, H, D) tensor, the q/k/v linear's own layout."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, T, 3, 3, 16, device=device).to(dtype).requires_grad_()
+    do = torch.randn(2, 3, T, 16, device=device).to(dtype)
+    out = fused_attention_qkv(qkv, dropout_p=p, _seed=SEED)
+    (grad,) = torch.autograd.grad(out, qkv, do)
+    ref_out = fused_attention(*unpack_qkv(qkv), dropout_p=p, _seed=SEED)
+    (ref_grad,) = torch.autograd.grad(ref_out, qkv, do)
+    assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
+    assert grad.is_contiguous() and grad.shape == qkv.shape
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_packed_qkv_errors():
+    with pytest.raises(ValueError, match="qkv must have shape \\(B, T, 3, H, D\\)"):
+        fused_attention_qkv(_t(1, 5, 2, 2, 16))
+    with pytest.raises(ValueError, match="head dim 48"):
+        fused_attention_qkv(_t(1, 5, 3, 2, 48))
+    with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
+        fused_attention_qkv([0.0])
+    with pytest.raises(ValueError, match="dropout_p"):
+        fused_attention_qkv(_t(1, 5, 3, 2, 16), dropout_p=1.0)
 
 
 def test_output_layout_is_free_to_transpose(device):

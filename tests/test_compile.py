@@ -18,7 +18,13 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from gpt1 import GPT1, get_config
 from kernels import fused_attention, fused_cross_entropy, fused_linear_cross_entropy
-from kernels.attention import attention_backward_op, attention_op, new_dropout_seed
+from kernels.attention import (
+    attention_backward_op,
+    attention_op,
+    attention_qkv_backward_op,
+    attention_qkv_op,
+    new_dropout_seed,
+)
 from kernels.cross_entropy import (
     cross_entropy_loss_op,
     cross_entropy_op_,
@@ -269,6 +275,19 @@ def _attention_backward_args(device):
     return (torch.randn_like(o), q, k, v, o, lse, mask, *opts)
 
 
+def _attention_qkv_args(device, dropout):
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 9, 3, 2, 16, device=device, requires_grad=True)
+    return (qkv, new_dropout_seed(device) if dropout else None, True, 0.25, 0.2 if dropout else 0.0)
+
+
+def _attention_qkv_backward_args(device):
+    qkv, seed, *opts = _attention_qkv_args(device, True)
+    qkv = qkv.detach()
+    o, lse, mask = attention_qkv_op(qkv, seed, *opts)
+    return (torch.randn_like(o), qkv, o, lse, mask, *opts)
+
+
 def _linear_args(device, reduction, with_bias, needs):
     torch.manual_seed(0)
     h, w, b = torch.randn(6, 8, device=device), torch.randn(40, 8, device=device), torch.randn(40, device=device)
@@ -291,6 +310,8 @@ OPCHECK_CASES = {  # name: (op, device -> args)
     "attention": (attention_op, lambda d: _attention_args(d, dropout=False)),
     "attention dropout": (attention_op, lambda d: _attention_args(d, dropout=True)),
     "attention_backward": (attention_backward_op, _attention_backward_args),
+    "attention_qkv dropout": (attention_qkv_op, lambda d: _attention_qkv_args(d, dropout=True)),
+    "attention_qkv_backward": (attention_qkv_backward_op, _attention_qkv_backward_args),
     "cross_entropy_loss": (cross_entropy_loss_op, lambda d: (*_ce_args(d), IGNORE, 0.1)),
     "cross_entropy_": (cross_entropy_op_, lambda d: (*_ce_args(d), torch.tensor(0.25, device=d), IGNORE, 0.1)),
     "cross_entropy_scale_grad_": (cross_entropy_scale_grad_op_, lambda d: (
