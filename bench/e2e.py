@@ -467,6 +467,11 @@ def host_lines(rows):
     for r in timed:
         top = "; ".join(f"`{name}` {ms:.2f} ({calls:.0f})" for name, ms, calls in r["host_top_functions"][:6])
         lines.append(f"- {r['provider']}: {top}")
+    own = [r for r in timed if r.get("own_ops")]
+    if own:
+        lines += ["", "Our operators (calls per step, host us per call with what they run, under torch.profiler):", ""]
+        lines += [f"- {r['provider']}: " + "; ".join(f"`{n}` {c:.0f}, {us:.0f}" for n, c, us in r["own_ops"])
+                  for r in own]
     traced = [r for r in timed if r.get("runtime_calls")]
     if traced:
         lines += ["", "Host CUDA calls (calls per step, ms per step, from the profiled steps):", ""]

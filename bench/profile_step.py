@@ -206,8 +206,21 @@ def triton_launches_as_ops():
         InterpretedFunction.run = run
 
 
+def own_operators(events, steps):
+    """[[name, calls per step, host us per call]] of our custom operators (gpt1_kernels::*), costliest first: each
+    call's CPU time under the profiler with everything it runs (our Python, allocations, the Triton launches), the
+    host's price of an operator that the GPU does not see."""
+    times = {}
+    for e in events:
+        if e.name.startswith("gpt1_kernels::"):
+            times.setdefault(e.name, []).append(e.cpu_time_total)
+    rows = [[name, len(t) / steps, sum(t) / len(t)] for name, t in times.items()]
+    return sorted(rows, key=lambda r: -r[1] * r[2])
+
+
 def operators(step, steps=1):
-    """Operators per step of step() (see the module docstring), with the 15 most frequent."""
+    """Operators per step of step() (see the module docstring), with the 15 most frequent, and our own operators'
+    host time (own_operators)."""
     from torch.profiler import ProfilerActivity, profile
 
     with triton_launches_as_ops(), profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -217,7 +230,8 @@ def operators(step, steps=1):
     outer, total, names = count_operators(events)
     syncing = sum(e.name in SYNCING_OPS for e in events)
     return {"ops_per_step": outer / steps, "ops_all_per_step": total / steps, "sync_ops_per_step": syncing / steps,
-            "top_ops": [[n, c / steps] for n, c in names.most_common(15)]}
+            "top_ops": [[n, c / steps] for n, c in names.most_common(15)],
+            "own_ops": own_operators(events, steps)}
 
 
 def host_package(filename, funcname):
@@ -319,6 +333,9 @@ def format_anatomy(a, title):
                  f"{a['ops_all_per_step']:.0f} with the nested ones)")
     lines.append(f"sync ops per step (aten::_local_scalar_dense: .item(), bool(tensor)): {a['sync_ops_per_step']:.0f}")
     lines.append("top operators: " + ", ".join(f"{n} {c:.0f}" for n, c in a["top_ops"]))
+    if a.get("own_ops"):
+        lines.append("our operators (calls per step, host us per call): "
+                     + ", ".join(f"{n} {c:.0f}, {us:.0f}" for n, c, us in a["own_ops"]))
     if "host_ms_per_step" in a:
         lines.append(f"host (cProfile, its overhead included): {a['host_ms_per_step']:.2f} ms/step; self ms/step by "
                      "package: " + ", ".join(f"{p} {ms:.2f}" for p, ms in a["host_by_package"].items()))

@@ -127,6 +127,12 @@ def test_operators_per_step_are_pinned(tmp_path, zero, precision, attn, loss):
     top = ", ".join(f"{n} {c:.0f}" for n, c in a["top_ops"])
     assert count <= pin + max(10, TOLERANCE * pin), f"{count:.0f} operators per step, pinned at {pin}: {top}"
     assert count >= pin - max(10, TOLERANCE * pin), f"{count:.0f} operators per step: lower the pin ({pin})"
+    # our operators' host time: the linear loss runs as a custom op even uncompiled, once per step
+    own = {name: (calls, us) for name, calls, us in a["own_ops"]}
+    if loss == "triton_linear":
+        assert own["gpt1_kernels::linear_cross_entropy"][0] == 1 and own["gpt1_kernels::linear_cross_entropy"][1] > 0
+    else:
+        assert own == {}
 
 
 def test_gpu_report_formats():
