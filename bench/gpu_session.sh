@@ -15,12 +15,13 @@
 #   e2e       bench.e2e: every row of ROWS, results rewritten after each row; each row carries its GPU anatomy
 #             and its host anatomy (cProfile by package), so no profile stage is needed   (S_E2E=180 s, budget 150)
 #             E2E_ONLY="row,row" runs only those rows (bench.e2e --only; names as in bench/e2e.py ROWS)
-#   ops       bench.run_all --only attention,cross_entropy,layer_norm, with the e2e rows included       (S_OPS=160 s, budget 130)
-# The seconds are environment variables (S_E2E=180 ...); the defaults add up to about 560 s, under the 600 s of one device call.
+#   ops       bench.run_all --only attention,cross_entropy,layer_norm, with the e2e rows included       (S_OPS=140 s, budget 110)
+# The seconds are environment variables (S_E2E=180 ...); the defaults add up to about 540 s, under the 600 s of one device call.
 # More stages run only when named, in a second device call (`bash bench/gpu_session.sh curves tune`):
 #   profile   bench.profile_step: the default path, then the nanoGPT recipe, as text       (S_PROFILE=40 s each)
-#   curves    bench.curves: 200 steps of the 117M model, each run against torch's kernels       (S_CURVES=200 s)
-#             CURVES_RUNS picks the runs (default compiled,eager,reference-2; ~35 s each on an H200), CURVES_CONFIG
+#   curves    bench.curves: 200 steps of the 117M model, each run against torch's kernels       (S_CURVES=260 s)
+#             CURVES_RUNS picks the runs (default reference-2,compiled-graphs-ln,compiled,eager, in that order, so
+#             that a cut drops the last: ~30 s each on an H200, ~60 s compiled), CURVES_CONFIG
 #             the DeepSpeed config (default ds_configs/zero0_autocast_bf16.json, the default path's); to bisect
 #             the eager divergence where the H100 saw it: CURVES_CONFIG=ds_configs/zero2_bf16.json
 #             CURVES_RUNS=eager,eager-attn,eager-loss,compiled S_CURVES=240
@@ -146,12 +147,12 @@ PY
     ops)
         include=""
         [ -s "$WORK/e2e/results.json" ] && include="--include $WORK/e2e/results.json"
-        stage ops "${S_OPS:-160}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy,layer_norm $include \
-            --budget-s "${B_OPS:-130}" --out "$WORK/ops" ;;
+        stage ops "${S_OPS:-140}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy,layer_norm $include \
+            --budget-s "${B_OPS:-110}" --out "$WORK/ops" ;;
     curves)
-        stage curves "${S_CURVES:-200}" $PY -m bench.curves $SMOKE_FLAG --runs "${CURVES_RUNS:-compiled,eager,reference-2}" \
+        stage curves "${S_CURVES:-260}" $PY -m bench.curves $SMOKE_FLAG --runs "${CURVES_RUNS:-reference-2,compiled-graphs-ln,compiled,eager}" \
             --deepspeed-config "${CURVES_CONFIG:-ds_configs/zero0_autocast_bf16.json}" \
-            --out "$WORK/curves" --budget-s "$(( ${S_CURVES:-200} - 20 ))" ;;
+            --out "$WORK/curves" --budget-s "$(( ${S_CURVES:-260} - 20 ))" ;;
     tune)
         stage tune "${S_TUNE:-120}" $PY -m bench.tune_attention $SMOKE_FLAG --out "$WORK/tune" \
             --budget-s "$(( ${S_TUNE:-120} - 20 ))" ;;

@@ -338,7 +338,7 @@ def test_curves_run_selection():
     """--runs: names from RUNS, the reference always run and first (a budget cut keeps the anchor)."""
     from bench import curves
 
-    assert curves.parse_args([]).runs == ["reference", "compiled", "eager", "reference-2"]
+    assert curves.parse_args([]).runs == ["reference", "reference-2", "compiled-graphs-ln", "compiled", "eager"]
     assert curves.parse_args(["--runs", "eager-attn,eager,eager-attn"]).runs == ["reference", "eager-attn", "eager"]
     assert curves.parse_args(["--runs", "eager,reference, compiled"]).runs == ["reference", "eager", "compiled"]
     proc = subprocess.run([sys.executable, "-m", "bench.curves", "--runs", "eager,bogus"], cwd=ROOT,
@@ -379,6 +379,8 @@ def test_curves_run_flags_under_smoke():
                                                                          "triton_linear"]
     assert flags["compiled-ln"] == ["--compile", "--norm-impl", "triton", "--attn-impl", "triton", "--loss-impl",
                                     "triton_linear"]
+    assert flags["compiled-graphs-ln"] == curves.RUNS["compiled-graphs-ln"] + ["--attn-impl", "triton",
+                                                                               "--loss-impl", "triton_linear"]
     assert all(curves.run_flags(gpu, f) == f for f in curves.RUNS.values())
 
 
