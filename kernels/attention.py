@@ -1123,14 +1123,13 @@ class FusedAttentionQKVFunction(torch.autograd.Function):
         return _backward_qkv(do, qkv, o, lse, *ctx.args, mask), None, None, None, None
 
 
-def _check_options(causal, softmax_scale, dropout_p):
+def _check_options(causal, softmax_scale, dropout_p, name="fused_attention"):
     if not isinstance(causal, bool):
-        raise TypeError(f"fused_attention: causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf):
-        raise ValueError(f"fused_attention: softmax_scale must be a positive finite number or None, got "
-                         f"{softmax_scale}")
+        raise ValueError(f"{name}: softmax_scale must be a positive finite number or None, got {softmax_scale}")
     if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"fused_attention: dropout_p must be a number in [0, 1), got {dropout_p}")
+        raise ValueError(f"{name}: dropout_p must be a number in [0, 1), got {dropout_p}")
 
 
 def _dropout_seed(dropout_p, _seed, device):
@@ -1160,7 +1159,7 @@ def fused_attention_qkv(qkv, *, causal=True, softmax_scale=None, dropout_p=0.0, 
     into one (B, T, 3, H, D) tensor, the gradient of the q/k/v linear's output as it is, where fused_attention's
     three gradients are stacked into that layout by a copy (at GPT-1's shapes 75 MB read and 75 MB written per
     layer and step). Returns (B, H, T, D), like fused_attention."""
-    _check_options(causal, softmax_scale, dropout_p)
+    _check_options(causal, softmax_scale, dropout_p, "fused_attention_qkv")
     check_tensors("fused_attention_qkv: ", qkv=qkv)
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"fused_attention_qkv: qkv must have shape (B, T, 3, H, D), got {tuple(qkv.shape)}")

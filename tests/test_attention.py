@@ -346,7 +346,7 @@ def test_packed_qkv_errors():
         fused_attention_qkv(_t(1, 5, 3, 2, 48))
     with pytest.raises(TypeError, match="qkv must be a torch.Tensor"):
         fused_attention_qkv([0.0])
-    with pytest.raises(ValueError, match="dropout_p"):
+    with pytest.raises(ValueError, match="fused_attention_qkv: dropout_p"):
         fused_attention_qkv(_t(1, 5, 3, 2, 16), dropout_p=1.0)
 
 
