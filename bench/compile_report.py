@@ -122,10 +122,14 @@ def _instructions(sass):
     return [(int(a, 16), op, rest) for a, op, rest in _SASS_LINE.findall(sass)]
 
 
-def loops(sass):
-    """The instructions [(address, opcode, operands)] of each loop of the SASS, in address order: a loop is a
-    backward branch (BRA to a lower address) and runs the instructions from its target to itself."""
-    lines = _instructions(sass)
+def _moves_16_bytes(opcode_and_modifiers):
+    """Whether a global access (LDG.E.128, STG.E.128: yes; LDG.E.U16: no) moves 16 bytes."""
+    return opcode_and_modifiers.endswith(".128")
+
+
+def _loops(lines):
+    """The instructions of each loop of the parsed SASS (_instructions), in address order: a loop is a backward
+    branch (BRA to a lower address) and runs the instructions from its target to itself."""
     index = {addr: i for i, (addr, _, _) in enumerate(lines)}
     found = []
     for i, (addr, op, rest) in enumerate(lines):
@@ -135,31 +139,24 @@ def loops(sass):
     return found
 
 
-def _narrow_global_in_loops(sass):
-    """Global loads and stores inside loop bodies that move less than 16 bytes (not .128)."""
-    return sum(op in ("LDG", "STG") and not rest.split(None, 1)[0].endswith(".128")
-               for body in loops(sass) for _, op, rest in body)
-
-
-def loop_bodies(sass):
-    """The number of instructions in each loop of the SASS (loops). The kernels' loops over key or query blocks
-    are where their time goes, so these, not the total, say what a change costs per block."""
-    return [len(body) for body in loops(sass)]
-
-
 def sass_counts(sass):
-    """{"STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG", "LDG128", "STG128", "total"}:
-    local-memory stores / loads (spills), tensor-core instructions, shared-memory stores / loads and barriers (a
-    layout conversion between register layouts goes through shared memory: one STS/LDS pair and barriers per
-    converted tile), global loads / stores in all and those moving 16 bytes (.128: what a bandwidth-bound loop
-    needs; a 2-byte LDG.E.U16 in a loop body moves an eighth as much per instruction), and the number of
-    instructions (static: a loop body counts once)."""
+    """{"STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG", "LDG128", "STG128", "total",
+    "loop_instructions", "loop_narrow_global"}, from one parse of the SASS: local-memory stores / loads (spills),
+    tensor-core instructions, shared-memory stores / loads and barriers (a layout conversion between register
+    layouts goes through shared memory: one STS/LDS pair and barriers per converted tile), global loads / stores in
+    all and those moving 16 bytes (.128: what a bandwidth-bound loop needs; a 2-byte LDG.E.U16 moves an eighth as
+    much per instruction), the number of instructions (static: a loop body counts once), the number in each loop
+    body (the kernels' loops over key or query blocks are where their time goes, so these, not the total, say what
+    a change costs per block), and the global accesses inside loops that move less than 16 bytes."""
     lines = _instructions(sass)
     ops = [op for _, op, _ in lines]
     counts = {op: ops.count(op) for op in ("STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG")}
     for op in ("LDG", "STG"):
-        counts[op + "128"] = sum(o == op and rest.split(None, 1)[0].endswith(".128") for _, o, rest in lines)
-    return {**counts, "total": len(ops)}
+        counts[op + "128"] = sum(o == op and _moves_16_bytes(rest.split(None, 1)[0]) for _, o, rest in lines)
+    bodies = _loops(lines)
+    narrow = sum(op in ("LDG", "STG") and not _moves_16_bytes(rest.split(None, 1)[0])
+                 for body in bodies for _, op, rest in body)
+    return {**counts, "total": len(ops), "loop_instructions": [len(b) for b in bodies], "loop_narrow_global": narrow}
 
 
 def compile_one(mod_name, index, arch):
@@ -178,15 +175,14 @@ def compile_one(mod_name, index, arch):
     except Exception as e:  # noqa: BLE001 -- report it, the table goes on
         return dict(row, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
     usage = _res_usage(kernel.asm["cubin"])
-    text = _cuobjdump_out(kernel.asm["cubin"], "-sass")
-    sass = sass_counts(text)
+    sass = sass_counts(_cuobjdump_out(kernel.asm["cubin"], "-sass"))
     return dict(row, ok=True, registers=usage.get("reg"), shared=kernel.metadata.shared,
                 local=usage.get("stack", 0) + usage.get("local", 0), spill_stores=sass["STL"],
                 spill_loads=sass["LDL"], wgmma="wgmma.mma_async" in kernel.asm["ptx"], hgmma=sass["HGMMA"],
                 hmma=sass["HMMA"], instructions=sass["total"], smem_stores=sass["STS"], smem_loads=sass["LDS"],
                 barriers=sass["BAR"], global_loads=sass["LDG"], global_loads_128=sass["LDG128"],
-                global_stores=sass["STG"], global_stores_128=sass["STG128"], loop_instructions=loop_bodies(text),
-                loop_narrow_global=_narrow_global_in_loops(text))
+                global_stores=sass["STG"], global_stores_128=sass["STG128"],
+                loop_instructions=sass["loop_instructions"], loop_narrow_global=sass["loop_narrow_global"])
 
 
 def _config_label(constexprs, num_warps, num_stages):

@@ -80,20 +80,25 @@ def test_sass_counts():
         /*0ae0*/              @!P2 LDG.E.U16 R7, desc[UR4][R4.64] ;
         /*0af0*/                   STG.E.128 desc[UR4][R2.64], R12 ;"""
     assert sass_counts(sass) == {"STL": 1, "LDL": 1, "HGMMA": 1, "HMMA": 1, "STS": 1, "LDS": 1, "BAR": 1, "LDG": 2,
-                                 "STG": 1, "LDG128": 1, "STG128": 1, "total": 11}
+                                 "STG": 1, "LDG128": 1, "STG128": 1, "total": 11, "loop_instructions": [],
+                                 "loop_narrow_global": 0}
 
 
 def test_loop_bodies():
-    from bench.compile_report import loop_bodies
+    from bench.compile_report import sass_counts
 
     sass = """        /*0000*/                   MOV R1, c[0x0][0x28] ;
         /*0010*/                   IMAD R2, R3, R4, R5 ;
+        /*0018*/                   LDG.E.128 R12, desc[UR4][R2.64] ;
         /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0028*/              @!P1 STG.E.U16 desc[UR4][R4.64], R7 ;
         /*0030*/              @P0  BRA 0x10 ;
         /*0040*/                   BRA 0x60 ;
-        /*0050*/                   NOP ;
+        /*0050*/                   LDG.E.U16 R7, desc[UR4][R4.64] ;
         /*0060*/                   EXIT ;"""
-    assert loop_bodies(sass) == [3]  # 0x10-0x30; the forward branch is no loop
+    counts = sass_counts(sass)
+    assert counts["loop_instructions"] == [5]  # 0x10-0x30; the forward branch is no loop
+    assert counts["loop_narrow_global"] == 1  # the 2-byte store in the loop; not the 2-byte load after it
 
 
 def test_compile_specs_are_dicts_naming_every_argument():
