@@ -13,6 +13,7 @@ from torch import nn
 
 import kernels
 from kernels import reference
+from kernels.attention import unpack_qkv
 
 from .config import GPT1Config
 
@@ -52,7 +53,7 @@ class CausalSelfAttention(nn.Module):
         if impl == "triton":  # reads q, k, v through qkv's strides; its gradient comes back in qkv's layout
             y = kernels.fused_attention_qkv(qkv, causal=True, dropout_p=p)
         else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # three (B, nh, T, hs) views
+            q, k, v = unpack_qkv(qkv)  # three (B, nh, T, hs) views
             if impl == "sdpa":
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
             else:
