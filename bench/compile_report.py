@@ -141,13 +141,15 @@ def _loops(lines):
 
 def sass_counts(sass):
     """{"STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG", "LDG128", "STG128", "total",
-    "loop_instructions", "loop_narrow_global"}, from one parse of the SASS: local-memory stores / loads (spills),
-    tensor-core instructions, shared-memory stores / loads and barriers (a layout conversion between register
-    layouts goes through shared memory: one STS/LDS pair and barriers per converted tile), global loads / stores in
-    all and those moving 16 bytes (.128: what a bandwidth-bound loop needs; a 2-byte LDG.E.U16 moves an eighth as
+    "loop_instructions", "loop_narrow_global", "loop_barriers"}, from one parse of the SASS: local-memory stores /
+    loads (spills), tensor-core instructions, shared-memory stores / loads and barriers (a layout conversion between
+    register layouts goes through shared memory: one STS/LDS pair and barriers per converted tile), global loads /
+    stores in all and those moving 16 bytes (.128: what a bandwidth-bound loop needs; a 2-byte LDG.E.U16 moves an eighth as
     much per instruction), the number of instructions (static: a loop body counts once), the number in each loop
     body (the kernels' loops over key or query blocks are where their time goes, so these, not the total, say what
-    a change costs per block), and the global accesses inside loops that move less than 16 bytes."""
+    a change costs per block), the global accesses inside loops that move less than 16 bytes, and the barriers
+    inside loops (a reduction across a program's warps goes through shared memory between two barriers: in a
+    bandwidth-bound loop each one stalls every warp of the program until all have arrived)."""
     lines = _instructions(sass)
     ops = [op for _, op, _ in lines]
     counts = {op: ops.count(op) for op in ("STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG")}
@@ -156,7 +158,9 @@ def sass_counts(sass):
     bodies = _loops(lines)
     narrow = sum(op in ("LDG", "STG") and not _moves_16_bytes(rest.split(None, 1)[0])
                  for body in bodies for _, op, rest in body)
-    return {**counts, "total": len(ops), "loop_instructions": [len(b) for b in bodies], "loop_narrow_global": narrow}
+    barriers = sum(op == "BAR" for body in bodies for _, op, _ in body)
+    return {**counts, "total": len(ops), "loop_instructions": [len(b) for b in bodies], "loop_narrow_global": narrow,
+            "loop_barriers": barriers}
 
 
 def compile_one(mod_name, index, arch):
@@ -182,7 +186,8 @@ def compile_one(mod_name, index, arch):
                 hmma=sass["HMMA"], instructions=sass["total"], smem_stores=sass["STS"], smem_loads=sass["LDS"],
                 barriers=sass["BAR"], global_loads=sass["LDG"], global_loads_128=sass["LDG128"],
                 global_stores=sass["STG"], global_stores_128=sass["STG128"],
-                loop_instructions=sass["loop_instructions"], loop_narrow_global=sass["loop_narrow_global"])
+                loop_instructions=sass["loop_instructions"], loop_narrow_global=sass["loop_narrow_global"],
+                loop_barriers=sass["loop_barriers"])
 
 
 def _config_label(constexprs, num_warps, num_stages):
@@ -205,7 +210,7 @@ def run(archs=ARCHS, name_filter=None, jobs=None):
 
 
 HEAD = ("kernel", "config", "arch", "regs", "smem", "local", "STL/LDL", "wgmma", "instrs", "loop instrs",
-        "STS/LDS/BAR", "LDG/STG (16 B)")
+        "STS/LDS/BAR", "loop BAR", "LDG/STG (16 B)")
 
 
 def _cells(r):
@@ -215,11 +220,12 @@ def _cells(r):
     return [r["kernel"], r["config"], f"sm_{r['arch']}", str(r["registers"]), str(r["shared"]), str(r["local"]),
             f"{r['spill_stores']}/{r['spill_loads']}", wgmma, str(r["instructions"]),
             "/".join(map(str, r["loop_instructions"])) or "-", f"{r['smem_stores']}/{r['smem_loads']}/{r['barriers']}",
+            str(r["loop_barriers"]),
             f"{r['global_loads']} ({r['global_loads_128']})/{r['global_stores']} ({r['global_stores_128']})"]
 
 
 def format_table(rows):
-    widths = (44, 18, 5, 5, 7, 6, 8, 16, 6, 12, 11, 14)
+    widths = (44, 18, 5, 5, 7, 6, 8, 16, 6, 12, 11, 8, 14)
     lines = [" ".join(f"{h:<{w}}" for h, w in zip(HEAD, widths)).rstrip()]
     for r in rows:
         lines.append(" ".join(f"{c:<{w}}" for c, w in zip(_cells(r), widths)).rstrip())

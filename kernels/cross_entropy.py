@@ -2,8 +2,10 @@
 
 Algorithm (the idea of Liger-Kernel's cross-entropy, written anew here): one program per row of the
 (N, V) logits makes two passes over the row in blocks of BLOCK_V columns. The first keeps an online
-max and sum of exponentials in fp32 (as in online softmax / FlashAttention), giving the log-sum-exp,
-the loss and, for label smoothing, the sum of the logits. The second rewrites the row with the
+max and sum of exponentials in fp32 (as in online softmax / FlashAttention) per lane of the block, with
+one exp per element, and combines the lanes once at the end of the row: no reduction across threads, so
+no barrier, inside the loop. It gives the log-sum-exp, the loss and, for label smoothing, the sum of the
+logits. The second rewrites the row with the
 gradient of the loss, d loss / d x_j = scale * (softmax_j - (1 - eps) [j == y] - eps / V), computed in
 fp32 and rounded to the logits dtype only at the store (the true-class term is not rounded first).
 The gradient goes INTO the logits buffer, so no second N x V tensor exists; the backward only scales
@@ -83,7 +85,9 @@ from kernels._common import INTERPRET, LOG2E, autocast_inputs, check_tensors, ro
 _REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 8192 fp32 columns over 32 warps is 8 elements per thread: few loop trips for V = 40478 without
-# spilling. Liger-Kernel measured 32 warps as the best for this row-per-program shape.
+# spilling. Liger-Kernel measured 32 warps as the best for this row-per-program shape. Label smoothing's sum of x
+# needs a few more registers than the 64 a thread may hold at 32 warps (one spilled on sm_90, triton 3.9): it runs
+# half the block on 16 warps, still 8 elements (16 bytes of bf16) per thread (_row_config).
 _MAX_BLOCK_V = 8192
 _NUM_WARPS = 32
 # Device memory fused_linear_cross_entropy may allocate at once, all its buffers together (see _default_chunk_size).
@@ -114,40 +118,61 @@ def _row_segments(start, row_len, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _stats_block(PTR, offs, mask, col, n_cols, m, d, x_sum):
-    """Fold the elements PTR[offs] (where mask; column index col) into the running max m, sum of exp(x - m) d
-    and sum of x; columns >= n_cols (padding) count as -inf. The first block folded must hold a class."""
-    is_class = mask & (col < n_cols)
+def _fold_lanes(PTR, offs, mask, col, n_cols, m, d, x_sum, SMOOTHING: tl.constexpr):
+    """Fold the elements PTR[offs] (where mask; column index col) into per-lane running statistics, each lane's
+    max m and sum of exp(x - m) d, and if SMOOTHING into the row's sum of x (a scalar); columns >= n_cols
+    (padding) are left out. Without SMOOTHING elementwise only, no reduction across lanes (one per row, at the
+    end, in _row_stats), and one exp per element: of m and x, the smaller's exp relative to the larger is
+    exp(-|x - m|), which rescales d when x is the new max and is added to d otherwise. A lane that has seen no
+    class keeps m = -inf, d = 0; a -inf logit adds nothing; a NaN makes its lane's d NaN, and with it the row's
+    loss. The sum of x is reduced per block: as a third lane statistic it spilled at 32 warps (64 registers a
+    thread) on sm_90, and GPT-1 pre-trains without smoothing."""
     x = tl.load(PTR + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    x = tl.where(is_class, x, float("-inf"))
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    # subtract before scaling by log2(e): x - m is exact near the max even for |x| ~ 1e4
-    d = d * tl.exp2((m - m_new) * LOG2E) + tl.sum(tl.exp2((x - m_new) * LOG2E), axis=0)
-    x_sum += tl.sum(tl.where(is_class, x, 0.0), axis=0)
-    return m_new, d, x_sum
+    is_class = mask & (col < n_cols)
+    take = is_class & (x != float("-inf"))
+    delta = x - m  # subtract before scaling by log2(e): x - m is exact near the max even for |x| ~ 1e4
+    e = tl.exp2(-tl.abs(delta) * LOG2E)
+    grow = delta > 0.0
+    d = tl.where(take, tl.where(grow, d * e + 1.0, d + e), d)
+    m = tl.where(take & grow, x, m)
+    if SMOOTHING:
+        x_sum += tl.sum(tl.where(is_class, x, 0.0), axis=0)
+    return m, d, x_sum
 
 
 @triton.jit
-def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):
-    """One pass over the row LOGITS[start : start + row_len]: running max m, sum of exp(x - m), and sum of x
-    (for label smoothing). Columns [n_cols, row_len) are read (see _cross_entropy_kernel) but count as -inf."""
+def _lane_lse(m, d, row_m):
+    """sum over lanes of d * exp(m - row_m): each lane's sum of exponentials rescaled to the row's max (a lane
+    that saw no class, d = 0, adds 0 even where m - row_m is -inf - -inf; a NaN d stays NaN)."""
+    return tl.sum(tl.where(d == 0.0, 0.0, d * tl.exp2((m - row_m) * LOG2E)), axis=0)
+
+
+@triton.jit
+def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+               SMOOTHING: tl.constexpr):
+    """One pass over the row LOGITS[start : start + row_len]: its max m, sum of exp(x - m), and sum of x
+    (for label smoothing; 0 without SMOOTHING). Columns [n_cols, row_len) are read (see _cross_entropy_kernel)
+    but left out. The loop keeps BLOCK_V lanes of running statistics (_fold_lanes) and the head and tail ALIGN
+    lanes of their own; the lanes are combined once, after the loop: without smoothing the loop has no
+    reduction across the program's threads, hence no barrier, and its loads wait on nothing but themselves."""
     head_end, body_end, end = _row_segments(start, row_len, ALIGN)
-    m = tl.full([], float("-inf"), tl.float32)
-    d = tl.zeros([], dtype=tl.float32)
-    x_sum = tl.zeros([], dtype=tl.float32)
     edge = tl.arange(0, ALIGN)
-    if head_end > start:  # an empty first block would make m - m_new = -inf - -inf (row_len >= n_cols >= 1)
-        m, d, x_sum = _stats_block(LOGITS, start + edge, (start + edge < head_end) & (start + edge < end), edge,
-                                   n_cols, m, d, x_sum)
+    m_e = tl.full([ALIGN], float("-inf"), tl.float32)
+    d_e = tl.zeros([ALIGN], dtype=tl.float32)
+    x_sum = tl.zeros([], dtype=tl.float32)
+    m_e, d_e, x_sum = _fold_lanes(LOGITS, start + edge, (start + edge < head_end) & (start + edge < end), edge,
+                                  n_cols, m_e, d_e, x_sum, SMOOTHING)
+    m_e, d_e, x_sum = _fold_lanes(LOGITS, body_end + edge, body_end + edge < end, body_end - start + edge, n_cols,
+                                  m_e, d_e, x_sum, SMOOTHING)
+    m_v = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    d_v = tl.zeros([BLOCK_V], dtype=tl.float32)
     BODY = LOGITS + head_end
     for k in range(0, body_end - head_end, BLOCK_V):
         offs = k + tl.arange(0, BLOCK_V)
-        m, d, x_sum = _stats_block(BODY, offs, offs < body_end - head_end, head_end - start + offs, n_cols,
-                                   m, d, x_sum)
-    if end > body_end:
-        m, d, x_sum = _stats_block(LOGITS, body_end + edge, body_end + edge < end, body_end - start + edge,
-                                   n_cols, m, d, x_sum)
-    return m, d, x_sum
+        m_v, d_v, x_sum = _fold_lanes(BODY, offs, offs < body_end - head_end, head_end - start + offs, n_cols,
+                                      m_v, d_v, x_sum, SMOOTHING)
+    m = tl.maximum(tl.max(m_v, axis=0), tl.max(m_e, axis=0))
+    return m, _lane_lse(m_v, d_v, m) + _lane_lse(m_e, d_e, m), x_sum
 
 
 @triton.jit
@@ -202,7 +227,7 @@ def _fill_row(LOGITS, start, row_len, value, BLOCK_V: tl.constexpr, ALIGN: tl.co
 def _cross_entropy_kernel(
     LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, GRAD_SCALE, n_cols, row_len, ignore_index, eps,
     BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    RTNE_BF16: tl.constexpr,
+    SMOOTHING: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """LOSS[r] = CE(LOGITS[r, :n_cols], TARGET[r]); if COMPUTE_GRAD, LOGITS[r, :n_cols] <- its gradient
     times GRAD_SCALE[0] (times ROW_SCALE[r] if HAS_ROW_SCALE) and LOGITS[r, n_cols:row_len] <- 0.
@@ -226,10 +251,12 @@ def _cross_entropy_kernel(
         if COMPUTE_GRAD:
             _fill_row(LOGITS, start, row_len, float("nan"), BLOCK_V, ALIGN)
         return
-    m, d, x_sum = _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V, ALIGN)
+    m, d, x_sum = _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V, ALIGN, SMOOTHING)
     lse = m + tl.log(d)
     x_y = tl.load(LOGITS + start + y).to(tl.float32)
-    loss = (1.0 - eps) * (lse - x_y) + eps * (lse - x_sum / n_cols)
+    loss = (1.0 - eps) * (lse - x_y)
+    if SMOOTHING:  # only then: a -inf logit (a masked class) makes x_sum -inf, and 0 * inf would be NaN
+        loss += eps * (lse - x_sum / n_cols)
     tl.store(LOSS + row, loss)
     if COMPUTE_GRAD:
         scale = tl.load(GRAD_SCALE)
@@ -323,15 +350,21 @@ def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, r
         return
     if compute_grad and not isinstance(grad_scale, torch.Tensor):
         grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=logits.device)
-    block_v = min(triton.next_power_of_2(row_len), _MAX_BLOCK_V)
+    block_v, num_warps = _row_config(row_len, eps > 0.0)
     # loss stands in for the pointers that the constexpr flags leave unread
     _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
         grad_scale if compute_grad else loss, n_cols, row_len, ignore_index, eps,
         BLOCK_V=block_v, ALIGN=16 // logits.element_size(), COMPUTE_GRAD=compute_grad,
-        HAS_ROW_SCALE=row_scale is not None,
-        RTNE_BF16=INTERPRET and logits.dtype == torch.bfloat16, num_warps=_NUM_WARPS,
+        HAS_ROW_SCALE=row_scale is not None, SMOOTHING=eps > 0.0,
+        RTNE_BF16=INTERPRET and logits.dtype == torch.bfloat16, num_warps=num_warps,
     )
+
+
+def _row_config(row_len, smoothing):
+    """(BLOCK_V, num_warps) of _cross_entropy_kernel for rows of row_len columns, with or without smoothing."""
+    block_v = min(triton.next_power_of_2(row_len), _MAX_BLOCK_V)
+    return (max(block_v // 2, 16), _NUM_WARPS // 2) if smoothing else (block_v, _NUM_WARPS)
 
 
 def _grad_scales(target, ignore_index, reduction, dtype):
@@ -798,7 +831,7 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
                                    chunk_size or 0, *needs)[0]
 
 
-def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False):
+def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False, smoothing=False):
     """One ahead-of-time compile of _cross_entropy_kernel as _launch would run it for GPT-1: on (N, V)
     logits (row stride V = 40478, no alignment), or on fused_linear_cross_entropy's padded chunk (row stride
     _padded_vocab(V), a multiple of 16 that the JIT specializes on)."""
@@ -809,10 +842,10 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False):
                       "LOSS": "*fp32:16", "ROW_SCALE": "*fp32:16", "n_cols": "i32",
                       "row_len": "i32:16" if padded else "i32", "ignore_index": "i32", "eps": "fp32",
                       "GRAD_SCALE": "*fp32:16"},
-        "constexprs": {"BLOCK_V": min(triton.next_power_of_2(n_classes), _MAX_BLOCK_V),
+        "constexprs": {"BLOCK_V": _row_config(n_classes, smoothing)[0],
                        "ALIGN": 4 if dtype == "fp32" else 8, "COMPUTE_GRAD": compute_grad, "HAS_ROW_SCALE": False,
-                       "RTNE_BF16": False},
-        "num_warps": _NUM_WARPS,
+                       "SMOOTHING": smoothing, "RTNE_BF16": False},
+        "num_warps": _row_config(n_classes, smoothing)[1],
         "num_stages": 3,
     }
 
@@ -821,6 +854,7 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False):
 COMPILE_SPECS = [
     _compile_spec("cross_entropy_fwd_bwd_bf16_V40478", "bf16", True),
     _compile_spec("cross_entropy_fwd_bwd_fp32_V40478", "fp32", True),
+    _compile_spec("cross_entropy_fwd_bwd_bf16_V40478_smoothing", "bf16", True, smoothing=True),
     _compile_spec("cross_entropy_fwd_only_bf16_V40478", "bf16", False),
     _compile_spec("linear_ce_chunk_fwd_bwd_bf16_V40478_padded", "bf16", True, padded=True),
     # the backward's in-place scaling, by one incoming gradient (reduction="mean")

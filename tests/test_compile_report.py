@@ -55,6 +55,16 @@ def test_cross_entropy_loops_move_16_bytes_per_access(rows):
         [(r["kernel"], r["arch"], r["loop_narrow_global"]) for r in ce_rows if r["loop_narrow_global"]]
 
 
+def test_cross_entropy_statistics_loop_has_no_barrier(rows):
+    """The first pass keeps per-lane running statistics and combines them once per row: no reduction across the
+    program's warps, hence no barrier, inside any loop of the kernel (6 per block before, three reductions), except
+    with label smoothing, whose sum of x is reduced per block."""
+    ce_rows = [r for r in rows if r["fn"] == "_cross_entropy_kernel" and "smoothing" not in r["kernel"]]
+    assert len(ce_rows) >= 6
+    assert all(r["loop_barriers"] == 0 for r in ce_rows), \
+        [(r["kernel"], r["arch"], r["loop_barriers"]) for r in ce_rows if r["loop_barriers"]]
+
+
 def test_sm90_attention_uses_wgmma(rows):
     # the fp32 specs compile exact fp32 dots (torch's default matmul precision), which run on the FMA units
     matmul_rows = [r for r in rows if r["arch"] == 90 and r["fn"] in
@@ -81,7 +91,7 @@ def test_sass_counts():
         /*0af0*/                   STG.E.128 desc[UR4][R2.64], R12 ;"""
     assert sass_counts(sass) == {"STL": 1, "LDL": 1, "HGMMA": 1, "HMMA": 1, "STS": 1, "LDS": 1, "BAR": 1, "LDG": 2,
                                  "STG": 1, "LDG128": 1, "STG128": 1, "total": 11, "loop_instructions": [],
-                                 "loop_narrow_global": 0}
+                                 "loop_narrow_global": 0, "loop_barriers": 0}
 
 
 def test_loop_bodies():
@@ -92,13 +102,15 @@ def test_loop_bodies():
         /*0018*/                   LDG.E.128 R12, desc[UR4][R2.64] ;
         /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
         /*0028*/              @!P1 STG.E.U16 desc[UR4][R4.64], R7 ;
+        /*002c*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0030*/              @P0  BRA 0x10 ;
         /*0040*/                   BRA 0x60 ;
         /*0050*/                   LDG.E.U16 R7, desc[UR4][R4.64] ;
         /*0060*/                   EXIT ;"""
     counts = sass_counts(sass)
-    assert counts["loop_instructions"] == [5]  # 0x10-0x30; the forward branch is no loop
+    assert counts["loop_instructions"] == [6]  # 0x10-0x30; the forward branch is no loop
     assert counts["loop_narrow_global"] == 1  # the 2-byte store in the loop; not the 2-byte load after it
+    assert counts["loop_barriers"] == 1
 
 
 def test_compile_specs_are_dicts_naming_every_argument():

@@ -115,6 +115,30 @@ def test_cross_entropy_extreme_logits(dtype, label_smoothing, device):
     target[2] = 1  # a -1e4 class: loss ~2e4
     _compare_ce(x, target, dtype, label_smoothing, "sum")
 
+def test_cross_entropy_masked_classes(device):
+    """-inf logits (classes masked out) and NaN, as torch treats them: a -inf class adds nothing to the sum of
+    exponentials and gets a zero gradient (its loss was NaN through an unused smoothing term before); a row of
+    -inf, or with a NaN, has a NaN loss; with label smoothing a -inf class makes the loss inf."""
+    torch.manual_seed(3)
+    n, v = 5, 300
+    x = torch.randn(n, v, device=device) * 4
+    x[0, :100] = float("-inf")
+    x[1, 7] = float("nan")
+    x[2] = float("-inf")
+    x[3, 250:] = float("-inf")
+    target = torch.randint(100, 250, (n,), device=device)
+    for eps in (0.0, 0.1):
+        kern = _leaf(x)
+        loss = fused_cross_entropy(kern, target, reduction="none", label_smoothing=eps)
+        want = F.cross_entropy(x, target, reduction="none", label_smoothing=eps)
+        torch.testing.assert_close(loss, want, equal_nan=True)
+    kern, ref = _leaf(x[[0, 3]]), _leaf(x[[0, 3]])
+    fused_cross_entropy(kern, target[[0, 3]]).backward()
+    F.cross_entropy(ref, target[[0, 3]]).backward()
+    torch.testing.assert_close(kern.grad, ref.grad)
+    assert (kern.grad[0, :100] == 0).all() and (kern.grad[1, 250:] == 0).all()
+
+
 
 @pytest.mark.parametrize("grad_output", [1.0, 0.25])
 def test_fp16_mean_gradient_is_rounded_once(grad_output, device):
