@@ -140,7 +140,8 @@ def _loops(lines):
 
 
 def sass_counts(sass):
-    """{"STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG", "LDG128", "STG128", "total", "loop_instructions",
+    """{"STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG", "LDG128", "STG128", "total",
+    "loop_instructions",
     "loop_narrow_global", "loop_barriers"}, from one parse of the SASS: local-memory stores / loads (spills),
     tensor-core instructions, shared-memory stores / loads and barriers (a layout conversion between register layouts
     goes through shared memory: one STS/LDS pair and barriers per converted tile), global loads / stores in all and
