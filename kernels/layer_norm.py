@@ -133,13 +133,37 @@ def _add_ln_fwd_kernel(X, H, W, B, Y, Y_BRANCH, MEAN, RSTD, SEED, DROP_THRESHOLD
 
 
 @triton.jit
+def _bwd_loads(X, H, DY, DY_BRANCH, MEAN, RSTD, rows, cols, row_ok, col_ok, stride_x, stride_h, stride_dy,
+               stride_dyb, HAS_DY: tl.constexpr, HAS_DY_BRANCH: tl.constexpr):
+    """The backward's inputs of the rows `rows` (where row_ok), as stored (converted where they are used, a loop
+    trip later: see _add_ln_bwd_kernel): x, h, dy, dy_branch (x and h where absent, never read), mean, rstd."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+    dy = x
+    if HAS_DY:
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+    dy_branch = h
+    if HAS_DY_BRANCH:
+        dy_branch = tl.load(DY_BRANCH + rows[:, None] * stride_dyb + cols[None, :], mask=mask, other=0.0)
+    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    return x, h, dy, dy_branch, mean, rstd
+
+
+@triton.jit
 def _add_ln_bwd_kernel(X, H, W, DY, DY_BRANCH, DX, DH, DW_PART, DB_PART, MEAN, RSTD, SEED, DROP_THRESHOLD,
                        DROPOUT_SCALE, stride_x, stride_h, stride_dy, stride_dyb, N, C, rows_per_program,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        HAS_DY: tl.constexpr, HAS_DY_BRANCH: tl.constexpr, RTNE_BF16: tl.constexpr):
     """Rows [pid * rows_per_program, ...) (rows_per_program a multiple of BLOCK_R); the output's gradient is
     DY + DY_BRANCH (each read only if present: the gradients of y and of its branch copy); DX and DH are
-    contiguous (N, C), DW_PART and DB_PART (n_programs, C) fp32, one row per program."""
+    contiguous (N, C), DW_PART and DB_PART (n_programs, C) fp32, one row per program.
+
+    Each loop trip issues the loads of the next tile before it works on the current one, whose loads the trip
+    before issued: a program keeps a tile's reads in flight while its reductions (two across the program's warps,
+    with their barriers) and stores run, where loading a tile and then using it left the loads' latency exposed
+    once per tile (a program walks ~30 tiles of one row)."""
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, N)
@@ -148,20 +172,31 @@ def _add_ln_bwd_kernel(X, H, W, DY, DY_BRANCH, DX, DH, DW_PART, DB_PART, MEAN, R
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    rows_next = row_start + tl.arange(0, BLOCK_R)
+    x_n, h_n, dy_n, dyb_n, mean_n, rstd_n = _bwd_loads(X, H, DY, DY_BRANCH, MEAN, RSTD, rows_next, cols,
+                                                       rows_next < row_end, col_ok, stride_x, stride_h, stride_dy,
+                                                       stride_dyb, HAS_DY, HAS_DY_BRANCH)
     for start in range(row_start, row_end, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         row_ok = rows < row_end
         mask = row_ok[:, None] & col_ok[None, :]
-        r, keep = _residual(X, H, SEED, rows, cols, mask, stride_x, stride_h, DROP_THRESHOLD, DROPOUT_SCALE,
-                            BLOCK_R, BLOCK_C, DROPOUT)
-        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        x, h, dy_raw, dyb_raw, mean, rstd = x_n, h_n, dy_n, dyb_n, mean_n, rstd_n
+        rows_next = rows + BLOCK_R
+        x_n, h_n, dy_n, dyb_n, mean_n, rstd_n = _bwd_loads(X, H, DY, DY_BRANCH, MEAN, RSTD, rows_next, cols,
+                                                           rows_next < row_end, col_ok, stride_x, stride_h,
+                                                           stride_dy, stride_dyb, HAS_DY, HAS_DY_BRANCH)
+        h = h.to(tl.float32)
+        keep = mask
+        if DROPOUT:
+            keep = _keep(SEED, DROP_THRESHOLD, rows, BLOCK_R, BLOCK_C)
+            h = tl.where(keep, h * DROPOUT_SCALE, 0.0)
+        r = x.to(tl.float32) + h
         xhat = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
         dy = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         if HAS_DY:
-            dy += tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy += dy_raw.to(tl.float32)
         if HAS_DY_BRANCH:
-            dy += tl.load(DY_BRANCH + rows[:, None] * stride_dyb + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dy += dyb_raw.to(tl.float32)
         wdy = dy * w[None, :]
         c1 = tl.sum(xhat * wdy, axis=1) / C
         c2 = tl.sum(wdy, axis=1) / C
@@ -222,9 +257,11 @@ def _add_ln_dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, N, C, BLOCK_R: tl.co
 # need 105-116). It runs 4 programs per SM (enough partial d weight rows to fill the GPU, few enough that their sum
 # is cheap). Checked with `python -m bench.compile_report --filter add_ln`: no spills at C = 768 on sm_80 and sm_90.
 _BWD_PROGRAMS_PER_SM = 4
-# (BLOCK_P, BLOCK_C) of the kernel that sums the backward's partial d weight / d bias rows: 12 programs at C = 768,
-# each adding 32 of the ~500 partial rows at a time (16 fp32 per thread and tensor on 4 warps)
-_PARAM_GRADS_TILE = (32, 64)
+# (BLOCK_P, BLOCK_C) of the kernel that sums the backward's partial d weight / d bias rows (16 fp32 per thread and
+# tensor on 4 warps). Its time is load latency, one round trip per loop trip: at (32, 64), 12 programs at C = 768
+# each walked the 528 partial rows of an H200 in 17 trips, 23 us per call (0.56 ms of the step's 24 calls,
+# bench/results/nvidia-h200/e2e); at (128, 16), 48 programs take 5 trips each.
+_PARAM_GRADS_TILE = (128, 16)
 # The interpreter runs each program in Python, at a cost per program: forward tiles of 8 rows (2 made the model's
 # dropout test spend 136 s in 64 programs per call), small backward tiles and few backward programs keep the
 # tests quick while still running several programs, several tiles per program, a partial tile and more than one
