@@ -157,8 +157,8 @@ def train_run(args, name, flags, work, timeout_s):
     try:
         proc = subprocess.run(train_command(args, flags, out), capture_output=True, text=True, timeout=timeout_s,
                               check=False, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    except subprocess.TimeoutExpired:
-        return dict(row, status="not run", reason=f"time budget spent after {timeout_s:.0f} s")
+    except subprocess.TimeoutExpired as e:
+        return dict(row, status="not run", reason=f"time budget spent after {timeout_s:.0f} s{progress(out, e)}")
     row["wall_s"] = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
@@ -173,6 +173,25 @@ def train_run(args, name, flags, work, timeout_s):
                 grad_norms=norms if train and None not in norms else None,
                 skipped_steps=train[-1].get("skipped_steps", 0) if train else None,
                 val_loss=vals[-1] if vals else None, first_step_s=float(first.group(1)) if first else None)
+
+
+def progress(out, timeout):
+    """How far a run that its time box stopped had got, for its row: the last step it logged, its tokens/s there,
+    the first step's time (the compile) and the last line it printed. A run that is slow to start (compiling)
+    and one that steps slowly (host-bound, recompiling, re-recording CUDA graphs) read differently."""
+    path = os.path.join(out, "metrics.jsonl")
+    train = [m for m in map(json.loads, open(path)) if "loss" in m] if os.path.exists(path) else []
+    said = "\n".join(b.decode(errors="replace") if isinstance(b, bytes) else b
+                     for b in (timeout.stdout, timeout.stderr) if b)
+    first = FIRST_STEP.search(said)
+    lines = [line.strip() for line in re.split(r"[\r\n]+", said) if line.strip()]
+    parts = [f"logged step {train[-1]['step']} at {train[-1]['tokens_per_s']:.0f} tokens/s" if train
+             else "no step logged"]
+    if first:
+        parts.append(f"first step {float(first.group(1)):.1f} s")
+    if lines:
+        parts.append(f"last output: {lines[-1][-200:]}")
+    return " (" + "; ".join(parts) + ")"
 
 
 def half_stats(diffs):

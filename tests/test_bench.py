@@ -334,6 +334,24 @@ def test_curves_summary_without_the_reference_or_a_run():
     assert curves.compare(runs) is None and "not decided" in curves.verdict(None)[0]
 
 
+def test_curves_says_how_far_a_stopped_run_got(tmp_path):
+    """A run that its time box stops keeps, in its row, the last step it logged, the compile's time and its last
+    output line (the H200's compiled-graphs-ln run left only "time budget spent after 218 s")."""
+    import json
+
+    from bench import curves
+
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in (1, 2, 3):
+            f.write(json.dumps({"step": step, "loss": 9.0, "tokens_per_s": 1000.0 * step}) + "\n")
+        f.write(json.dumps({"step": 3, "val_loss": 8.0}) + "\n")
+    said = subprocess.TimeoutExpired(["x"], 5, output=b"first step, which compiles the model: 41.5 s\n 1%|  | 3/200\r",
+                                     stderr=b"")
+    assert curves.progress(str(tmp_path), said) == \
+        " (logged step 3 at 3000 tokens/s; first step 41.5 s; last output: 1%|  | 3/200)"
+    assert curves.progress(str(tmp_path / "none"), subprocess.TimeoutExpired(["x"], 5)) == " (no step logged)"
+
+
 def test_curves_run_selection():
     """--runs: names from RUNS, the reference always run and first (a budget cut keeps the anchor)."""
     from bench import curves
