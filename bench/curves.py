@@ -45,12 +45,15 @@ Beside the loss, each run's gradient norm before clipping (logged by gpt1.train 
 and its skipped steps are recorded and tabled per window of steps, with each norm's ratio to the reference's: a
 gradient off by a factor, or steps skipped as non-finite, show there, where the loss only shows their effect.
 
-Writes results.json (every run's per-step losses and gradient norms, the summary), results.md and curves.png to --out
-(default bench/results/<gpu>/curves). A run that disagrees is a measurement, not a failure: the exit status is
-non-zero only when a run errors. Needs a prepared corpus (`gpt1 prepare --out data/shakespeare`; the GPU machine
-has no network, so prepare it on the CPU machine and carry data/shakespeare). --smoke: gpt1-tiny for a few steps
-on the CPU under the Triton interpreter, on a corpus it prepares itself (tests the harness; its numbers say
-nothing).
+Writes results.json (every run's per-step losses and gradient norms, the summary), results.md and curves.png to
+--out (default bench/results/<gpu>/curves), and logs/<run>.log, the end of each run's output with torch's logs of
+recompiles, performance hints and CUDA graph recordings on (LOGS, unless TORCH_LOGS is set). A run that its time box
+stops keeps in its row how far it got (the H200's compiled-graphs-ln run at d74f03d, 200 steps that take ~60 s
+compiled without CUDA graphs, had not finished after 218 s, and said no more). A run that disagrees is a
+measurement, not a failure: the exit status is non-zero only when a run errors. Needs a prepared corpus (`gpt1
+prepare --out data/shakespeare`; the GPU machine has no network, so prepare it on the CPU machine and carry
+data/shakespeare). --smoke: gpt1-tiny for a few steps on the CPU under the Triton interpreter, on a corpus it
+prepares itself (tests the harness; its numbers say nothing).
 """
 
 import json
@@ -85,6 +88,9 @@ RUNS = {
     "eager-ln": ["--no-compile", "--norm-impl", "triton"],
 }
 DEFAULT_RUNS = "reference-2,compiled-graphs-ln,compiled,eager"
+# torch's logs in each run's log (TORCH_LOGS): dynamo's recompiles and their guards, Inductor's performance hints
+# (a CUDA graph skipped, and why) and CUDA graph trees' recordings, with the reason of each re-recording
+LOGS = "recompiles,perf_hints,cudagraphs"
 FIRST_STEP = re.compile(r"first step, which compiles the model: ([0-9.]+) s")
 
 
@@ -148,17 +154,21 @@ def run_flags(args, flags):
     return flags + [x for flag, impl in ours.items() if flag not in flags for x in (flag, impl)]
 
 
-def train_run(args, name, flags, work, timeout_s):
+def train_run(args, name, flags, work, timeout_s, log_dir=None):
     """One gpt1.train run: {"name", "flags", "status", "losses": [per step], "grad_norms": [per step, before
-    clipping; None where gpt1.train does not measure them], "skipped_steps", "val_loss", "first_step_s", "wall_s"}."""
+    clipping; None where gpt1.train does not measure them], "skipped_steps", "val_loss", "first_step_s", "wall_s"}.
+    With log_dir, the end of what the run printed goes to log_dir/<name>.log, with torch's logs LOGS on."""
     out = os.path.join(work, name)
     row = {"name": name, "flags": " ".join(run_flags(args, flags)), "status": "error"}
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCH_LOGS=os.environ.get("TORCH_LOGS", LOGS))
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(train_command(args, flags, out), capture_output=True, text=True, timeout=timeout_s,
-                              check=False, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                              check=False, env=env)
     except subprocess.TimeoutExpired as e:
+        save_log(log_dir, name, e.stdout, e.stderr)
         return dict(row, status="not run", reason=f"time budget spent after {timeout_s:.0f} s{progress(out, e)}")
+    save_log(log_dir, name, proc.stdout, proc.stderr)
     row["wall_s"] = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
@@ -173,6 +183,17 @@ def train_run(args, name, flags, work, timeout_s):
                 grad_norms=norms if train and None not in norms else None,
                 skipped_steps=train[-1].get("skipped_steps", 0) if train else None,
                 val_loss=vals[-1] if vals else None, first_step_s=float(first.group(1)) if first else None)
+
+
+def save_log(log_dir, name, stdout, stderr, keep=30_000):
+    """The last `keep` characters of a run's stdout and of its stderr into log_dir/<name>.log."""
+    if not log_dir:
+        return
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, f"{name}.log"), "w") as f:
+        for title, text in (("stdout", stdout), ("stderr", stderr)):
+            text = text.decode(errors="replace") if isinstance(text, bytes) else text or ""
+            f.write(f"==== {title} (last {keep} characters) ====\n{text[-keep:]}\n")
 
 
 def progress(out, timeout):
@@ -400,7 +421,7 @@ def main(argv=None):
                              "reason": "time budget spent"})
             else:
                 print(f"bench.curves: {name}: gpt1.train {' '.join(run_flags(args, flags))}", flush=True)
-                runs.append(train_run(args, name, flags, work, left))
+                runs.append(train_run(args, name, flags, work, left, log_dir=os.path.join(out, "logs")))
             print(f"bench.curves: {name}: {runs[-1]['status']} {runs[-1].get('reason', '')}", flush=True)
             result = write(out, args, runs)  # after every run: a session cut short keeps what finished
     print("\n".join(["verdict:"] + verdict(result["summary"])))

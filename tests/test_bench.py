@@ -431,6 +431,8 @@ def test_curves_smoke(tmp_path):
     assert "Gradient norm before clipping" in md and "x) |" in md  # the ratio to the reference's
     assert "compiled agrees with the reference" in proc.stdout
     assert (tmp_path / "curves.png").stat().st_size > 0
+    log = (tmp_path / "logs" / "compiled.log").read_text()  # each run's output, kept
+    assert "first step, which compiles the model" in log and "==== stderr" in log
 
 
 def test_curves_without_a_corpus_says_how_to_make_one(tmp_path):
