@@ -32,6 +32,9 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   from the stored bytes (_keep_of_bits: one small tile through shared memory) and Philox runs 7 rounds
   (kernels._common.PHILOX_ROUNDS): 796. The backward kernels apply the dropout scale once to their outputs
   rather than to every dP (and P) element: 230 -> 213 per key block in dQ, 356 -> 337 per query block in dK/dV.
+  Measured on the H200 (commit d74f03d, T=512, D=64, bf16): dropout took the forward from 0.068 to 0.142 ms and the
+  backward from 0.257 to 0.413 ms, where cuDNN's went from 0.067 to 0.114 and from 0.208 to 0.228. On sm_90 the
+  backward kernels now load their mask bytes a loop trip ahead (PREFETCH_MASK, see _attn_bwd_dq_inner).
 
 Dtypes: fp16, bf16 and fp32 inputs; outputs and gradients are in the input dtype. Dot products take
 their operands in the input dtype and accumulate in fp32; all elementwise math is fp32. fp32 dots follow torch's
@@ -154,39 +157,39 @@ def _stored(x, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def _packed_mask_ptrs(MASK, W, rows, col_start, T, DIAG: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_C: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Pointers to, and the load mask of, the packed keep-mask bytes of rows x [col_start, col_start + BLOCK_C)
-    (row-major rows of W bytes): (BLOCK_R, BLOCK_C // 8), or (BLOCK_C // 8, BLOCK_R) if TRANSPOSED. Only
-    bytes that the forward wrote are read: rows < T, a first column < T, and on the diagonal (DIAG) a first
-    column <= the row (the forward visits every key up to the end of the row's diagonal block)."""
+def _mask_bytes(MASK, W, rows, col_start, row_end, col_end, DIAG: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_C: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """The packed keep-mask bytes (uint8) of rows x [col_start, col_start + BLOCK_C) (row-major rows of W bytes):
+    (BLOCK_R, BLOCK_C // 8), or (BLOCK_C // 8, BLOCK_R) if TRANSPOSED. Only bytes that the forward wrote are read:
+    rows < row_end, a first column < col_end (both <= T), and on the diagonal (DIAG) a first column <= the row
+    (the forward visits every key up to the end of the row's diagonal block); the others are 0. The backward
+    loops pass their own end as the bound of the side they walk, so that the load of the block after their last,
+    issued a trip ahead (see _attn_bwd_dq_inner), reads nothing."""
     groups = col_start // 8 + tl.arange(0, BLOCK_C // 8)
     if TRANSPOSED:
         ptrs = MASK + rows[None, :] * W + groups[:, None]
-        ok = (rows[None, :] < T) & (groups[:, None] * 8 < T)
+        ok = (rows[None, :] < row_end) & (groups[:, None] * 8 < col_end)
         if DIAG:
             ok = ok & (groups[:, None] * 8 <= rows[None, :])
     else:
         ptrs = MASK + rows[:, None] * W + groups[None, :]
-        ok = (rows[:, None] < T) & (groups[None, :] * 8 < T)
+        ok = (rows[:, None] < row_end) & (groups[None, :] * 8 < col_end)
         if DIAG:
             ok = ok & (groups[None, :] * 8 <= rows[:, None])
-    return ptrs, ok
+    return tl.load(ptrs, mask=ok, other=0)
 
 
 @triton.jit
-def _load_keep(MASK, W, rows, col_start, T, DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The forward's keep-mask of rows x [col_start, col_start + BLOCK_C), (BLOCK_R, BLOCK_C), from its bytes."""
-    ptrs, ok = _packed_mask_ptrs(MASK, W, rows, col_start, T, DIAG, BLOCK_R, BLOCK_C, TRANSPOSED=False)
-    bits = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
-    bits = (bits[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # (R, C/8, 8): column 8g + b
+def _keep_of_bytes(bits, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The forward's keep-mask (BLOCK_R, BLOCK_C) of its loaded bytes (BLOCK_R, BLOCK_C // 8) (_mask_bytes)."""
+    bits = (bits.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # (R, C/8, 8): column 8g + b
     return tl.reshape(bits, [BLOCK_R, BLOCK_C]) != 0
 
 
 @triton.jit
 def _keep_of_bits(bits, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """The forward's (BLOCK_R, BLOCK_C) keep-mask of the packed bytes (BLOCK_R, BLOCK_C // 8) it has just drawn.
-    Unpacked by broadcasting alone, as _load_keep unpacks loaded bytes, these bytes would be recomputed, Philox
+    Unpacked by broadcasting alone, as _keep_of_bytes unpacks loaded bytes, these bytes would be recomputed, Philox
     and all, in the MMA layout of the scores (4x the draws on sm_90); made from the draws with tl.join
     (keep_from_words) they cross shared memory three times per key block (sm_90, D=64, triton 3.6: 59 shared-memory
     stores and 73 loads in the kernel). Split into nibbles by one join, only the small (R, C/8, 2) nibble tile does
@@ -198,11 +201,10 @@ def _keep_of_bits(bits, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _load_keep_t(MASK, W, rows, col_start, T, DIAG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The same, transposed: (BLOCK_C, BLOCK_R), for the dK/dV kernel's (key, query) tiles."""
-    ptrs, ok = _packed_mask_ptrs(MASK, W, rows, col_start, T, DIAG, BLOCK_R, BLOCK_C, TRANSPOSED=True)
-    bits = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
-    bits = (bits[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1  # (C/8, 8, R): column 8g + b
+def _keep_of_bytes_t(bits, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The same, transposed: (BLOCK_C, BLOCK_R) from (BLOCK_C // 8, BLOCK_R) bytes, for the dK/dV kernel's (key,
+    query) tiles."""
+    bits = (bits.to(tl.int32)[:, None, :] >> tl.arange(0, 8)[None, :, None]) & 1  # (C/8, 8, R): column 8g + b
     return tl.reshape(bits, [BLOCK_C, BLOCK_R]) != 0
 
 
@@ -344,7 +346,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK, qk_scale, SEED, DROP_THRESHOLD, DROP
 def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n, qk_scale,
                          MASK, W, T,
                          STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+                         DROPOUT: tl.constexpr, PREFETCH_MASK: tl.constexpr,
+                         ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = qT_ptrs.dtype.element_ty
     BOUND_MASK: tl.constexpr = STAGE != STAGE_FULL
     CAUSAL_MASK: tl.constexpr = STAGE == STAGE_DIAG
@@ -353,8 +356,16 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
     # works on transposed scores sT = k q^T (BLOCK_N, BLOCK_M) so that dK, dV come out row-major
     qT_ptrs += lo * stride_qt
     do_ptrs += lo * stride_dot
+    bits = tl.zeros([1], dtype=tl.uint8)  # with PREFETCH_MASK: the next trip's mask bytes (_attn_bwd_dq_inner)
+    if DROPOUT and PREFETCH_MASK:
+        bits = _mask_bytes(MASK, W, lo + tl.arange(0, BLOCK_M), start_n, hi, T, CAUSAL_MASK, BLOCK_M, BLOCK_N,
+                           TRANSPOSED=True)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
+        if DROPOUT and PREFETCH_MASK:
+            bits_here = bits
+            bits = _mask_bytes(MASK, W, offs_m + BLOCK_M, start_n, hi, T, CAUSAL_MASK, BLOCK_M, BLOCK_N,
+                               TRANSPOSED=True)
         if BOUND_MASK:
             qT = tl.load(qT_ptrs, mask=offs_m[None, :] < T, other=0.0)
             do = tl.load(do_ptrs, mask=offs_m[:, None] < T, other=0.0)
@@ -377,7 +388,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
         if DROPOUT:
             # the forward's mask, stored in (query, key) orientation, read transposed into these tiles; the
             # dropout scale s is applied once to dK and dV (and DELTA holds delta / s: see _attn_bwd_dq_kernel)
-            keep = _load_keep_t(MASK, W, offs_m, start_n, T, CAUSAL_MASK, BLOCK_M, BLOCK_N)
+            if not PREFETCH_MASK:
+                bits_here = _mask_bytes(MASK, W, offs_m, start_n, T, T, CAUSAL_MASK, BLOCK_M, BLOCK_N,
+                                        TRANSPOSED=True)
+            keep = _keep_of_bytes_t(bits_here, BLOCK_M, BLOCK_N)
             pT_dropped = tl.where(keep, pT, 0.0)
             dpT = tl.where(keep, dpT, 0.0)
         else:
@@ -402,7 +416,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_sc
                           stride_dvb, stride_dvh, stride_dvt, stride_dvd,
                           H, T,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+                          CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr,
+                      PREFETCH_MASK: tl.constexpr):
     # the causal stages step through the diagonal key block in query blocks
     tl.static_assert(BLOCK_N % BLOCK_M == 0, "dkdv needs BLOCK_N % BLOCK_M == 0")
     tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of 8, the dropout draw group")
@@ -439,15 +454,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_sc
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
                                       qk_scale, MASK, W, T, STAGE=STAGE_DIAG,
                                       CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
-                                      ROUNDING=ROUNDING)
+                                      PREFETCH_MASK=PREFETCH_MASK, ROUNDING=ROUNDING)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
                                   qk_scale, MASK, W, T, STAGE=STAGE_FULL,
                                   CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
-                                  ROUNDING=ROUNDING)
+                                  PREFETCH_MASK=PREFETCH_MASK, ROUNDING=ROUNDING)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, stride_dot, start_n,
                                   qk_scale, MASK, W, T, STAGE=STAGE_TAIL,
                                   CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
-                                  ROUNDING=ROUNDING)
+                                  PREFETCH_MASK=PREFETCH_MASK, ROUNDING=ROUNDING)
 
     # dV = s (keep P)^T dO and dS = s P (keep dP - delta / s): the dropout scale s (1 without dropout) once per output
     dk *= sm_scale * DROPOUT_SCALE
@@ -464,7 +479,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_sc
 def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
                        MASK, W, T,
                        STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+                       DROPOUT: tl.constexpr, PREFETCH_MASK: tl.constexpr,
+                       ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = kT_ptrs.dtype.element_ty
     BOUND_MASK: tl.constexpr = STAGE != STAGE_FULL
     CAUSAL_MASK: tl.constexpr = STAGE == STAGE_DIAG
@@ -472,8 +488,18 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, strid
     lo, hi = _key_range(start_m, T, STAGE=STAGE, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     kT_ptrs += lo * stride_kt
     vT_ptrs += lo * stride_vt
+    # with PREFETCH_MASK, each trip loads the next trip's mask bytes and uses those the trip before loaded: their
+    # load's latency passes during a block's dots, where a load issued in the trip that uses it had only the two
+    # small score dots to cover it (and at 1 program per SM on sm_90, no other program to switch to)
+    bits = tl.zeros([1], dtype=tl.uint8)
+    if DROPOUT and PREFETCH_MASK:
+        bits = _mask_bytes(MASK, W, offs_m, lo, T, hi, CAUSAL_MASK, BLOCK_M, BLOCK_N, TRANSPOSED=False)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        if DROPOUT and PREFETCH_MASK:
+            bits_here = bits
+            bits = _mask_bytes(MASK, W, offs_m, start_n + BLOCK_N, T, hi, CAUSAL_MASK, BLOCK_M, BLOCK_N,
+                               TRANSPOSED=False)
         if BOUND_MASK:
             kT = tl.load(kT_ptrs, mask=offs_n[None, :] < T, other=0.0)
             vT = tl.load(vT_ptrs, mask=offs_n[None, :] < T, other=0.0)
@@ -490,7 +516,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, strid
             p = tl.where(valid, p, 0.0)
         dp = _dot(do, vT, None, ROUNDING)
         if DROPOUT:
-            keep = _load_keep(MASK, W, offs_m, start_n, T, CAUSAL_MASK, BLOCK_M, BLOCK_N)
+            if not PREFETCH_MASK:
+                bits_here = _mask_bytes(MASK, W, offs_m, start_n, T, T, CAUSAL_MASK, BLOCK_M, BLOCK_N,
+                                        TRANSPOSED=False)
+            keep = _keep_of_bytes(bits_here, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp, 0.0)  # unscaled: see delta in _attn_bwd_dq_kernel
         ds = p * (dp - delta[:, None])
         dq = _dot(_operand(ds, DTYPE, ROUNDING), tl.trans(kT), dq, ROUNDING)
@@ -509,7 +538,8 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, qk_scale, sm_scale
                         stride_dqb, stride_dqh, stride_dqt, stride_dqd,
                         H, T,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+                        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr,
+                    PREFETCH_MASK: tl.constexpr):
     # the causal stages step through the diagonal query block in key blocks
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "dq needs BLOCK_M % BLOCK_N == 0")
     tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of 8, the dropout draw group")
@@ -553,10 +583,12 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, qk_scale, sm_scale
     # the whole key blocks unmasked, then the diagonal block (causal) or the key tail, masked
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
                             MASK, W, T, STAGE=STAGE_FULL, CAUSAL=CAUSAL,
-                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
+                            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
+                            PREFETCH_MASK=PREFETCH_MASK, ROUNDING=ROUNDING)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, kT_ptrs, vT_ptrs, stride_kt, stride_vt, start_m, qk_scale,
                             MASK, W, T, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
-                            CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
+                            CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
+                            PREFETCH_MASK=PREFETCH_MASK, ROUNDING=ROUNDING)
 
     dq *= sm_scale * DROPOUT_SCALE  # the dropout scale s (1 without dropout), see delta above
     DQ += off_b * stride_dqb + off_h * stride_dqh
@@ -722,6 +754,19 @@ def load_tuned_table(path=_TUNED_PATH):
 _TUNED = load_tuned_table()
 
 
+def _prefetch_mask(major, fp32):
+    """Whether the backward kernels load their dropout mask bytes a loop trip ahead: on sm_90 (and under the
+    interpreter, major 0, which tests the path) for 16-bit inputs. The two registers it holds spill at the sm_80
+    dK/dV kernel's 255 (D=64, 16-bit) and in some fp32 variants (bench.compile_report), which load in the trip."""
+    return not fp32 and (major == 0 or major >= 9)
+
+
+@functools.cache
+def _major(device):
+    """The CUDA compute capability's major version of a device (0 off CUDA)."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+
+
 def _kernel_spec(name, kind, d, dtype, dropout, cfg, major):
     """One COMPILE_SPECS entry: the `kind` kernel at the GPT-1 shapes (see _compile_specs), causal."""
     fn = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)[kind]
@@ -737,6 +782,8 @@ def _kernel_spec(name, kind, d, dtype, dropout, cfg, major):
     consts = {n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")}
     consts.update(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, DROPOUT=dropout,
                   ROUNDING="ieee" if dtype == "fp32" else "none")  # fp32: torch's default precision
+    if "PREFETCH_MASK" in fn.arg_names:
+        consts.update(PREFETCH_MASK=_prefetch_mask(major, dtype == "fp32"))
     if not dropout:
         consts.update({n: None for n in ("SEED", "MASK") if n in fn.arg_names})
     return dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps, num_stages=num_stages,
@@ -926,7 +973,9 @@ def _bwd_args(q, mask, causal, sm_scale, dropout_p):
     """The arguments that both backward kernels take beside their tensors: (positional, constexpr keywords),
     built once per backward (a few microseconds of host time)."""
     args = (mask, sm_scale * LOG2E.value, sm_scale, dropout_args(dropout_p)[1], _mask_row_bytes(q.shape[2]))
-    return args, dict(HEAD_DIM=q.shape[3], CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q))
+    return args, dict(HEAD_DIM=q.shape[3], CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q),
+                      PREFETCH_MASK=_prefetch_mask(_major(q.device), q.dtype == torch.float32))
+
 
 
 def _launch_dq(q, k, v, o, do, dq, lse, delta, bwd, cfg):
