@@ -8,10 +8,9 @@
 # Stages, in this order (all by default, or the ones named as arguments), each in its own time box so that one
 # that hangs or overruns cannot take the others with it:
 #   roofline  bench.roofline: a bf16 8192^3 matmul and a device copy, to read MFU against     (S_ROOFLINE=20 s)
-#   tests     pytest on CUDA, the newest checks first: the model-level dropout mask replay at GPT-1 scale (plain
-#             AdamW, then DeepSpeed ZeRO-2 bf16 as the curves' eager run), CUDA graphs in the DeepSpeed step,
-#             no host sync in the default step, then tests/test_layer_norm.py test_compile.py
-#             test_attention.py test_cross_entropy.py                                       (S_TESTS=200 s)
+#   tests     pytest on CUDA: tests/test_cross_entropy.py test_layer_norm.py test_attention.py (the kernels), then
+#             the model-level dropout mask replay at GPT-1 scale, CUDA graphs in the DeepSpeed step, no host
+#             sync in the default step, the ZeRO-2 bf16 mask replay, then tests/test_compile.py  (S_TESTS=200 s)
 #   e2e       bench.e2e: every row of ROWS, results rewritten after each row; each row carries its GPU anatomy
 #             and its host anatomy (cProfile by package), so no profile stage is needed   (S_E2E=180 s, budget 150)
 #             E2E_ONLY="row,row" runs only those rows (bench.e2e --only; names as in bench/e2e.py ROWS)
@@ -111,12 +110,15 @@ for s in $STAGES; do
         stage roofline "${S_ROOFLINE:-20}" $PY -m bench.roofline $SMOKE_FLAG --json "$WORK/roofline.json"
         grep '^roofline on' "$LOG" | tail -n 1 > "$WORK/roofline.txt" ;;
     tests)
-        files="tests/test_model.py::test_kernel_attention_dropout_gives_the_gradients_of_its_mask
-            tests/test_runtime.py::test_zero2_bf16_eager_kernels_follow_the_replayed_reference
+        # the kernel files first (their kernels changed since the last GPU run: the cross-entropy statistics, the
+        # LayerNorm backward's prefetch, the attention backward's mask prefetch), then the step-level checks; in
+        # the H200 run of d74f03d the old order's 37 tests filled the 180 s box without a failure
+        files="tests/test_cross_entropy.py tests/test_layer_norm.py tests/test_attention.py
+            tests/test_model.py::test_kernel_attention_dropout_gives_the_gradients_of_its_mask
             tests/test_runtime.py::test_cuda_graphs_train_like_the_default_compile
             tests/test_runtime.py::test_default_training_step_never_waits_on_the_gpu
-            $(ls tests/test_layer_norm.py tests/test_compile.py tests/test_attention.py tests/test_cross_entropy.py \
-                2>/dev/null)"
+            tests/test_runtime.py::test_zero2_bf16_eager_kernels_follow_the_replayed_reference
+            $(ls tests/test_compile.py 2>/dev/null)"
         # pytest gets SIGINT 10 s before the box closes: it then prints the failures it has seen (a kill would
         # leave only the progress dots)
         # each failure is also written to pytest_failures.txt as it happens (tests/conftest.py): in the H200 run
