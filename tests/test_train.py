@@ -316,18 +316,16 @@ def test_run_dir_of_another_model_is_refused(data, tmp_path):
 def test_fused_linear_loss_trains_the_tied_head_under_zero3(data, tmp_path):
     """loss_impl=triton_linear reads the tied embedding outside its module; under ZeRO-3 on 2 ranks that
     weight is partitioned. Its gradient must still reach ZeRO's reduction: the ZeRO-3 run with the fused
-    loss follows the same run with the eager loss (0.02 nats: only the kernels differ) and the ZeRO-0 run
-    with the fused loss (0.1 nats, the bf16 difference between DeepSpeed's ZeRO-0 and ZeRO-3 optimizers)."""
+    loss follows the same run with the eager loss (0.02 nats: only the kernels differ). (That ZeRO-3 trains like
+    ZeRO-0 is test_zero_stages_follow_zero0_on_two_ranks's.)"""
     curves = {}
-    for name, stage, loss_impl in [("z3_fused", 3, "triton_linear"), ("z3_eager", 3, "eager"),
-                                   ("z0_fused", 0, "triton_linear")]:
+    for name, loss_impl in [("z3_fused", "triton_linear"), ("z3_eager", "eager")]:
         out = str(tmp_path / name)
-        run(train_cmd(data, out, ds_config(tmp_path, stage=stage), ranks=2, max_steps=8, attn_impl="sdpa",
+        run(train_cmd(data, out, ds_config(tmp_path, stage=3), ranks=2, max_steps=8, attn_impl="sdpa",
                       loss_impl=loss_impl))
         curves[name] = [losses(out)[k] for k in range(1, 9)]
-    fused, eager, zero0 = curves["z3_fused"], curves["z3_eager"], curves["z0_fused"]
+    fused, eager = curves["z3_fused"], curves["z3_eager"]
     assert max(abs(a - b) for a, b in zip(fused, eager)) < 0.02, (fused, eager)
-    assert max(abs(a - b) for a, b in zip(fused, zero0)) < 0.1, (fused, zero0)
     assert fused[-1] < fused[0] - 0.3
 
 
