@@ -1,6 +1,6 @@
 """Loss curves: our training paths against torch's kernels, run for real through gpt1.train.
 
-    python -m bench.curves [--runs reference-2,compiled-graphs-ln,compiled,eager] [--data data/shakespeare]
+    python -m bench.curves [--runs compiled,eager,compiled-graphs-ln] [--data data/shakespeare]
                            [--steps 200] [--model gpt1] [--micro-batch-size 32]
                            [--deepspeed-config ds_configs/zero0_autocast_bf16.json]
                            [--dropout P] [--out DIR] [--budget-s S] [--smoke]
@@ -87,7 +87,10 @@ RUNS = {
     "compiled-graphs-ln": ["--compile", "--compile-mode", "reduce-overhead", "--norm-impl", "triton"],
     "eager-ln": ["--no-compile", "--norm-impl", "triton"],
 }
-DEFAULT_RUNS = "reference-2,compiled-graphs-ln,compiled,eager"
+# the default compile and eager first (issue 10 asks that both agree with the reference), then the CUDA-graph
+# path, which stalled in gpt1.train on the H200 (d74f03d: unfinished after 218 s), last, so that it takes only the
+# time left; reference-2 (the noise floor) measured -0.003 / +0.003 nats there and is run when named
+DEFAULT_RUNS = "compiled,eager,compiled-graphs-ln"
 # torch's logs in each run's log (TORCH_LOGS): dynamo's recompiles and their guards, Inductor's performance hints
 # (a CUDA graph skipped, and why) and CUDA graph trees' recordings, with the reason of each re-recording
 LOGS = "recompiles,perf_hints,cudagraphs"

@@ -19,7 +19,7 @@
 # More stages run only when named, in a second device call (`bash bench/gpu_session.sh curves tune`):
 #   profile   bench.profile_step: the default path, then the nanoGPT recipe, as text       (S_PROFILE=40 s each)
 #   curves    bench.curves: 200 steps of the 117M model, each run against torch's kernels       (S_CURVES=260 s)
-#             CURVES_RUNS picks the runs (default reference-2,compiled-graphs-ln,compiled,eager, in that order, so
+#             CURVES_RUNS picks the runs (default compiled,eager,compiled-graphs-ln, in that order, so
 #             that a cut drops the last: ~30 s each on an H200, ~60 s compiled), CURVES_CONFIG
 #             the DeepSpeed config (default ds_configs/zero0_autocast_bf16.json, the default path's); to bisect
 #             the eager divergence where the H100 saw it: CURVES_CONFIG=ds_configs/zero2_bf16.json
@@ -152,7 +152,7 @@ PY
         stage ops "${S_OPS:-140}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy,layer_norm $include \
             --budget-s "${B_OPS:-110}" --out "$WORK/ops" ;;
     curves)
-        stage curves "${S_CURVES:-260}" $PY -m bench.curves $SMOKE_FLAG --runs "${CURVES_RUNS:-reference-2,compiled-graphs-ln,compiled,eager}" \
+        stage curves "${S_CURVES:-260}" $PY -m bench.curves $SMOKE_FLAG --runs "${CURVES_RUNS:-compiled,eager,compiled-graphs-ln}" \
             --deepspeed-config "${CURVES_CONFIG:-ds_configs/zero0_autocast_bf16.json}" \
             --out "$WORK/curves" --budget-s "$(( ${S_CURVES:-260} - 20 ))" ;;
     tune)

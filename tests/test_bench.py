@@ -363,7 +363,7 @@ def test_curves_run_selection():
     """--runs: names from RUNS, the reference always run and first (a budget cut keeps the anchor)."""
     from bench import curves
 
-    assert curves.parse_args([]).runs == ["reference", "reference-2", "compiled-graphs-ln", "compiled", "eager"]
+    assert curves.parse_args([]).runs == ["reference", "compiled", "eager", "compiled-graphs-ln"]
     assert curves.parse_args(["--runs", "eager-attn,eager,eager-attn"]).runs == ["reference", "eager-attn", "eager"]
     assert curves.parse_args(["--runs", "eager,reference, compiled"]).runs == ["reference", "eager", "compiled"]
     proc = subprocess.run([sys.executable, "-m", "bench.curves", "--runs", "eager,bogus"], cwd=ROOT,
