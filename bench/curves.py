@@ -30,7 +30,8 @@ mean. Over the first half and over the second half of the steps separately:
 A wrong gradient shows as an offset that grows with the steps, so each half must pass on its own. The H200 (commit
 53af6d7, ZeRO-2 bf16) put every run of ours above the reference over the first half, by +0.019 (compiled) to
 +0.057 nats (eager-loss, which differs from the reference in its loss kernel alone), with grad norms 8-11% above
-the reference's over steps 1-50 in all four: whether that is the reference's own luck is what reference-2 measures.
+the reference's over steps 1-50 in all four. reference-2 measured the noise floor on the H200 at d74f03d (ZeRO-0
+torch_autocast): -0.003 / +0.003 nats over the two halves, so those offsets are not the reference's luck.
 TOL_ABS was measured: on the H100 (bench/results/nvidia-h100-80gb-hbm3/curves, 117M model, 200 steps, dropout 0.1), the
 compiled path and the reference, two correct implementations, differed over the second half by a mean 0.006
 nats with a per-step std of 0.003; the eager path with our kernels, which learns worse, by a mean 0.095 nats.
