@@ -141,16 +141,15 @@ def _loops(lines):
 
 def sass_counts(sass):
     """{"STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG", "LDG128", "STG128", "total",
-    "loop_instructions",
-    "loop_narrow_global", "loop_barriers"}, from one parse of the SASS: local-memory stores / loads (spills),
-    tensor-core instructions, shared-memory stores / loads and barriers (a layout conversion between register layouts
-    goes through shared memory: one STS/LDS pair and barriers per converted tile), global loads / stores in all and
-    those moving 16 bytes (.128: what a bandwidth-bound loop needs; a 2-byte LDG.E.U16 moves an eighth as much per
-    instruction), the number of instructions (static: a loop body counts once), the number in each loop body (the
-    kernels' loops over key or query blocks are where their time goes, so these, not the total, say what a change costs
-    per block), the global accesses inside loops that move less than 16 bytes, and the barriers inside loops (a
-    reduction across a program's warps goes through shared memory between two barriers: in a bandwidth-bound loop each
-    one stalls every warp of the program until all have arrived)."""
+    "loop_instructions", "loop_narrow_global", "loop_barriers"}, from one parse of the SASS: local-memory stores /
+    loads (spills), tensor-core instructions, shared-memory stores / loads and barriers (a layout conversion between
+    register layouts goes through shared memory: one STS/LDS pair and barriers per converted tile), global loads /
+    stores in all and those moving 16 bytes (.128: what a bandwidth-bound loop needs; a 2-byte LDG.E.U16 moves an
+    eighth as much per instruction), the number of instructions (static: a loop body counts once), the number in
+    each loop body (the kernels' loops over key or query blocks are where their time goes, so these, not the total,
+    say what a change costs per block), the global accesses inside loops that move less than 16 bytes, and the
+    barriers inside loops (a reduction across a program's warps goes through shared memory between two barriers:
+    in a bandwidth-bound loop each one stalls every warp of the program until all have arrived)."""
     lines = _instructions(sass)
     ops = [op for _, op, _ in lines]
     counts = {op: ops.count(op) for op in ("STL", "LDL", "HGMMA", "HMMA", "STS", "LDS", "BAR", "LDG", "STG")}

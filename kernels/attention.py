@@ -417,7 +417,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_sc
                           H, T,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr,
-                      PREFETCH_MASK: tl.constexpr):
+                          PREFETCH_MASK: tl.constexpr):
     # the causal stages step through the diagonal key block in query blocks
     tl.static_assert(BLOCK_N % BLOCK_M == 0, "dkdv needs BLOCK_N % BLOCK_M == 0")
     tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of 8, the dropout draw group")
@@ -539,7 +539,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, qk_scale, sm_scale
                         H, T,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr,
-                    PREFETCH_MASK: tl.constexpr):
+                        PREFETCH_MASK: tl.constexpr):
     # the causal stages step through the diagonal query block in key blocks
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "dq needs BLOCK_M % BLOCK_N == 0")
     tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of 8, the dropout draw group")
@@ -835,8 +835,7 @@ def _config_for(device, head_dim, fp32, T, dropout):
     rather than its bucket, which saves the bucketing per call for a few entries more)."""
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
-    major = torch.cuda.get_device_capability(device)[0]
-    return _tuned_configs(9 if major >= 9 else 8, head_dim, fp32, _t_bucket(T), dropout)
+    return _tuned_configs(9 if _major(device) >= 9 else 8, head_dim, fp32, _t_bucket(T), dropout)
 
 
 def _config(q, dropout):
@@ -975,7 +974,6 @@ def _bwd_args(q, mask, causal, sm_scale, dropout_p):
     args = (mask, sm_scale * LOG2E.value, sm_scale, dropout_args(dropout_p)[1], _mask_row_bytes(q.shape[2]))
     return args, dict(HEAD_DIM=q.shape[3], CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q),
                       PREFETCH_MASK=_prefetch_mask(_major(q.device), q.dtype == torch.float32))
-
 
 
 def _launch_dq(q, k, v, o, do, dq, lse, delta, bwd, cfg):

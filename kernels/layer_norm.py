@@ -84,17 +84,16 @@ def _keep(SEED, DROP_THRESHOLD, rows, BLOCK_R: tl.constexpr, BLOCK_C: tl.constex
 
 
 @triton.jit
-def _residual(X, H, SEED, rows, cols, mask, stride_x, stride_h, DROP_THRESHOLD, DROPOUT_SCALE,
-              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr):
-    """(r, keep): r = x + dropout(h) in fp32 of a (BLOCK_R, BLOCK_C) tile (0 where masked) and the keep-mask
-    (the load mask without dropout: a jit function cannot return None in a tuple)."""
-    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _residual(x, h, SEED, rows, mask, DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+              DROPOUT: tl.constexpr):
+    """(r, keep): r = x + dropout(h) in fp32 of a (BLOCK_R, BLOCK_C) tile of loaded x and h (0 where masked) and
+    the keep-mask (the load mask without dropout: a jit function cannot return None in a tuple)."""
+    h = h.to(tl.float32)
     keep = mask
     if DROPOUT:
         keep = _keep(SEED, DROP_THRESHOLD, rows, BLOCK_R, BLOCK_C)
         h = tl.where(keep, h * DROPOUT_SCALE, 0.0)
-    return x + h, keep
+    return x.to(tl.float32) + h, keep
 
 
 @triton.jit
@@ -115,8 +114,9 @@ def _add_ln_fwd_kernel(X, H, W, B, Y, Y_BRANCH, MEAN, RSTD, SEED, DROP_THRESHOLD
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     mask = (rows[:, None] < N) & col_ok[None, :]
-    r, _ = _residual(X, H, SEED, rows, cols, mask, stride_x, stride_h, DROP_THRESHOLD, DROPOUT_SCALE,
-                     BLOCK_R, BLOCK_C, DROPOUT)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    h = tl.load(H + rows[:, None] * stride_h + cols[None, :], mask=mask, other=0.0)
+    r, _ = _residual(x, h, SEED, rows, mask, DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_R, BLOCK_C, DROPOUT)
     mean = tl.sum(r, axis=1) / C
     d = tl.where(mask, r - mean[:, None], 0.0)
     # sqrt_rn / div_rn: IEEE-rounded like torch's; the fast approximate ones are a few ulp off in fp32
@@ -185,12 +185,7 @@ def _add_ln_bwd_kernel(X, H, W, DY, DY_BRANCH, DX, DH, DW_PART, DB_PART, MEAN, R
         x_n, h_n, dy_n, dyb_n, mean_n, rstd_n = _bwd_loads(X, H, DY, DY_BRANCH, MEAN, RSTD, rows_next, cols,
                                                            rows_next < row_end, col_ok, stride_x, stride_h,
                                                            stride_dy, stride_dyb, HAS_DY, HAS_DY_BRANCH)
-        h = h.to(tl.float32)
-        keep = mask
-        if DROPOUT:
-            keep = _keep(SEED, DROP_THRESHOLD, rows, BLOCK_R, BLOCK_C)
-            h = tl.where(keep, h * DROPOUT_SCALE, 0.0)
-        r = x.to(tl.float32) + h
+        r, keep = _residual(x, h, SEED, rows, mask, DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_R, BLOCK_C, DROPOUT)
         xhat = tl.where(mask, (r - mean[:, None]) * rstd[:, None], 0.0)
         dy = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         if HAS_DY:
