@@ -835,7 +835,8 @@ def _config_for(device, head_dim, fp32, T, dropout):
     rather than its bucket, which saves the bucketing per call for a few entries more)."""
     if device.type != "cuda":
         return _INTERPRETER_CONFIG
-    return _tuned_configs(9 if _major(device) >= 9 else 8, head_dim, fp32, _t_bucket(T), dropout)
+    major = torch.cuda.get_device_capability(device)[0]
+    return _tuned_configs(9 if major >= 9 else 8, head_dim, fp32, _t_bucket(T), dropout)
 
 
 def _config(q, dropout):
