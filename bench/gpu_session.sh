@@ -26,6 +26,9 @@
 #             CURVES_RUNS=eager,eager-attn,eager-loss,compiled S_CURVES=240
 #             needs the corpus: `gpt1 prepare --out data/shakespeare` on the CPU machine, then
 #             carry=[".gpu-wheels", "data/shakespeare"] (the GPU machine has no network)
+#   probe     gpt1.train with CUDA graphs + fused LayerNorm, PROBE_STEPS=60 steps logged one by one, torch's
+#             recompile / CUDA graph logs and a Python stack dump every PROBE_DUMP_S=30 s (needs the corpus, as
+#             curves does)                                                                    (S_PROBE=100 s)
 #   tune      bench.tune_attention: the attention launch table per sequence length and dropout    (S_TUNE=120 s)
 # SMOKE=1 runs every stage's --smoke form on a CPU (pytest only collects): tests/test_bench.py checks the script.
 #
@@ -94,6 +97,8 @@ pack() {
         section "op benches (bench.run_all)" "$WORK/ops/results.md" '/^## Headline/,/^## Attention/p'
         section "loss curves (bench.curves)" "$WORK/curves/results.md"
         section "attention tuning (bench.tune_attention)" "$WORK/tune/attention_tuned.md"
+        [ -s "$WORK/probe/train.log" ] && printf '\n## gpt1.train probe (CUDA graphs + fused LayerNorm), end of its output\n\n```\n%s\n```\n' \
+            "$(tail -c 6000 "$WORK/probe/train.log")"
     } > "$OUT/summary.md.tmp" && mv "$OUT/summary.md.tmp" "$OUT/summary.md"
     tar czf "$OUT/results.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
 }
@@ -155,11 +160,29 @@ PY
         stage curves "${S_CURVES:-260}" $PY -m bench.curves $SMOKE_FLAG --runs "${CURVES_RUNS:-compiled,eager,compiled-graphs-ln}" \
             --deepspeed-config "${CURVES_CONFIG:-ds_configs/zero0_autocast_bf16.json}" \
             --out "$WORK/curves" --budget-s "$(( ${S_CURVES:-260} - 20 ))" ;;
+    probe)
+        # gpt1.train itself with CUDA graphs + the fused LayerNorm (bench.curves' compiled-graphs-ln, which had not
+        # finished 200 steps in 218 s on the H200 at d74f03d while e2e's fixed-batch step built and ran in 21 s):
+        # PROBE_STEPS steps logged one by one, torch's recompile and CUDA-graph logs on, and every thread's Python
+        # stack dumped each PROBE_DUMP_S seconds, so that a stall shows where it waits
+        mkdir -p "$WORK/probe"
+        stage probe "${S_PROBE:-100}" env TORCH_LOGS=recompiles,cudagraphs,perf_hints bash -c "$PY -c '
+import faulthandler, runpy, sys
+faulthandler.dump_traceback_later(int(sys.argv[1]), repeat=True)
+sys.argv = [\"gpt1.train\"] + sys.argv[2:]
+runpy.run_module(\"gpt1.train\", run_name=\"__main__\")' ${PROBE_DUMP_S:-30} --data ${PROBE_DATA:-data/shakespeare} \
+            --model ${PROBE_MODEL:-gpt1} --out '$WORK/probe/run' --deepspeed-config ds_configs/zero0_autocast_bf16.json \
+            --max-steps ${PROBE_STEPS:-60} --micro-batch-size ${PROBE_MICRO:-32} --log-interval 1 --eval-interval 100000 \
+            --eval-batches 2 --save-interval 100000 --compile-mode reduce-overhead --norm-impl triton \
+            ${PROBE_FLAGS:-} > '$WORK/probe/train.log' 2>&1; rc=\$?; tail -c 3000 '$WORK/probe/train.log'; exit \$rc"
+        cp "$WORK/probe/run/metrics.jsonl" "$WORK/probe/" 2>/dev/null
+        rm -rf "$WORK/probe/run"
+        pack ;;
     tune)
         stage tune "${S_TUNE:-120}" $PY -m bench.tune_attention $SMOKE_FLAG --out "$WORK/tune" \
             --budget-s "$(( ${S_TUNE:-120} - 20 ))" ;;
     *)
-        say "unknown stage $s (roofline tests e2e ops profile curves tune)" ;;
+        say "unknown stage $s (roofline tests e2e ops profile curves probe tune)" ;;
     esac
 done
 pack
