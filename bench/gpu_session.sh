@@ -97,8 +97,10 @@ pack() {
         section "op benches (bench.run_all)" "$WORK/ops/results.md" '/^## Headline/,/^## Attention/p'
         section "loss curves (bench.curves)" "$WORK/curves/results.md"
         section "attention tuning (bench.tune_attention)" "$WORK/tune/attention_tuned.md"
-        [ -s "$WORK/probe/train.log" ] && printf '\n## gpt1.train probe (CUDA graphs + fused LayerNorm), end of its output\n\n```\n%s\n```\n' \
-            "$(tail -c 6000 "$WORK/probe/train.log")"
+        if [ -s "$WORK/probe/train.log" ]; then
+            printf '\n## gpt1.train probe (CUDA graphs + fused LayerNorm), end of its output\n\n```\n%s\n```\n' \
+                "$(tail -c 6000 "$WORK/probe/train.log")"
+        fi
     } > "$OUT/summary.md.tmp" && mv "$OUT/summary.md.tmp" "$OUT/summary.md"
     tar czf "$OUT/results.tgz.tmp" -C "$WORK" . 2>/dev/null && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
 }
