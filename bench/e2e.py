@@ -198,12 +198,15 @@ def deepspeed_step(model, recipe, s, smoke, dev, inputs, labels):
 def torch_step(model, recipe, s, smoke, dev, inputs, labels):
     import torch
 
+    import kernels
     from gpt1.model import param_groups
 
     model.to(dev)
     optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=(0.9, 0.999), eps=1e-8,
                                   fused=True)
     mode = None if smoke or recipe.compile_mode == "default" else recipe.compile_mode
+    if recipe.compile and not smoke:
+        kernels.register_inductor_fallbacks()  # as runtime.compile_module does
     forward = torch.compile(model, backend="eager" if smoke else "inductor", mode=mode) if recipe.compile else model
 
     def step():

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import kernels
+
 from .errors import GPT1Error
 
 
@@ -261,6 +263,7 @@ def compile_module(engine, enabled, stage, mode="default"):
         raise GPT1Error("--compile is not supported under ZeRO-3 (DeepSpeed gathers parameters inside the "
                         "forward); use ZeRO-1/2 or --no-compile")
     if enabled:
+        kernels.register_inductor_fallbacks()  # else a 12-layer graph of our operators can take minutes to lower
         engine.module.forward = torch.compile(engine.module.forward, fullgraph=True,
                                               mode=None if mode == "default" else mode)
     return bool(enabled)

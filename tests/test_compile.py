@@ -366,6 +366,41 @@ def test_gpt1_tiny_compiled_matches_eager(loss_impl, autocast, device):
     assert all(p.grad.abs().max() > 0 for p in ours.parameters())
 
 
+def test_inductor_fallbacks_are_registered_before_compiling(device, monkeypatch):
+    """kernels.register_inductor_fallbacks gives each of our operators the fallback lowering and layout constraint
+    that Inductor would give it at its first call in a graph, so that Inductor's own registration (whose message
+    torch 2.11 formats eagerly, at a cost that grows ~2.6x per layer: see the function) never runs: a model with our
+    attention, fused add-LayerNorm and linear cross-entropy compiles through Inductor, forward and backward, and
+    Inductor registers none of them itself."""
+    from torch._inductor import lowering
+    from torch._library.utils import get_layout_constraint_tag
+
+    import kernels
+
+    ops = [getattr(torch.ops.gpt1_kernels, name).default for name in kernels.OPS]
+    for op in ops:  # as in a process that has compiled nothing yet (restored after the test)
+        monkeypatch.delitem(lowering.lowerings, op, raising=False)
+    assert set(kernels.register_inductor_fallbacks()) == set(ops)
+    assert kernels.register_inductor_fallbacks() == []
+    for op in ops:
+        assert lowering.maybe_layout_constraints(op) is lowering.tag_to_layout_constraint(
+            get_layout_constraint_tag(op, with_default=True)), op
+    late = []
+    make_fallback = lowering.make_fallback
+    monkeypatch.setattr(lowering, "make_fallback", lambda op, *a, **k: late.append(op) or make_fallback(op, *a, **k))
+    import torch._inductor.graph as inductor_graph
+
+    monkeypatch.setattr(inductor_graph, "make_fallback", lowering.make_fallback)
+    torch.manual_seed(0)
+    model = GPT1(get_config("gpt1-tiny", n_layer=2, n_embd=32, n_head=2, vocab_size=64, attn_impl="triton",
+                            loss_impl="triton_linear", norm_impl="triton")).to(device)
+    ids = torch.randint(0, 64, (1, 17), generator=torch.Generator().manual_seed(1)).to(device)
+    loss = torch.compile(model, fullgraph=True)(ids[:, :-1], labels=ids[:, 1:]).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    assert not [op for op in late if "gpt1_kernels" in str(op)], late
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_dropout_under_cuda_graphs_draws_anew_at_every_replay():
     """torch.compile(mode="reduce-overhead") replays the attention as a CUDA graph: the seed is drawn inside the
