@@ -84,12 +84,13 @@ from kernels._common import INTERPRET, LOG2E, autocast_inputs, check_tensors, ro
 
 _REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# 8192 fp32 columns over 32 warps is 8 elements per thread: few loop trips for V = 40478 without
-# spilling. Liger-Kernel measured 32 warps as the best for this row-per-program shape. Label smoothing's sum of x
-# needs a few more registers than the 64 a thread may hold at 32 warps (one spilled on sm_90, triton 3.9): it runs
-# half the block on 16 warps, still 8 elements (16 bytes of bf16) per thread (_row_config).
-_MAX_BLOCK_V = 8192
-_NUM_WARPS = 32
+# One row per program of 16 warps, each thread loading 16 bytes per block (4096 bf16 / 2048 fp32 columns):
+# 32-52 registers, so two to four programs (1024-2048 threads) share an SM. The kernel is bound by the bytes its
+# loads have in flight, which that occupancy sets. At 32 warps over 8192 columns (Liger-Kernel's choice, and ours
+# until the H200 run of d6fcf61: 182 us per 1920 x 40478 bf16 chunk of the linear cross-entropy, ~40% of the
+# copy rate) 44-64 registers left one 1024-thread program per SM. Shorter rows get fewer warps (_row_config).
+_NUM_WARPS = 16
+_BYTES_PER_THREAD = 16
 # Device memory fused_linear_cross_entropy may allocate at once, all its buffers together (see _default_chunk_size).
 _EXTRA_BYTES = 400 * 1024 * 1024
 _MIN_CHUNK_ROWS = 1024
@@ -118,17 +119,33 @@ def _row_segments(start, row_len, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _fold_lanes(PTR, offs, mask, col, n_cols, m, d, x_sum, SMOOTHING: tl.constexpr):
-    """Fold the elements PTR[offs] (where mask; column index col) into per-lane running statistics, each lane's
-    max m and sum of exp(x - m) d, and if SMOOTHING into the row's sum of x (a scalar); columns >= n_cols
-    (padding) are left out. Without SMOOTHING elementwise only, no reduction across lanes (one per row, at the
-    end, in _row_stats), and one exp per element: of m and x, the smaller's exp relative to the larger is
-    exp(-|x - m|), which rescales d when x is the new max and is added to d otherwise. A lane that has seen no
-    class keeps m = -inf, d = 0; a -inf logit adds nothing; a NaN makes its lane's d NaN, and with it the row's
-    loss. The sum of x is reduced per block: as a third lane statistic it spilled at 32 warps (64 registers a
-    thread) on sm_90, and GPT-1 pre-trains without smoothing."""
-    x = tl.load(PTR + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    is_class = mask & (col < n_cols)
+def _segment_lengths(start, head_end, body_end, end):
+    """(head_len, body_len, tail_first) of _row_segments' split, int32: the head's and the body's lengths (the
+    body's first column is head_len) and the tail's first column. Offsets within a segment are then int32 from 0,
+    and whether one is a class or the target a comparison with a scalar, not a column index per element."""
+    head_len = (tl.minimum(head_end, end) - start).to(tl.int32)
+    return head_len, (body_end - head_end).to(tl.int32), (body_end - start).to(tl.int32)
+
+
+@triton.jit
+def _load_block(PTR, offs, mask):
+    """PTR[offs] where mask, -inf elsewhere, in the logits' own dtype (a 16-bit block holds half the registers)."""
+    return tl.load(PTR + offs, mask=mask, other=float("-inf"))
+
+
+@triton.jit
+def _fold_lanes(x, offs, mask, n_cls, m, d, x_sum, SMOOTHING: tl.constexpr):
+    """Fold the block x loaded at offs (where mask) into per-lane running statistics, each lane's max m and sum
+    of exp(x - m) d, and if SMOOTHING into the row's sum of x (a scalar); offsets >= n_cls (the classes left
+    from the block's offset 0; past them is padding) are left out. Without SMOOTHING elementwise only, no
+    reduction across lanes (one per row, at the end, in _row_stats), and one exp per element: of m and x, the
+    smaller's exp relative to the larger is exp(-|x - m|), which rescales d when x is the new max and is added to d
+    otherwise. A lane that has seen no class keeps m = -inf, d = 0; a -inf logit adds nothing; a NaN makes its
+    lane's d NaN, and with it the row's loss. The sum of x is reduced per block: as a third lane statistic it
+    spilled at 32 warps (64 registers a thread) on sm_90 when that was the launch, and GPT-1 pre-trains without
+    smoothing."""
+    x = x.to(tl.float32)
+    is_class = mask & (offs < n_cls)
     take = is_class & (x != float("-inf"))
     delta = x - m  # subtract before scaling by log2(e): x - m is exact near the max even for |x| ~ 1e4
     e = tl.exp2(-tl.abs(delta) * LOG2E)
@@ -154,57 +171,76 @@ def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.
     (for label smoothing; 0 without SMOOTHING). Columns [n_cols, row_len) are read (see _cross_entropy_kernel)
     but left out. The loop keeps BLOCK_V lanes of running statistics (_fold_lanes) and the head and tail ALIGN
     lanes of their own; the lanes are combined once, after the loop: without smoothing the loop has no
-    reduction across the program's threads, hence no barrier, and its loads wait on nothing but themselves."""
+    reduction across the program's threads, hence no barrier, and its loads wait on nothing but themselves.
+    Each loop trip issues the next block's load before folding its own block: one row per program of 1024 (or
+    512) threads, one program per SM, the kernel's speed is its bytes in flight, ~16 KB per SM at one 16-byte load
+    per thread; loading and folding in turn, every trip waited a whole memory latency (~1.4 TB/s by Little's law at
+    ~1 us), and the compiler would not hoist a second block's load of the same trip above the first block's
+    arithmetic. The next block's registers live across the loop's back edge, where it cannot sink the load."""
     head_end, body_end, end = _row_segments(start, row_len, ALIGN)
+    head_len, body_len, tail_first = _segment_lengths(start, head_end, body_end, end)
     edge = tl.arange(0, ALIGN)
     m_e = tl.full([ALIGN], float("-inf"), tl.float32)
     d_e = tl.zeros([ALIGN], dtype=tl.float32)
     x_sum = tl.zeros([], dtype=tl.float32)
-    m_e, d_e, x_sum = _fold_lanes(LOGITS, start + edge, (start + edge < head_end) & (start + edge < end), edge,
-                                  n_cols, m_e, d_e, x_sum, SMOOTHING)
-    m_e, d_e, x_sum = _fold_lanes(LOGITS, body_end + edge, body_end + edge < end, body_end - start + edge, n_cols,
+    m_e, d_e, x_sum = _fold_lanes(_load_block(LOGITS + start, edge, edge < head_len), edge, edge < head_len, n_cols,
                                   m_e, d_e, x_sum, SMOOTHING)
+    tail = edge < row_len - tail_first
+    m_e, d_e, x_sum = _fold_lanes(_load_block(LOGITS + body_end, edge, tail), edge, tail, n_cols - tail_first, m_e,
+                                  d_e, x_sum, SMOOTHING)
     m_v = tl.full([BLOCK_V], float("-inf"), tl.float32)
     d_v = tl.zeros([BLOCK_V], dtype=tl.float32)
     BODY = LOGITS + head_end
-    for k in range(0, body_end - head_end, BLOCK_V):
+    n_cls = n_cols - head_len  # classes from the body's first column on
+    for k in range(0, body_len, BLOCK_V):
         offs = k + tl.arange(0, BLOCK_V)
-        m_v, d_v, x_sum = _fold_lanes(BODY, offs, offs < body_end - head_end, head_end - start + offs, n_cols,
-                                      m_v, d_v, x_sum, SMOOTHING)
+        x = _load_block(BODY, offs, offs < body_len)
+        m_v, d_v, x_sum = _fold_lanes(x, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
     m = tl.maximum(tl.max(m_v, axis=0), tl.max(m_e, axis=0))
     return m, _lane_lse(m_v, d_v, m) + _lane_lse(m_e, d_e, m), x_sum
 
 
 @triton.jit
-def _grad_block(PTR, offs, mask, col, n_cols, y, m, inv_d, smooth, eps, scale, RTNE_BF16: tl.constexpr):
-    """Overwrite PTR[offs] (where mask; column index col) with scale * (softmax - (1 - eps) onehot(y) - eps / V),
-    and columns >= n_cols with 0."""
-    x = tl.load(PTR + offs, mask=mask, other=float("-inf")).to(tl.float32)
-    x = tl.where(col < n_cols, x, float("-inf"))  # no inf / NaN from whatever the padding holds
+def _grad_values(x, offs, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16: tl.constexpr):
+    """The gradient of the logits x loaded at offs, scale * (softmax - (1 - eps) onehot(y) - eps / V), fp32, with
+    y at offset y_off, and 0 at offsets >= n_cls (the classes left from offset 0; past them is padding)."""
+    is_class = offs < n_cls
+    x = tl.where(is_class, x.to(tl.float32), float("-inf"))  # no inf / NaN from whatever the padding holds
     g = tl.exp2((x - m) * LOG2E) * inv_d - smooth
-    g = tl.where(col == y, g - (1.0 - eps), g) * scale
-    g = tl.where(col < n_cols, g, 0.0)
+    g = tl.where(offs == y_off, g - (1.0 - eps), g) * scale
+    g = tl.where(is_class, g, 0.0)
     if RTNE_BF16:
         g = round_fp32(g, 16)  # the interpreter would truncate
+    return g
+
+
+@triton.jit
+def _store_grad(PTR, offs, mask, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16: tl.constexpr):
+    """Overwrite PTR[offs] (where mask) with its gradient (_grad_values)."""
+    g = _grad_values(_load_block(PTR, offs, mask), offs, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
     tl.store(PTR + offs, g.to(PTR.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.constexpr,
                     ALIGN: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """Second pass: overwrite the row LOGITS[start : start + row_len] with its gradient (_grad_block)."""
+    """Second pass: overwrite the row LOGITS[start : start + row_len] with its gradient (_grad_values), each loop
+    trip loading the next block before writing its own, as in _row_stats."""
     head_end, body_end, end = _row_segments(start, row_len, ALIGN)
+    head_len, body_len, tail_first = _segment_lengths(start, head_end, body_end, end)
     inv_d = 1.0 / d
     smooth = eps / n_cols
+    y = y.to(tl.int32)
     edge = tl.arange(0, ALIGN)
-    _grad_block(LOGITS, start + edge, (start + edge < head_end) & (start + edge < end), edge, n_cols, y, m, inv_d,
-                smooth, eps, scale, RTNE_BF16)
+    _store_grad(LOGITS + start, edge, edge < head_len, n_cols, y, m, inv_d, smooth, eps, scale, RTNE_BF16)
     BODY = LOGITS + head_end
-    for k in range(0, body_end - head_end, BLOCK_V):
+    n_cls, y_off = n_cols - head_len, y - head_len
+    for k in range(0, body_len, BLOCK_V):
         offs = k + tl.arange(0, BLOCK_V)
-        _grad_block(BODY, offs, offs < body_end - head_end, head_end - start + offs, n_cols, y, m, inv_d, smooth,
-                    eps, scale, RTNE_BF16)
-    _grad_block(LOGITS, body_end + edge, body_end + edge < end, body_end - start + edge, n_cols, y, m, inv_d,
+        x = _load_block(BODY, offs, offs < body_len)
+        g = _grad_values(x, offs, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
+        tl.store(BODY + offs, g.to(BODY.dtype.element_ty), mask=offs < body_len)
+    _store_grad(LOGITS + body_end, edge, edge < row_len - tail_first, n_cols - tail_first, y - tail_first, m, inv_d,
                 smooth, eps, scale, RTNE_BF16)
 
 
@@ -350,7 +386,7 @@ def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, r
         return
     if compute_grad and not isinstance(grad_scale, torch.Tensor):
         grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=logits.device)
-    block_v, num_warps = _row_config(row_len, eps > 0.0)
+    block_v, num_warps = _row_config(row_len, logits.element_size())
     # loss stands in for the pointers that the constexpr flags leave unread
     _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
@@ -361,10 +397,12 @@ def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, r
     )
 
 
-def _row_config(row_len, smoothing):
-    """(BLOCK_V, num_warps) of _cross_entropy_kernel for rows of row_len columns, with or without smoothing."""
-    block_v = min(triton.next_power_of_2(row_len), _MAX_BLOCK_V)
-    return (max(block_v // 2, 16), _NUM_WARPS // 2) if smoothing else (block_v, _NUM_WARPS)
+def _row_config(row_len, element_size):
+    """(BLOCK_V, num_warps) of the cross-entropy kernels for rows of row_len columns of element_size bytes: 16 bytes
+    per thread and block (one vector load), up to _NUM_WARPS warps."""
+    per_thread = _BYTES_PER_THREAD // element_size
+    block_v = min(triton.next_power_of_2(row_len), _NUM_WARPS * 32 * per_thread)
+    return block_v, max(1, block_v // (32 * per_thread))
 
 
 def _grad_scales(target, ignore_index, reduction, dtype):
@@ -434,10 +472,11 @@ def cross_entropy_backward(grad_logits, grad_output, post_scale):
     if n_rows == 0 or row_len == 0:
         return grad_logits
     stride_go = grad_output.stride(0) if grad_output.dim() else 0
+    block_v, num_warps = _row_config(row_len, grad_logits.element_size())
     _scale_grad_kernel[(n_rows,)](grad_logits, grad_logits.stride(0), row_len, grad_output, stride_go, post_scale,
-                                  BLOCK_V=min(triton.next_power_of_2(row_len), _MAX_BLOCK_V),
+                                  BLOCK_V=block_v,
                                   ALIGN=16 // grad_logits.element_size(),
-                                  RTNE_BF16=INTERPRET and grad_logits.dtype == torch.bfloat16, num_warps=_NUM_WARPS)
+                                  RTNE_BF16=INTERPRET and grad_logits.dtype == torch.bfloat16, num_warps=num_warps)
     return grad_logits
 
 
@@ -835,6 +874,7 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False, smoo
     """One ahead-of-time compile of _cross_entropy_kernel as _launch would run it for GPT-1: on (N, V)
     logits (row stride V = 40478, no alignment), or on fused_linear_cross_entropy's padded chunk (row stride
     _padded_vocab(V), a multiple of 16 that the JIT specializes on)."""
+    block_v, num_warps = _row_config(n_classes, 4 if dtype == "fp32" else 2)
     return {
         "name": name,
         "fn": _cross_entropy_kernel,
@@ -842,10 +882,9 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False, smoo
                       "LOSS": "*fp32:16", "ROW_SCALE": "*fp32:16", "n_cols": "i32",
                       "row_len": "i32:16" if padded else "i32", "ignore_index": "i32", "eps": "fp32",
                       "GRAD_SCALE": "*fp32:16"},
-        "constexprs": {"BLOCK_V": _row_config(n_classes, smoothing)[0],
-                       "ALIGN": 4 if dtype == "fp32" else 8, "COMPUTE_GRAD": compute_grad, "HAS_ROW_SCALE": False,
-                       "SMOOTHING": smoothing, "RTNE_BF16": False},
-        "num_warps": _row_config(n_classes, smoothing)[1],
+        "constexprs": {"BLOCK_V": block_v, "ALIGN": 4 if dtype == "fp32" else 8, "COMPUTE_GRAD": compute_grad,
+                       "HAS_ROW_SCALE": False, "SMOOTHING": smoothing, "RTNE_BF16": False},
+        "num_warps": num_warps,
         "num_stages": 3,
     }
 
@@ -861,6 +900,6 @@ COMPILE_SPECS = [
     {"name": "cross_entropy_scale_grad_bf16_V40478", "fn": _scale_grad_kernel,
      "signature": {"GRAD": "*bf16:16", "stride_row": "i32", "row_len": "i32", "GRAD_OUT": "*fp32:16",
                    "stride_go": "i32:16", "POST_SCALE": "*fp32:16"},  # stride 0: the JIT's divisible-by-16 case
-     "constexprs": {"BLOCK_V": _MAX_BLOCK_V, "ALIGN": 8, "RTNE_BF16": False}, "num_warps": _NUM_WARPS,
+     "constexprs": {"BLOCK_V": _row_config(40478, 2)[0], "ALIGN": 8, "RTNE_BF16": False}, "num_warps": _NUM_WARPS,
      "num_stages": 3},
 ]

@@ -55,6 +55,20 @@ def test_cross_entropy_loops_move_16_bytes_per_access(rows):
         [(r["kernel"], r["arch"], r["loop_narrow_global"]) for r in ce_rows if r["loop_narrow_global"]]
 
 
+def test_cross_entropy_fits_two_programs_per_sm(rows):
+    """The cross-entropy kernel is bound by the bytes its loads have in flight, one 16-byte load per thread and
+    block: its registers (allocated per warp in steps of 8 a thread, 64K per SM) must let at least two programs,
+    1024 threads, share an SM. At 32 warps and 8192 columns it held 44-64 registers, one program per SM."""
+    ce_rows = [r for r in rows if r["fn"] == "_cross_entropy_kernel"]
+    assert len(ce_rows) >= 8
+
+    def programs_per_sm(r):
+        return 65536 // (-(-r["registers"] // 8) * 8 * 32 * r["num_warps"])
+
+    assert all(programs_per_sm(r) >= 2 for r in ce_rows), \
+        [(r["kernel"], r["arch"], r["registers"], r["num_warps"]) for r in ce_rows if programs_per_sm(r) < 2]
+
+
 def test_cross_entropy_statistics_loop_has_no_barrier(rows):
     """The first pass keeps per-lane running statistics and combines them once per row: no reduction across the
     program's warps, hence no barrier, inside any loop of the kernel (6 per block before, three reductions), except
