@@ -85,10 +85,10 @@ from kernels._common import INTERPRET, LOG2E, autocast_inputs, check_tensors, ro
 _REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One row per program of 16 warps, each thread loading 16 bytes per block (4096 bf16 / 2048 fp32 columns):
-# 32-52 registers, so two to four programs (1024-2048 threads) share an SM. The kernel is bound by the bytes its
+# 32-57 registers, so two to four programs (1024-2048 threads) share an SM. The kernel is bound by the bytes its
 # loads have in flight, which that occupancy sets. At 32 warps over 8192 columns (Liger-Kernel's choice, and ours
 # until the H200 run of d6fcf61: 182 us per 1920 x 40478 bf16 chunk of the linear cross-entropy, ~40% of the
-# copy rate) 44-64 registers left one 1024-thread program per SM. Shorter rows get fewer warps (_row_config).
+# copy rate) 49-64 registers left one 1024-thread program per SM. Shorter rows get fewer warps (_row_config).
 _NUM_WARPS = 16
 _BYTES_PER_THREAD = 16
 # Device memory fused_linear_cross_entropy may allocate at once, all its buffers together (see _default_chunk_size).
@@ -172,11 +172,8 @@ def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.
     but left out. The loop keeps BLOCK_V lanes of running statistics (_fold_lanes) and the head and tail ALIGN
     lanes of their own; the lanes are combined once, after the loop: without smoothing the loop has no
     reduction across the program's threads, hence no barrier, and its loads wait on nothing but themselves.
-    Each loop trip issues the next block's load before folding its own block: one row per program of 1024 (or
-    512) threads, one program per SM, the kernel's speed is its bytes in flight, ~16 KB per SM at one 16-byte load
-    per thread; loading and folding in turn, every trip waited a whole memory latency (~1.4 TB/s by Little's law at
-    ~1 us), and the compiler would not hoist a second block's load of the same trip above the first block's
-    arithmetic. The next block's registers live across the loop's back edge, where it cannot sink the load."""
+    The kernel's speed is the bytes its loads have in flight: one 16-byte load per thread and block, so the
+    programs that fit on an SM at once set it (_NUM_WARPS)."""
     head_end, body_end, end = _row_segments(start, row_len, ALIGN)
     head_len, body_len, tail_first = _segment_lengths(start, head_end, body_end, end)
     edge = tl.arange(0, ALIGN)
@@ -201,31 +198,23 @@ def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.
 
 
 @triton.jit
-def _grad_values(x, offs, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16: tl.constexpr):
-    """The gradient of the logits x loaded at offs, scale * (softmax - (1 - eps) onehot(y) - eps / V), fp32, with
-    y at offset y_off, and 0 at offsets >= n_cls (the classes left from offset 0; past them is padding)."""
+def _store_grad(PTR, offs, mask, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16: tl.constexpr):
+    """Overwrite PTR[offs] (where mask) with scale * (softmax - (1 - eps) onehot(y) - eps / V), y at offset y_off,
+    and with 0 at offsets >= n_cls (the classes left from offset 0; past them is padding)."""
     is_class = offs < n_cls
-    x = tl.where(is_class, x.to(tl.float32), float("-inf"))  # no inf / NaN from whatever the padding holds
+    x = tl.where(is_class, _load_block(PTR, offs, mask).to(tl.float32), float("-inf"))  # none of the padding's values
     g = tl.exp2((x - m) * LOG2E) * inv_d - smooth
     g = tl.where(offs == y_off, g - (1.0 - eps), g) * scale
     g = tl.where(is_class, g, 0.0)
     if RTNE_BF16:
         g = round_fp32(g, 16)  # the interpreter would truncate
-    return g
-
-
-@triton.jit
-def _store_grad(PTR, offs, mask, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16: tl.constexpr):
-    """Overwrite PTR[offs] (where mask) with its gradient (_grad_values)."""
-    g = _grad_values(_load_block(PTR, offs, mask), offs, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
     tl.store(PTR + offs, g.to(PTR.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.constexpr,
                     ALIGN: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """Second pass: overwrite the row LOGITS[start : start + row_len] with its gradient (_grad_values), each loop
-    trip loading the next block before writing its own, as in _row_stats."""
+    """Second pass: overwrite the row LOGITS[start : start + row_len] with its gradient (_store_grad)."""
     head_end, body_end, end = _row_segments(start, row_len, ALIGN)
     head_len, body_len, tail_first = _segment_lengths(start, head_end, body_end, end)
     inv_d = 1.0 / d
@@ -234,12 +223,10 @@ def _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V
     edge = tl.arange(0, ALIGN)
     _store_grad(LOGITS + start, edge, edge < head_len, n_cols, y, m, inv_d, smooth, eps, scale, RTNE_BF16)
     BODY = LOGITS + head_end
-    n_cls, y_off = n_cols - head_len, y - head_len
     for k in range(0, body_len, BLOCK_V):
         offs = k + tl.arange(0, BLOCK_V)
-        x = _load_block(BODY, offs, offs < body_len)
-        g = _grad_values(x, offs, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
-        tl.store(BODY + offs, g.to(BODY.dtype.element_ty), mask=offs < body_len)
+        _store_grad(BODY, offs, offs < body_len, n_cols - head_len, y - head_len, m, inv_d, smooth, eps, scale,
+                    RTNE_BF16)
     _store_grad(LOGITS + body_end, edge, edge < row_len - tail_first, n_cols - tail_first, y - tail_first, m, inv_d,
                 smooth, eps, scale, RTNE_BF16)
 
