@@ -29,14 +29,16 @@ def register_inductor_fallbacks():
     try:
         from torch._inductor import lowering
         from torch._library.utils import get_layout_constraint_tag
-    except ImportError:
+
+        lowerings, make_fallback, tag_to_constraint = (lowering.lowerings, lowering.make_fallback,
+                                                       lowering.tag_to_layout_constraint)
+    except (ImportError, AttributeError):
         return []
     done = []
     for name in OPS:
         op = getattr(torch.ops.gpt1_kernels, name).default
-        if op in lowering.lowerings:
-            continue
-        constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
-        lowering.make_fallback(op, layout_constraint=constraint, warn=False)
-        done.append(op)
+        if op not in lowerings:
+            make_fallback(op, layout_constraint=tag_to_constraint(get_layout_constraint_tag(op, with_default=True)),
+                          warn=False)
+            done.append(op)
     return done
