@@ -94,10 +94,12 @@ from kernels._common import (
     LOG2E,
     autocast_inputs,
     bits_from_words,
+    cdiv,
     check_tensors,
     dropout_args,
     dropout_words,
     new_dropout_seed,
+    next_power_of_2,
     round_fp32,
     seed_tensor,
 )
@@ -898,7 +900,7 @@ def _scale(q, softmax_scale):
 
 def _mask_row_bytes(T):
     """W, the bytes per row of the packed keep-mask: one bit per key, rows padded to 16 bytes (aligned loads)."""
-    return triton.cdiv(triton.cdiv(T, 8), 16) * 16
+    return cdiv(cdiv(T, 8), 16) * 16
 
 
 def _new_mask(B, H, T, device):
@@ -936,7 +938,7 @@ def _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg):
     _launch_dq and _launch_dkdv)."""
     B, H, T, D = q.shape
     block_m, block_n, num_warps, num_stages = cfg
-    return _attn_fwd_kernel[(triton.cdiv(T, block_m), B * H)](
+    return _attn_fwd_kernel[(cdiv(T, block_m), B * H)](
         q, k, v, o, lse, mask, sm_scale * LOG2E.value, seed, *dropout_args(dropout_p), _mask_row_bytes(T),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
@@ -983,7 +985,7 @@ def _launch_dq(q, k, v, o, do, dq, lse, delta, bwd, cfg):
     B, H, T, D = q.shape
     block_m, block_n, num_warps, num_stages = cfg
     args, common = bwd
-    return _attn_bwd_dq_kernel[(triton.cdiv(T, block_m), B * H)](
+    return _attn_bwd_dq_kernel[(cdiv(T, block_m), B * H)](
         q, k, v, o, do, dq, lse, delta, *args,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, T,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
@@ -995,7 +997,7 @@ def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, bwd, cfg):
     B, H, T, D = q.shape
     block_m, block_n, num_warps, num_stages = cfg
     args, common = bwd
-    return _attn_bwd_dkdv_kernel[(triton.cdiv(T, block_n), B * H)](
+    return _attn_bwd_dkdv_kernel[(cdiv(T, block_n), B * H)](
         q, k, v, do, dk, dv, lse, delta, *args,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, T,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
@@ -1005,8 +1007,8 @@ def _packed_dropout_mask(seed, B, H, T, p):
     """The packed keep-mask (B*H, T, W) uint8 of a seed (1-element int64 tensor), as the forward stores it."""
     mask = _new_mask(B, H, T, seed.device)
     if mask.numel():
-        grid = (triton.cdiv(T, 16), B * H)
-        block_c = max(16, min(128, triton.next_power_of_2(T)))
+        grid = (cdiv(T, 16), B * H)
+        block_c = max(16, min(128, next_power_of_2(T)))
         _dropout_mask_kernel[grid](mask, seed, dropout_args(p)[0], T, _mask_row_bytes(T), BLOCK_R=16,
                                    BLOCK_C=block_c)
     return mask

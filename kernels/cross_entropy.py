@@ -80,7 +80,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, LOG2E, autocast_inputs, check_tensors, round_fp32
+from kernels._common import INTERPRET, LOG2E, autocast_inputs, check_tensors, next_power_of_2, round_fp32
 
 _REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -388,7 +388,7 @@ def _row_config(row_len, element_size):
     """(BLOCK_V, num_warps) of the cross-entropy kernels for rows of row_len columns of element_size bytes: 16 bytes
     per thread and block (one vector load), up to _NUM_WARPS warps."""
     per_thread = _BYTES_PER_THREAD // element_size
-    block_v = min(triton.next_power_of_2(row_len), _NUM_WARPS * 32 * per_thread)
+    block_v = min(next_power_of_2(row_len), _NUM_WARPS * 32 * per_thread)
     return block_v, max(1, block_v // (32 * per_thread))
 
 

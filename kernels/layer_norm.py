@@ -59,11 +59,13 @@ import triton.language as tl
 
 from kernels._common import (
     INTERPRET,
+    cdiv,
     check_tensors,
     dropout_args,
     dropout_words,
     keep_from_words,
     new_dropout_seed,
+    next_power_of_2,
     round_fp32,
     seed_tensor,
 )
@@ -280,7 +282,7 @@ def _config_for(device, block_c):
 
 
 def _block_c(C):
-    return max(16, triton.next_power_of_2(C))  # dropout draws come in groups of 8 columns
+    return max(16, next_power_of_2(C))  # dropout draws come in groups of 8 columns
 
 
 def _compile_specs():
@@ -391,7 +393,7 @@ def _forward(x, h, weight, bias, seed, dropout_p, eps, branch_dtype=None):
         return y, y_branch, mean, rstd
     x2, h2, block_c = _rows(x), _rows(h), _block_c(C)
     block_r, num_warps = _config_for(x.device, block_c)["fwd"]
-    _add_ln_fwd_kernel[(triton.cdiv(N, block_r),)](
+    _add_ln_fwd_kernel[(cdiv(N, block_r),)](
         x2, h2, weight, bias, y, y_branch, mean, rstd, seed, *dropout_args(dropout_p), eps, x2.stride(0),
         h2.stride(0), N, C, BLOCK_R=block_r, BLOCK_C=block_c, DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None,
         HAS_BRANCH=y_branch is not None, RTNE_BF16=INTERPRET, num_warps=num_warps)
@@ -417,8 +419,8 @@ def _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
     N = dx.numel() // C
     cfg = _config_for(x.device, _block_c(C))
     block_r, num_warps = cfg["bwd"]
-    rows_per_program = triton.cdiv(triton.cdiv(max(N, 1), cfg["programs"]), block_r) * block_r
-    n_programs = triton.cdiv(N, rows_per_program)
+    rows_per_program = cdiv(cdiv(max(N, 1), cfg["programs"]), block_r) * block_r
+    n_programs = cdiv(N, rows_per_program)
     # every program writes its whole partial row(s); no program is empty
     dw_part = torch.empty((n_programs, C), dtype=torch.float32, device=x.device)
     db_part = torch.empty((n_programs if bias is not None else 0, C), dtype=torch.float32, device=x.device)
@@ -435,7 +437,7 @@ def _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
     dweight = torch.empty(C, dtype=weight.dtype, device=x.device)
     dbias = torch.empty(C, dtype=bias.dtype, device=x.device) if bias is not None else weight.new_empty((0,))
     parts_tile, cols_tile = _PARAM_GRADS_TILE
-    _add_ln_param_grads_kernel[(triton.cdiv(C, cols_tile),)](
+    _add_ln_param_grads_kernel[(cdiv(C, cols_tile),)](
         dw_part, db_part, dweight, dbias, n_programs, C, BLOCK_P=parts_tile, BLOCK_C=cols_tile,
         HAS_BIAS=bias is not None, RTNE_BF16=INTERPRET, num_warps=4)
     return dx, dh, dweight, dbias
@@ -449,7 +451,7 @@ def add_dropout_layer_norm_mask(seed, n_rows, C, p, device="cpu"):
     mask = torch.empty((n_rows, C), dtype=torch.uint8, device=seed.device)
     if mask.numel():
         block_c = _block_c(C)
-        _add_ln_dropout_mask_kernel[(triton.cdiv(n_rows, 2),)](mask, seed, dropout_args(p)[0], n_rows, C,
+        _add_ln_dropout_mask_kernel[(cdiv(n_rows, 2),)](mask, seed, dropout_args(p)[0], n_rows, C,
                                                                BLOCK_R=2, BLOCK_C=block_c)
     return mask.bool()
 

@@ -9,7 +9,7 @@ for every dtype, and kernel and reference both compute it in fp32).
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_all_within, assert_error_within
+from helpers import assert_all_within, assert_error_within, triton_constexpr_calls_on_the_host
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
@@ -548,3 +548,18 @@ def test_compile_specs_describe_the_kernel():
         names = spec["fn"].arg_names
         assert set(spec["signature"]) | set(spec["constexprs"]) == set(names), spec["name"]
         assert spec["constexprs"]["BLOCK_V"] >= 1 and spec["num_warps"] >= 1
+
+
+def test_host_path_calls_no_triton_constexpr_function(monkeypatch):
+    """fused_cross_entropy and fused_linear_cross_entropy, forward and backward, pick their launch with plain ints
+    (see the same test in test_attention.py)."""
+    logits = torch.randn(6, 50, requires_grad=True)
+    hidden, weight = torch.randn(6, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    target = torch.randint(0, 50, (6,))
+
+    def calls():
+        fused_cross_entropy(logits, target).backward()
+        fused_linear_cross_entropy(hidden, weight, target).backward()
+
+    n = triton_constexpr_calls_on_the_host(monkeypatch, calls)
+    assert n in (0, None), n

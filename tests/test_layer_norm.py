@@ -9,7 +9,7 @@ fp32 rounding step at the op's scale. With dropout both sides apply the very sam
 
 import pytest
 import torch
-from helpers import assert_all_within, assert_close, fp32_eps_at
+from helpers import assert_all_within, assert_close, fp32_eps_at, triton_constexpr_calls_on_the_host
 
 from kernels import reference
 from kernels.layer_norm import (
@@ -321,3 +321,19 @@ def test_errors(args, kwargs, exc, match):
 def test_device_mismatch_error():
     with pytest.raises(ValueError, match="must be on the same device, got cpu, cpu, meta"):
         fused_add_dropout_layer_norm(_t(2, 8), _t(2, 8), _t(8, device="meta"))
+
+
+def test_host_path_calls_no_triton_constexpr_function(monkeypatch):
+    """The forward and backward of fused_add_dropout_layer_norm compute their grids with plain ints (see the same
+    test in test_attention.py)."""
+    from kernels import fused_add_dropout_layer_norm
+
+    x, h = torch.randn(6, 40, requires_grad=True), torch.randn(6, 40, requires_grad=True)
+    w, b = torch.ones(40, requires_grad=True), torch.zeros(40, requires_grad=True)
+
+    def calls():
+        y, y_branch = fused_add_dropout_layer_norm(x, h, w, b, dropout_p=0.1, branch_dtype=torch.bfloat16)
+        (y.sum() + y_branch.float().sum()).backward()
+
+    n = triton_constexpr_calls_on_the_host(monkeypatch, calls)
+    assert n in (0, None), n
