@@ -8,6 +8,7 @@
 # Stages, in this order (all by default, or the ones named as arguments), each in its own time box so that one
 # that hangs or overruns cannot take the others with it:
 #   roofline  bench.roofline: a bf16 8192^3 matmul and a device copy, to read MFU against     (S_ROOFLINE=20 s)
+#   host      bench.host_path: our functions' host time per call, launches stubbed, on CUDA tensors  (S_HOST=30 s)
 #   tests     pytest on CUDA: tests/test_cross_entropy.py test_layer_norm.py test_attention.py (the kernels), then
 #             the model-level dropout mask replay at GPT-1 scale, CUDA graphs in the DeepSpeed step, no host
 #             sync in the default step, the ZeRO-2 bf16 mask replay, then tests/test_compile.py  (S_TESTS=200 s)
@@ -47,7 +48,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 LOG=$OUT/session.log
 : > "$LOG"
-STAGES=${*:-roofline tests e2e ops}
+STAGES=${*:-roofline host tests e2e ops}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 SMOKE_FLAG=""
@@ -87,6 +88,7 @@ pack() {
         cat "$WORK/stages.txt" 2>/dev/null
         echo '```'
         section "roofline" "$WORK/roofline.txt"
+        section "host path (bench.host_path)" "$WORK/host_path.md" '/^Host path/,$p'
         [ -s "$WORK/pytest_cuda.txt" ] && printf '\n## pytest on CUDA (tail)\n\n```\n%s\n```\n' "$(tail -n 15 "$WORK/pytest_cuda.txt")"
         [ -s "$WORK/pytest_failures.txt" ] && printf '\n## pytest failures, as they happened\n\n```\n%s\n```\n' \
             "$(head -c 12000 "$WORK/pytest_failures.txt")"
@@ -116,6 +118,9 @@ for s in $STAGES; do
     roofline)
         stage roofline "${S_ROOFLINE:-20}" $PY -m bench.roofline $SMOKE_FLAG --json "$WORK/roofline.json"
         grep '^roofline on' "$LOG" | tail -n 1 > "$WORK/roofline.txt" ;;
+    host)
+        stage host "${S_HOST:-30}" bash -c "$PY -m bench.host_path $SMOKE_FLAG --json '$WORK/host_path.json' \
+            2>&1 | tee '$WORK/host_path.md'; exit \${PIPESTATUS[0]}" ;;
     tests)
         # the kernel files first (their kernels changed since the last GPU run: the cross-entropy statistics, the
         # LayerNorm backward's prefetch, the attention backward's mask prefetch), then the step-level checks; in
@@ -184,7 +189,7 @@ runpy.run_module(\"gpt1.train\", run_name=\"__main__\")' ${PROBE_DUMP_S:-30} --d
         stage tune "${S_TUNE:-120}" $PY -m bench.tune_attention $SMOKE_FLAG --out "$WORK/tune" \
             --budget-s "$(( ${S_TUNE:-120} - 20 ))" ;;
     *)
-        say "unknown stage $s (roofline tests e2e ops profile curves probe tune)" ;;
+        say "unknown stage $s (roofline host tests e2e ops profile curves probe tune)" ;;
     esac
 done
 pack

@@ -447,3 +447,24 @@ def test_curves_without_a_corpus_says_how_to_make_one(tmp_path):
                            str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           check=False)
     assert proc.returncode != 0 and "gpt1 prepare --out" in proc.stderr
+
+
+def test_host_path_bench(tmp_path):
+    """bench.host_path: each case's host time with the launches stubbed, and how many launches a call makes (the
+    attention's forward and two backward kernels, the add-LayerNorm's forward, backward and parameter-gradient
+    sum, the cross-entropy's kernel and its backward scaling, the linear cross-entropy's one chunk)."""
+    from bench import host_path
+
+    out = tmp_path / "host.json"
+    host_path.main(["--smoke", "--json", str(out)])
+    rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 7 and all(r["us_per_call"] > 0 for r in rows.values())
+    launches = {name: r["launches_per_call"] for name, r in rows.items()}
+    assert launches == {"attention forward, dropout 0.1": 1, "attention forward + backward, dropout 0.1": 3,
+                        "attention forward + backward, no dropout": 3,
+                        "attention (packed qkv) forward + backward, dropout 0.1": 3,
+                        "add + dropout + LayerNorm forward + backward": 3, "cross-entropy forward + backward": 2,
+                        "linear + cross-entropy forward + backward": 1}, launches
+    from triton.runtime import jit
+
+    assert jit.JITFunction.run.__name__ != "no_launch"  # the launches are restored
