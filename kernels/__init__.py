@@ -37,8 +37,7 @@ def register_inductor_fallbacks():
     done = []
     for name in OPS:
         op = getattr(torch.ops.gpt1_kernels, name).default
-        if op not in lowerings:
-            make_fallback(op, layout_constraint=tag_to_constraint(get_layout_constraint_tag(op, with_default=True)),
-                          warn=False)
+        if op not in lowerings:  # (op, layout constraint): as Inductor's own implicit registration calls it
+            make_fallback(op, tag_to_constraint(get_layout_constraint_tag(op, with_default=True)))
             done.append(op)
     return done
