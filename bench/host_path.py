@@ -10,6 +10,7 @@ ones, so the seed draw and the allocations are the device's. Triton's own launch
 driver call) comes on top, once per launch counted. Each case: the median over 5 repeats of --calls calls.
 """
 
+import contextlib
 import json
 import statistics
 import time
@@ -57,8 +58,10 @@ def cases(dev):
     }
 
 
-def measure(calls, dev):
-    """[{"case", "us_per_call", "launches_per_call", "note"}], launches stubbed while it runs."""
+@contextlib.contextmanager
+def stubbed_launches():
+    """Every Triton launch a no-op inside (JITFunction.run, and InterpretedFunction.run under TRITON_INTERPRET=1);
+    yields a one-element list that counts the launches."""
     from triton.runtime import interpreter, jit
 
     launches = [0]
@@ -69,7 +72,15 @@ def measure(calls, dev):
     saved = jit.JITFunction.run, interpreter.InterpretedFunction.run
     jit.JITFunction.run = interpreter.InterpretedFunction.run = no_launch
     try:
-        rows = []
+        yield launches
+    finally:
+        jit.JITFunction.run, interpreter.InterpretedFunction.run = saved
+
+
+def measure(calls, dev):
+    """[{"case", "us_per_call", "launches_per_call", "note"}], launches stubbed while it runs."""
+    rows = []
+    with stubbed_launches() as launches:
         for name, (fn, note) in cases(dev).items():
             for _ in range(max(3, calls // 10)):  # warm-up: first-call caches, the allocator's pools
                 fn()
@@ -88,9 +99,7 @@ def measure(calls, dev):
                 times.append((time.perf_counter() - t0) / calls * 1e6)
             rows.append({"case": name, "us_per_call": statistics.median(times), "launches_per_call": per_call,
                          "note": note})
-        return rows
-    finally:
-        jit.JITFunction.run, interpreter.InterpretedFunction.run = saved
+    return rows
 
 
 def markdown(rows, env):

@@ -120,17 +120,18 @@ def grads_agree(a, b, name):
 
 def triton_constexpr_calls_on_the_host(monkeypatch, fn):
     """How many times fn() calls one of Triton's constexpr functions (triton.cdiv, triton.next_power_of_2: ~2-5 us
-    of argument unwrapping each) on the host, with every kernel launch made a no-op so that only the host path
-    runs. None where this Triton has no such class."""
-    from triton.runtime import interpreter, jit
+    of argument unwrapping each) on the host, with every kernel launch made a no-op (bench.host_path) so that only
+    the host path runs. None where this Triton has no such class."""
+    from triton.runtime import jit
+
+    from bench.host_path import stubbed_launches
 
     if not hasattr(jit, "ConstexprFunction"):
         return None
-    monkeypatch.setattr(jit.JITFunction, "run", lambda self, *args, **kwargs: None)
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", lambda self, *args, **kwargs: None)
     calls = []
     call = jit.ConstexprFunction.__call__
     monkeypatch.setattr(jit.ConstexprFunction, "__call__",
                         lambda self, *args, **kwargs: calls.append(self) or call(self, *args, **kwargs))
-    fn()
+    with stubbed_launches():
+        fn()
     return len(calls)
