@@ -23,6 +23,10 @@ class GPT1Config:
     attn_impl: str = "auto"  # eager | sdpa | triton | auto (triton on a CUDA GPU, else sdpa)
     loss_impl: str = "auto"  # eager | triton | triton_linear | auto (triton_linear on a CUDA GPU, else eager)
     norm_impl: str = "eager"  # eager | triton (one kernel for residual dropout + add + LayerNorm, each way)
+    # under torch.autocast: the residual stream (the embeddings' sum and every LayerNorm's output) in fp32, as
+    # autocast's layer_norm returns it; False keeps it in the autocast dtype (Megatron-LM's and flash-attention's
+    # default), which halves the bytes the add-LayerNorms move. No effect without autocast.
+    residual_in_fp32: bool = True
 
     def __post_init__(self):
         if self.n_inner is None:
@@ -35,6 +39,8 @@ class GPT1Config:
             raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.norm_impl not in NORM_IMPLS:
             raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+        if not isinstance(self.residual_in_fp32, bool):
+            raise ValueError(f"residual_in_fp32 must be true or false, got {self.residual_in_fp32!r}")
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

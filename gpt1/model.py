@@ -85,24 +85,26 @@ def in_compute_dtype(t):
 
 class AddLayerNorm(nn.LayerNorm):
     """ln(x + dropout(h)), the post-LN block's residual add: torch's ops (impl "eager") or one Triton kernel each
-    way (impl "triton"). Returns (y, y_branch): y for the next residual add, in the residual stream's dtype (fp32
-    under torch.autocast), and y in the compute dtype for the next sublayer: torch's ops hand y itself where the
-    dtypes agree (autograd then adds the two gradients in a kernel of its own), the kernel always writes a second
-    tensor and adds the two gradients as it reads them. A LayerNorm module (same parameters and state_dict keys)
-    whose own forward reads its weights, so that module hooks such as ZeRO-3's parameter gathering see them
-    used."""
+    way (impl "triton"). Returns (y, y_branch): y for the next residual add, in the residual stream's dtype (under
+    torch.autocast fp32, or the compute dtype without residual_in_fp32), and y in the compute dtype for the next
+    sublayer: torch's ops hand y itself where the dtypes agree (autograd then adds the two gradients in a kernel
+    of its own), the kernel always writes a second tensor and adds the two gradients as it reads them. A
+    LayerNorm module (same parameters and state_dict keys) whose own forward reads its weights, so that module
+    hooks such as ZeRO-3's parameter gathering see them used."""
 
-    def __init__(self, n_embd, eps, dropout_p, impl):
+    def __init__(self, n_embd, eps, dropout_p, impl, residual_in_fp32=True):
         super().__init__(n_embd, eps=eps)
-        self.dropout_p, self.impl = dropout_p, impl
+        self.dropout_p, self.impl, self.residual_in_fp32 = dropout_p, impl, residual_in_fp32
 
     def forward(self, x, h):
         if self.impl == "triton":
             p, y_dtype = self.dropout_p if self.training else 0.0, torch.promote_types(x.dtype, h.dtype)
             return kernels.fused_add_dropout_layer_norm(x, h, self.weight, self.bias, dropout_p=p, eps=self.eps,
-                                                        branch_dtype=compute_dtype(y_dtype, x.device))
+                                                        branch_dtype=compute_dtype(y_dtype, x.device),
+                                                        residual_in_fp32=self.residual_in_fp32)
         y = super().forward(x + F.dropout(h, self.dropout_p, self.training))
-        return y, in_compute_dtype(y)
+        y_branch = in_compute_dtype(y)
+        return (y if self.residual_in_fp32 else y_branch), y_branch
 
 
 class Block(nn.Module):
@@ -111,7 +113,8 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        norm = (config.n_embd, config.layer_norm_epsilon, config.resid_pdrop, config.norm_impl)
+        norm = (config.n_embd, config.layer_norm_epsilon, config.resid_pdrop, config.norm_impl,
+                config.residual_in_fp32)
         self.attn = CausalSelfAttention(config)
         self.ln_1 = AddLayerNorm(*norm)
         self.mlp = MLP(config)
@@ -142,13 +145,19 @@ class GPT1(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.positions_embed.weight.numel() if exclude_positions else n
 
-    def set_impl(self, attn_impl=None, loss_impl=None, norm_impl=None):
-        """Switch the attention, loss and add-LayerNorm kernels of a built model (the weights are unchanged)."""
-        cfg = GPT1Config.from_dict({**self.config.to_dict(), **{k: v for k, v in
-                                    dict(attn_impl=attn_impl, loss_impl=loss_impl, norm_impl=norm_impl).items() if v}})
+    def set_impl(self, attn_impl=None, loss_impl=None, norm_impl=None, residual_in_fp32=None):
+        """Switch the attention, loss and add-LayerNorm kernels, and the residual stream's dtype under autocast,
+        of a built model (the weights are unchanged); None keeps a setting."""
+        changes = dict(attn_impl=attn_impl, loss_impl=loss_impl, norm_impl=norm_impl)
+        changes = {k: v for k, v in changes.items() if v}
+        if residual_in_fp32 is not None:
+            changes["residual_in_fp32"] = residual_in_fp32
+        cfg = GPT1Config.from_dict({**self.config.to_dict(), **changes})
         self.config = cfg
         for block in self.h:
-            block.attn.attn_impl, block.ln_1.impl, block.ln_2.impl = cfg.attn_impl, cfg.norm_impl, cfg.norm_impl
+            block.attn.attn_impl = cfg.attn_impl
+            for ln in (block.ln_1, block.ln_2):
+                ln.impl, ln.residual_in_fp32 = cfg.norm_impl, cfg.residual_in_fp32
         return self
 
     def hidden_states(self, input_ids):
@@ -163,6 +172,8 @@ class GPT1(nn.Module):
         pos = torch.arange(T, device=input_ids.device)
         x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(pos))  # (B, T, C)
         x_branch = in_compute_dtype(x)
+        if not self.config.residual_in_fp32:
+            x = x_branch
         for block in self.h:
             x, x_branch = block(x, x_branch)
         return x, x_branch

@@ -536,7 +536,8 @@ class AddDropoutLayerNormFunction(torch.autograd.Function):
         return dx, dh, dweight, dbias if bias is not None else None, None, None, None, None
 
 
-def fused_add_dropout_layer_norm(x, h, weight, bias=None, *, dropout_p=0.0, eps=1e-5, branch_dtype=None, _seed=None):
+def fused_add_dropout_layer_norm(x, h, weight, bias=None, *, dropout_p=0.0, eps=1e-5, branch_dtype=None,
+                                 residual_in_fp32=True, _seed=None):
     """layer_norm(x + dropout(h, dropout_p), (C,), weight, bias, eps) for (..., C) tensors, in one kernel each way;
     same signature and result as `kernels.reference.add_dropout_layer_norm` (with the keep-mask drawn here).
 
@@ -544,13 +545,20 @@ def fused_add_dropout_layer_norm(x, h, weight, bias=None, *, dropout_p=0.0, eps=
     both the next residual add (y, in the residual stream's dtype) and the next sublayer (y_branch, in its compute
     dtype: bf16 under torch.autocast); the backward then adds the two gradients inside its kernel, where autograd
     would add them in a kernel of its own (one more pass over an (N, C) fp32 tensor per LayerNorm), and the
-    sublayer needs no cast. `_seed` (tests only; an int or a 1-element int64 tensor) fixes the dropout seed; by
-    default one is drawn on x's device when dropout_p > 0 (new_dropout_seed)."""
+    sublayer needs no cast.
+
+    residual_in_fp32 matters under torch.autocast only. True (the default) does what autocast's own layer_norm
+    does: a 16-bit x is read as fp32 and y is fp32, so the residual stream stays fp32. False keeps y in
+    promote_types(x.dtype, h.dtype) as without autocast: with a 16-bit x and h the residual stream is 16-bit,
+    as Megatron-LM and flash-attention's fused add-LayerNorm keep it by default, and the kernels move half the
+    bytes (the sum x + dropout(h) and the statistics are fp32 either way; only the stored y is rounded).
+    `_seed` (tests only; an int or a 1-element int64 tensor) fixes the dropout seed; by default one is drawn on
+    x's device when dropout_p > 0 (new_dropout_seed)."""
     _check_inputs(x, h, weight, bias, dropout_p)
     _check_eps(eps)
     if branch_dtype is not None and branch_dtype not in DTYPES:
         _fail(f"branch_dtype {branch_dtype} is not supported (use float16, bfloat16 or float32)", TypeError)
-    if x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
+    if residual_in_fp32 and x.dtype != torch.float32 and torch.is_autocast_enabled(x.device.type):
         x = x.float()  # autocast's layer_norm output is fp32 (the residual stream it feeds stays fp32)
     dropout_p, eps = float(dropout_p), float(eps)
     seed = None

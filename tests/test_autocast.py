@@ -90,20 +90,42 @@ def test_add_layer_norm_is_fp32_like_torchs_under_autocast(device):
     assert x.grad.dtype == h.grad.dtype == BF16
 
 
-@pytest.mark.parametrize("norm_impl", ["eager", "triton"])
-def test_model_under_autocast_matches_the_torch_path(norm_impl, device):
+def test_add_layer_norm_without_fp32_residual_under_autocast(device):
+    """residual_in_fp32=False: under autocast y keeps the inputs' 16-bit dtype, equal to the op without autocast
+    (no fp32 copy of x), and y_branch is then the same values; without autocast the flag changes nothing."""
+    torch.manual_seed(0)
+    x, h = (torch.randn(6, 32, device=device, dtype=BF16, requires_grad=True) for _ in range(2))
+    w, b = torch.randn(32, device=device), torch.randn(32, device=device)
+    plain = fused_add_dropout_layer_norm(x, h, w, b)
+    with torch.autocast(device, dtype=BF16):
+        y, y_branch = fused_add_dropout_layer_norm(x, h, w, b, branch_dtype=BF16, residual_in_fp32=False)
+    assert y.dtype == y_branch.dtype == BF16
+    assert_close(y, plain, atol=0, rtol=0, name="y")
+    assert_close(y_branch, plain, atol=0, rtol=0, name="y_branch")
+    (y.float().sum() + 2 * y_branch.float().sum()).backward()
+    assert x.grad.dtype == h.grad.dtype == BF16
+    assert fused_add_dropout_layer_norm(x.float(), h, w, b, residual_in_fp32=False).dtype == FP32
+
+
+@pytest.mark.parametrize("norm_impl,residual_in_fp32", [("eager", True), ("triton", True), ("eager", False),
+                                                        ("triton", False)])
+def test_model_under_autocast_matches_the_torch_path(norm_impl, residual_in_fp32, device):
     """gpt1-tiny with fp32 weights under autocast (the nanoGPT recipe's precision): our attention and linear loss
     (and the fused add-LayerNorm, which then keeps the residual stream in fp32 and hands the sublayers a bf16 copy)
-    against SDPA, the eager loss and LayerNorm, within bf16 rounding, with fp32 gradients for the fp32 weights."""
+    against SDPA, the eager loss and LayerNorm, within bf16 rounding, with fp32 gradients for the fp32 weights.
+    Without residual_in_fp32 the residual stream is bf16 in both models (the embeddings' sum rounded once, each
+    LayerNorm's output bf16) and they still agree."""
     losses, grads = {}, {}
     for name, impls in (("torch", ("sdpa", "eager", "eager")), ("ours", ("triton", "triton_linear", norm_impl))):
         torch.manual_seed(0)
         cfg = get_config("gpt1-tiny", vocab_size=97, attn_impl=impls[0], loss_impl=impls[1], norm_impl=impls[2],
-                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, residual_in_fp32=residual_in_fp32)
         model = GPT1(cfg).to(device)
         ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
         with torch.autocast(device, dtype=BF16):
             loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+            hidden = model.hidden_states(ids[:, :-1])
+        assert hidden.dtype == (FP32 if residual_in_fp32 else BF16)
         loss.backward()
         losses[name] = loss.detach()
         grads[name] = {n: p.grad for n, p in model.named_parameters()}

@@ -44,6 +44,7 @@ def test_small_presets_build(name):
     (dict(attn_impl="nope"), "attn_impl"),
     (dict(loss_impl="nope"), "loss_impl"),
     (dict(norm_impl="nope"), "norm_impl"),
+    (dict(residual_in_fp32="no"), "residual_in_fp32"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(attn_pdrop=1.0), "attn_pdrop"),
 ])

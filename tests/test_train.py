@@ -301,6 +301,21 @@ def test_flags_out_of_range_are_refused(flags, msg):
     parse_args(["--dropout", "-1", "--micro-batch-size", "0", "--warmup-steps", "-1", "--dropout-seed", "-1"])
 
 
+def test_residual_in_fp32_flag_sets_the_model():
+    """--no-residual-in-fp32 reaches the model's config (which config.json records); without the flag the
+    preset's fp32 residual stream stays; set_impl (what gpt1.finetune calls) switches a built model's LayerNorms."""
+    from gpt1 import GPT1
+    from gpt1.train import build_model_config, parse_args
+
+    for flags, expected in (([], True), (["--no-residual-in-fp32"], False), (["--residual-in-fp32"], True)):
+        cfg = build_model_config(parse_args(["--model", "gpt1-tiny", *flags]), {"vocab_size": 97})
+        assert cfg.residual_in_fp32 is expected, flags
+    model = GPT1(cfg).set_impl(residual_in_fp32=False)
+    assert model.config.residual_in_fp32 is False
+    assert {ln.residual_in_fp32 for b in model.h for ln in (b.ln_1, b.ln_2)} == {False}
+    assert model.set_impl(norm_impl="triton").config.residual_in_fp32 is False  # None keeps the setting
+
+
 def test_run_dir_of_another_model_is_refused(data, tmp_path):
     config, out = ds_config(tmp_path, stage=0, bf16=False), str(tmp_path / "run")
     run(train_cmd(data, out, config, max_steps=2))
