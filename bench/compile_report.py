@@ -44,7 +44,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
-SPEC_MODULES = ("kernels.attention", "kernels.cross_entropy", "kernels.layer_norm")
+SPEC_MODULES = ("kernels.attention", "kernels.cross_entropy", "kernels.layer_norm", "kernels.gelu")
 ARCHS = (80, 90)
 
 

@@ -18,6 +18,7 @@ the same initial weights and the same batches in the same order, the loss logged
 - compiled-ln, eager-ln: compiled or not, our kernels with the fused dropout + add + LayerNorm (--norm-impl triton);
 - compiled-graphs-ln: CUDA graphs with the fused add + LayerNorm, the fastest training step on the H200;
 - compiled-graphs-ln-bf16: that with the residual stream in bf16 (--no-residual-in-fp32);
+- compiled-graphs-fused: that with the MLP's bias + GELU fused too (--mlp-impl triton);
 - reference-2: the reference again with other dropout masks (--dropout-seed; same weights, same batches): what two
               runs of one implementation differ by, the noise floor that every other run's gap is read against.
 
@@ -91,6 +92,9 @@ RUNS = {
     # that with the residual stream in bf16 (half the add-LayerNorms' bytes): does it train as the reference?
     "compiled-graphs-ln-bf16": ["--compile", "--compile-mode", "reduce-overhead", "--norm-impl", "triton",
                                 "--no-residual-in-fp32"],
+    # every fused kernel: the add-LayerNorm, the bias + GELU, the bf16 residual stream
+    "compiled-graphs-fused": ["--compile", "--compile-mode", "reduce-overhead", "--norm-impl", "triton",
+                              "--mlp-impl", "triton", "--no-residual-in-fp32"],
 }
 # the default compile and eager first (issue 10 asks that both agree with the reference), then the CUDA-graph
 # path, which stalled in gpt1.train on the H200 (d74f03d: unfinished after 218 s), last, so that it takes only the

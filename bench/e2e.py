@@ -16,7 +16,8 @@ GPU. Each row is a Recipe:
 ROWS runs the peer first, then our default path (gpt1.train's default config: ZeRO-0 under torch_autocast,
 triton/triton_linear, compiled), the default replayed as CUDA graphs (--compile-mode reduce-overhead), that with
 the fused residual-dropout-LayerNorm (--norm-impl triton), that with the residual stream in bf16
-(--no-residual-in-fp32), the default with the fused LayerNorm alone and with the
+(--no-residual-in-fp32), with the fused bias + GELU (--mlp-impl triton), with both, the default with the fused
+LayerNorm alone and with the
 materializing triton loss, ZeRO-2 in DeepSpeed's bf16, the
 default with torch's kernels (what our kernels give), our kernels without DeepSpeed (what DeepSpeed costs), ZeRO-2
 under torch_autocast, ZeRO-1 and 0 in bf16, the uncompiled and eager steps, ZeRO-3 (not compiled: slow), and last
@@ -68,6 +69,7 @@ class Recipe:
     norm: str = "eager"  # norm_impl: eager, or triton (residual dropout + add + LayerNorm in one kernel)
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays CUDA graphs
     residual_in_fp32: bool = True  # under autocast: the model's residual stream in fp32 (False: bf16)
+    mlp: str = "eager"  # mlp_impl: eager, or triton (the MLP's bias + GELU in one kernel each way)
 
 
 NANOGPT = Recipe("nanoGPT recipe", "torch", "sdpa", "eager", True, None, "peer")
@@ -83,6 +85,11 @@ ROWS = (
     # the residual stream in bf16 (GPT1Config.residual_in_fp32=False): the add-LayerNorms move 2/3 of the bytes
     replace(DEFAULT, name="ours CUDA graphs + fused LN + bf16 residual", compile_mode="reduce-overhead",
             norm="triton", residual_in_fp32=False),
+    # and the MLP's bias + GELU fused, its bias gradient summed in its backward (a pass over (B*T, 3072) less)
+    replace(DEFAULT, name="ours CUDA graphs + fused LN + fused GELU", compile_mode="reduce-overhead", norm="triton",
+            mlp="triton"),
+    replace(DEFAULT, name="ours CUDA graphs, all fused, bf16 residual", compile_mode="reduce-overhead",
+            norm="triton", mlp="triton", residual_in_fp32=False),
     replace(DEFAULT, name="ours fused LN", norm="triton"),
     replace(DEFAULT, name="ours triton loss", loss="triton"),
     ZERO2,
@@ -140,6 +147,7 @@ def describe(recipe, s):
     runtime = (f"DeepSpeed ZeRO-{recipe.zero}{' torch_autocast' if recipe.precision == 'autocast' else ''}"
                if recipe.runtime == "deepspeed" else "torch (autocast bf16, fused AdamW)")
     kernels = (f"{recipe.attn}/{recipe.loss}" + ("/fused LN" if recipe.norm == "triton" else "")
+               + ("/fused GELU" if recipe.mlp == "triton" else "")
                + ("" if recipe.residual_in_fp32 else ", bf16 residual stream"))
     compiled = "not compiled" if not recipe.compile else (
         "compiled" if recipe.compile_mode == "default" else f"compiled ({recipe.compile_mode})")
@@ -147,7 +155,8 @@ def describe(recipe, s):
             f"{model_label(s)} T={s['seq_len']} micro batch {s['micro_batch']}, bf16, 1 rank")
     return {"recipe": asdict(recipe), "runtime": recipe.runtime, "zero": recipe.zero, "compiled": recipe.compile,
             "precision": recipe.precision if recipe.runtime == "deepspeed" else "autocast",
-            "attn_impl": recipe.attn, "loss_impl": recipe.loss, "norm_impl": recipe.norm, "description": text}
+            "attn_impl": recipe.attn, "loss_impl": recipe.loss, "norm_impl": recipe.norm, "mlp_impl": recipe.mlp,
+            "description": text}
 
 
 def model_config(s, **kwargs):
@@ -171,7 +180,7 @@ def build_step(recipe, s, smoke, dev):
     from gpt1 import GPT1
 
     cfg = model_config(s, attn_impl=recipe.attn, loss_impl=recipe.loss, norm_impl=recipe.norm,
-                       residual_in_fp32=recipe.residual_in_fp32)
+                       mlp_impl=recipe.mlp, residual_in_fp32=recipe.residual_in_fp32)
     torch.manual_seed(1337)
     model = GPT1(cfg)
     x = torch.randint(0, s["vocab_size"], (s["micro_batch"], s["seq_len"] + 1), device=dev)
@@ -442,6 +451,7 @@ def _compiled_cell(r):
 COLUMNS = [("row", "provider"), ("runtime", _runtime_cell),
            ("kernels (attn/loss)", lambda r: f"{r['attn_impl']}/{r['loss_impl']}"
             + ("/fused LN" if r.get("norm_impl") == "triton" else "")
+            + ("/fused GELU" if r.get("mlp_impl") == "triton" else "")
             + ("/bf16 residual" if not r.get("recipe", {}).get("residual_in_fp32", True) else "")),
            ("compiled", _compiled_cell),
            ("step ms", common.value_or_status("ms", 4)), ("p20-p80", common.spread_cell),

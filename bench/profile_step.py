@@ -3,6 +3,7 @@
     python -m bench.profile_step                     # our default path: DeepSpeed ZeRO-0 autocast, auto kernels
     python -m bench.profile_step --peer              # the nanoGPT recipe (bench.e2e's peer)
     python -m bench.profile_step [--recipe deepspeed|torch] [--attn-impl A] [--loss-impl L] [--norm-impl N]
+                                 [--mlp-impl M] [--no-residual-in-fp32]
                                  [--compile|--no-compile] [--compile-mode reduce-overhead]
                                  [--zero N] [--precision bf16|autocast] [--steps 5] [--smoke] [--json FILE]
 
@@ -352,6 +353,9 @@ def parse_args(argv):
     parser.add_argument("--attn-impl", default="auto", help="eager, sdpa, triton, auto")
     parser.add_argument("--loss-impl", default="auto", help="eager, triton, triton_linear, auto")
     parser.add_argument("--norm-impl", default="eager", help="eager, triton (residual dropout + add + LayerNorm)")
+    parser.add_argument("--mlp-impl", default="eager", help="eager, triton (the MLP's bias + GELU)")
+    parser.add_argument("--residual-in-fp32", action=__import__("argparse").BooleanOptionalAction, default=True,
+                        help="under autocast, the residual stream in fp32 (default) or bf16")
     parser.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=None,
                         help="torch.compile the model (default: on a GPU, off on a CPU)")
     parser.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
@@ -403,7 +407,8 @@ def main(argv=None):
     else:
         recipe = e2e.Recipe("profiled", args.recipe, args.attn_impl, args.loss_impl, args.compile,
                             args.zero if args.recipe == "deepspeed" else None, precision=args.precision,
-                            norm=args.norm_impl, compile_mode=args.compile_mode)
+                            norm=args.norm_impl, compile_mode=args.compile_mode, mlp=args.mlp_impl,
+                            residual_in_fp32=args.residual_in_fp32)
     a = profile_recipe(e2e.resolve(recipe), args.smoke, not torch.cuda.is_available(), args.steps, args.warmup,
                        args.micro_batch)
     print(format_anatomy(a, f"profile_step: {a['description']}; {a['gpu']}; commit {a['commit']}"))

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, fields
 ATTN_IMPLS = ("auto", "eager", "sdpa", "triton")
 LOSS_IMPLS = ("auto", "eager", "triton", "triton_linear")
 NORM_IMPLS = ("eager", "triton")
+MLP_IMPLS = ("eager", "triton")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class GPT1Config:
     # autocast's layer_norm returns it; False keeps it in the autocast dtype (Megatron-LM's and flash-attention's
     # default), which halves the bytes the add-LayerNorms move. No effect without autocast.
     residual_in_fp32: bool = True
+    mlp_impl: str = "eager"  # eager | triton (the MLP's bias + GELU in one kernel each way, with the bias gradient)
 
     def __post_init__(self):
         if self.n_inner is None:
@@ -39,6 +41,8 @@ class GPT1Config:
             raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {self.loss_impl!r}")
         if self.norm_impl not in NORM_IMPLS:
             raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {self.norm_impl!r}")
+        if self.mlp_impl not in MLP_IMPLS:
+            raise ValueError(f"mlp_impl must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
         if not isinstance(self.residual_in_fp32, bool):
             raise ValueError(f"residual_in_fp32 must be true or false, got {self.residual_in_fp32!r}")
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):

@@ -75,6 +75,7 @@ class FinetuneConfig:
     attn_impl: str = ""  # overrides the model's attention kernel (eager, sdpa, triton, auto)
     loss_impl: str = ""  # overrides the model's loss kernel (eager, triton, triton_linear, auto)
     norm_impl: str = ""  # overrides the model's residual dropout + add + LayerNorm kernel (eager, triton)
+    mlp_impl: str = ""  # overrides the model's MLP bias + GELU kernel (eager, triton)
     residual_in_fp32: bool | None = None  # fp32 residual stream under autocast (no: bf16, fewer bytes); default: model
     log_interval: int = 10  # optimizer steps between train-loss rows
     seed: int = 42  # data order, head init and dropout
@@ -344,7 +345,8 @@ def main(argv=None):
     rank, world, device = init_distributed()
     ds, max_grad_norm = lean_checks(ds_config(run, world), world)
     base, tok = load_init(run.init)
-    base.set_impl(run.attn_impl or None, run.loss_impl or None, run.norm_impl or None, run.residual_in_fp32)
+    base.set_impl(run.attn_impl or None, run.loss_impl or None, run.norm_impl or None, run.residual_in_fp32,
+                  run.mlp_impl or None)
     check_kernels(base.config, device)
     max_len = run.max_len or base.config.n_positions
     if max_len > base.config.n_positions:

@@ -62,14 +62,30 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y)  # the residual dropout is the block's, fused with its add and LayerNorm
 
 
+class LinearGELU(nn.Linear):
+    """gelu(x W^T + b), GPT-1's tanh GELU: torch's ops (impl "eager"), or the matmul without its bias and then
+    the bias + GELU in one kernel each way (impl "triton"), whose backward sums the bias gradient as it writes the
+    matmul's output gradient (torch's is a pass of its own over it). A Linear module (same parameters and
+    state_dict keys) whose own forward reads its weights, so that ZeRO-3's parameter gathering sees them used."""
+
+    def __init__(self, n_in, n_out, impl):
+        super().__init__(n_in, n_out)
+        self.impl = impl
+
+    def forward(self, x):
+        if self.impl == "triton":
+            return kernels.fused_bias_gelu(F.linear(x, self.weight), self.bias, approximate="tanh")
+        return F.gelu(super().forward(x), approximate="tanh")
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner)
+        self.c_fc = LinearGELU(config.n_embd, config.n_inner, config.mlp_impl)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+        return self.c_proj(self.c_fc(x))
 
 
 def compute_dtype(dtype, device):
@@ -145,17 +161,17 @@ class GPT1(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.positions_embed.weight.numel() if exclude_positions else n
 
-    def set_impl(self, attn_impl=None, loss_impl=None, norm_impl=None, residual_in_fp32=None):
-        """Switch the attention, loss and add-LayerNorm kernels, and the residual stream's dtype under autocast,
-        of a built model (the weights are unchanged); None keeps a setting."""
-        changes = dict(attn_impl=attn_impl, loss_impl=loss_impl, norm_impl=norm_impl)
+    def set_impl(self, attn_impl=None, loss_impl=None, norm_impl=None, residual_in_fp32=None, mlp_impl=None):
+        """Switch the attention, loss, add-LayerNorm and bias + GELU kernels, and the residual stream's dtype under
+        autocast, of a built model (the weights are unchanged); None keeps a setting."""
+        changes = dict(attn_impl=attn_impl, loss_impl=loss_impl, norm_impl=norm_impl, mlp_impl=mlp_impl)
         changes = {k: v for k, v in changes.items() if v}
         if residual_in_fp32 is not None:
             changes["residual_in_fp32"] = residual_in_fp32
         cfg = GPT1Config.from_dict({**self.config.to_dict(), **changes})
         self.config = cfg
         for block in self.h:
-            block.attn.attn_impl = cfg.attn_impl
+            block.attn.attn_impl, block.mlp.c_fc.impl = cfg.attn_impl, cfg.mlp_impl
             for ln in (block.ln_1, block.ln_2):
                 ln.impl, ln.residual_in_fp32 = cfg.norm_impl, cfg.residual_in_fp32
         return self

@@ -272,11 +272,12 @@ def compile_module(engine, enabled, stage, mode="default"):
 def check_kernels(cfg, device):
     """Our Triton kernels run on a CUDA GPU, or on a CPU under Triton's interpreter (TRITON_INTERPRET=1,
     set before triton is imported; slow, for tests): refuse them anywhere else before anything starts."""
-    wanted = cfg.attn_impl == "triton" or cfg.loss_impl.startswith("triton") or cfg.norm_impl == "triton"
+    wanted = (cfg.attn_impl == "triton" or cfg.loss_impl.startswith("triton") or cfg.norm_impl == "triton"
+              or cfg.mlp_impl == "triton")
     if wanted and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise GPT1Error(f"attention {cfg.attn_impl!r} / loss {cfg.loss_impl!r} / norm {cfg.norm_impl!r}: the Triton "
-                        "kernels need a CUDA GPU (or TRITON_INTERPRET=1 on a CPU, which is slow); use --attn-impl sdpa "
-                        "--loss-impl eager --norm-impl eager")
+        raise GPT1Error(f"attention {cfg.attn_impl!r} / loss {cfg.loss_impl!r} / norm {cfg.norm_impl!r} / mlp "
+                        f"{cfg.mlp_impl!r}: the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 on a CPU, which "
+                        "is slow); use --attn-impl sdpa --loss-impl eager --norm-impl eager --mlp-impl eager")
 
 
 def seed_everything(seed):

@@ -41,6 +41,7 @@ class RunConfig:
     attn_impl: str = ""  # overrides the model's attention kernel (eager, sdpa, triton, auto)
     loss_impl: str = ""  # overrides the model's loss kernel (eager, triton, triton_linear, auto)
     norm_impl: str = ""  # overrides the model's residual dropout + add + LayerNorm kernel (eager, triton)
+    mlp_impl: str = ""  # overrides the model's MLP bias + GELU kernel (eager, triton)
     residual_in_fp32: bool | None = None  # fp32 residual stream under autocast (no: bf16, fewer bytes); default: model
     dropout: float = -1.0  # overrides all three dropout rates when >= 0
     eval_interval: int = 100  # steps between evaluations (and at the end)
@@ -78,6 +79,8 @@ def build_model_config(run, meta):
         overrides["loss_impl"] = run.loss_impl
     if run.norm_impl:
         overrides["norm_impl"] = run.norm_impl
+    if run.mlp_impl:
+        overrides["mlp_impl"] = run.mlp_impl
     if run.residual_in_fp32 is not None:
         overrides["residual_in_fp32"] = run.residual_in_fp32
     if run.dropout >= 0:

@@ -4,15 +4,16 @@ import torch
 
 from .attention import fused_attention, fused_attention_qkv
 from .cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
+from .gelu import fused_bias_gelu
 from .layer_norm import fused_add_dropout_layer_norm
 
-__all__ = ["fused_add_dropout_layer_norm", "fused_attention", "fused_attention_qkv", "fused_cross_entropy",
-           "fused_linear_cross_entropy", "register_inductor_fallbacks"]
+__all__ = ["fused_add_dropout_layer_norm", "fused_attention", "fused_attention_qkv", "fused_bias_gelu",
+           "fused_cross_entropy", "fused_linear_cross_entropy", "register_inductor_fallbacks"]
 
 # every operator of ours, by its name under torch.ops.gpt1_kernels
 OPS = ("attention", "attention_backward", "attention_qkv", "attention_qkv_backward", "cross_entropy_",
        "cross_entropy_loss", "cross_entropy_scale_grad_", "linear_cross_entropy", "linear_cross_entropy_backward",
-       "add_dropout_layer_norm", "add_dropout_layer_norm_backward")
+       "add_dropout_layer_norm", "add_dropout_layer_norm_backward", "bias_gelu", "bias_gelu_backward")
 
 
 def register_inductor_fallbacks():

@@ -75,6 +75,14 @@ def add_dropout_layer_norm(x, h, weight, bias=None, dropout_p=0.0, eps=1e-5, dro
     return y.to(out_dtype)
 
 
+def bias_gelu(x, bias=None, approximate="tanh"):
+    """F.gelu(x + bias, approximate=approximate) computed in fp32 (float64 stays float64) and returned in x's
+    dtype, as the fused op does."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    z = x.to(compute) + bias.to(compute) if bias is not None else x.to(compute)
+    return F.gelu(z, approximate=approximate).to(x.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Peers for the benchmarks: other libraries' versions of the same ops, under the signatures above.
 # Each imports its optional package inside the call, so kernels/ still depends on torch and triton only;

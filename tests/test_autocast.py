@@ -107,19 +107,22 @@ def test_add_layer_norm_without_fp32_residual_under_autocast(device):
     assert fused_add_dropout_layer_norm(x.float(), h, w, b, residual_in_fp32=False).dtype == FP32
 
 
-@pytest.mark.parametrize("norm_impl,residual_in_fp32", [("eager", True), ("triton", True), ("eager", False),
-                                                        ("triton", False)])
-def test_model_under_autocast_matches_the_torch_path(norm_impl, residual_in_fp32, device):
+@pytest.mark.parametrize("norm_impl,residual_in_fp32,mlp_impl", [
+    ("eager", True, "eager"), ("triton", True, "eager"), ("eager", False, "eager"), ("triton", False, "triton")])
+def test_model_under_autocast_matches_the_torch_path(norm_impl, residual_in_fp32, mlp_impl, device):
     """gpt1-tiny with fp32 weights under autocast (the nanoGPT recipe's precision): our attention and linear loss
     (and the fused add-LayerNorm, which then keeps the residual stream in fp32 and hands the sublayers a bf16 copy)
     against SDPA, the eager loss and LayerNorm, within bf16 rounding, with fp32 gradients for the fp32 weights.
     Without residual_in_fp32 the residual stream is bf16 in both models (the embeddings' sum rounded once, each
-    LayerNorm's output bf16) and they still agree."""
+    LayerNorm's output bf16) and they still agree; so does the fused bias + GELU (a bf16 matmul output, the fp32
+    bias added unrounded)."""
     losses, grads = {}, {}
-    for name, impls in (("torch", ("sdpa", "eager", "eager")), ("ours", ("triton", "triton_linear", norm_impl))):
+    for name, impls in (("torch", ("sdpa", "eager", "eager", "eager")),
+                        ("ours", ("triton", "triton_linear", norm_impl, mlp_impl))):
         torch.manual_seed(0)
         cfg = get_config("gpt1-tiny", vocab_size=97, attn_impl=impls[0], loss_impl=impls[1], norm_impl=impls[2],
-                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, residual_in_fp32=residual_in_fp32)
+                         mlp_impl=impls[3], attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
+                         residual_in_fp32=residual_in_fp32)
         model = GPT1(cfg).to(device)
         ids = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(1)).to(device)
         with torch.autocast(device, dtype=BF16):
@@ -130,7 +133,8 @@ def test_model_under_autocast_matches_the_torch_path(norm_impl, residual_in_fp32
         losses[name] = loss.detach()
         grads[name] = {n: p.grad for n, p in model.named_parameters()}
     assert_close(losses["ours"], losses["torch"], atol=2e-2, rtol=0, name="loss")
-    for n in ("tokens_embed.weight", "h.0.ln_1.weight", "h.1.ln_2.bias", "h.0.attn.c_attn.weight"):
+    for n in ("tokens_embed.weight", "h.0.ln_1.weight", "h.1.ln_2.bias", "h.0.attn.c_attn.weight", "h.0.mlp.c_fc.bias",
+              "h.1.mlp.c_fc.weight"):
         ours, ref = grads["ours"][n], grads["torch"][n]
         assert ours.dtype == FP32, n
         assert (ours - ref).abs().max() <= 0.05 * ref.abs().max(), n

@@ -371,8 +371,8 @@ def test_inductor_fallbacks_are_registered_before_compiling(loss_impl, device, m
     """kernels.register_inductor_fallbacks gives each of our operators the fallback lowering and layout constraint
     that Inductor would give it at its first call in a graph, so that Inductor's own registration (whose message
     torch 2.11 formats eagerly, at a cost that grows ~2.6x per layer: see the function) never runs: a model with our
-    attention, fused add-LayerNorm and linear (or materializing, in-place) cross-entropy compiles through Inductor,
-    forward and backward, and Inductor registers none of them itself."""
+    attention, fused add-LayerNorm, fused bias + GELU and linear (or materializing, in-place) cross-entropy compiles
+    through Inductor, forward and backward, and Inductor registers none of them itself."""
     from torch._inductor import lowering
     from torch._library.utils import get_layout_constraint_tag
 
@@ -394,7 +394,7 @@ def test_inductor_fallbacks_are_registered_before_compiling(loss_impl, device, m
     monkeypatch.setattr(inductor_graph, "make_fallback", lowering.make_fallback)
     torch.manual_seed(0)
     model = GPT1(get_config("gpt1-tiny", n_layer=2, n_embd=32, n_head=2, vocab_size=64, attn_impl="triton",
-                            loss_impl=loss_impl, norm_impl="triton")).to(device)
+                            loss_impl=loss_impl, norm_impl="triton", mlp_impl="triton")).to(device)
     ids = torch.randint(0, 64, (1, 17), generator=torch.Generator().manual_seed(1)).to(device)
     loss = torch.compile(model, fullgraph=True)(ids[:, :-1], labels=ids[:, 1:]).loss
     loss.backward()

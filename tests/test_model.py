@@ -45,6 +45,7 @@ def test_small_presets_build(name):
     (dict(loss_impl="nope"), "loss_impl"),
     (dict(norm_impl="nope"), "norm_impl"),
     (dict(residual_in_fp32="no"), "residual_in_fp32"),
+    (dict(mlp_impl="nope"), "mlp_impl"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(attn_pdrop=1.0), "attn_pdrop"),
 ])
@@ -112,8 +113,10 @@ def test_sequence_longer_than_context_is_refused():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-IMPLS = [("sdpa", "eager", "eager"), ("triton", "eager", "eager"), ("eager", "triton", "eager"),
-         ("eager", "triton_linear", "eager"), ("sdpa", "eager", "triton"), ("triton", "triton_linear", "triton")]
+IMPLS = [("sdpa", "eager", "eager", "eager"), ("triton", "eager", "eager", "eager"),
+         ("eager", "triton", "eager", "eager"), ("eager", "triton_linear", "eager", "eager"),
+         ("sdpa", "eager", "triton", "eager"), ("sdpa", "eager", "eager", "triton"),
+         ("triton", "triton_linear", "triton", "triton")]
 
 
 def _tol(device):
@@ -122,11 +125,11 @@ def _tol(device):
     return dict(atol=1e-4, rtol=1e-4) if device == "cpu" else dict(atol=3e-3, rtol=3e-3)
 
 
-@pytest.mark.parametrize("attn_impl, loss_impl, norm_impl", IMPLS)
-def test_kernels_give_the_same_loss_and_gradients(attn_impl, loss_impl, norm_impl, device):
+@pytest.mark.parametrize("attn_impl, loss_impl, norm_impl, mlp_impl", IMPLS)
+def test_kernels_give_the_same_loss_and_gradients(attn_impl, loss_impl, norm_impl, mlp_impl, device):
     ref = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
     ours = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
-    ours.set_impl(attn_impl=attn_impl, loss_impl=loss_impl, norm_impl=norm_impl)
+    ours.set_impl(attn_impl=attn_impl, loss_impl=loss_impl, norm_impl=norm_impl, mlp_impl=mlp_impl)
     ids, y = batch(device=device)
     y[1, 5:9] = -100
     losses = []
@@ -139,14 +142,14 @@ def test_kernels_give_the_same_loss_and_gradients(attn_impl, loss_impl, norm_imp
         assert_close(q.grad, p.grad, name=name, **_tol(device))
 
 
-@pytest.mark.parametrize("attn_impl, loss_impl, norm_impl", [("triton", "triton", "eager"),
-                                                              ("triton", "triton_linear", "triton")])
-def test_kernels_follow_the_eager_training_trajectory(attn_impl, loss_impl, norm_impl, device):
+@pytest.mark.parametrize("attn_impl, loss_impl, norm_impl, mlp_impl", [
+    ("triton", "triton", "eager", "eager"), ("triton", "triton_linear", "triton", "triton")])
+def test_kernels_follow_the_eager_training_trajectory(attn_impl, loss_impl, norm_impl, mlp_impl, device):
     """Twelve AdamW steps from the same weights on the same batches: the per-step losses stay together."""
     trajectories = []
-    for impls in (("eager", "eager", "eager"), (attn_impl, loss_impl, norm_impl)):
+    for impls in (("eager", "eager", "eager", "eager"), (attn_impl, loss_impl, norm_impl, mlp_impl)):
         model = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
-        model.set_impl(*impls)
+        model.set_impl(*impls[:3], mlp_impl=impls[3])
         opt = torch.optim.AdamW(model.param_groups(0.01), lr=1e-2)
         losses = []
         for step in range(12):
