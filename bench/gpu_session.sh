@@ -9,13 +9,13 @@
 # that hangs or overruns cannot take the others with it:
 #   roofline  bench.roofline: a bf16 8192^3 matmul and a device copy, to read MFU against     (S_ROOFLINE=20 s)
 #   host      bench.host_path: our functions' host time per call, launches stubbed, on CUDA tensors  (S_HOST=30 s)
-#   tests     pytest on CUDA: tests/test_cross_entropy.py test_layer_norm.py test_attention.py (the kernels), then
-#             the model-level dropout mask replay at GPT-1 scale, CUDA graphs in the DeepSpeed step, no host
+#   tests     pytest on CUDA: tests/test_gelu.py test_cross_entropy.py test_layer_norm.py test_attention.py (the
+#             kernels), then the model-level dropout mask replay at GPT-1 scale, CUDA graphs in the DeepSpeed step, no host
 #             sync in the default step, the ZeRO-2 bf16 mask replay, then tests/test_compile.py  (S_TESTS=200 s)
 #   e2e       bench.e2e: every row of ROWS, results rewritten after each row; each row carries its GPU anatomy
 #             and its host anatomy (cProfile by package), so no profile stage is needed   (S_E2E=180 s, budget 150)
 #             E2E_ONLY="row,row" runs only those rows (bench.e2e --only; names as in bench/e2e.py ROWS)
-#   ops       bench.run_all --only attention,cross_entropy,layer_norm, with the e2e rows included       (S_OPS=140 s, budget 110)
+#   ops       bench.run_all --only attention,cross_entropy,layer_norm,gelu, with the e2e rows  (S_OPS=140 s, budget 110)
 # The seconds are environment variables (S_E2E=180 ...); the defaults add up to about 540 s, under the 600 s of one device call.
 # More stages run only when named, in a second device call (`bash bench/gpu_session.sh curves tune`):
 #   profile   bench.profile_step: the default path, then the nanoGPT recipe, as text       (S_PROFILE=40 s each)
@@ -125,7 +125,7 @@ for s in $STAGES; do
         # the kernel files first (their kernels changed since the last GPU run: the cross-entropy statistics, the
         # LayerNorm backward's prefetch, the attention backward's mask prefetch), then the step-level checks; in
         # the H200 run of d74f03d the old order's 37 tests filled the 180 s box without a failure
-        files="tests/test_cross_entropy.py tests/test_layer_norm.py tests/test_attention.py
+        files="tests/test_gelu.py tests/test_cross_entropy.py tests/test_layer_norm.py tests/test_attention.py
             tests/test_model.py::test_kernel_attention_dropout_gives_the_gradients_of_its_mask
             tests/test_runtime.py::test_cuda_graphs_train_like_the_default_compile
             tests/test_runtime.py::test_default_training_step_never_waits_on_the_gpu
@@ -161,7 +161,7 @@ PY
     ops)
         include=""
         [ -s "$WORK/e2e/results.json" ] && include="--include $WORK/e2e/results.json"
-        stage ops "${S_OPS:-140}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy,layer_norm $include \
+        stage ops "${S_OPS:-140}" $PY -m bench.run_all $SMOKE_FLAG --only attention,cross_entropy,layer_norm,gelu $include \
             --budget-s "${B_OPS:-110}" --out "$WORK/ops" ;;
     curves)
         stage curves "${S_CURVES:-260}" $PY -m bench.curves $SMOKE_FLAG --runs "${CURVES_RUNS:-compiled,eager,compiled-graphs-ln}" \

@@ -26,6 +26,7 @@ def cases(dev):
         fused_add_dropout_layer_norm,
         fused_attention,
         fused_attention_qkv,
+        fused_bias_gelu,
         fused_cross_entropy,
         fused_linear_cross_entropy,
     )
@@ -52,6 +53,7 @@ def cases(dev):
         "attention (packed qkv) forward + backward, dropout 0.1":
             (lambda: fused_attention_qkv(qkv, dropout_p=0.1).sum().backward(), "the model's path"),
         "add + dropout + LayerNorm forward + backward": (lambda: add_ln().backward(), "N, C = 8, 64"),
+        "bias + GELU forward + backward": (lambda: fused_bias_gelu(h, b).sum().backward(), "N, C = 8, 64"),
         "cross-entropy forward + backward": (lambda: fused_cross_entropy(logits, target).backward(), "N, V = 8, 96"),
         "linear + cross-entropy forward + backward":
             (lambda: fused_linear_cross_entropy(hidden, weight, target).backward(), "one chunk"),

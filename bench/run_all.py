@@ -20,10 +20,11 @@ import time
 from . import common
 
 # shares of --budget-s per bench, renormalized over the benches that --only selects
-BUDGET_SHARES = {"attention": 0.40, "cross_entropy": 0.22, "layer_norm": 0.08, "e2e": 0.30}
+BUDGET_SHARES = {"attention": 0.38, "cross_entropy": 0.21, "layer_norm": 0.07, "gelu": 0.05, "e2e": 0.29}
 HEADLINE_ATTENTION = {"T": (128, 256, 512), "D": (64,), "mode": ("fwd+bwd",)}  # GPT-1's head width; T=512 its context
 HEADLINE_CE = {"N": (32768,), "V": (40478,), "mode": ("fwd+bwd",)}  # GPT-1's batch: 64 sequences x 512 tokens
 HEADLINE_LN = {"N": (16384,), "dropout": (0.1,), "precision": ("bf16",), "mode": ("fwd+bwd",)}  # 32 x 512 tokens
+HEADLINE_GELU = {"N": (16384,), "precision": ("bf16, fp32 bias",), "mode": ("fwd+bwd",)}  # under autocast
 
 
 def _at(r, shape):
@@ -38,7 +39,8 @@ def headline(rows):
     picks = [r for r in rows if common.role(r) == common.OURS and r.get("status") == "ok" and (
         (r["bench"] == "attention" and _at(r, HEADLINE_ATTENTION))
         or (r["bench"] == "cross_entropy" and _at(r, HEADLINE_CE))
-        or (r["bench"] == "layer_norm" and _at(r, HEADLINE_LN)))]
+        or (r["bench"] == "layer_norm" and _at(r, HEADLINE_LN))
+        or (r["bench"] == "gelu" and _at(r, HEADLINE_GELU)))]
     for r in picks:
         peer = next((p for p in rows if p["provider"] == r.get("best_peer") and p["table"] == r["table"]
                      and p["x"] == r["x"] and p["mode"] == r["mode"]), {})
@@ -77,13 +79,13 @@ def budgets(names, budget_s, smoke):
     return {n: 0 if smoke or not budget_s else budget_s * BUDGET_SHARES[n] / total for n in names}
 
 
-BENCHES = ("attention", "cross_entropy", "layer_norm", "e2e")
+BENCHES = ("attention", "cross_entropy", "layer_norm", "gelu", "e2e")
 
 
 def main(argv=None):
     parser = common.cli_parser(__doc__.splitlines()[0])
     parser.set_defaults(budget_s=450)
-    parser.add_argument("--only", default="attention,cross_entropy,layer_norm,e2e",
+    parser.add_argument("--only", default=",".join(BENCHES),
                         help="comma-separated benches to run")
     parser.add_argument("--include", action="append", default=[], help="results.json of an earlier run whose rows "
                                                                        "join the tables (repeatable)")

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from bench import attention, common, cross_entropy, e2e, layer_norm, run_all
+from bench import attention, common, cross_entropy, e2e, gelu, layer_norm, run_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +20,13 @@ def test_attention_flops():
     assert attention.attention_flops(2, 12, 512, 64, causal=True, mode="fwd") == full / 2
     assert attention.attention_flops(2, 12, 512, 64, causal=True, mode="bwd") == full / 2 * 2.5
     assert attention.attention_flops(2, 12, 512, 64, causal=True, mode="fwd+bwd") == full / 2 * 3.5
+
+
+def test_gelu_bytes():
+    N, C = 16384, 3072
+    assert gelu.gelu_bytes(N, C, 2, "fwd") == 2 * N * C * 2  # x read, y written
+    assert gelu.gelu_bytes(N, C, 2, "bwd") == 3 * N * C * 2  # dy, x read, dx written
+    assert gelu.gelu_bytes(N, C, 4) == 5 * N * C * 4
 
 
 def test_layer_norm_bytes():
@@ -77,7 +84,7 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_rows(smoke_run):
     _, rows = smoke_run
-    assert {r["bench"] for r in rows} == {"attention", "cross_entropy", "layer_norm", "e2e"}
+    assert {r["bench"] for r in rows} == {"attention", "cross_entropy", "layer_norm", "gelu", "e2e"}
     for r in rows:
         assert r["smoke"] is True
         assert all(r.get(k) for k in ("gpu", "torch", "triton", "deepspeed", "commit")), r
@@ -94,7 +101,7 @@ def test_smoke_rows(smoke_run):
             assert r["reason"].startswith(("not installed", "refused by the backend")), r
     # ours and the eager reference run everywhere, in every mode that applies, with the ratios filled in
     for bench, providers in (("attention", ["ours", "eager"]), ("cross_entropy", ["ours", "ours-unfused", "eager"]),
-                             ("layer_norm", ["ours", "eager"]),
+                             ("layer_norm", ["ours", "eager"]), ("gelu", ["ours", "eager"]),
                              ("e2e", [recipe.name for recipe in e2e.ROWS])):
         for p in providers:
             mine = [r for r in rows if r["bench"] == bench and r["provider"] == p]
@@ -452,18 +459,20 @@ def test_curves_without_a_corpus_says_how_to_make_one(tmp_path):
 def test_host_path_bench(tmp_path):
     """bench.host_path: each case's host time with the launches stubbed, and how many launches a call makes (the
     attention's forward and two backward kernels, the add-LayerNorm's forward, backward and parameter-gradient
-    sum, the cross-entropy's kernel and its backward scaling, the linear cross-entropy's one chunk)."""
+    sum, the bias + GELU's forward and backward, the cross-entropy's kernel and its backward scaling, the linear
+    cross-entropy's one chunk)."""
     from bench import host_path
 
     out = tmp_path / "host.json"
     host_path.main(["--smoke", "--json", str(out)])
     rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
-    assert len(rows) == 7 and all(r["us_per_call"] > 0 for r in rows.values())
+    assert len(rows) == 8 and all(r["us_per_call"] > 0 for r in rows.values())
     launches = {name: r["launches_per_call"] for name, r in rows.items()}
     assert launches == {"attention forward, dropout 0.1": 1, "attention forward + backward, dropout 0.1": 3,
                         "attention forward + backward, no dropout": 3,
                         "attention (packed qkv) forward + backward, dropout 0.1": 3,
-                        "add + dropout + LayerNorm forward + backward": 3, "cross-entropy forward + backward": 2,
+                        "add + dropout + LayerNorm forward + backward": 3, "bias + GELU forward + backward": 2,
+                        "cross-entropy forward + backward": 2,
                         "linear + cross-entropy forward + backward": 1}, launches
     from triton.runtime import jit
 
