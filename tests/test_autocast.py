@@ -138,3 +138,29 @@ def test_model_under_autocast_matches_the_torch_path(norm_impl, residual_in_fp32
         ours, ref = grads["ours"][n], grads["torch"][n]
         assert ours.dtype == FP32, n
         assert (ours - ref).abs().max() <= 0.05 * ref.abs().max(), n
+
+
+def test_bf16_residual_stream_follows_the_fp32_one():
+    """Thirty AdamW steps of gpt1-tiny under CPU autocast from the same weights on the same batches: with the
+    residual stream in bf16 (residual_in_fp32=False) the per-step losses stay within 0.02 nats of the fp32 stream's
+    (measured: 0.004 at most, as the loss falls from 4.6 to 2.6; our fused kernels there, 12 steps under the
+    interpreter: 0.002) while it learns."""
+    curves = []
+    for residual_in_fp32 in (True, False):
+        torch.manual_seed(0)
+        model = GPT1(get_config("gpt1-tiny", vocab_size=97, attn_impl="sdpa", loss_impl="eager", attn_pdrop=0.0,
+                                resid_pdrop=0.0, embd_pdrop=0.0, residual_in_fp32=residual_in_fp32))
+        opt = torch.optim.AdamW(model.param_groups(0.01), lr=3e-3)
+        losses = []
+        for step in range(30):
+            ids = torch.randint(0, 97, (4, 65), generator=torch.Generator().manual_seed(step % 4))
+            with torch.autocast("cpu", dtype=BF16):
+                loss = model(ids[:, :-1], labels=ids[:, 1:]).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    fp32, bf16 = curves
+    assert fp32[-1] < fp32[0] - 1.0
+    assert (fp32 - bf16).abs().max() < 0.02, (fp32 - bf16).abs().max()
