@@ -88,7 +88,7 @@ ROWS = (
     # and the MLP's bias + GELU fused, its bias gradient summed in its backward (a pass over (B*T, 3072) less)
     replace(DEFAULT, name="ours CUDA graphs + fused LN + fused GELU", compile_mode="reduce-overhead", norm="triton",
             mlp="triton"),
-    replace(DEFAULT, name="ours CUDA graphs, all fused, bf16 residual", compile_mode="reduce-overhead",
+    replace(DEFAULT, name="ours CUDA graphs + all fused + bf16 residual", compile_mode="reduce-overhead",
             norm="triton", mlp="triton", residual_in_fp32=False),
     replace(DEFAULT, name="ours fused LN", norm="triton"),
     replace(DEFAULT, name="ours triton loss", loss="triton"),
