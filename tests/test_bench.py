@@ -477,3 +477,9 @@ def test_host_path_bench(tmp_path):
     from triton.runtime import jit
 
     assert jit.JITFunction.run.__name__ != "no_launch"  # the launches are restored
+
+
+def test_e2e_row_names_can_be_listed():
+    """--only (and gpu_session.sh's E2E_ONLY) take comma-separated row names: no name holds a comma."""
+    names = [r.name for r in e2e.ROWS]
+    assert len(set(names)) == len(names) and not [n for n in names if "," in n]
