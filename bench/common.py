@@ -248,6 +248,20 @@ def time_modes(fn, inputs, modes, smoke, grad_in_forward=False):
     return {m: results[m] for m in modes}
 
 
+def bandwidth_rows(base, name, call, inputs, nbytes, smoke, deadline):
+    """The rows of one provider of a memory-bound op in every mode (time_modes), with GB/s against nbytes(mode),
+    the bytes that must move; "not run" rows once the deadline has passed."""
+    if deadline.passed():
+        return [dict(base, provider=name, mode=m, **NOT_RUN) for m in MODES]
+    rows = []
+    for mode, res in time_modes(call, inputs, MODES, smoke).items():
+        row = dict(base, provider=name, mode=mode, **res)
+        if res["status"] == "ok":
+            row["gbps"] = nbytes(mode) / (res["ms"] * 1e-3) / 1e9
+        rows.append(row)
+    return rows
+
+
 def compiled(fn, smoke):
     """torch.compile(fn) as a provider. On a GPU: inductor with its default automatic dynamic shapes (the
     second shape seen recompiles once for all later ones). In --smoke: dynamo with backend="eager", which
@@ -518,6 +532,25 @@ def line_plot(rows, y_key, path, title, xlabel, ylabel, panels, logx=True):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def ms_plots(rows, bench, out_dir):
+    """One plot per table of `bench`'s rows, ms against N per provider and mode, as <bench>_<i>.png."""
+    import os
+
+    rows, paths = [r for r in rows if r["bench"] == bench], []
+    for i, table in enumerate(dict.fromkeys(r["table"] for r in rows)):
+        path = os.path.join(out_dir, f"{bench}_{i}.png")
+        paths.append(line_plot(rows, "ms", path, f"{table}: ms against N (lower is better)", "N tokens", "ms",
+                               [(table, m) for m in MODES]))
+    return paths
+
+
+# the table of a memory-bound op (bench.layer_norm, bench.gelu): one row per N and provider
+BANDWIDTH_COLUMNS = [("N", "N"), ("provider", "provider"), ("ms", value_or_status("ms")), ("p20-p80", spread_cell),
+                     ("host ms", value_or_status("host_ms")), ("GB/s", value_or_status("gbps")),
+                     ("peak MiB", value_or_status("peak_mb", 5)), ("vs eager", ratio("vs_eager")),
+                     ("vs best peer", ratio("vs_best_peer")), ("best peer", "best_peer"), ("note", "reason")]
 
 
 def cli_parser(description):

@@ -11,7 +11,6 @@ written (fwd); dy and x read, dx written (bwd); the bias and its gradient are le
 """
 
 import functools
-import os
 
 from . import common
 
@@ -56,31 +55,13 @@ def run(smoke, deadline=None):
             base = dict(env, bench="gelu", table=table, x=N, N=N, C=C, precision=precision)
             x = torch.randn(N, C, device=dev, dtype=getattr(torch, x_dtype), requires_grad=True)
             b = torch.randn(C, device=dev, dtype=getattr(torch, b_dtype), requires_grad=True)
+            nbytes = functools.partial(gelu_bytes, N, C, x.element_size())
             for name, fn in fns.items():
-                rows += bench_provider(base, name, functools.partial(fn, x, b), [x, b], x.element_size(), smoke,
-                                       deadline)
+                rows += common.bandwidth_rows(base, name, functools.partial(fn, x, b), [x, b], nbytes, smoke,
+                                              deadline)
             x = b = None
             common.free_memory()
     return rows
-
-
-def bench_provider(base, name, call, inputs, x_size, smoke, deadline):
-    if deadline.passed():
-        return [dict(base, provider=name, mode=m, **common.NOT_RUN) for m in common.MODES]
-    rows = []
-    for mode, res in common.time_modes(call, inputs, common.MODES, smoke).items():
-        row = dict(base, provider=name, mode=mode, **res)
-        if res["status"] == "ok":
-            row["gbps"] = gelu_bytes(base["N"], base["C"], x_size, mode) / (res["ms"] * 1e-3) / 1e9
-        rows.append(row)
-    return rows
-
-
-COLUMNS = [("N", "N"), ("provider", "provider"), ("ms", common.value_or_status("ms")),
-           ("p20-p80", common.spread_cell), ("host ms", common.value_or_status("host_ms")),
-           ("GB/s", common.value_or_status("gbps")), ("peak MiB", common.value_or_status("peak_mb", 5)),
-           ("vs eager", common.ratio("vs_eager")), ("vs best peer", common.ratio("vs_best_peer")),
-           ("best peer", "best_peer"), ("note", "reason")]
 
 
 def markdown(rows):
@@ -89,16 +70,11 @@ def markdown(rows):
             "dx and the bias gradient. GB/s against the bytes that must move: x read and y written (fwd), dy and x "
             "read and dx written (bwd). eager is torch's add and F.gelu (its bias gradient a reduction of its "
             "own); torch.compile fuses them itself.")
-    return common.tables_markdown(rows, COLUMNS, note) + common.unavailable(rows) + [""]
+    return common.tables_markdown(rows, common.BANDWIDTH_COLUMNS, note) + common.unavailable(rows) + [""]
 
 
 def plot(rows, out_dir):
-    rows, paths = [r for r in rows if r["bench"] == "gelu"], []
-    for i, table in enumerate(dict.fromkeys(r["table"] for r in rows)):
-        path = os.path.join(out_dir, f"gelu_{i}.png")
-        paths.append(common.line_plot(rows, "ms", path, f"{table}: ms against N (lower is better)", "N tokens",
-                                      "ms", [(table, m) for m in common.MODES]))
-    return paths
+    return common.ms_plots(rows, "gelu", out_dir)
 
 
 def main(argv=None):

@@ -15,7 +15,6 @@ statistics are left out (under 1%).
 """
 
 import functools
-import os
 
 from . import common
 
@@ -74,32 +73,13 @@ def run(smoke, deadline=None):
                 h = torch.randn(N, C, device=dev, dtype=getattr(torch, h_dtype), requires_grad=True)
                 w = torch.ones(C, device=dev, dtype=x.dtype, requires_grad=True)
                 b = torch.zeros(C, device=dev, dtype=x.dtype, requires_grad=True)
-                sizes = (x.element_size(), h.element_size())
+                nbytes = functools.partial(ln_bytes, N, C, x.element_size(), h.element_size())
                 for name, fn in fns.items():
-                    rows += bench_provider(base, name, functools.partial(fn, x, h, w, b, p), [x, h, w, b], sizes,
-                                           smoke, deadline)
+                    rows += common.bandwidth_rows(base, name, functools.partial(fn, x, h, w, b, p), [x, h, w, b],
+                                                  nbytes, smoke, deadline)
                 x = h = w = b = None
                 common.free_memory()
     return rows
-
-
-def bench_provider(base, name, call, inputs, sizes, smoke, deadline):
-    if deadline.passed():
-        return [dict(base, provider=name, mode=m, **common.NOT_RUN) for m in common.MODES]
-    rows = []
-    for mode, res in common.time_modes(call, inputs, common.MODES, smoke).items():
-        row = dict(base, provider=name, mode=mode, **res)
-        if res["status"] == "ok":
-            row["gbps"] = ln_bytes(base["N"], base["C"], *sizes, mode) / (res["ms"] * 1e-3) / 1e9
-        rows.append(row)
-    return rows
-
-
-COLUMNS = [("N", "N"), ("provider", "provider"), ("ms", common.value_or_status("ms")),
-           ("p20-p80", common.spread_cell), ("host ms", common.value_or_status("host_ms")),
-           ("GB/s", common.value_or_status("gbps")), ("peak MiB", common.value_or_status("peak_mb", 5)),
-           ("vs eager", common.ratio("vs_eager")), ("vs best peer", common.ratio("vs_best_peer")),
-           ("best peer", "best_peer"), ("note", "reason")]
 
 
 def markdown(rows):
@@ -109,16 +89,11 @@ def markdown(rows):
             "that must move: x and h read, y and (unless y is bf16) y_branch written (fwd), dy, dy_branch, x and h "
             "read and dx, dh written (bwd). eager is torch's ops; torch.compile fuses them itself. \"fp32 "
             "residual\": x fp32, h bf16, as under torch.autocast.")
-    return common.tables_markdown(rows, COLUMNS, note) + common.unavailable(rows) + [""]
+    return common.tables_markdown(rows, common.BANDWIDTH_COLUMNS, note) + common.unavailable(rows) + [""]
 
 
 def plot(rows, out_dir):
-    rows, paths = [r for r in rows if r["bench"] == "layer_norm"], []
-    for i, table in enumerate(dict.fromkeys(r["table"] for r in rows)):
-        path = os.path.join(out_dir, f"layer_norm_{i}.png")
-        paths.append(common.line_plot(rows, "ms", path, f"{table}: ms against N (lower is better)", "N tokens",
-                                      "ms", [(table, m) for m in common.MODES]))
-    return paths
+    return common.ms_plots(rows, "layer_norm", out_dir)
 
 
 def main(argv=None):

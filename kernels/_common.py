@@ -31,6 +31,21 @@ def round_fp32(x, DROP_BITS: tl.constexpr):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def stored(x, DTYPE: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """fp32 x converted for a store to a DTYPE tensor, rounded to nearest also under the interpreter (RTNE_BF16:
+    pass INTERPRET)."""
+    if RTNE_BF16 and DTYPE == tl.bfloat16:
+        x = round_fp32(x, 16)
+    return x.to(DTYPE)
+
+
+def as_rows(t):
+    """t (..., C) as (N, C) with unit column stride (a view when the leading dims allow it)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def cdiv(a, b):
     """ceil(a / b) of host ints. triton.cdiv and triton.next_power_of_2 are Triton constexpr functions, which
     unwrap their arguments on every call: ~2-5 us each on the host, nine of them per attention forward and backward

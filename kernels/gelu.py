@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, LOG2E, cdiv, check_tensors, next_power_of_2, round_fp32
+from kernels._common import INTERPRET, LOG2E, as_rows, cdiv, check_tensors, next_power_of_2, stored
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 APPROXIMATIONS = ("tanh", "none")
@@ -77,14 +77,6 @@ def _gelu_and_grad(z, TANH: tl.constexpr, GRAD: tl.constexpr):
 
 
 @triton.jit
-def _stored(x, DTYPE: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """fp32 x converted for a store to a DTYPE tensor, rounded to nearest also under the interpreter."""
-    if RTNE_BF16 and DTYPE == tl.bfloat16:
-        x = round_fp32(x, 16)
-    return x.to(DTYPE)
-
-
-@triton.jit
 def _bias_gelu_fwd_kernel(X, B, Y, stride_x, N, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
                           HAS_BIAS: tl.constexpr, TANH: tl.constexpr, RTNE_BF16: tl.constexpr):
     """Y (contiguous (N, C)) = gelu(X + B) of the tile (program 0 rows, program 1 columns)."""
@@ -96,7 +88,7 @@ def _bias_gelu_fwd_kernel(X, B, Y, stride_x, N, C, BLOCK_R: tl.constexpr, BLOCK_
     if HAS_BIAS:
         z += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     y, _ = _gelu_and_grad(z, TANH, False)
-    tl.store(Y + rows[:, None] * C + cols[None, :], _stored(y, Y.dtype.element_ty, RTNE_BF16), mask=mask)
+    tl.store(Y + rows[:, None] * C + cols[None, :], stored(y, Y.dtype.element_ty, RTNE_BF16), mask=mask)
 
 
 @triton.jit
@@ -122,7 +114,7 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_PART, stride_dy, stride_x, N, C, rows
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         _, grad = _gelu_and_grad(z + bias[None, :], TANH, True)
         dx = dy * grad
-        tl.store(DX + rows[:, None] * C + cols[None, :], _stored(dx, DX.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(DX + rows[:, None] * C + cols[None, :], stored(dx, DX.dtype.element_ty, RTNE_BF16), mask=mask)
         if HAS_BIAS:
             db += tl.where(mask, dx, 0.0)  # fp32, before dx is rounded to its dtype
     if HAS_BIAS:
@@ -197,12 +189,6 @@ def _check_inputs(x, bias, approximate):
         _fail(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
 
 
-def _rows(t):
-    """t as (N, C) with unit column stride (a view when the leading dims allow it)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def bias_gelu_forward(x, bias=None, approximate="tanh"):
     """y = gelu(x + bias) of x's shape and dtype."""
     _check_inputs(x, bias, approximate)
@@ -214,7 +200,7 @@ def _forward(x, bias, approximate):
     C = x.shape[-1]
     N = y.numel() // C
     if N:
-        x2 = _rows(x)
+        x2 = as_rows(x)
         block_r, block_c, num_warps, _ = _config_for(x.device, C)
         _bias_gelu_fwd_kernel[(cdiv(N, block_r), cdiv(C, block_c))](
             x2, bias, y, x2.stride(0), N, C, BLOCK_R=block_r, BLOCK_C=block_c, HAS_BIAS=bias is not None,
@@ -243,7 +229,7 @@ def _backward(dy, x, bias, approximate):
     row_chunks = cdiv(N, rows_per_program)
     db_part = torch.empty((row_chunks if bias is not None else 0, C), dtype=torch.float32, device=x.device)
     if N:
-        dy2, x2 = _rows(dy), _rows(x)
+        dy2, x2 = as_rows(dy), as_rows(x)
         _bias_gelu_bwd_kernel[(row_chunks, col_blocks)](
             dy2, x2, bias, dx, db_part, dy2.stride(0), x2.stride(0), N, C, rows_per_program, BLOCK_R=block_r,
             BLOCK_C=block_c, HAS_BIAS=bias is not None, TANH=approximate == "tanh", RTNE_BF16=INTERPRET,

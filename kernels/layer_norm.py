@@ -59,6 +59,7 @@ import triton.language as tl
 
 from kernels._common import (
     INTERPRET,
+    as_rows,
     cdiv,
     check_tensors,
     dropout_args,
@@ -66,8 +67,8 @@ from kernels._common import (
     keep_from_words,
     new_dropout_seed,
     next_power_of_2,
-    round_fp32,
     seed_tensor,
+    stored,
 )
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -99,14 +100,6 @@ def _residual(x, h, SEED, rows, mask, DROP_THRESHOLD, DROPOUT_SCALE, BLOCK_R: tl
 
 
 @triton.jit
-def _stored(x, DTYPE: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """fp32 x converted for a store to a DTYPE tensor, rounded to nearest also under the interpreter."""
-    if RTNE_BF16 and DTYPE == tl.bfloat16:
-        x = round_fp32(x, 16)
-    return x.to(DTYPE)
-
-
-@triton.jit
 def _add_ln_fwd_kernel(X, H, W, B, Y, Y_BRANCH, MEAN, RSTD, SEED, DROP_THRESHOLD, DROPOUT_SCALE, eps,
                        stride_x, stride_h, N, C,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -127,9 +120,9 @@ def _add_ln_fwd_kernel(X, H, W, B, Y, Y_BRANCH, MEAN, RSTD, SEED, DROP_THRESHOLD
     if HAS_BIAS:
         y += tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     offs = rows[:, None] * C + cols[None, :]
-    tl.store(Y + offs, _stored(y, Y.dtype.element_ty, RTNE_BF16), mask=mask)
+    tl.store(Y + offs, stored(y, Y.dtype.element_ty, RTNE_BF16), mask=mask)
     if HAS_BRANCH:
-        tl.store(Y_BRANCH + offs, _stored(y, Y_BRANCH.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(Y_BRANCH + offs, stored(y, Y_BRANCH.dtype.element_ty, RTNE_BF16), mask=mask)
     tl.store(MEAN + rows, mean, mask=rows < N)
     tl.store(RSTD + rows, rstd, mask=rows < N)
 
@@ -199,10 +192,10 @@ def _add_ln_bwd_kernel(X, H, W, DY, DY_BRANCH, DX, DH, DW_PART, DB_PART, MEAN, R
         c2 = tl.sum(wdy, axis=1) / C
         dr = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         offs = rows[:, None] * C + cols[None, :]
-        tl.store(DX + offs, _stored(dr, DX.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(DX + offs, stored(dr, DX.dtype.element_ty, RTNE_BF16), mask=mask)
         if DROPOUT:
             dr = tl.where(keep, dr * DROPOUT_SCALE, 0.0)
-        tl.store(DH + offs, _stored(dr, DH.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(DH + offs, stored(dr, DH.dtype.element_ty, RTNE_BF16), mask=mask)
         dw += tl.sum(dy * xhat, axis=0)
         if HAS_BIAS:
             db += tl.sum(dy, axis=0)
@@ -227,9 +220,9 @@ def _add_ln_param_grads_kernel(DW_PART, DB_PART, DW, DB, n_parts, C, BLOCK_P: tl
         dw += tl.load(DW_PART + offs, mask=mask, other=0.0)
         if HAS_BIAS:
             db += tl.load(DB_PART + offs, mask=mask, other=0.0)
-    tl.store(DW + cols, _stored(tl.sum(dw, axis=0), DW.dtype.element_ty, RTNE_BF16), mask=col_ok)
+    tl.store(DW + cols, stored(tl.sum(dw, axis=0), DW.dtype.element_ty, RTNE_BF16), mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB + cols, _stored(tl.sum(db, axis=0), DB.dtype.element_ty, RTNE_BF16), mask=col_ok)
+        tl.store(DB + cols, stored(tl.sum(db, axis=0), DB.dtype.element_ty, RTNE_BF16), mask=col_ok)
 
 
 @triton.jit
@@ -364,12 +357,6 @@ def _check_eps(eps):
         _fail(f"eps must be a positive finite number, got {eps}")
 
 
-def _rows(t):
-    """t as (N, C) with unit column stride (a view when the leading dims allow it)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def add_dropout_layer_norm_forward(x, h, weight, bias=None, *, dropout_p=0.0, eps=1e-5, seed=0):
     """(y, mean, rstd): y = layer_norm(x + dropout(h)) of x's shape in promote_types(x.dtype, h.dtype); mean and
     rstd (fp32, x.shape[:-1]) for the backward. seed: an int or a 1-element int64 tensor on x's device (see
@@ -391,7 +378,7 @@ def _forward(x, h, weight, bias, seed, dropout_p, eps, branch_dtype=None):
     N = mean.numel()
     if N == 0:
         return y, y_branch, mean, rstd
-    x2, h2, block_c = _rows(x), _rows(h), _block_c(C)
+    x2, h2, block_c = as_rows(x), as_rows(h), _block_c(C)
     block_r, num_warps = _config_for(x.device, block_c)["fwd"]
     _add_ln_fwd_kernel[(cdiv(N, block_r),)](
         x2, h2, weight, bias, y, y_branch, mean, rstd, seed, *dropout_args(dropout_p), eps, x2.stride(0),
@@ -425,9 +412,9 @@ def _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
     dw_part = torch.empty((n_programs, C), dtype=torch.float32, device=x.device)
     db_part = torch.empty((n_programs if bias is not None else 0, C), dtype=torch.float32, device=x.device)
     if N:
-        x2, h2 = _rows(x), _rows(h)
-        dy2 = _rows(dy) if dy is not None else None
-        dyb2 = _rows(dy_branch) if dy_branch is not None else None
+        x2, h2 = as_rows(x), as_rows(h)
+        dy2 = as_rows(dy) if dy is not None else None
+        dyb2 = as_rows(dy_branch) if dy_branch is not None else None
         _add_ln_bwd_kernel[(n_programs,)](
             x2, h2, weight, dy2, dyb2, dx, dh, dw_part, db_part, mean, rstd, seed, *dropout_args(dropout_p),
             x2.stride(0), h2.stride(0), dy2.stride(0) if dy2 is not None else 0,
