@@ -92,9 +92,12 @@ SINGLE_KEY_DROPOUT = ("dq", "dk")
 # where eager's softmax normalizes by its own sum. The ratio grows with the scores' magnitude: here |scale * q.k|
 # and |lse| reach ~14. Under an earlier interpreter dv's max error was 8.1e-6 against eager's 2.8e-6 (2.9x; an eager
 # P @ dO with P rebuilt from the kernel's lse reproduced it, so the lse path, not the dots, is the cause); under
-# triton 3.9's it is 3.4e-6 (1.1x to 1.4x over 5 seeds), within the bound. On a GPU, whose exp2 is approximate and
-# whose fp32 dots are now exact too, it is expected to miss; unmeasured there, so there it may miss, not must.
-FP32_P_FROM_LSE = () if INTERPRETED else ("dv",)
+# triton 3.9's it was 3.4e-6 (1.1x to 1.4x over 5 seeds), within the bound, on one CPU, and 8.06e-6 (2.9x) on
+# another (AMD EPYC with AVX-512, triton 3.9.0, numpy 2.3 and 2.4 alike, 2026-11-28): the interpreter's fp32
+# elementwise math follows the host's SIMD, and the margin is thin. On a GPU, whose exp2 is approximate and whose
+# fp32 dots are now exact too, it is expected to miss. So everywhere dv may miss here, not must; the other
+# gradients and the output are held to the bound.
+FP32_P_FROM_LSE = ("dv",)
 CASES = [  # B, H, T, D, dtype, causal, dropout_p, layout, softmax_scale, known out of bounds
     (1, 3, 1, 16, FP16, True, 0.0, "separate", None, ()),
     (2, 3, 37, 32, BF16, True, 0.0, "qkv", None, ()),
@@ -134,7 +137,7 @@ def test_against_reference(B, H, T, D, dtype, causal, p, layout, scale, known, d
     assert actual[0].shape == (B, H, T, D)
     assert all(t.dtype == dtype for t in actual)
     names = ["out"] + (["dqkv"] if layout == "qkv" else ["dq", "dk", "dv"])
-    _check_all(names, actual, low, truth, known, strict=INTERPRETED or known != FP32_P_FROM_LSE)
+    _check_all(names, actual, low, truth, known, strict=known != FP32_P_FROM_LSE)
 
 
 def _scores_lse(q, k, causal, dtype=None):
