@@ -11,7 +11,6 @@ interpreter (tests/conftest.py), so shapes are small.
 """
 
 import contextlib
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -31,7 +30,6 @@ from kernels.attention import (
 )
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SEED = 1234
 
 
