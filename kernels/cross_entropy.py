@@ -631,6 +631,40 @@ def _mm_fp32(a, b, out):
     return torch.mm(a.float(), b.float(), out=out)
 
 
+# {device: whether torch.baddbmm with out_dtype=float32 adds a 16-bit product into an fp32 tensor in place on it}
+_FP32_ACCUMULATE = {}
+
+
+def _fp32_accumulate_ok(device):
+    """Whether `_accumulate_fp32` may run on `device`: CUDA's baddbmm has an fp32 out_dtype for fp16 / bf16 inputs
+    (torch >= 2.8), and with out aliasing self it is cuBLAS's beta = 1 into an fp32 C. Decided once per device by
+    trying it on a small problem against the fp32 product (a host sync), never while a CUDA graph is captured
+    (there the answer is False until it is known, and the loop takes the slice path)."""
+    if device.type != "cuda":
+        return False
+    if device not in _FP32_ACCUMULATE:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        # small integers and quarters, exact in every sum (and no draw from torch's generator)
+        ints = torch.arange(40 * 96, device=device)
+        a = (ints % 7 - 3).reshape(40, 96).to(torch.bfloat16).t()  # transposed, as logits^T is
+        b = (ints[: 40 * 24] % 5 - 2).reshape(40, 24).to(torch.bfloat16)
+        acc = (ints[: 96 * 24] % 1001).reshape(96, 24).float() + 0.25
+        expected = acc + a.float() @ b.float()
+        try:
+            _accumulate_fp32(acc, a, b)  # beta = 0 would lose acc, a 16-bit result its quarters
+            _FP32_ACCUMULATE[device] = bool(torch.equal(acc, expected))
+        except (RuntimeError, TypeError):  # no such overload, or one that refuses an fp32 self
+            _FP32_ACCUMULATE[device] = False
+    return _FP32_ACCUMULATE[device]
+
+
+def _accumulate_fp32(acc, a, b):
+    """acc (fp32) += a @ b for 16-bit a, b, in the matmul (cuBLAS's beta = 1, fp32 C): no product buffer, no
+    add of its own."""
+    torch.baddbmm(acc[None], a[None], b[None], out_dtype=torch.float32, out=acc[None])
+
+
 def _chunk_grads(logits, logits_blocks, h, weight, grad_hidden, grad_weight, grad_bias, dw_slices, first):
     """Turn one chunk's d logits into d hidden (fp32, written) and d weight, d bias (fp32, accumulated).
 
@@ -638,7 +672,9 @@ def _chunk_grads(logits, logits_blocks, h, weight, grad_hidden, grad_weight, gra
     grad_weight is the fp32 accumulator, as a tuple of row blocks of S = _DW_SLICE classes for 16-bit inputs,
     whose products go through dw_slices, fp32 (S, C) buffers of the same heights: torch's addmm cannot portably
     add a half product into an fp32 tensor (a (V, C) buffer would cost another 119 MiB at GPT-1 size). fp32
-    accumulates in the matmul itself (grad_weight a tensor, dw_slices None). logits_blocks: the (S, n) blocks of
+    accumulates in the matmul itself (grad_weight a tensor, dw_slices None), and so does 16-bit where CUDA's
+    baddbmm can (_fp32_accumulate_ok): one matmul per chunk where the slices took 2 operators per slice, whose
+    fp32 additions cost 0.65 ms of an H200 training step (40 of them, d6fcf61). logits_blocks: the (S, n) blocks of
     logits^T that go with grad_weight's, made once per buffer: the host's cost per chunk is two operators per block.
     The first chunk writes the accumulators (allocated empty) instead of adding to them: no zero fill, and no
     product through a buffer for that chunk."""
@@ -646,9 +682,11 @@ def _chunk_grads(logits, logits_blocks, h, weight, grad_hidden, grad_weight, gra
         _mm_fp32(logits, weight, grad_hidden)
     if grad_weight is not None and dw_slices is None:
         if first:
-            torch.mm(logits.t(), h, out=grad_weight)
-        else:
+            _mm_fp32(logits.t(), h, grad_weight)
+        elif logits.dtype == torch.float32:
             grad_weight.addmm_(logits.t(), h)
+        else:
+            _accumulate_fp32(grad_weight, logits.t(), h)
     elif grad_weight is not None:
         for part, acc, buf in zip(logits_blocks, grad_weight, dw_slices):
             if first:
@@ -693,7 +731,7 @@ def linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, eps,
     # one logits buffer, and for 16-bit inputs one fp32 d weight slice, serve every chunk
     buffer = hidden.new_empty((min(chunk_size, n_rows), v_pad))
     dw_blocks, dw_slices = grad_weight, None
-    if need_w and weight.dtype != torch.float32:
+    if need_w and weight.dtype != torch.float32 and not _fp32_accumulate_ok(hidden.device):
         dw_blocks = grad_weight.split(_DW_SLICE)
         dw_slice = torch.empty(min(_DW_SLICE, v_pad), n_feat, **f32)
         dw_slices = [dw_slice[: block.shape[0]] for block in dw_blocks]

@@ -6,6 +6,8 @@ eager reference run in the kernel's dtype, plus one fp32 rounding step at the te
 for every dtype, and kernel and reference both compute it in fp32).
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -469,6 +471,31 @@ def test_linear_cross_entropy_chunks_match_one_chunk(dtype, device):
             # one fp32 rounding of a sum, then (16-bit gradients) at most one step of the dtype
             tol = {"atol": 1e-5, "rtol": 1e-5} if name == "loss" or dtype == torch.float32 else {}
             torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}", **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_cross_entropy_fp32_accumulation_matches_the_slices(dtype, device, monkeypatch):
+    """16-bit d weight accumulated in the matmul (CUDA's baddbmm into the fp32 accumulator, where torch has it)
+    gives the slice path's gradients to fp32 summation order; elsewhere the probe says no and the slices run."""
+    from kernels import cross_entropy as ce
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        assert ce._fp32_accumulate_ok(dev) is False
+        return
+    if not ce._fp32_accumulate_ok(dev):
+        pytest.skip(f"torch {torch.__version__} has no fp32 baddbmm accumulation of {dtype} products on CUDA")
+    torch.manual_seed(13)
+    n, c, v = 37, 16, 9000
+    hidden, weight = torch.randn(n, c, device=device), torch.randn(v, c, device=device) / c**0.5
+    bias, target = torch.randn(v, device=device), _targets(n, v, device)
+    run = functools.partial(_run_linear, fused_linear_cross_entropy, hidden, weight, bias, target, dtype,
+                            torch.tensor(0.3), chunk_size=10, reduction="sum")
+    fast = run()
+    monkeypatch.setitem(ce._FP32_ACCUMULATE, dev, False)
+    slices = run()
+    for name, a, b in zip(["loss", "hidden", "weight", "bias"], fast, slices):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _peak_cpu_bytes(fn):
