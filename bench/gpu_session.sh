@@ -31,6 +31,8 @@
 #             recompile / CUDA graph logs and a Python stack dump every PROBE_DUMP_S=30 s (needs the corpus, as
 #             curves does)                                                                    (S_PROBE=100 s)
 #   tune      bench.tune_attention: the attention launch table per sequence length and dropout    (S_TUNE=120 s)
+#   tune_ce   bench.tune_cross_entropy: the cross-entropy kernel's num_warps and loads in flight; a table with
+#             entries is copied into this copy's kernels/, so that the stages named after it run with it (S_TUNE_CE=60 s)
 # SMOKE=1 runs every stage's --smoke form on a CPU (pytest only collects): tests/test_bench.py checks the script.
 #
 # $OUT receives three files, rewritten after every stage (a run cut short still returns what it finished):
@@ -99,6 +101,7 @@ pack() {
         section "op benches (bench.run_all)" "$WORK/ops/results.md" '/^## Headline/,/^## Attention/p'
         section "loss curves (bench.curves)" "$WORK/curves/results.md"
         section "attention tuning (bench.tune_attention)" "$WORK/tune/attention_tuned.md"
+        section "cross-entropy tuning (bench.tune_cross_entropy)" "$WORK/tune_ce/cross_entropy_tuned.md"
         if [ -s "$WORK/probe/train.log" ]; then
             printf '\n## gpt1.train probe (CUDA graphs + fused LayerNorm), end of its output\n\n```\n%s\n```\n' \
                 "$(tail -c 6000 "$WORK/probe/train.log")"
@@ -188,8 +191,16 @@ runpy.run_module(\"gpt1.train\", run_name=\"__main__\")' ${PROBE_DUMP_S:-30} --d
     tune)
         stage tune "${S_TUNE:-120}" $PY -m bench.tune_attention $SMOKE_FLAG --out "$WORK/tune" \
             --budget-s "$(( ${S_TUNE:-120} - 20 ))" ;;
+    tune_ce)
+        stage tune_ce "${S_TUNE_CE:-60}" $PY -m bench.tune_cross_entropy $SMOKE_FLAG --out "$WORK/tune_ce" \
+            --budget-s "$(( ${S_TUNE_CE:-60} - 15 ))"
+        if [ -z "$SMOKE_FLAG" ] && $PY -c 'import json, sys; sys.exit(not json.load(open(sys.argv[1]))["entries"])' \
+                "$WORK/tune_ce/cross_entropy_tuned.json" 2>/dev/null; then
+            cp "$WORK/tune_ce/cross_entropy_tuned.json" kernels/cross_entropy_tuned.json
+            say "tune_ce: kernels/cross_entropy_tuned.json now holds the measured launch for the stages after it"
+        fi ;;
     *)
-        say "unknown stage $s (roofline host tests e2e ops profile curves probe tune)" ;;
+        say "unknown stage $s (roofline host tests e2e ops profile curves probe tune tune_ce)" ;;
     esac
 done
 pack

@@ -72,7 +72,10 @@ Limits and side effects:
 - Under torch.compile the options (ignore_index, label_smoothing, reduction, chunk_size) are graph constants.
 """
 
+import functools
+import json
 import math
+import os
 from itertools import repeat
 from typing import Optional
 
@@ -91,6 +94,14 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # copy rate) 49-64 registers left one 1024-thread program per SM. Shorter rows get fewer warps (_row_config).
 _NUM_WARPS = 16
 _BYTES_PER_THREAD = 16
+# The measured table (kernels/cross_entropy_tuned.json, written by `python -m bench.tune_cross_entropy` on a GPU and
+# committed): per (arch, element size) the (num_warps, UNROLL) of rows at least one full block long, where one beat
+# (_NUM_WARPS, 1) there. UNROLL blocks' loads are issued before any of them is used (1, 2 or 4 16-byte loads a thread
+# in flight); the lanes and the order in which each lane folds its columns do not depend on it, so neither do the
+# results. num_warps sets the lanes (BLOCK_V), hence the fp32 summation order: results may differ in the last bits.
+_TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_entropy_tuned.json")
+_ARCHS = {"sm80": 8, "sm90": 9}  # the arch field -> the compute-capability major (sm_100 and later read sm90's)
+UNROLLS = (1, 2, 4)
 # Device memory fused_linear_cross_entropy may allocate at once, all its buffers together (see _default_chunk_size).
 _EXTRA_BYTES = 400 * 1024 * 1024
 _MIN_CHUNK_ROWS = 1024
@@ -134,6 +145,23 @@ def _load_block(PTR, offs, mask):
 
 
 @triton.jit
+def _load_blocks(PTR, offs, n, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr):
+    """UNROLL (1, 2 or 4) consecutive blocks PTR[offs + u * BLOCK_V] (where < n), loaded before any is used; the
+    blocks past UNROLL are the first one again (unread)."""
+    tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4), "UNROLL must be 1, 2 or 4")
+    x0 = _load_block(PTR, offs, offs < n)
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if UNROLL >= 2:
+        x1 = _load_block(PTR, offs + BLOCK_V, offs + BLOCK_V < n)
+    if UNROLL == 4:
+        x2 = _load_block(PTR, offs + 2 * BLOCK_V, offs + 2 * BLOCK_V < n)
+        x3 = _load_block(PTR, offs + 3 * BLOCK_V, offs + 3 * BLOCK_V < n)
+    return x0, x1, x2, x3
+
+
+@triton.jit
 def _fold_lanes(x, offs, mask, n_cls, m, d, x_sum, SMOOTHING: tl.constexpr):
     """Fold the block x loaded at offs (where mask) into per-lane running statistics, each lane's max m and sum
     of exp(x - m) d, and if SMOOTHING into the row's sum of x (a scalar); offsets >= n_cls (the classes left
@@ -165,7 +193,7 @@ def _lane_lse(m, d, row_m):
 
 
 @triton.jit
-def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr,
+def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, UNROLL: tl.constexpr,
                SMOOTHING: tl.constexpr):
     """One pass over the row LOGITS[start : start + row_len]: its max m, sum of exp(x - m), and sum of x
     (for label smoothing; 0 without SMOOTHING). Columns [n_cols, row_len) are read (see _cross_entropy_kernel)
@@ -189,20 +217,29 @@ def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.
     d_v = tl.zeros([BLOCK_V], dtype=tl.float32)
     BODY = LOGITS + head_end
     n_cls = n_cols - head_len  # classes from the body's first column on
-    for k in range(0, body_len, BLOCK_V):
+    for k in range(0, body_len, BLOCK_V * UNROLL):
+        # UNROLL blocks' loads are issued before any is used: that many 16-byte loads a thread in flight
         offs = k + tl.arange(0, BLOCK_V)
-        x = _load_block(BODY, offs, offs < body_len)
-        m_v, d_v, x_sum = _fold_lanes(x, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
+        x0, x1, x2, x3 = _load_blocks(BODY, offs, body_len, BLOCK_V, UNROLL)
+        m_v, d_v, x_sum = _fold_lanes(x0, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
+        if UNROLL >= 2:
+            offs = offs + BLOCK_V
+            m_v, d_v, x_sum = _fold_lanes(x1, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
+        if UNROLL == 4:
+            offs = offs + BLOCK_V
+            m_v, d_v, x_sum = _fold_lanes(x2, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
+            offs = offs + BLOCK_V
+            m_v, d_v, x_sum = _fold_lanes(x3, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
     m = tl.maximum(tl.max(m_v, axis=0), tl.max(m_e, axis=0))
     return m, _lane_lse(m_v, d_v, m) + _lane_lse(m_e, d_e, m), x_sum
 
 
 @triton.jit
-def _store_grad(PTR, offs, mask, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16: tl.constexpr):
-    """Overwrite PTR[offs] (where mask) with scale * (softmax - (1 - eps) onehot(y) - eps / V), y at offset y_off,
-    and with 0 at offsets >= n_cls (the classes left from offset 0; past them is padding)."""
+def _store_grad(PTR, x, offs, mask, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16: tl.constexpr):
+    """Overwrite PTR[offs] (where mask), whose logits are x, with scale * (softmax - (1 - eps) onehot(y) - eps / V),
+    y at offset y_off, and with 0 at offsets >= n_cls (the classes left from offset 0; past them is padding)."""
     is_class = offs < n_cls
-    x = tl.where(is_class, _load_block(PTR, offs, mask).to(tl.float32), float("-inf"))  # none of the padding's values
+    x = tl.where(is_class, x.to(tl.float32), float("-inf"))  # none of the padding's values
     g = tl.exp2((x - m) * LOG2E) * inv_d - smooth
     g = tl.where(offs == y_off, g - (1.0 - eps), g) * scale
     g = tl.where(is_class, g, 0.0)
@@ -213,22 +250,35 @@ def _store_grad(PTR, offs, mask, n_cls, y_off, m, inv_d, smooth, eps, scale, RTN
 
 @triton.jit
 def _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.constexpr,
-                    ALIGN: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """Second pass: overwrite the row LOGITS[start : start + row_len] with its gradient (_store_grad)."""
+                    ALIGN: tl.constexpr, UNROLL: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """Second pass: overwrite the row LOGITS[start : start + row_len] with its gradient (_store_grad), UNROLL
+    blocks' loads issued before their stores."""
     head_end, body_end, end = _row_segments(start, row_len, ALIGN)
     head_len, body_len, tail_first = _segment_lengths(start, head_end, body_end, end)
     inv_d = 1.0 / d
     smooth = eps / n_cols
     y = y.to(tl.int32)
     edge = tl.arange(0, ALIGN)
-    _store_grad(LOGITS + start, edge, edge < head_len, n_cols, y, m, inv_d, smooth, eps, scale, RTNE_BF16)
+    head = edge < head_len
+    _store_grad(LOGITS + start, _load_block(LOGITS + start, edge, head), edge, head, n_cols, y, m, inv_d, smooth, eps,
+                scale, RTNE_BF16)
     BODY = LOGITS + head_end
-    for k in range(0, body_len, BLOCK_V):
+    n_cls, y_off = n_cols - head_len, y - head_len
+    for k in range(0, body_len, BLOCK_V * UNROLL):
         offs = k + tl.arange(0, BLOCK_V)
-        _store_grad(BODY, offs, offs < body_len, n_cols - head_len, y - head_len, m, inv_d, smooth, eps, scale,
-                    RTNE_BF16)
-    _store_grad(LOGITS + body_end, edge, edge < row_len - tail_first, n_cols - tail_first, y - tail_first, m, inv_d,
-                smooth, eps, scale, RTNE_BF16)
+        x0, x1, x2, x3 = _load_blocks(BODY, offs, body_len, BLOCK_V, UNROLL)
+        _store_grad(BODY, x0, offs, offs < body_len, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
+        if UNROLL >= 2:
+            offs = offs + BLOCK_V
+            _store_grad(BODY, x1, offs, offs < body_len, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
+        if UNROLL == 4:
+            offs = offs + BLOCK_V
+            _store_grad(BODY, x2, offs, offs < body_len, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
+            offs = offs + BLOCK_V
+            _store_grad(BODY, x3, offs, offs < body_len, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
+    tail = edge < row_len - tail_first
+    _store_grad(LOGITS + body_end, _load_block(LOGITS + body_end, edge, tail), edge, tail, n_cols - tail_first,
+                y - tail_first, m, inv_d, smooth, eps, scale, RTNE_BF16)
 
 
 @triton.jit
@@ -249,8 +299,8 @@ def _fill_row(LOGITS, start, row_len, value, BLOCK_V: tl.constexpr, ALIGN: tl.co
 @triton.jit
 def _cross_entropy_kernel(
     LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, GRAD_SCALE, n_cols, row_len, ignore_index, eps,
-    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
-    SMOOTHING: tl.constexpr, RTNE_BF16: tl.constexpr,
+    BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, UNROLL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr, SMOOTHING: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
     """LOSS[r] = CE(LOGITS[r, :n_cols], TARGET[r]); if COMPUTE_GRAD, LOGITS[r, :n_cols] <- its gradient
     times GRAD_SCALE[0] (times ROW_SCALE[r] if HAS_ROW_SCALE) and LOGITS[r, n_cols:row_len] <- 0.
@@ -274,7 +324,7 @@ def _cross_entropy_kernel(
         if COMPUTE_GRAD:
             _fill_row(LOGITS, start, row_len, float("nan"), BLOCK_V, ALIGN)
         return
-    m, d, x_sum = _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V, ALIGN, SMOOTHING)
+    m, d, x_sum = _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V, ALIGN, UNROLL, SMOOTHING)
     lse = m + tl.log(d)
     x_y = tl.load(LOGITS + start + y).to(tl.float32)
     loss = (1.0 - eps) * (lse - x_y)
@@ -285,7 +335,7 @@ def _cross_entropy_kernel(
         scale = tl.load(GRAD_SCALE)
         if HAS_ROW_SCALE:
             scale = scale * tl.load(ROW_SCALE + row).to(tl.float32)
-        _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V, ALIGN, RTNE_BF16)
+        _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V, ALIGN, UNROLL, RTNE_BF16)
 
 
 @triton.jit
@@ -360,36 +410,104 @@ def _check_ce_inputs(logits, target, ignore_index, label_smoothing, reduction):
     _check_target(target, logits.shape[0], logits.shape[1], ignore_index)
 
 
-def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, row_scale=None, n_cols=None):
+def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, row_scale=None, n_cols=None,
+            launch=None):
     """Run the kernel on (n, row_len) logits with unit column stride, of which the first n_cols (default
     all) are classes and the rest padding that gets a zero gradient; loss is an fp32 (n,) output.
-    grad_scale: a float or an fp32 device scalar (what _grad_scales returns)."""
+    grad_scale: a float or an fp32 device scalar (what _grad_scales returns). launch: the (num_warps, UNROLL) of
+    long rows (default: _long_row_config; bench.tune_cross_entropy and the tests pass others). Returns Triton's
+    compiled kernel (None when nothing was launched)."""
     n_rows, row_len = logits.shape
     if n_rows == 0:
-        return
+        return None
     n_cols = row_len if n_cols is None else n_cols
     if n_cols == 0:  # no classes (as torch allows): an ignored row's loss is 0, any other is a bad target, NaN
         loss.fill_(math.nan).masked_fill_(target == ignore_index, 0.0)
-        return
+        return None
     if compute_grad and not isinstance(grad_scale, torch.Tensor):
         grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=logits.device)
-    block_v, num_warps = _row_config(row_len, logits.element_size())
+    size = logits.element_size()
+    block_v, num_warps, unroll = _row_config(row_len, size, launch or _long_row_config(logits.device, size))
     # loss stands in for the pointers that the constexpr flags leave unread
-    _cross_entropy_kernel[(n_rows,)](
+    return _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
         grad_scale if compute_grad else loss, n_cols, row_len, ignore_index, eps,
-        BLOCK_V=block_v, ALIGN=16 // logits.element_size(), COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block_v, ALIGN=16 // size, UNROLL=unroll, COMPUTE_GRAD=compute_grad,
         HAS_ROW_SCALE=row_scale is not None, SMOOTHING=eps > 0.0,
         RTNE_BF16=INTERPRET and logits.dtype == torch.bfloat16, num_warps=num_warps,
     )
 
 
-def _row_config(row_len, element_size):
-    """(BLOCK_V, num_warps) of the cross-entropy kernels for rows of row_len columns of element_size bytes: 16 bytes
-    per thread and block (one vector load), up to _NUM_WARPS warps."""
+def _row_config(row_len, element_size, long_rows=(_NUM_WARPS, 1)):
+    """(BLOCK_V, num_warps, UNROLL) of the cross-entropy kernels for rows of row_len columns of element_size bytes:
+    16 bytes per thread and block (one vector load). A row of at least a full block of long_rows' (num_warps,
+    UNROLL) gets that launch (_long_row_config: the measured one); a shorter one the fewest warps that cover it, with
+    UNROLL 1."""
     per_thread = _BYTES_PER_THREAD // element_size
+    num_warps, unroll = long_rows
+    if next_power_of_2(row_len) >= num_warps * 32 * per_thread:
+        return num_warps * 32 * per_thread, num_warps, unroll
     block_v = min(next_power_of_2(row_len), _NUM_WARPS * 32 * per_thread)
-    return block_v, max(1, block_v // (32 * per_thread))
+    return block_v, max(1, block_v // (32 * per_thread)), 1
+
+
+def check_launch(num_warps, unroll):
+    """Why (num_warps, UNROLL) cannot launch the cross-entropy kernel, or None."""
+    if type(num_warps) is not int or num_warps not in (1, 2, 4, 8, 16, 32):
+        return f"num_warps = {num_warps!r} is not a power of two in [1, 32]"
+    if type(unroll) is not int or unroll not in UNROLLS:
+        return f"unroll = {unroll!r} is not one of {UNROLLS}"
+    return None
+
+
+def parse_tuned_table(data, source="tuned table"):
+    """{(major, element size): (num_warps, UNROLL)} of a table: a JSON object whose "entries" is a list of objects
+    with "arch" (sm80, sm90), "element_size" (2 or 4), "num_warps" and "unroll" (other fields, such as the timings
+    and the environment, are free). Raises ValueError naming the first bad entry."""
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise ValueError(f'{source}: expected a JSON object with an "entries" list')
+    table = {}
+    for i, e in enumerate(data["entries"]):
+        why = None
+        if not isinstance(e, dict) or any(k not in e for k in ("arch", "element_size", "num_warps", "unroll")):
+            why = "needs arch, element_size, num_warps and unroll"
+        elif e["arch"] not in _ARCHS or e["element_size"] not in (2, 4):
+            why = f"arch {e['arch']!r} (one of {sorted(_ARCHS)}), element_size {e['element_size']!r} (2 or 4)"
+        else:
+            why = check_launch(e["num_warps"], e["unroll"])
+            key = (_ARCHS[e["arch"]], e["element_size"])
+            if why is None and key in table:
+                why = "a second entry for the same arch and element size"
+        if why:
+            raise ValueError(f"{source}: entry {i}: {why}")
+        table[key] = (e["num_warps"], e["unroll"])
+    return table
+
+
+def load_tuned_table(path=_TUNED_PATH):
+    """The parsed table of a JSON file; {} when there is none (every GPU then runs (_NUM_WARPS, 1))."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if isinstance(data, dict) and data.get("smoke"):
+        raise ValueError(f"{path}: written by bench.tune_cross_entropy --smoke, which measures nothing")
+    return parse_tuned_table(data, path)
+
+
+_TUNED = load_tuned_table()
+
+
+@functools.cache
+def _long_row_config(device, element_size):
+    """(num_warps, UNROLL) of long rows on device: the tuned table's entry for its arch, else (_NUM_WARPS, 1)."""
+    if device.type != "cuda":
+        return _NUM_WARPS, 1
+    major = torch.cuda.get_device_capability(device)[0]
+    return _TUNED.get((9 if major >= 9 else 8, element_size), (_NUM_WARPS, 1))
 
 
 def _grad_scales(target, ignore_index, reduction, dtype):
@@ -459,7 +577,7 @@ def cross_entropy_backward(grad_logits, grad_output, post_scale):
     if n_rows == 0 or row_len == 0:
         return grad_logits
     stride_go = grad_output.stride(0) if grad_output.dim() else 0
-    block_v, num_warps = _row_config(row_len, grad_logits.element_size())
+    block_v, num_warps, _ = _row_config(row_len, grad_logits.element_size())
     _scale_grad_kernel[(n_rows,)](grad_logits, grad_logits.stride(0), row_len, grad_output, stride_go, post_scale,
                                   BLOCK_V=block_v,
                                   ALIGN=16 // grad_logits.element_size(),
@@ -895,11 +1013,11 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
                                    chunk_size or 0, *needs)[0]
 
 
-def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False, smoothing=False):
+def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False, smoothing=False, launch=(_NUM_WARPS, 1)):
     """One ahead-of-time compile of _cross_entropy_kernel as _launch would run it for GPT-1: on (N, V)
     logits (row stride V = 40478, no alignment), or on fused_linear_cross_entropy's padded chunk (row stride
-    _padded_vocab(V), a multiple of 16 that the JIT specializes on)."""
-    block_v, num_warps = _row_config(n_classes, 4 if dtype == "fp32" else 2)
+    _padded_vocab(V), a multiple of 16 that the JIT specializes on); launch: the long rows' (num_warps, UNROLL)."""
+    block_v, num_warps, unroll = _row_config(n_classes, 4 if dtype == "fp32" else 2, launch)
     return {
         "name": name,
         "fn": _cross_entropy_kernel,
@@ -907,7 +1025,8 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False, smoo
                       "LOSS": "*fp32:16", "ROW_SCALE": "*fp32:16", "n_cols": "i32",
                       "row_len": "i32:16" if padded else "i32", "ignore_index": "i32", "eps": "fp32",
                       "GRAD_SCALE": "*fp32:16"},
-        "constexprs": {"BLOCK_V": block_v, "ALIGN": 4 if dtype == "fp32" else 8, "COMPUTE_GRAD": compute_grad,
+        "constexprs": {"BLOCK_V": block_v, "ALIGN": 4 if dtype == "fp32" else 8, "UNROLL": unroll,
+                       "COMPUTE_GRAD": compute_grad,
                        "HAS_ROW_SCALE": False, "SMOOTHING": smoothing, "RTNE_BF16": False},
         "num_warps": num_warps,
         "num_stages": 3,
@@ -921,6 +1040,11 @@ COMPILE_SPECS = [
     _compile_spec("cross_entropy_fwd_bwd_bf16_V40478_smoothing", "bf16", True, smoothing=True),
     _compile_spec("cross_entropy_fwd_only_bf16_V40478", "bf16", False),
     _compile_spec("linear_ce_chunk_fwd_bwd_bf16_V40478_padded", "bf16", True, padded=True),
+    # candidates that bench.tune_cross_entropy times beside the default (more loads in flight, other widths), named
+    # _w<num_warps>_unroll<UNROLL>; fp32 at (16, 2) is left out: 8 bytes of local memory under triton 3.6
+    *(_compile_spec(f"linear_ce_chunk_fwd_bwd_bf16_V40478_padded_w{w}_unroll{u}", "bf16", True, padded=True,
+                    launch=(w, u)) for w, u in ((16, 2), (16, 4), (8, 2), (8, 4), (32, 1), (32, 2))),
+    _compile_spec("cross_entropy_fwd_bwd_fp32_V40478_w16_unroll4", "fp32", True, launch=(16, 4)),
     # the backward's in-place scaling, by one incoming gradient (reduction="mean")
     {"name": "cross_entropy_scale_grad_bf16_V40478", "fn": _scale_grad_kernel,
      "signature": {"GRAD": "*bf16:16", "stride_row": "i32", "row_len": "i32", "GRAD_OUT": "*fp32:16",

@@ -276,17 +276,21 @@ def test_gpu_session_script_packs_its_results(tmp_path):
     """bench/gpu_session.sh in its CPU smoke form: each stage time-boxed, three files in $OUT."""
     env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable,
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_session.sh"), "roofline", "profile"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_session.sh"), "roofline", "profile", "tune_ce"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tgz", "session.log", "summary.md"]
     summary = (tmp_path / "summary.md").read_text()
     for text in ("roofline rc=0", "profile-default rc=0", "profile-nanogpt rc=0", "operators per step:",
-                 "torch (autocast bf16, fused AdamW), sdpa/eager, compiled"):
+                 "torch (autocast bf16, fused AdamW), sdpa/eager, compiled", "tune_ce rc=0",
+                 "## cross-entropy tuning (bench.tune_cross_entropy)"):
         assert text in summary, text
     with tarfile.open(tmp_path / "results.tgz") as tar:
         names = set(tar.getnames())
-    assert {"./roofline.json", "./profile/default.json", "./profile/nanogpt.json", "./stages.txt"} <= names
+    assert {"./roofline.json", "./profile/default.json", "./profile/nanogpt.json", "./stages.txt",
+            "./tune_ce/cross_entropy_tuned.json"} <= names
+    # a --smoke table never reaches kernels/ (the kernels would refuse it)
+    assert not os.path.exists(os.path.join(ROOT, "kernels", "cross_entropy_tuned.json"))
 
 
 def _curve_runs(reference, **ours):

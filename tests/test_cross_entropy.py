@@ -21,7 +21,11 @@ from kernels.cross_entropy import (
     _default_chunk_size,
     _launch,
     _linear_extra_bytes,
+    _long_row_config,
     _padded_vocab,
+    _row_config,
+    load_tuned_table,
+    parse_tuned_table,
 )
 
 IGNORE = -100
@@ -187,6 +191,74 @@ def test_kernel_padding_columns(dtype, device):
     torch.testing.assert_close(padded[:, :v].float(), ref.float(), rtol=2**-7 if dtype == torch.bfloat16 else 1e-6,
                                atol=1e-9, msg="class columns differ from the unpadded run")
     assert torch.equal(padded[:, v:], torch.zeros_like(padded[:, v:])), "padding columns got a gradient"
+
+
+@pytest.mark.parametrize("row_len,n_cols", [(2048, 2000), (1999, 1999), (3000, 2950)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_launches_of_the_tuner(dtype, row_len, n_cols, device):
+    """Every (num_warps, UNROLL) that bench.tune_cross_entropy may write into the table: UNROLL only changes when
+    the loads are issued, so its results equal UNROLL 1's at the same width bit for bit; each width's equal the
+    float64 truth to fp32 summation order and one rounding. Padded and unaligned rows, a partial last group of
+    UNROLL blocks, label smoothing, ignored rows and per-row scales."""
+    from bench.tune_cross_entropy import CANDIDATES
+
+    torch.manual_seed(11)
+    n = 4
+    x = (torch.randn(n, row_len, device=device) * 3).to(dtype)
+    target = _targets(n, n_cols, device)
+    row_scale = torch.rand(n, device=device) + 0.5
+    exact = F.cross_entropy(x[:, :n_cols].double(), target, ignore_index=IGNORE, label_smoothing=0.1,
+                            reduction="none")
+    exact_grad = torch.func.grad(lambda z: (F.cross_entropy(z, target, ignore_index=IGNORE, label_smoothing=0.1,
+                                                            reduction="none") * row_scale.double()).sum() * 0.5)(
+        x[:, :n_cols].double())
+    results = {}
+    for launch in CANDIDATES + ((2, 4), (1, 2)):
+        got, loss = x.clone(), torch.empty(n, device=device)
+        _launch(got, target, loss, IGNORE, 0.1, 0.5, True, row_scale=row_scale, n_cols=n_cols, launch=launch)
+        block_v, _, unroll = _row_config(row_len, x.element_size(), launch)
+        if (block_v, 1) in results:
+            assert torch.equal(loss, results[block_v, 1][0]) and torch.equal(got, results[block_v, 1][1]), launch
+        results[block_v, unroll] = loss, got
+        torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6, msg=f"loss, launch {launch}")
+        step = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-22
+        torch.testing.assert_close(got[:, :n_cols].double(), exact_grad, rtol=step, atol=1e-7,
+                                   msg=f"gradient, launch {launch}")
+        assert not got[:, n_cols:].any(), "padding columns got a gradient"
+    assert any(u > 1 for _, u in results) and len({b for b, _ in results}) > 1, "no unrolled or no second width ran"
+
+
+def test_row_config_of_a_tuned_launch():
+    """A row of at least one full block of the tuned launch gets it; a shorter one the fewest warps that cover it,
+    UNROLL 1; without a table every device runs (16, 1)."""
+    assert _row_config(40512, 2, (8, 4)) == (2048, 8, 4)
+    assert _row_config(40512, 4, (32, 2)) == (4096, 32, 2)
+    assert _row_config(1500, 2, (8, 4)) == (2048, 8, 4)  # next power of two: one block, masked past 1500
+    assert _row_config(1000, 2, (8, 4)) == (1024, 4, 1)
+    assert _row_config(40512, 2) == (4096, 16, 1)
+    assert _long_row_config(torch.device("cpu"), 2) == (16, 1)
+
+
+def test_tuned_table_is_checked(tmp_path):
+    """The table that bench.tune_cross_entropy writes parses; a bad entry is refused with its index and why; no
+    file means no table."""
+    good = {"entries": [{"arch": "sm90", "element_size": 2, "num_warps": 8, "unroll": 4, "speedup": 1.2},
+                        {"arch": "sm80", "element_size": 4, "num_warps": 16, "unroll": 1}], "rows": []}
+    assert parse_tuned_table(good) == {(9, 2): (8, 4), (8, 4): (16, 1)}
+    bad = [({"arch": "sm70", "element_size": 2, "num_warps": 8, "unroll": 4}, "arch"),
+           ({"arch": "sm90", "element_size": 2, "num_warps": 12, "unroll": 4}, "num_warps"),
+           ({"arch": "sm90", "element_size": 2, "num_warps": 8, "unroll": 3}, "unroll"),
+           ({"arch": "sm90", "element_size": 2, "num_warps": 8}, "needs")]
+    for entry, why in bad:
+        with pytest.raises(ValueError, match=f"entry 0: .*{why}"):
+            parse_tuned_table({"entries": [entry]})
+    with pytest.raises(ValueError, match="entry 1: a second entry"):
+        parse_tuned_table({"entries": [good["entries"][0], good["entries"][0]]})
+    assert load_tuned_table(str(tmp_path / "none.json")) == {}
+    smoke = tmp_path / "smoke.json"
+    smoke.write_text('{"smoke": true, "entries": []}')
+    with pytest.raises(ValueError, match="--smoke"):
+        load_tuned_table(str(smoke))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
