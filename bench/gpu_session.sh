@@ -9,9 +9,10 @@
 # that hangs or overruns cannot take the others with it:
 #   roofline  bench.roofline: a bf16 8192^3 matmul and a device copy, to read MFU against     (S_ROOFLINE=20 s)
 #   host      bench.host_path: our functions' host time per call, launches stubbed, on CUDA tensors  (S_HOST=30 s)
-#   tests     pytest on CUDA: tests/test_gelu.py test_cross_entropy.py test_layer_norm.py test_attention.py (the
-#             kernels), then the model-level dropout mask replay at GPT-1 scale, CUDA graphs in the DeepSpeed step, no host
-#             sync in the default step, the ZeRO-2 bf16 mask replay, then tests/test_compile.py  (S_TESTS=200 s)
+#   tests     pytest on CUDA: CUDA graphs in the DeepSpeed step (also accumulating and evaluating), then
+#             tests/test_gelu.py test_cross_entropy.py test_layer_norm.py test_attention.py (the kernels), the
+#             model-level dropout mask replay at GPT-1 scale, no host sync in the default step, the ZeRO-2 bf16 mask
+#             replay, then tests/test_compile.py  (S_TESTS=200 s)
 #   e2e       bench.e2e: every row of ROWS, results rewritten after each row; each row carries its GPU anatomy
 #             and its host anatomy (cProfile by package), so no profile stage is needed   (S_E2E=180 s, budget 150)
 #             E2E_ONLY="row,row" runs only those rows (bench.e2e --only; names as in bench/e2e.py ROWS)
@@ -125,12 +126,13 @@ for s in $STAGES; do
         stage host "${S_HOST:-30}" bash -c "$PY -m bench.host_path $SMOKE_FLAG --json '$WORK/host_path.json' \
             2>&1 | tee '$WORK/host_path.md'; exit \${PIPESTATUS[0]}" ;;
     tests)
-        # the kernel files first (their kernels changed since the last GPU run: the cross-entropy statistics, the
-        # LayerNorm backward's prefetch, the attention backward's mask prefetch), then the step-level checks; in
-        # the H200 run of d74f03d the old order's 37 tests filled the 180 s box without a failure
-        files="tests/test_gelu.py tests/test_cross_entropy.py tests/test_layer_norm.py tests/test_attention.py
+        # CUDA graphs against the default compile first (with gradient accumulation and evaluation: what making
+        # them the default needs), then the kernel files (new since the last GPU run: bias + GELU, the
+        # cross-entropy's unrolled loads), then the other step-level checks; in the H200 run of d6fcf61 the kernel
+        # files alone filled a 120 s box
+        files="tests/test_runtime.py::test_cuda_graphs_train_like_the_default_compile
+            tests/test_gelu.py tests/test_cross_entropy.py tests/test_layer_norm.py tests/test_attention.py
             tests/test_model.py::test_kernel_attention_dropout_gives_the_gradients_of_its_mask
-            tests/test_runtime.py::test_cuda_graphs_train_like_the_default_compile
             tests/test_runtime.py::test_default_training_step_never_waits_on_the_gpu
             tests/test_runtime.py::test_zero2_bf16_eager_kernels_follow_the_replayed_reference
             $(ls tests/test_compile.py 2>/dev/null)"

@@ -21,7 +21,7 @@ import time
 from . import common
 
 # (num_warps, UNROLL); the default (_NUM_WARPS, 1) first
-CANDIDATES = ((16, 1), (16, 2), (16, 4), (8, 1), (8, 2), (8, 4), (32, 1), (32, 2), (4, 4))
+CANDIDATES = ((16, 1), (16, 2), (16, 4), (8, 1), (8, 4), (4, 4), (32, 1))
 MIN_GAIN = 0.03  # below it do_bench's noise decides
 WORST_SHAPE = 0.99  # a winner may not be slower than this on any shape
 # (name, element size, N rows, row length, classes): the linear cross-entropy's padded chunk at GPT-1's batch, the

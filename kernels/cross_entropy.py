@@ -97,8 +97,8 @@ _BYTES_PER_THREAD = 16
 # The measured table (kernels/cross_entropy_tuned.json, written by `python -m bench.tune_cross_entropy` on a GPU and
 # committed): per (arch, element size) the (num_warps, UNROLL) of rows at least one full block long, where one beat
 # (_NUM_WARPS, 1) there. UNROLL blocks' loads are issued before any of them is used (1, 2 or 4 16-byte loads a thread
-# in flight); the lanes and the order in which each lane folds its columns do not depend on it, so neither do the
-# results. num_warps sets the lanes (BLOCK_V), hence the fp32 summation order: results may differ in the last bits.
+# in flight, for more registers); num_warps sets the lanes (BLOCK_V) and how many programs share an SM. Both change
+# the fp32 summation order of a row's statistics, so results may differ in the last bits from launch to launch.
 _TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_entropy_tuned.json")
 _ARCHS = {"sm80": 8, "sm90": 9}  # the arch field -> the compute-capability major (sm_100 and later read sm90's)
 UNROLLS = (1, 2, 4)
@@ -146,8 +146,10 @@ def _load_block(PTR, offs, mask):
 
 @triton.jit
 def _load_blocks(PTR, offs, n, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr):
-    """UNROLL (1, 2 or 4) consecutive blocks PTR[offs + u * BLOCK_V] (where < n), loaded before any is used; the
-    blocks past UNROLL are the first one again (unread)."""
+    """UNROLL (1, 2 or 4) consecutive blocks PTR[offs + u * BLOCK_V] (where < n, -inf elsewhere); the blocks past
+    UNROLL are the first one again (unread). Loading them together is not enough to have them in flight together:
+    ptxas sinks each load to its first use, so the code that uses them must need all of them first (_fold_blocks,
+    _tie_blocks)."""
     tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4), "UNROLL must be 1, 2 or 4")
     x0 = _load_block(PTR, offs, offs < n)
     x1 = x0
@@ -159,6 +161,54 @@ def _load_blocks(PTR, offs, n, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr):
         x2 = _load_block(PTR, offs + 2 * BLOCK_V, offs + 2 * BLOCK_V < n)
         x3 = _load_block(PTR, offs + 3 * BLOCK_V, offs + 3 * BLOCK_V < n)
     return x0, x1, x2, x3
+
+
+@triton.jit
+def _tie_blocks(x0, x1, x2, x3, UNROLL: tl.constexpr):
+    """The UNROLL (2 or 4) blocks, each through min(x, the blocks' elementwise max): the same values, but each now
+    depends on every block's load, which ptxas must therefore issue before the first computation on any of them.
+    Without it ptxas sinks each load to its block's computation, and only one is in flight at a time (as it
+    also sank a prefetch into the next loop trip)."""
+    top = tl.maximum(x0, x1)
+    if UNROLL == 4:
+        top = tl.maximum(top, tl.maximum(x2, x3))
+    x0 = tl.minimum(x0, top)
+    x1 = tl.minimum(x1, top)
+    if UNROLL == 4:
+        x2 = tl.minimum(x2, top)
+        x3 = tl.minimum(x3, top)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _class_values(x, offs, n, n_cls):
+    """x in fp32 where offs < n and is a class (< n_cls), -inf elsewhere."""
+    return tl.where((offs < n) & (offs < n_cls), x.to(tl.float32), float("-inf"))
+
+
+@triton.jit
+def _fold_blocks(x0, x1, x2, x3, offs, n, n_cls, m, d, x_sum, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr,
+                 SMOOTHING: tl.constexpr):
+    """_fold_lanes for UNROLL (2 or 4) blocks at offs + u * BLOCK_V at once: each lane's max over the blocks comes
+    first, which needs every block's load, then each lane's sum is rescaled once to the new max and the blocks'
+    exponentials are added: UNROLL + 1 exps per UNROLL elements. A lane whose max stays -inf keeps d = 0; a NaN
+    makes d NaN."""
+    x0 = _class_values(x0, offs, n, n_cls)
+    x1 = _class_values(x1, offs + BLOCK_V, n, n_cls)
+    new_m = tl.maximum(m, tl.maximum(x0, x1))
+    if UNROLL == 4:
+        x2 = _class_values(x2, offs + 2 * BLOCK_V, n, n_cls)
+        x3 = _class_values(x3, offs + 3 * BLOCK_V, n, n_cls)
+        new_m = tl.maximum(new_m, tl.maximum(x2, x3))
+    ref = tl.where(new_m == float("-inf"), 0.0, new_m)  # -inf - -inf would be NaN; exp2(-inf - 0) is 0
+    d = d * tl.exp2((m - ref) * LOG2E) + tl.exp2((x0 - ref) * LOG2E) + tl.exp2((x1 - ref) * LOG2E)
+    if UNROLL == 4:
+        d += tl.exp2((x2 - ref) * LOG2E) + tl.exp2((x3 - ref) * LOG2E)
+    if SMOOTHING:
+        x_sum += tl.sum(tl.where(x0 == float("-inf"), 0.0, x0) + tl.where(x1 == float("-inf"), 0.0, x1), axis=0)
+        if UNROLL == 4:
+            x_sum += tl.sum(tl.where(x2 == float("-inf"), 0.0, x2) + tl.where(x3 == float("-inf"), 0.0, x3), axis=0)
+    return new_m, d, x_sum
 
 
 @triton.jit
@@ -218,31 +268,31 @@ def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.
     BODY = LOGITS + head_end
     n_cls = n_cols - head_len  # classes from the body's first column on
     for k in range(0, body_len, BLOCK_V * UNROLL):
-        # UNROLL blocks' loads are issued before any is used: that many 16-byte loads a thread in flight
         offs = k + tl.arange(0, BLOCK_V)
         x0, x1, x2, x3 = _load_blocks(BODY, offs, body_len, BLOCK_V, UNROLL)
-        m_v, d_v, x_sum = _fold_lanes(x0, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
-        if UNROLL >= 2:
-            offs = offs + BLOCK_V
-            m_v, d_v, x_sum = _fold_lanes(x1, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
-        if UNROLL == 4:
-            offs = offs + BLOCK_V
-            m_v, d_v, x_sum = _fold_lanes(x2, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
-            offs = offs + BLOCK_V
-            m_v, d_v, x_sum = _fold_lanes(x3, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
+        if UNROLL == 1:
+            m_v, d_v, x_sum = _fold_lanes(x0, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
+        else:  # UNROLL 16-byte loads a thread in flight
+            m_v, d_v, x_sum = _fold_blocks(x0, x1, x2, x3, offs, body_len, n_cls, m_v, d_v, x_sum, BLOCK_V, UNROLL,
+                                           SMOOTHING)
     m = tl.maximum(tl.max(m_v, axis=0), tl.max(m_e, axis=0))
     return m, _lane_lse(m_v, d_v, m) + _lane_lse(m_e, d_e, m), x_sum
 
 
 @triton.jit
-def _store_grad(PTR, x, offs, mask, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16: tl.constexpr):
-    """Overwrite PTR[offs] (where mask), whose logits are x, with scale * (softmax - (1 - eps) onehot(y) - eps / V),
-    y at offset y_off, and with 0 at offsets >= n_cls (the classes left from offset 0; past them is padding)."""
+def _grad_values(x, offs, n_cls, y_off, m, inv_d, smooth, eps, scale):
+    """scale * (softmax - (1 - eps) onehot(y) - eps / V) in fp32 of the logits x at offs (any shape), y at offset
+    y_off, and 0 at offsets >= n_cls (the classes left from offset 0; past them is padding)."""
     is_class = offs < n_cls
     x = tl.where(is_class, x.to(tl.float32), float("-inf"))  # none of the padding's values
     g = tl.exp2((x - m) * LOG2E) * inv_d - smooth
     g = tl.where(offs == y_off, g - (1.0 - eps), g) * scale
-    g = tl.where(is_class, g, 0.0)
+    return tl.where(is_class, g, 0.0)
+
+
+@triton.jit
+def _store_grad(PTR, g, offs, mask, RTNE_BF16: tl.constexpr):
+    """PTR[offs] = g where mask, rounded to PTR's dtype."""
     if RTNE_BF16:
         g = round_fp32(g, 16)  # the interpreter would truncate
     tl.store(PTR + offs, g.to(PTR.dtype.element_ty), mask=mask)
@@ -251,8 +301,8 @@ def _store_grad(PTR, x, offs, mask, n_cls, y_off, m, inv_d, smooth, eps, scale, 
 @triton.jit
 def _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.constexpr,
                     ALIGN: tl.constexpr, UNROLL: tl.constexpr, RTNE_BF16: tl.constexpr):
-    """Second pass: overwrite the row LOGITS[start : start + row_len] with its gradient (_store_grad), UNROLL
-    blocks' loads issued before their stores."""
+    """Second pass: overwrite the row LOGITS[start : start + row_len] with its gradient (_grad_values), UNROLL
+    blocks at a time, tied together (_tie_blocks) so that all their loads are in flight together."""
     head_end, body_end, end = _row_segments(start, row_len, ALIGN)
     head_len, body_len, tail_first = _segment_lengths(start, head_end, body_end, end)
     inv_d = 1.0 / d
@@ -260,25 +310,32 @@ def _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V
     y = y.to(tl.int32)
     edge = tl.arange(0, ALIGN)
     head = edge < head_len
-    _store_grad(LOGITS + start, _load_block(LOGITS + start, edge, head), edge, head, n_cols, y, m, inv_d, smooth, eps,
-                scale, RTNE_BF16)
+    g = _grad_values(_load_block(LOGITS + start, edge, head), edge, n_cols, y, m, inv_d, smooth, eps, scale)
+    _store_grad(LOGITS + start, g, edge, head, RTNE_BF16)
     BODY = LOGITS + head_end
     n_cls, y_off = n_cols - head_len, y - head_len
     for k in range(0, body_len, BLOCK_V * UNROLL):
         offs = k + tl.arange(0, BLOCK_V)
         x0, x1, x2, x3 = _load_blocks(BODY, offs, body_len, BLOCK_V, UNROLL)
-        _store_grad(BODY, x0, offs, offs < body_len, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
+        if UNROLL > 1:
+            x0, x1, x2, x3 = _tie_blocks(x0, x1, x2, x3, UNROLL)
+        _store_grad(BODY, _grad_values(x0, offs, n_cls, y_off, m, inv_d, smooth, eps, scale), offs,
+                    offs < body_len, RTNE_BF16)
         if UNROLL >= 2:
             offs = offs + BLOCK_V
-            _store_grad(BODY, x1, offs, offs < body_len, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
+            _store_grad(BODY, _grad_values(x1, offs, n_cls, y_off, m, inv_d, smooth, eps, scale), offs,
+                        offs < body_len, RTNE_BF16)
         if UNROLL == 4:
             offs = offs + BLOCK_V
-            _store_grad(BODY, x2, offs, offs < body_len, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
+            _store_grad(BODY, _grad_values(x2, offs, n_cls, y_off, m, inv_d, smooth, eps, scale), offs,
+                        offs < body_len, RTNE_BF16)
             offs = offs + BLOCK_V
-            _store_grad(BODY, x3, offs, offs < body_len, n_cls, y_off, m, inv_d, smooth, eps, scale, RTNE_BF16)
+            _store_grad(BODY, _grad_values(x3, offs, n_cls, y_off, m, inv_d, smooth, eps, scale), offs,
+                        offs < body_len, RTNE_BF16)
     tail = edge < row_len - tail_first
-    _store_grad(LOGITS + body_end, _load_block(LOGITS + body_end, edge, tail), edge, tail, n_cols - tail_first,
-                y - tail_first, m, inv_d, smooth, eps, scale, RTNE_BF16)
+    g = _grad_values(_load_block(LOGITS + body_end, edge, tail), edge, n_cols - tail_first, y - tail_first, m, inv_d,
+                     smooth, eps, scale)
+    _store_grad(LOGITS + body_end, g, edge, tail, RTNE_BF16)
 
 
 @triton.jit
@@ -662,17 +719,18 @@ def _padded_vocab(n_classes):
     return -(-n_classes // _VOCAB_ALIGN) * _VOCAB_ALIGN
 
 
-def _linear_extra_bytes(n_rows, n_classes, n_feat, dtype, chunk_rows):
+def _linear_extra_bytes(n_rows, n_classes, n_feat, dtype, chunk_rows, dw_slice=True):
     """Device bytes that the chunk loop allocates for (N, C) hidden and a (V, C) head in dtype with chunks of
     chunk_rows rows, every gradient and a bias asked for: the logits buffer, the zero-padded head (a copy when
     V is no multiple of _VOCAB_ALIGN), the fp32 d weight / d bias accumulators, the fp32 d weight slice
-    (16-bit only), fp32 d hidden and the fp32 losses. All of it is live at once, at the end of the forward."""
+    (16-bit only, where d weight does not accumulate in its matmul: dw_slice), fp32 d hidden and the fp32 losses.
+    All of it is live at once, at the end of the forward."""
     size, v_pad = torch.empty((), dtype=dtype).element_size(), _padded_vocab(n_classes)
     logits = min(chunk_rows, n_rows) * v_pad * size
     head = v_pad * n_feat * size if v_pad != n_classes else 0
     accumulators = (v_pad * n_feat + 2 * v_pad) * 4  # d weight, d bias and one chunk's d bias sum
-    dw_slice = min(_DW_SLICE, v_pad) * n_feat * 4 if size < 4 else 0
-    return logits + head + accumulators + dw_slice + n_rows * (n_feat + 1) * 4
+    slice_bytes = min(_DW_SLICE, v_pad) * n_feat * 4 if size < 4 and dw_slice else 0
+    return logits + head + accumulators + slice_bytes + n_rows * (n_feat + 1) * 4
 
 
 def _free_bytes(device):
@@ -686,19 +744,22 @@ def _free_bytes(device):
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def _default_chunk_size(n_rows, n_classes, n_feat, dtype, free_bytes=None):
+def _default_chunk_size(n_rows, n_classes, n_feat, dtype, free_bytes=None, dw_slice=True):
     """Rows per chunk: the fewest equal chunks, whole multiples of _CHUNK_ALIGN rows, that keep everything the
     chunk loop allocates (_linear_extra_bytes) within min(_EXTRA_BYTES, free_bytes / 2), but never under
     _MIN_CHUNK_ROWS rows. Half of the free memory leaves the other half to the backward's casts and to the
     allocator's fragmentation; free_bytes is _free_bytes(device), None on CPU. So on a nearly full GPU the
     chunking, and with it the fp32 summation order of d weight, can differ from call to call (pass chunk_size
-    to pin it).
+    to pin it). dw_slice: whether a 16-bit d weight goes through the slice buffer (not where it accumulates in
+    its matmul, _fp32_accumulate_ok).
 
     The fixed part does not depend on the chunk, the rest goes to the logits. GPT-1's 64 x 512 tokens, C = 768,
     V = 40478 (padded 40512) in bf16: head copy 59.3 MiB + fp32 d weight / d bias 119.0 MiB + d weight slice
     24 MiB + fp32 d hidden and losses 96.1 MiB = 298.5 MiB, which leaves 101.5 MiB, 1314 rows of 81024 bytes,
     for the logits: 1280 rows, 26 chunks (the last 768), 98.9 MiB of logits, 397.4 MiB in all (the rule used
-    to give 514 MiB of logits chunks alone: ~800 MiB with a bf16 d weight buffer and bf16 d hidden).
+    to give 514 MiB of logits chunks alone: ~800 MiB with a bf16 d weight buffer and bf16 d hidden). Without the
+    slice: 1536 rows, 22 chunks, 393.2 MiB; at a 32 x 512 step (N = 16384) 8 chunks of 2048 rows where the slice
+    leaves 9 of 1920.
 
     Chunks must not shrink below ~1k rows: each re-reads and re-writes the (V, C) fp32 d weight accumulator
     (with the slice buffer ~0.5 GB of traffic at GPT-1 size, ~0.15 ms on an H100), while its three matmuls
@@ -709,11 +770,18 @@ def _default_chunk_size(n_rows, n_classes, n_feat, dtype, free_bytes=None):
     """
     budget = _EXTRA_BYTES if free_bytes is None else min(_EXTRA_BYTES, free_bytes // 2)
     row_bytes = max(1, _padded_vocab(n_classes)) * torch.empty((), dtype=dtype).element_size()
-    fixed = _linear_extra_bytes(n_rows, n_classes, n_feat, dtype, 0)
+    fixed = _linear_extra_bytes(n_rows, n_classes, n_feat, dtype, 0, dw_slice)
     max_rows = max(_MIN_CHUNK_ROWS, (budget - fixed) // row_bytes // _CHUNK_ALIGN * _CHUNK_ALIGN)
     n_chunks = max(1, math.ceil(n_rows / max_rows))
     rows = -(-math.ceil(n_rows / n_chunks) // _CHUNK_ALIGN) * _CHUNK_ALIGN
     return max(1, min(n_rows, rows))
+
+
+def _chunk_rows(hidden, weight):
+    """_default_chunk_size for these inputs on their device: its free memory, and whether a 16-bit d weight needs
+    the slice buffer there."""
+    return _default_chunk_size(hidden.shape[0], *weight.shape, hidden.dtype, _free_bytes(hidden.device),
+                               dw_slice=not _fp32_accumulate_ok(hidden.device))
 
 
 def _check_linear_inputs(hidden, weight, target, bias):
@@ -893,8 +961,7 @@ def linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, target: 
     tensor when its need flag is off, and all of them empty for reduction="none" (the backward recomputes,
     see linear_cross_entropy_backward_op). chunk_size 0 picks _default_chunk_size."""
     hidden, target = hidden.contiguous(), target.contiguous()
-    chunk = chunk_size or _default_chunk_size(hidden.shape[0], *weight.shape, hidden.dtype,
-                                              _free_bytes(hidden.device))
+    chunk = chunk_size or _chunk_rows(hidden, weight)
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     # "none" needs the per-row incoming gradient inside d weight: the backward recomputes
     defer = reduction == "none" and any(needs)
@@ -929,8 +996,7 @@ def linear_cross_entropy_backward_op(hidden: torch.Tensor, weight: torch.Tensor,
     """(d hidden, d weight, d bias), fp32, of reduction="none" for the per-row incoming gradient grad_loss:
     the chunk loop again, with the rows scaled inside the kernel (empty (0,) tensors where not needed)."""
     hidden, target = hidden.contiguous(), target.contiguous()
-    chunk = chunk_size or _default_chunk_size(hidden.shape[0], *weight.shape, hidden.dtype,
-                                              _free_bytes(hidden.device))
+    chunk = chunk_size or _chunk_rows(hidden, weight)
     needs = (need_hidden, need_weight, need_bias and bias is not None)
     _, gh, gw, gb = linear_cross_entropy_chunks(hidden, weight, target, bias, ignore_index, label_smoothing, 1.0,
                                                 chunk, needs, row_scale=grad_loss.float().contiguous())
@@ -1041,10 +1107,11 @@ COMPILE_SPECS = [
     _compile_spec("cross_entropy_fwd_only_bf16_V40478", "bf16", False),
     _compile_spec("linear_ce_chunk_fwd_bwd_bf16_V40478_padded", "bf16", True, padded=True),
     # candidates that bench.tune_cross_entropy times beside the default (more loads in flight, other widths), named
-    # _w<num_warps>_unroll<UNROLL>; fp32 at (16, 2) is left out: 8 bytes of local memory under triton 3.6
+    # _w<num_warps>_unroll<UNROLL>: those without spills under both triton 3.6 and 3.9 (8 x 4 and 4 x 4 hold 94
+    # registers under 3.6 but spill 8 bytes on sm_90 under 3.9, as fp32 at 16 x 4 does; the tuner rejects a launch
+    # that spills on its GPU)
     *(_compile_spec(f"linear_ce_chunk_fwd_bwd_bf16_V40478_padded_w{w}_unroll{u}", "bf16", True, padded=True,
-                    launch=(w, u)) for w, u in ((16, 2), (16, 4), (8, 2), (8, 4), (32, 1), (32, 2))),
-    _compile_spec("cross_entropy_fwd_bwd_fp32_V40478_w16_unroll4", "fp32", True, launch=(16, 4)),
+                    launch=(w, u)) for w, u in ((16, 2), (16, 4), (32, 1))),
     # the backward's in-place scaling, by one incoming gradient (reduction="mean")
     {"name": "cross_entropy_scale_grad_bf16_V40478", "fn": _scale_grad_kernel,
      "signature": {"GRAD": "*bf16:16", "stride_row": "i32", "row_len": "i32", "GRAD_OUT": "*fp32:16",

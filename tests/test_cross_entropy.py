@@ -196,10 +196,10 @@ def test_kernel_padding_columns(dtype, device):
 @pytest.mark.parametrize("row_len,n_cols", [(2048, 2000), (1999, 1999), (3000, 2950)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_launches_of_the_tuner(dtype, row_len, n_cols, device):
-    """Every (num_warps, UNROLL) that bench.tune_cross_entropy may write into the table: UNROLL only changes when
-    the loads are issued, so its results equal UNROLL 1's at the same width bit for bit; each width's equal the
-    float64 truth to fp32 summation order and one rounding. Padded and unaligned rows, a partial last group of
-    UNROLL blocks, label smoothing, ignored rows and per-row scales."""
+    """Every (num_warps, UNROLL) that bench.tune_cross_entropy may write into the table equals the float64 truth to
+    fp32 summation order and one rounding (UNROLL > 1 folds its blocks' statistics at once: the same sums in
+    another order). Padded and unaligned rows, a partial last group of UNROLL blocks, label smoothing, ignored rows
+    and per-row scales."""
     from bench.tune_cross_entropy import CANDIDATES
 
     torch.manual_seed(11)
@@ -212,20 +212,39 @@ def test_launches_of_the_tuner(dtype, row_len, n_cols, device):
     exact_grad = torch.func.grad(lambda z: (F.cross_entropy(z, target, ignore_index=IGNORE, label_smoothing=0.1,
                                                             reduction="none") * row_scale.double()).sum() * 0.5)(
         x[:, :n_cols].double())
-    results = {}
+    ran = set()
     for launch in CANDIDATES + ((2, 4), (1, 2)):
         got, loss = x.clone(), torch.empty(n, device=device)
         _launch(got, target, loss, IGNORE, 0.1, 0.5, True, row_scale=row_scale, n_cols=n_cols, launch=launch)
         block_v, _, unroll = _row_config(row_len, x.element_size(), launch)
-        if (block_v, 1) in results:
-            assert torch.equal(loss, results[block_v, 1][0]) and torch.equal(got, results[block_v, 1][1]), launch
-        results[block_v, unroll] = loss, got
+        ran.add((block_v, unroll))
         torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6, msg=f"loss, launch {launch}")
         step = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-22
         torch.testing.assert_close(got[:, :n_cols].double(), exact_grad, rtol=step, atol=1e-7,
                                    msg=f"gradient, launch {launch}")
         assert not got[:, n_cols:].any(), "padding columns got a gradient"
-    assert any(u > 1 for _, u in results) and len({b for b, _ in results}) > 1, "no unrolled or no second width ran"
+    assert {u for _, u in ran} == {1, 2, 4} and len({b for b, _ in ran}) > 1, f"launches run: {sorted(ran)}"
+
+
+@pytest.mark.parametrize("launch", [(1, 2), (2, 4)])
+def test_unrolled_launch_with_masked_and_nan_logits(launch, device):
+    """The unrolled statistics (_fold_blocks) on -inf logits (masked classes, a whole block of them, a lane that
+    sees nothing else) and NaN: masked classes get probability 0 and a zero gradient, a NaN makes its row's loss and
+    gradient NaN, as with UNROLL 1."""
+    torch.manual_seed(5)
+    n, v = 3, 2000
+    x = torch.randn(n, v, device=device)
+    x[0, 256:1024] = float("-inf")  # whole blocks of 256 / 512 columns, and lanes that see only -inf in a trip
+    x[0, ::7] = float("-inf")
+    x[2, 1500] = float("nan")
+    target = torch.tensor([1, 5, 3], device=device)
+    got, loss = x.clone(), torch.empty(n, device=device)
+    _launch(got, target, loss, IGNORE, 0.0, 1.0, True, launch=launch)
+    exact = F.cross_entropy(x[:2].double(), target[:2], reduction="none")
+    torch.testing.assert_close(loss[:2].double(), exact, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[:2].double(), torch.func.grad(
+        lambda z: F.cross_entropy(z, target[:2], reduction="sum"))(x[:2].double()), rtol=1e-5, atol=1e-7)
+    assert not got[0, 256:1024].any() and torch.isnan(loss[2]) and torch.isnan(got[2]).all()
 
 
 def test_row_config_of_a_tuned_launch():
@@ -526,6 +545,12 @@ def test_default_chunk_size():
     assert _default_chunk_size(n, v, c, torch.bfloat16, free_bytes=700 * 2**20) == 1024
     assert _default_chunk_size(n, 2000, 64, torch.bfloat16, free_bytes=100 * 2**20) < \
         _default_chunk_size(n, 2000, 64, torch.bfloat16) == n
+    # where d weight accumulates in its matmul, the slice's 24 MiB go to the logits: fewer, larger chunks
+    assert _default_chunk_size(n, v, c, torch.bfloat16, dw_slice=False) == 1536
+    assert _linear_extra_bytes(n, v, c, torch.bfloat16, 1536, dw_slice=False) <= 400 * 2**20
+    assert _default_chunk_size(n // 2, v, c, torch.bfloat16, dw_slice=False) == 2048  # GPT-1's 32 x 512: 8 chunks
+    assert _default_chunk_size(n // 2, v, c, torch.bfloat16) == 1920  # 9 with the slice
+    assert _default_chunk_size(n, v, c, torch.float32, dw_slice=False) == 1024  # fp32 has no slice either way
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

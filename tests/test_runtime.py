@@ -341,11 +341,15 @@ def test_default_training_step_never_waits_on_the_gpu(dist_env, mode):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graphs_train_like_the_default_compile(dist_env):
+@pytest.mark.parametrize("gas,evaluate", [(1, False), (2, True)], ids=["step", "accumulate-and-evaluate"])
+def test_cuda_graphs_train_like_the_default_compile(dist_env, gas, evaluate):
     """--compile-mode reduce-overhead in gpt1.train's default setting (ZeRO-0, torch_autocast bf16, our kernels):
     Inductor replays the forward and backward as CUDA graphs (none skipped), and every step's loss and gradients
-    are those of the default compile. The learning rate is 0, so that every step (Inductor's warm-up run, the
-    recording, then replays) sees the same weights in both modes and its gradients can be compared to rounding:
+    are those of the default compile. Also with gradient accumulation (the gradients that a replay writes are
+    added to those of the micro step before, which must not live in memory the next replay overwrites) and with
+    gpt1.train's evaluation between steps (an eval-mode forward without gradients: other graphs, the same pool).
+    The learning rate is 0, so that every step (Inductor's warm-up run, the recording, then replays) sees the same
+    weights in both modes and its gradients can be compared to rounding:
     read after each backward, before the step, where a replay that overwrote memory still in use (a gradient
     held in the graphs' pool) would show as a gradient far off. Not bitwise: cuBLAS may pick other algorithms
     inside a capture. (An earlier version trained at LR 1e-2 and compared the weights after four steps to 1e-5,
@@ -355,7 +359,7 @@ def test_cuda_graphs_train_like_the_default_compile(dist_env):
 
     cfg = dict(SMALL, n_positions=64, n_embd=64, n_head=2, attn_impl="triton", loss_impl="triton_linear")  # no dropout
     data = batches(4, B=4, T=64)
-    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": CLIP,
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": gas, "gradient_clipping": CLIP,
           "torch_autocast": {"enabled": True, "dtype": "bfloat16"}, "zero_optimization": {"stage": 0},
           "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     seen = {}
@@ -368,13 +372,18 @@ def test_cuda_graphs_train_like_the_default_compile(dist_env):
         engine, _, _ = build_engine(model, lean, lr=0.0, weight_decay=WD, max_grad_norm=max_grad_norm)
         assert compile_module(engine, True, 0, mode)
         losses, grads = [], []
-        for w in data:
+        for i, w in enumerate(data):
             w = w.to(engine.device)
             loss = engine(w[:, :-1], labels=w[:, 1:]).loss
             engine.backward(loss)
             losses.append(loss.item())
             grads.append({n: p.grad.detach().float().clone() for n, p in model.named_parameters()})
             engine.step()
+            if evaluate and i == 1:  # as gpt1.train's evaluate: eval mode, no gradients, the logits read
+                engine.module.eval()
+                with torch.no_grad():
+                    losses.append(engine(w[:, :-1]).logits.float().logsumexp(-1).mean().item())
+                engine.module.train()
         seen[mode] = losses, grads
         if mode == "reduce-overhead":
             assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
