@@ -36,3 +36,18 @@ def pytest_runtest_logreport(report):
     if path and report.failed:
         with open(path, "a") as f:
             f.write(f"FAILED {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n\n")
+
+
+def pytest_collection_finish(session):
+    """Where the collected tests start DeepSpeed on a CPU (a test file that names it), build its shared-memory
+    communication op here, once, before any test runs. Its JIT build holds a lock file for as long as it takes
+    (about a minute on a fresh 2-core machine); a test's subprocess killed by its time box in that minute (the
+    GPU-session smoke stages have 40 s ones) leaves the file behind, and every later DeepSpeed start then waits on it
+    forever (seen: a suite's profile_step runs each hanging until their 600 s timeout)."""
+    if DEVICE != "cpu":
+        return
+    files = {str(item.path) for item in session.items}
+    if any("deepspeed" in open(f).read().lower() for f in files):
+        from deepspeed.comm.torch import build_shm_op
+
+        build_shm_op()
