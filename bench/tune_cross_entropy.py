@@ -29,7 +29,7 @@ WORST_SHAPE = 0.99  # a winner may not be slower than this on any shape
 SHAPES = (("linear CE chunk", 2, 2048, 40512, 40478), ("logits N x V", 2, 32768, 40478, 40478),
           ("fp32 logits", 4, 8192, 40478, 40478))
 SMOKE_SHAPES = (("linear CE chunk", 2, 3, 2048, 2000), ("fp32 logits", 4, 3, 1100, 1100))
-WARMUP_MS, REP_MS = 25, 100
+WARMUP_MS, REP_MS = 25, 100  # do_bench's, per candidate and shape (common.measure_ms)
 
 
 def make_problem(n_rows, row_len, n_cols, element_size, dev):
@@ -66,18 +66,6 @@ def mismatch(got, want):
     if not torch.allclose(grad.float(), grad_ref.float(), rtol=step, atol=1e-9):
         return f"gradients differ by up to {(grad.float() - grad_ref.float()).abs().max().item():.3g}"
     return None
-
-
-def time_ms(fn, smoke):
-    """(median, p20, p80) GPU ms of fn(); in --smoke one call's wall-clock ms (measures nothing)."""
-    if smoke:
-        t0 = time.perf_counter()
-        fn()
-        ms = (time.perf_counter() - t0) * 1e3
-        return ms, ms, ms
-    import triton.testing
-
-    return tuple(triton.testing.do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, quantiles=list(common.QUANTILES)))
 
 
 def measure_shape(shape, dev, smoke, deadline):
@@ -118,9 +106,10 @@ def measure_shape(shape, dev, smoke, deadline):
                 continue
         work, out = base.clone(), torch.empty_like(loss)
         # in place: from the second call on it reads gradients, which cost the same to read and write
-        ms, p20, p80 = time_ms(functools.partial(run_launch, work, target, n_cols, launch, out), smoke)
-        row.update(status="ok", ms=ms, ms_p20=p20, ms_p80=p80,
-                   gbps=2 * n_rows * row_len * size / (ms * 1e-3) / 1e9)
+        timed = common.measure_ms(functools.partial(run_launch, work, target, n_cols, launch, out), smoke,
+                                  warmup=WARMUP_MS, rep=REP_MS)
+        row.update(status="ok", ms=timed["ms"], ms_p20=timed["ms_p20"], ms_p80=timed["ms_p80"],
+                   gbps=2 * n_rows * row_len * size / (timed["ms"] * 1e-3) / 1e9)
     return rows
 
 

@@ -3,6 +3,7 @@ bf16 or TF32, whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRE
 argument checks, torch.autocast's cast of a matmul's inputs, and the dropout draws (Philox, in groups of 8
 columns) with their device seeds."""
 
+import json
 import os
 
 import torch
@@ -153,3 +154,18 @@ def new_dropout_seed(device):
     replay fresh draws)."""
     return torch.randint(0, 2**32, (1,), dtype=torch.int64, device=device)
 
+
+def read_tuned_json(path, tuner):
+    """The JSON object of a measured launch table written by `python -m bench.<tuner>`, or None when there is no
+    such file (the kernels then run their fixed configurations); ValueError for a file that is not JSON or that a
+    --smoke run wrote."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    if isinstance(data, dict) and data.get("smoke"):
+        raise ValueError(f"{path}: written by bench.{tuner} --smoke, which measures nothing")
+    return data

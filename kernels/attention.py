@@ -79,7 +79,6 @@ as fp32 (ROUNDING="bf16"), because the interpreter multiplies bf16 as raw intege
 """
 
 import functools
-import json
 import math
 import os
 from typing import Optional
@@ -100,6 +99,7 @@ from kernels._common import (
     dropout_words,
     new_dropout_seed,
     next_power_of_2,
+    read_tuned_json,
     round_fp32,
     seed_tensor,
 )
@@ -741,16 +741,8 @@ def parse_tuned_table(data, source="tuned table"):
 
 def load_tuned_table(path=_TUNED_PATH):
     """The parsed table of a JSON file; {} when there is none (an install without the file runs on _CONFIGS)."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from None
-    if isinstance(data, dict) and data.get("smoke"):
-        raise ValueError(f"{path}: written by bench.tune_attention --smoke, which measures nothing")
-    return parse_tuned_table(data, path)
+    data = read_tuned_json(path, "tune_attention")
+    return {} if data is None else parse_tuned_table(data, path)
 
 
 _TUNED = load_tuned_table()

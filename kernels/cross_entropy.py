@@ -73,7 +73,6 @@ Limits and side effects:
 """
 
 import functools
-import json
 import math
 import os
 from itertools import repeat
@@ -83,7 +82,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, LOG2E, autocast_inputs, check_tensors, next_power_of_2, round_fp32
+from kernels._common import (
+    INTERPRET,
+    LOG2E,
+    autocast_inputs,
+    check_tensors,
+    next_power_of_2,
+    read_tuned_json,
+    round_fp32,
+)
 
 _REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -543,16 +550,8 @@ def parse_tuned_table(data, source="tuned table"):
 
 def load_tuned_table(path=_TUNED_PATH):
     """The parsed table of a JSON file; {} when there is none (every GPU then runs (_NUM_WARPS, 1))."""
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc}") from None
-    if isinstance(data, dict) and data.get("smoke"):
-        raise ValueError(f"{path}: written by bench.tune_cross_entropy --smoke, which measures nothing")
-    return parse_tuned_table(data, path)
+    data = read_tuned_json(path, "tune_cross_entropy")
+    return {} if data is None else parse_tuned_table(data, path)
 
 
 _TUNED = load_tuned_table()
