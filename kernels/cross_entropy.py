@@ -104,8 +104,9 @@ _BYTES_PER_THREAD = 16
 # The measured table (kernels/cross_entropy_tuned.json, written by `python -m bench.tune_cross_entropy` on a GPU and
 # committed): per (arch, element size) the (num_warps, UNROLL) of rows at least one full block long, where one beat
 # (_NUM_WARPS, 1) there. UNROLL blocks' loads are issued before any of them is used (1, 2 or 4 16-byte loads a thread
-# in flight, for more registers); num_warps sets the lanes (BLOCK_V) and how many programs share an SM. Both change
-# the fp32 summation order of a row's statistics, so results may differ in the last bits from launch to launch.
+# in flight, for more registers): the lanes and the order in which each folds its columns stay, so the results do
+# too, bit for bit. num_warps sets the lanes (BLOCK_V) and how many programs share an SM: it changes the fp32
+# summation order of a row's statistics, so results may differ in the last bits from one width to another.
 _TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_entropy_tuned.json")
 _ARCHS = {"sm80": 8, "sm90": 9}  # the arch field -> the compute-capability major (sm_100 and later read sm90's)
 UNROLLS = (1, 2, 4)
@@ -155,8 +156,7 @@ def _load_block(PTR, offs, mask):
 def _load_blocks(PTR, offs, n, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr):
     """UNROLL (1, 2 or 4) consecutive blocks PTR[offs + u * BLOCK_V] (where < n, -inf elsewhere); the blocks past
     UNROLL are the first one again (unread). Loading them together is not enough to have them in flight together:
-    ptxas sinks each load to its first use, so the code that uses them must need all of them first (_fold_blocks,
-    _tie_blocks)."""
+    ptxas sinks each load to its first use, so the code that uses them must need all of them first (_tie_blocks)."""
     tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4), "UNROLL must be 1, 2 or 4")
     x0 = _load_block(PTR, offs, offs < n)
     x1 = x0
@@ -172,50 +172,20 @@ def _load_blocks(PTR, offs, n, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr):
 
 @triton.jit
 def _tie_blocks(x0, x1, x2, x3, UNROLL: tl.constexpr):
-    """The UNROLL (2 or 4) blocks, each through min(x, the blocks' elementwise max): the same values, but each now
-    depends on every block's load, which ptxas must therefore issue before the first computation on any of them.
-    Without it ptxas sinks each load to its block's computation, and only one is in flight at a time (as it
-    also sank a prefetch into the next loop trip)."""
-    top = tl.maximum(x0, x1)
+    """The UNROLL (2 or 4) blocks, each through min(x, the blocks' elementwise max): the same values bit for bit
+    (NaN stays NaN: both propagate it), but each now depends on every block's load, which ptxas must therefore issue
+    before the first computation on any of them. Without it ptxas sinks each load to its block's computation, and
+    only one is in flight at a time (as it also sank a prefetch into the next loop trip). Two cheap ALU operations
+    an element, no exp."""
+    top = tl.maximum(x0, x1, propagate_nan=tl.PropagateNan.ALL)
     if UNROLL == 4:
-        top = tl.maximum(top, tl.maximum(x2, x3))
-    x0 = tl.minimum(x0, top)
-    x1 = tl.minimum(x1, top)
+        top = tl.maximum(top, tl.maximum(x2, x3, propagate_nan=tl.PropagateNan.ALL), propagate_nan=tl.PropagateNan.ALL)
+    x0 = tl.minimum(x0, top, propagate_nan=tl.PropagateNan.ALL)
+    x1 = tl.minimum(x1, top, propagate_nan=tl.PropagateNan.ALL)
     if UNROLL == 4:
-        x2 = tl.minimum(x2, top)
-        x3 = tl.minimum(x3, top)
+        x2 = tl.minimum(x2, top, propagate_nan=tl.PropagateNan.ALL)
+        x3 = tl.minimum(x3, top, propagate_nan=tl.PropagateNan.ALL)
     return x0, x1, x2, x3
-
-
-@triton.jit
-def _class_values(x, offs, n, n_cls):
-    """x in fp32 where offs < n and is a class (< n_cls), -inf elsewhere."""
-    return tl.where((offs < n) & (offs < n_cls), x.to(tl.float32), float("-inf"))
-
-
-@triton.jit
-def _fold_blocks(x0, x1, x2, x3, offs, n, n_cls, m, d, x_sum, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr,
-                 SMOOTHING: tl.constexpr):
-    """_fold_lanes for UNROLL (2 or 4) blocks at offs + u * BLOCK_V at once: each lane's max over the blocks comes
-    first, which needs every block's load, then each lane's sum is rescaled once to the new max and the blocks'
-    exponentials are added: UNROLL + 1 exps per UNROLL elements. A lane whose max stays -inf keeps d = 0; a NaN
-    makes d NaN."""
-    x0 = _class_values(x0, offs, n, n_cls)
-    x1 = _class_values(x1, offs + BLOCK_V, n, n_cls)
-    new_m = tl.maximum(m, tl.maximum(x0, x1))
-    if UNROLL == 4:
-        x2 = _class_values(x2, offs + 2 * BLOCK_V, n, n_cls)
-        x3 = _class_values(x3, offs + 3 * BLOCK_V, n, n_cls)
-        new_m = tl.maximum(new_m, tl.maximum(x2, x3))
-    ref = tl.where(new_m == float("-inf"), 0.0, new_m)  # -inf - -inf would be NaN; exp2(-inf - 0) is 0
-    d = d * tl.exp2((m - ref) * LOG2E) + tl.exp2((x0 - ref) * LOG2E) + tl.exp2((x1 - ref) * LOG2E)
-    if UNROLL == 4:
-        d += tl.exp2((x2 - ref) * LOG2E) + tl.exp2((x3 - ref) * LOG2E)
-    if SMOOTHING:
-        x_sum += tl.sum(tl.where(x0 == float("-inf"), 0.0, x0) + tl.where(x1 == float("-inf"), 0.0, x1), axis=0)
-        if UNROLL == 4:
-            x_sum += tl.sum(tl.where(x2 == float("-inf"), 0.0, x2) + tl.where(x3 == float("-inf"), 0.0, x3), axis=0)
-    return new_m, d, x_sum
 
 
 @triton.jit
@@ -277,11 +247,17 @@ def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.
     for k in range(0, body_len, BLOCK_V * UNROLL):
         offs = k + tl.arange(0, BLOCK_V)
         x0, x1, x2, x3 = _load_blocks(BODY, offs, body_len, BLOCK_V, UNROLL)
-        if UNROLL == 1:
-            m_v, d_v, x_sum = _fold_lanes(x0, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
-        else:  # UNROLL 16-byte loads a thread in flight
-            m_v, d_v, x_sum = _fold_blocks(x0, x1, x2, x3, offs, body_len, n_cls, m_v, d_v, x_sum, BLOCK_V, UNROLL,
-                                           SMOOTHING)
+        if UNROLL > 1:  # UNROLL 16-byte loads a thread in flight; each lane folds its columns in the same order
+            x0, x1, x2, x3 = _tie_blocks(x0, x1, x2, x3, UNROLL)
+        m_v, d_v, x_sum = _fold_lanes(x0, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
+        if UNROLL >= 2:
+            offs = offs + BLOCK_V
+            m_v, d_v, x_sum = _fold_lanes(x1, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
+        if UNROLL == 4:
+            offs = offs + BLOCK_V
+            m_v, d_v, x_sum = _fold_lanes(x2, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
+            offs = offs + BLOCK_V
+            m_v, d_v, x_sum = _fold_lanes(x3, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
     m = tl.maximum(tl.max(m_v, axis=0), tl.max(m_e, axis=0))
     return m, _lane_lse(m_v, d_v, m) + _lane_lse(m_e, d_e, m), x_sum
 
@@ -1106,11 +1082,11 @@ COMPILE_SPECS = [
     _compile_spec("cross_entropy_fwd_only_bf16_V40478", "bf16", False),
     _compile_spec("linear_ce_chunk_fwd_bwd_bf16_V40478_padded", "bf16", True, padded=True),
     # candidates that bench.tune_cross_entropy times beside the default (more loads in flight, other widths), named
-    # _w<num_warps>_unroll<UNROLL>: those without spills under both triton 3.6 and 3.9 (8 x 4 and 4 x 4 hold 94
-    # registers under 3.6 but spill 8 bytes on sm_90 under 3.9, as fp32 at 16 x 4 does; the tuner rejects a launch
-    # that spills on its GPU)
+    # _w<num_warps>_unroll<UNROLL>: those without spills under both triton 3.6 and 3.9. At UNROLL 4, 16 x 4 holds 85
+    # registers on sm_90 under triton 3.6 (the GPU machines'), but 3.9 keeps it to 64 and spills, as it does 8 x 4,
+    # 4 x 4 and fp32's 16 x 4; the tuner rejects a launch that spills on its GPU.
     *(_compile_spec(f"linear_ce_chunk_fwd_bwd_bf16_V40478_padded_w{w}_unroll{u}", "bf16", True, padded=True,
-                    launch=(w, u)) for w, u in ((16, 2), (16, 4), (32, 1))),
+                    launch=(w, u)) for w, u in ((16, 2), (32, 1))),
     # the backward's in-place scaling, by one incoming gradient (reduction="mean")
     {"name": "cross_entropy_scale_grad_bf16_V40478", "fn": _scale_grad_kernel,
      "signature": {"GRAD": "*bf16:16", "stride_row": "i32", "row_len": "i32", "GRAD_OUT": "*fp32:16",

@@ -196,10 +196,10 @@ def test_kernel_padding_columns(dtype, device):
 @pytest.mark.parametrize("row_len,n_cols", [(2048, 2000), (1999, 1999), (3000, 2950)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_launches_of_the_tuner(dtype, row_len, n_cols, device):
-    """Every (num_warps, UNROLL) that bench.tune_cross_entropy may write into the table equals the float64 truth to
-    fp32 summation order and one rounding (UNROLL > 1 folds its blocks' statistics at once: the same sums in
-    another order). Padded and unaligned rows, a partial last group of UNROLL blocks, label smoothing, ignored rows
-    and per-row scales."""
+    """Every (num_warps, UNROLL) that bench.tune_cross_entropy may write into the table: UNROLL only changes when
+    the loads are issued (each lane folds its columns in the same order), so its results equal UNROLL 1's at the
+    same width bit for bit; each width's equal the float64 truth to fp32 summation order and one rounding. Padded
+    and unaligned rows, a partial last group of UNROLL blocks, label smoothing, ignored rows and per-row scales."""
     from bench.tune_cross_entropy import CANDIDATES
 
     torch.manual_seed(11)
@@ -212,24 +212,30 @@ def test_launches_of_the_tuner(dtype, row_len, n_cols, device):
     exact_grad = torch.func.grad(lambda z: (F.cross_entropy(z, target, ignore_index=IGNORE, label_smoothing=0.1,
                                                             reduction="none") * row_scale.double()).sum() * 0.5)(
         x[:, :n_cols].double())
-    ran = set()
-    for launch in CANDIDATES + ((2, 4), (1, 2)):
+    ran = {}
+    # each width at UNROLL 1 first, so that every unrolled launch meets its width's UNROLL 1 result
+    launches = set(CANDIDATES) | {(1, 2), (1, 4), (2, 4)}
+    for launch in sorted(launches | {(w, 1) for w, _ in launches}, key=lambda w_u: w_u[1]):
         got, loss = x.clone(), torch.empty(n, device=device)
         _launch(got, target, loss, IGNORE, 0.1, 0.5, True, row_scale=row_scale, n_cols=n_cols, launch=launch)
         block_v, _, unroll = _row_config(row_len, x.element_size(), launch)
-        ran.add((block_v, unroll))
+        if (block_v, 1) in ran:
+            same = ran[block_v, 1]
+            assert torch.equal(loss, same[0]) and torch.equal(got, same[1]), f"launch {launch} against UNROLL 1"
+        ran[block_v, unroll] = loss, got
         torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=1e-6, msg=f"loss, launch {launch}")
         step = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-22
         torch.testing.assert_close(got[:, :n_cols].double(), exact_grad, rtol=step, atol=1e-7,
                                    msg=f"gradient, launch {launch}")
         assert not got[:, n_cols:].any(), "padding columns got a gradient"
     assert {u for _, u in ran} == {1, 2, 4} and len({b for b, _ in ran}) > 1, f"launches run: {sorted(ran)}"
+    assert all((b, 1) in ran for b, _ in ran), "an unrolled launch had no UNROLL 1 run of its width to match"
 
 
 @pytest.mark.parametrize("launch", [(1, 2), (2, 4)])
 def test_unrolled_launch_with_masked_and_nan_logits(launch, device):
-    """The unrolled statistics (_fold_blocks) on -inf logits (masked classes, a whole block of them, a lane that
-    sees nothing else) and NaN: masked classes get probability 0 and a zero gradient, a NaN makes its row's loss and
+    """The unrolled passes (_tie_blocks) on -inf logits (masked classes, a whole block of them, a lane that sees
+    nothing else) and NaN: masked classes get probability 0 and a zero gradient, a NaN makes its row's loss and
     gradient NaN, as with UNROLL 1."""
     torch.manual_seed(5)
     n, v = 3, 2000
