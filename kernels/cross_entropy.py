@@ -11,7 +11,9 @@ fp32 and rounded to the logits dtype only at the store (the true-class term is n
 The gradient goes INTO the logits buffer, so no second N x V tensor exists; the backward only scales
 it, in place, by the incoming gradient, and each of its programs returns at once when that factor is exactly 1
 (loss.backward() on a bf16 or fp32 mean): tested on the device, so no host sync. Rows are walked in
-16-byte groups whatever V is (_row_segments), so that the passes move 16 bytes per access.
+16-byte groups whatever V is (_row_segments), so that the passes move 16 bytes per access, UNROLL blocks at a
+time with all their loads issued first (_tie_blocks); the launch of long rows comes from a measured table
+(_long_row_config).
 
 fused_linear_cross_entropy never builds the full logits: it walks the tokens in chunks, computes a
 chunk's logits with one matmul, runs the kernel on them in place and turns the chunk's gradient into
