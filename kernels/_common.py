@@ -155,6 +155,11 @@ def new_dropout_seed(device):
     return torch.randint(0, 2**32, (1,), dtype=torch.int64, device=device)
 
 
+# The arch field of the measured launch tables (kernels/*_tuned.json) -> the CUDA compute capability's major version
+# whose entries it holds (sm_100 and later read sm90's)
+TUNED_ARCHS = {"sm80": 8, "sm90": 9}
+
+
 def read_tuned_json(path, tuner):
     """The JSON object of a measured launch table written by `python -m bench.<tuner>`, or None when there is no
     such file (the kernels then run their fixed configurations); ValueError for a file that is not JSON or that a

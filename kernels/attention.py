@@ -91,6 +91,7 @@ from kernels._common import (
     INTERPRET,
     LN2,
     LOG2E,
+    TUNED_ARCHS,
     autocast_inputs,
     bits_from_words,
     cdiv,
@@ -658,7 +659,6 @@ _INTERPRETER_CONFIG = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 
 _TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_tuned.json")
 T_BUCKETS = (128, 256, 512, 1024, 2048)  # a T uses the smallest bucket >= T; T above 2048 uses 2048's entries
 KINDS = ("fwd", "dq", "dkdv")
-_ARCHS = {"sm80": 8, "sm90": 9}  # the arch field -> the compute-capability major of _CONFIGS' keys
 _DTYPE_CLASSES = {"16-bit": False, "fp32": True}  # fp16 and bf16 share their configs, as in _CONFIGS
 _ENTRY_KEYS = ("arch", "head_dim", "dtype", "T_bucket", "dropout", "kind", "block_m", "block_n", "num_warps",
                "num_stages")
@@ -704,7 +704,7 @@ def _parse_entry(e):
     unknown = sorted(set(e) - set(_ENTRY_KEYS) - set(_PROVENANCE_KEYS))
     if missing or unknown:
         raise ValueError(f"missing fields {missing}, unknown fields {unknown}")
-    checks = ((e["arch"] in _ARCHS, f"arch {e['arch']!r} is not one of {sorted(_ARCHS)}"),
+    checks = ((e["arch"] in TUNED_ARCHS, f"arch {e['arch']!r} is not one of {sorted(TUNED_ARCHS)}"),
               (e["head_dim"] in HEAD_DIMS, f"head_dim {e['head_dim']!r} is not one of {HEAD_DIMS}"),
               (e["dtype"] in _DTYPE_CLASSES, f"dtype {e['dtype']!r} is not one of {sorted(_DTYPE_CLASSES)}"),
               (e["T_bucket"] in T_BUCKETS, f"T_bucket {e['T_bucket']!r} is not one of {T_BUCKETS}"),
@@ -717,7 +717,8 @@ def _parse_entry(e):
     why = block_rule_error(e["kind"], *cfg)
     if why:
         raise ValueError(why)
-    return (_ARCHS[e["arch"]], e["head_dim"], _DTYPE_CLASSES[e["dtype"]], e["T_bucket"], e["dropout"], e["kind"]), cfg
+    key = (TUNED_ARCHS[e["arch"]], e["head_dim"], _DTYPE_CLASSES[e["dtype"]], e["T_bucket"], e["dropout"], e["kind"])
+    return key, cfg
 
 
 def parse_tuned_table(data, source="tuned table"):

@@ -87,6 +87,7 @@ import triton.language as tl
 from kernels._common import (
     INTERPRET,
     LOG2E,
+    TUNED_ARCHS,
     autocast_inputs,
     check_tensors,
     next_power_of_2,
@@ -110,7 +111,6 @@ _BYTES_PER_THREAD = 16
 # too, bit for bit. num_warps sets the lanes (BLOCK_V) and how many programs share an SM: it changes the fp32
 # summation order of a row's statistics, so results may differ in the last bits from one width to another.
 _TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_entropy_tuned.json")
-_ARCHS = {"sm80": 8, "sm90": 9}  # the arch field -> the compute-capability major (sm_100 and later read sm90's)
 UNROLLS = (1, 2, 4)
 # Device memory fused_linear_cross_entropy may allocate at once, all its buffers together (see _default_chunk_size).
 _EXTRA_BYTES = 400 * 1024 * 1024
@@ -156,9 +156,9 @@ def _load_block(PTR, offs, mask):
 
 @triton.jit
 def _load_blocks(PTR, offs, n, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr):
-    """UNROLL (1, 2 or 4) consecutive blocks PTR[offs + u * BLOCK_V] (where < n, -inf elsewhere); the blocks past
-    UNROLL are the first one again (unread). Loading them together is not enough to have them in flight together:
-    ptxas sinks each load to its first use, so the code that uses them must need all of them first (_tie_blocks)."""
+    """UNROLL (1, 2 or 4) consecutive blocks PTR[offs + u * BLOCK_V] (where < n, -inf elsewhere), all loads in flight
+    before any is used; the blocks past UNROLL are the first one again (unread). Loading them together is not enough:
+    ptxas sinks each load to its first use, so the blocks come back tied to one another (_tie_blocks)."""
     tl.static_assert((UNROLL == 1) | (UNROLL == 2) | (UNROLL == 4), "UNROLL must be 1, 2 or 4")
     x0 = _load_block(PTR, offs, offs < n)
     x1 = x0
@@ -169,6 +169,8 @@ def _load_blocks(PTR, offs, n, BLOCK_V: tl.constexpr, UNROLL: tl.constexpr):
     if UNROLL == 4:
         x2 = _load_block(PTR, offs + 2 * BLOCK_V, offs + 2 * BLOCK_V < n)
         x3 = _load_block(PTR, offs + 3 * BLOCK_V, offs + 3 * BLOCK_V < n)
+    if UNROLL > 1:
+        x0, x1, x2, x3 = _tie_blocks(x0, x1, x2, x3, UNROLL)
     return x0, x1, x2, x3
 
 
@@ -248,9 +250,8 @@ def _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V: tl.constexpr, ALIGN: tl.
     n_cls = n_cols - head_len  # classes from the body's first column on
     for k in range(0, body_len, BLOCK_V * UNROLL):
         offs = k + tl.arange(0, BLOCK_V)
+        # UNROLL 16-byte loads a thread in flight; each lane folds its columns in the same order whatever UNROLL is
         x0, x1, x2, x3 = _load_blocks(BODY, offs, body_len, BLOCK_V, UNROLL)
-        if UNROLL > 1:  # UNROLL 16-byte loads a thread in flight; each lane folds its columns in the same order
-            x0, x1, x2, x3 = _tie_blocks(x0, x1, x2, x3, UNROLL)
         m_v, d_v, x_sum = _fold_lanes(x0, offs, offs < body_len, n_cls, m_v, d_v, x_sum, SMOOTHING)
         if UNROLL >= 2:
             offs = offs + BLOCK_V
@@ -287,7 +288,7 @@ def _store_grad(PTR, g, offs, mask, RTNE_BF16: tl.constexpr):
 def _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V: tl.constexpr,
                     ALIGN: tl.constexpr, UNROLL: tl.constexpr, RTNE_BF16: tl.constexpr):
     """Second pass: overwrite the row LOGITS[start : start + row_len] with its gradient (_grad_values), UNROLL
-    blocks at a time, tied together (_tie_blocks) so that all their loads are in flight together."""
+    blocks at a time, all their loads in flight together (_load_blocks)."""
     head_end, body_end, end = _row_segments(start, row_len, ALIGN)
     head_len, body_len, tail_first = _segment_lengths(start, head_end, body_end, end)
     inv_d = 1.0 / d
@@ -302,8 +303,6 @@ def _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V
     for k in range(0, body_len, BLOCK_V * UNROLL):
         offs = k + tl.arange(0, BLOCK_V)
         x0, x1, x2, x3 = _load_blocks(BODY, offs, body_len, BLOCK_V, UNROLL)
-        if UNROLL > 1:
-            x0, x1, x2, x3 = _tie_blocks(x0, x1, x2, x3, UNROLL)
         _store_grad(BODY, _grad_values(x0, offs, n_cls, y_off, m, inv_d, smooth, eps, scale), offs,
                     offs < body_len, RTNE_BF16)
         if UNROLL >= 2:
@@ -513,11 +512,11 @@ def parse_tuned_table(data, source="tuned table"):
         why = None
         if not isinstance(e, dict) or any(k not in e for k in ("arch", "element_size", "num_warps", "unroll")):
             why = "needs arch, element_size, num_warps and unroll"
-        elif e["arch"] not in _ARCHS or e["element_size"] not in (2, 4):
-            why = f"arch {e['arch']!r} (one of {sorted(_ARCHS)}), element_size {e['element_size']!r} (2 or 4)"
+        elif e["arch"] not in TUNED_ARCHS or e["element_size"] not in (2, 4):
+            why = f"arch {e['arch']!r} (one of {sorted(TUNED_ARCHS)}), element_size {e['element_size']!r} (2 or 4)"
         else:
             why = check_launch(e["num_warps"], e["unroll"])
-            key = (_ARCHS[e["arch"]], e["element_size"])
+            key = (TUNED_ARCHS[e["arch"]], e["element_size"])
             if why is None and key in table:
                 why = "a second entry for the same arch and element size"
         if why:
