@@ -105,6 +105,7 @@ def make_problem(B, H, T, D, p, dev):
     ((B, T, H, D) memory), a seed, and buffers for what the backward kernels read (filled by `reference`)."""
     import torch
 
+    from kernels import attention
     from kernels._common import seed_tensor
 
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -112,10 +113,20 @@ def make_problem(B, H, T, D, p, dev):
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     do = torch.randn(B, T, H, D, device=dev, generator=gen).to(torch.bfloat16).transpose(1, 2)
     x = SimpleNamespace(q=q, k=k, v=v, do=do, p=p, scale=1.0 / math.sqrt(D),
-                        seed=seed_tensor(SEED, torch.device(dev)) if p else None)
+                        seed=seed_tensor(SEED, torch.device(dev)) if p else None, mask=None)
+    if p:  # the keep-mask that every forward candidate reads (attention.MASK_DRAW) and the backward kernels too
+        x.mask = new_mask(x)
+        attention._launch_mask(x.mask, x.seed, p, True, T)
     fwd, dq = outputs("fwd", x), outputs("dq", x)
-    x.o, x.lse, x.mask, x.delta = fwd["o"], fwd["lse"], fwd["mask"], dq["delta"]
+    x.o, x.lse, x.delta = fwd["o"], fwd["lse"], dq["delta"]
     return x
+
+
+def new_mask(x, zeroed=False):
+    from kernels import attention
+
+    B, H, T, _ = x.q.shape
+    return attention._new_mask(B, H, T, x.q.device, zeroed)
 
 
 def outputs(kind, x):
@@ -128,8 +139,7 @@ def outputs(kind, x):
     new = dict(dtype=x.q.dtype, device=x.q.device)
     if kind == "fwd":
         return dict(o=torch.empty((B, T, H, D), **new).transpose(1, 2),
-                    lse=torch.empty((B, H, T), dtype=torch.float32, device=x.q.device),
-                    mask=attention._new_mask(B, H, T, x.q.device) if x.p else None)
+                    lse=torch.empty((B, H, T), dtype=torch.float32, device=x.q.device))
     if kind == "dq":
         return dict(dq=torch.empty((B, H, T, D), **new), delta=torch.empty((B, H, T), dtype=torch.float32,
                                                                            device=x.q.device))
@@ -137,13 +147,12 @@ def outputs(kind, x):
 
 
 def launch(kind, x, cfg, out):
-    """One launch of kind's kernel with cfg into out (the backward kernels read x's o, lse, mask, delta); returns
-    the compiled kernel (None under the interpreter)."""
+    """One launch of kind's kernel with cfg into out (every kernel reads x's mask, the backward ones x's o, lse,
+    delta); returns the compiled kernel (None under the interpreter)."""
     from kernels import attention
 
     if kind == "fwd":
-        return attention._launch_fwd(x.q, x.k, x.v, out["o"], out["lse"], out["mask"], True, x.scale, x.p, x.seed,
-                                     cfg)
+        return attention._launch_fwd(x.q, x.k, x.v, out["o"], out["lse"], x.mask, True, x.scale, x.p, x.seed, cfg)
     bwd = attention._bwd_args(x.q, x.mask, True, x.scale, x.p)
     if kind == "dq":
         return attention._launch_dq(x.q, x.k, x.v, x.o, x.do, out["dq"], x.lse, out["delta"], bwd, cfg)
@@ -153,20 +162,14 @@ def launch(kind, x, cfg, out):
 def reference(x, defaults):
     """Runs the default configs, so that x holds the forward and delta the backward kernels read, and returns
     their outputs per kind, against which the candidates are checked."""
-    import torch
-
     ref = {}
     for kind in ("fwd", "dq", "dkdv"):  # each reads the one before
         ref[kind] = outputs(kind, x)
         launch(kind, x, defaults[kind], ref[kind])
         if kind == "fwd":
-            x.o, x.lse, x.mask = ref[kind]["o"], ref[kind]["lse"], ref[kind]["mask"]
+            x.o, x.lse = ref[kind]["o"], ref[kind]["lse"]
         elif kind == "dq":
             x.delta = ref[kind]["delta"]
-    if x.p:  # the mask bytes that the backward reads: up to the diagonal (above it, each BLOCK_M writes its own)
-        T, W = x.mask.shape[1:]
-        rows, firsts = torch.arange(T, device=x.q.device), torch.arange(W, device=x.q.device) * 8
-        x.readable = (firsts[None, :] <= rows[:, None]) & (firsts[None, :] < T)
     return ref
 
 
@@ -177,12 +180,6 @@ def mismatch(x, got, want):
 
     for name, g in got.items():
         w = want[name]
-        if g is None:
-            continue
-        if name == "mask":
-            if not torch.equal(g[:, x.readable], w[:, x.readable]):
-                return "the dropout mask differs"
-            continue
         # bf16 outputs: one rounding each; fp32 ones (lse, delta): sums over up to T terms in another order
         step = 2.0**-8 if g.dtype == torch.bfloat16 else 2.0**-16
         g, w = g.float(), w.float()
@@ -349,10 +346,44 @@ def tune_shape(base, plans, pre, deadline, smoke):
             rows.append(row(base, kind, cfg, **common.NOT_RUN))
             continue
         rows.append(row(base, kind, cfg, **try_candidate(kind, x, cfg, ref[kind], smoke)))
+    if p and not deadline.passed():
+        rows += draw_rows(base, x, plans[(D, p, "fwd")][0], ref["fwd"], smoke)
     del x, ref
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
+
+
+def draw_rows(base, x, fwd_cfg, want, smoke):
+    """The keep-mask's two ways (kernels.attention.MASK_DRAW) beside the forward rows, which read a mask drawn
+    before: the mask kernel alone ("mask"), and the default forward drawing its mask inline ("fwd inline", checked
+    against the default forward's outputs), so that mask + fwd compares with fwd inline in one run."""
+    import torch
+
+    from kernels import attention
+
+    T = x.q.shape[2]
+    block_r, block_c, num_warps = attention._MASK_CONFIG
+    mask = new_mask(x)
+    ms = time_ms(lambda: attention._launch_mask(mask, x.seed, x.p, True, T), smoke)
+    rows = [dict(base, kind="mask", config=[block_r, block_c, num_warps], label=f"{block_r}x{block_c} w{num_warps}",
+                 status="ok", ms=ms[0], ms_p20=ms[1], ms_p80=ms[2])]
+    out, inline_mask = outputs("fwd", x), new_mask(x, zeroed=True)
+
+    def fwd_inline():
+        return attention._launch_fwd(x.q, x.k, x.v, out["o"], out["lse"], inline_mask, True, x.scale, x.p, x.seed,
+                                     fwd_cfg, inline=True)
+
+    fwd_inline()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wrong = [name for name in ("o", "lse") if not torch.equal(out[name], want[name])]
+    if wrong:
+        measured = dict(status="error", reason=f"the inline draw's {' and '.join(wrong)} differ from the default's")
+    else:
+        ms = time_ms(fwd_inline, smoke)
+        measured = dict(status="ok", ms=ms[0], ms_p20=ms[1], ms_p80=ms[2])
+    return rows + [row(base, "fwd inline", fwd_cfg, **measured)]
 
 
 def row(base, kind, cfg, **measured):
@@ -363,8 +394,10 @@ def choose(rows, smoke):
     """[(default row, chosen row)] per (D, T, dropout, kind) whose default was timed; chosen is the fastest ok
     candidate when it beats the default by MIN_GAIN, else the default. In --smoke (nothing is measured) the last
     ok candidate, so that the table path runs."""
+    from kernels import attention
+
     groups = {}
-    for r in rows:
+    for r in (r for r in rows if r["kind"] in attention.KINDS):
         groups.setdefault((r["D"], r["T"], r["dropout"], r["kind"]), []).append(r)
     picks = []
     for group in groups.values():
@@ -438,6 +471,7 @@ def markdown(rows, picks, data, smoke):
     for r in rows:
         if r["status"] == "rejected":
             rejected.setdefault((r["D"], r["dropout"], r["kind"], r["label"], r["reason"]), []).append(r["T"])
+    lines += ["## The dropout mask: drawn by its kernel, or inline by the forward", "", markdown_draw(rows), ""]
     lines += ["## Rejected candidates", ""]
     lines += [f"- D={d} dropout={p} {kind} {lab} (T={ts}): {why}" for (d, p, kind, lab, why), ts in rejected.items()]
     lines += ["(none)"] if not rejected else []
@@ -445,6 +479,25 @@ def markdown(rows, picks, data, smoke):
     lines += ["", f"{not_run} candidates not run (time budget)." if not_run else "", "## Every candidate", "",
               common.markdown_table(rows, ALL_COLUMNS), ""]
     return "\n".join(lines)
+
+
+def markdown_draw(rows):
+    """Per (D, T) with dropout: the mask kernel's ms and the default forward's (which reads that mask), their sum,
+    and the default forward drawing the mask inline (kernels.attention.MASK_DRAW chooses between the two)."""
+    from kernels import attention
+
+    found = {}
+    for r in rows:
+        if r["dropout"] and r["status"] == "ok" and r["kind"] in ("mask", "fwd", "fwd inline"):
+            found.setdefault((r["D"], r["T"]), {}).setdefault(r["kind"], r["ms"])  # fwd: its default, timed first
+    lines = [f"MASK_DRAW = {attention.MASK_DRAW!r}.", "", "| D | T | mask ms | fwd ms | mask + fwd ms | fwd inline ms | "
+             "inline / (mask + fwd) |", "|---|---|---|---|---|---|---|"]
+    for (d, t), ms in found.items():
+        if len(ms) == 3:
+            both = ms["mask"] + ms["fwd"]
+            lines.append(f"| {d} | {t} | {common.fmt(ms['mask'])} | {common.fmt(ms['fwd'])} | {common.fmt(both)} | "
+                         f"{common.fmt(ms['fwd inline'])} | {ms['fwd inline'] / both:.2f} |")
+    return "\n".join(lines if len(lines) > 4 else lines + ["| (not measured) |"])
 
 
 def markdown_pairs(picks):

@@ -16,25 +16,27 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   Philox-4x32-7 call with counter (j // 8, i, b*H + h, seed) gives eight 16-bit draws, for columns j of row i
   in one group of 8; element (b, h, i, j) is kept iff its draw >= round(p * 65536) (kernels._common's
   dropout_words), so the dropout rate is p quantized to 1/65536 (FlashAttention-2 uses 8-bit draws, 1/256);
-  kept values are scaled by 1/(1 - p). The mask is drawn once, in the forward, which also stores it packed, one bit per
-  score (a (B*H, T, W) uint8 tensor, W = T/8 rounded up to 16 bytes: 12 MiB per layer at GPT-1's B=32,
-  T=512); both backward kernels read their tiles' bits instead of running Philox again, so a training step
-  draws each score's dropout once where regenerating it would draw it three times. The 32-bit seed is a
-  1-element int64 tensor drawn with torch.randint on the inputs' device (so torch.manual_seed reproduces it)
-  and read by the forward with tl.load: no host sync, and under torch.compile a graph tensor, so neither a
-  recompile per value nor a value frozen into a CUDA graph.
+  kept values are scaled by 1/(1 - p). The mask is drawn once per forward, packed one bit per score (a
+  (B*H, T, W) uint8 tensor, W = T/8 rounded up to 16 bytes: 12 MiB per layer at GPT-1's B=32, T=512), by
+  _dropout_mask_kernel just before the forward kernel (MASK_DRAW "kernel"; causal, only the bytes up to the
+  diagonal are drawn, the rest written 0); the forward and both backward kernels read their tiles' bits, so a
+  training step draws each score's dropout once where regenerating it would draw it three times. The forward can
+  also draw the bits itself between its dots and store them (MASK_DRAW "inline"; the same bits, bit for bit).
+  The 32-bit seed is a 1-element int64 tensor drawn with torch.randint on the inputs' device (so torch.manual_seed
+  reproduces it) and read by the kernels with tl.load: no host sync, and under torch.compile a graph tensor, so
+  neither a recompile per value nor a value frozen into a CUDA graph.
   `attention_dropout_mask` rebuilds the mask of a seed for tests; `attention_backward` (the seed API)
   rebuilds the packed one.
-  Cost (static, from the compile report under triton 3.6; not yet profiled on a GPU): at T=512 on sm_90 (D=64,
-  bf16, the tuned 64x64 tiles) the forward's loop over key blocks ran 976 SASS instructions per block with dropout
-  against 319 without, as its time on the H100 doubled (0.20 against ~0.11 ms per call): the Philox calls, and
-  three tiles through shared memory on their way into the MMA layout of the scores. The keep-mask is now unpacked
-  from the stored bytes (_keep_of_bits: one small tile through shared memory) and Philox runs 7 rounds
-  (kernels._common.PHILOX_ROUNDS): 796. The backward kernels apply the dropout scale once to their outputs
-  rather than to every dP (and P) element: 230 -> 213 per key block in dQ, 356 -> 337 per query block in dK/dV.
-  Measured on the H200 (commit d74f03d, T=512, D=64, bf16): dropout took the forward from 0.068 to 0.142 ms and the
-  backward from 0.257 to 0.413 ms, where cuDNN's went from 0.067 to 0.114 and from 0.208 to 0.228. On sm_90 the
-  backward kernels now load their mask bytes a loop trip ahead (PREFETCH_MASK, see _attn_bwd_dq_inner).
+  Cost (static, from the compile report under triton 3.6, sm_90, D=64, bf16, the tuned 64x64 tiles; SASS
+  instructions per key block of the forward's loop): 319 without dropout; 796 drawing inline (the Philox calls,
+  and the keep-mask's trip through shared memory into the MMA layout of the scores: 43 shared-memory loads and 10
+  barriers in its loops against 23 and 4); 477 reading the mask kernel's bits, which costs about 75 per Philox call
+  and thread at 26 registers. On an H200 (d74f03d, T=512) the inline draw took the forward from 0.068 to 0.142 ms,
+  where cuDNN's went from 0.067 to 0.114: about 3x the time that issuing its instructions takes, latency that
+  the forward's 8 warps per SM could not hide, which the mask kernel's many small programs can.
+  The backward kernels apply the dropout scale once to their outputs rather than to every dP (and P) element,
+  and on sm_90 load their mask bytes a loop trip ahead (PREFETCH_MASK, see _attn_bwd_dq_inner), as the forward
+  does.
 
 Dtypes: fp16, bf16 and fp32 inputs; outputs and gradients are in the input dtype. Dot products take
 their operands in the input dtype and accumulate in fp32; all elementwise math is fp32. fp32 dots follow torch's
@@ -184,8 +186,10 @@ def _mask_bytes(MASK, W, rows, col_start, row_end, col_end, DIAG: tl.constexpr, 
 
 @triton.jit
 def _keep_of_bytes(bits, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The forward's keep-mask (BLOCK_R, BLOCK_C) of its loaded bytes (BLOCK_R, BLOCK_C // 8) (_mask_bytes)."""
-    bits = (bits.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1  # (R, C/8, 8): column 8g + b
+    """The (BLOCK_R, BLOCK_C) keep-mask of loaded bytes (BLOCK_R, BLOCK_C // 8) (_mask_bytes), for the forward and
+    dQ. Each bit tested against its own one-bit mask, where a shift and an AND left the forward's loop (sm_90, D=64,
+    64x64, triton 3.6) 70 SASS instructions longer per key block."""
+    bits = bits.to(tl.int32)[:, :, None] & (1 << tl.arange(0, 8))[None, None, :]  # (R, C/8, 8): column 8g + b
     return tl.reshape(bits, [BLOCK_R, BLOCK_C]) != 0
 
 
@@ -245,16 +249,25 @@ def _query_range(start_n, T, STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M:
 def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, start_m, qk_scale,
                     SEED, BH, T, DROP_THRESHOLD, MASK, W,
                     STAGE: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+                    DROPOUT: tl.constexpr, DRAW: tl.constexpr, PREFETCH_MASK: tl.constexpr,
+                    ROUNDING: tl.constexpr):
     DTYPE: tl.constexpr = k_ptrs.dtype.element_ty
     BOUND_MASK: tl.constexpr = STAGE != STAGE_FULL
     CAUSAL_MASK: tl.constexpr = STAGE == STAGE_DIAG
+    LOAD_MASK: tl.constexpr = DROPOUT and not DRAW  # the keep-mask drawn before, by _dropout_mask_kernel
     offs_m = start_m + tl.arange(0, BLOCK_M)
     lo, hi = _key_range(start_m, T, STAGE=STAGE, CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     k_ptrs += lo * stride_kt
     v_ptrs += lo * stride_vt
+    bits = tl.zeros([1], dtype=tl.uint8)  # with PREFETCH_MASK: the next trip's mask bytes (_attn_bwd_dq_inner)
+    if LOAD_MASK and PREFETCH_MASK:
+        bits = _mask_bytes(MASK, W, offs_m, lo, T, hi, CAUSAL_MASK, BLOCK_M, BLOCK_N, TRANSPOSED=False)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
+        if LOAD_MASK and PREFETCH_MASK:
+            bits_here = bits
+            bits = _mask_bytes(MASK, W, offs_m, start_n + BLOCK_N, T, hi, CAUSAL_MASK, BLOCK_M, BLOCK_N,
+                               TRANSPOSED=False)
         if BOUND_MASK:
             kT = tl.load(k_ptrs, mask=offs_n[None, :] < T, other=0.0)
             v = tl.load(v_ptrs, mask=offs_n[:, None] < T, other=0.0)
@@ -274,15 +287,20 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, star
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax normalizer counts dropped entries too
         acc = acc * alpha[:, None]
-        if DROPOUT:
+        if LOAD_MASK:
+            if not PREFETCH_MASK:
+                bits_here = _mask_bytes(MASK, W, offs_m, start_n, T, T, CAUSAL_MASK, BLOCK_M, BLOCK_N,
+                                        TRANSPOSED=False)
+            p = tl.where(_keep_of_bytes(bits_here, BLOCK_M, BLOCK_N), p, 0.0)
+        elif DROPOUT:
             r0, r1, r2, r3 = dropout_words(SEED, BH, offs_m, start_n, BLOCK_M, BLOCK_N)
             # the mask, packed, for the backward: only bytes with a column < T (the buffer's padding is not
             # written) of rows < T
             groups = start_n // 8 + tl.arange(0, BLOCK_N // 8)
-            bits = bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD)
-            tl.store(MASK + offs_m[:, None] * W + groups[None, :], bits,
+            bits_drawn = bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD)
+            tl.store(MASK + offs_m[:, None] * W + groups[None, :], bits_drawn,
                      mask=(offs_m[:, None] < T) & (groups[None, :] * 8 < T))
-            p = tl.where(_keep_of_bits(bits, BLOCK_M, BLOCK_N), p, 0.0)
+            p = tl.where(_keep_of_bits(bits_drawn, BLOCK_M, BLOCK_N), p, 0.0)
         acc = _dot(_operand(p, DTYPE, ROUNDING), v, acc, ROUNDING)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_kt
@@ -298,7 +316,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK, qk_scale, SEED, DROP_THRESHOLD, DROP
                      stride_ob, stride_oh, stride_ot, stride_od,
                      H, T,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr):
+                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DRAW: tl.constexpr, PREFETCH_MASK: tl.constexpr,
+                     ROUNDING: tl.constexpr):
     # the causal stages step through the diagonal query block in key blocks
     tl.static_assert(BLOCK_M % BLOCK_N == 0, "fwd needs BLOCK_M % BLOCK_N == 0")
     tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of 8, the dropout draw group")
@@ -328,11 +347,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK, qk_scale, SEED, DROP_THRESHOLD, DROP
     # the whole key blocks unmasked, then the diagonal block (causal) or the key tail, masked
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, start_m, qk_scale,
                                     SEED, bh, T, DROP_THRESHOLD, MASK, W, STAGE=STAGE_FULL, CAUSAL=CAUSAL,
-                                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, ROUNDING=ROUNDING)
+                                    BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, DRAW=DRAW,
+                                    PREFETCH_MASK=PREFETCH_MASK, ROUNDING=ROUNDING)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, kT_ptrs, v_ptrs, stride_kt, stride_vt, start_m, qk_scale,
                                     SEED, bh, T, DROP_THRESHOLD, MASK, W, STAGE=STAGE_DIAG if CAUSAL else STAGE_TAIL,
-                                    CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT,
-                                    ROUNDING=ROUNDING)
+                                    CAUSAL=CAUSAL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, DROPOUT=DROPOUT, DRAW=DRAW,
+                                    PREFETCH_MASK=PREFETCH_MASK, ROUNDING=ROUNDING)
 
     inv_l = 1.0 / l_i
     if DROPOUT:
@@ -600,16 +620,33 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, qk_scale, sm_scale
 
 
 @triton.jit
-def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, W, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # the packed mask of rows [program 0 * BLOCK_R, ...) of head program 1, as the forward kernel stores it
+def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, W, CAUSAL: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """Every byte of the packed keep-mask's rows [program 0 * BLOCK_R, ...) of head program 1: byte g of row i
+    holds the keep bits of keys 8g ... 8g + 7 (those >= T drawn 0) when 8g < T and, causal, 8g <= i (every byte the
+    attention kernels read, see _mask_bytes); the others, above the diagonal and the row padding, are 0. A function
+    of (seed, i, g) alone, whatever BLOCK_R and BLOCK_C: the Philox calls in their own layout, no tile changes
+    register layout, and with a few registers many programs per SM hide the multiplies' latency."""
     bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    for start in range(0, T, BLOCK_C):
+    row0 = tl.program_id(0) * BLOCK_R
+    rows = row0 + tl.arange(0, BLOCK_R)
+    MASK += bh * T * W
+    ptrs = MASK + rows[:, None] * W + tl.arange(0, BLOCK_C // 8)[None, :]
+    row_ok = rows[:, None] < T
+    # keys drawn: all of them, or causal those up to the block's last row; the bytes past them are zeros
+    drawn = tl.minimum(row0 + BLOCK_R, T) if CAUSAL else T
+    for start in range(0, drawn, BLOCK_C):
         r0, r1, r2, r3 = dropout_words(SEED, bh, rows, start, BLOCK_R, BLOCK_C)
-        groups = start // 8 + tl.arange(0, BLOCK_C // 8)
-        bits = bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD)
-        tl.store(MASK + (bh * T + rows[:, None]) * W + groups[None, :], bits,
-                 mask=(rows[:, None] < T) & (groups[None, :] * 8 < T))
+        first = start + tl.arange(0, BLOCK_C // 8)[None, :] * 8  # each byte's first key
+        ok = first < T
+        if CAUSAL:
+            ok = ok & (first <= rows[:, None])
+        bits = tl.where(ok, bits_from_words(r0, r1, r2, r3, DROP_THRESHOLD), 0).to(tl.uint8)
+        tl.store(ptrs + start // 8, bits, mask=row_ok & (first < W * 8))
+    zeros = tl.zeros([BLOCK_R, BLOCK_C // 8], dtype=tl.uint8)
+    for start in range(tl.cdiv(drawn, BLOCK_C) * BLOCK_C, W * 8, BLOCK_C):
+        first = start + tl.arange(0, BLOCK_C // 8)[None, :] * 8
+        tl.store(ptrs + start // 8, zeros, mask=row_ok & (first < W * 8))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -650,6 +687,16 @@ _CONFIGS = {
 # The interpreter runs each program in Python: small blocks keep the tests quick and exercise the
 # multi-block, diagonal-stage and tail paths on small T.
 _INTERPRETER_CONFIG = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
+
+
+# Where the forward's dropout keep-mask comes from: "kernel", _dropout_mask_kernel launched just before it (the
+# forward then reads the packed bytes as the backward kernels do), or "inline", drawn by the forward between its
+# dots (see the module docstring's cost figures). A config dict may say "draw" (tests; bench.tune_attention times
+# both ways in one run: the mask kernel + the forward against the forward drawing inline).
+MASK_DRAW = "kernel"
+# _dropout_mask_kernel's (BLOCK_R, BLOCK_C, num_warps): a (BLOCK_R, BLOCK_C // 8) tile of Philox calls per loop trip
+_MASK_CONFIG = (32, 64, 4)
+_MASK_CONFIG_INTERPRETER = (16, 32, 4)
 
 
 # The measured table (kernels/attention_tuned.json, written by `python -m bench.tune_attention` on a GPU and
@@ -762,8 +809,9 @@ def _major(device):
     return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
 
 
-def _kernel_spec(name, kind, d, dtype, dropout, cfg, major):
-    """One COMPILE_SPECS entry: the `kind` kernel at the GPT-1 shapes (see _compile_specs), causal."""
+def _kernel_spec(name, kind, d, dtype, dropout, cfg, major, draw=MASK_DRAW):
+    """One COMPILE_SPECS entry: the `kind` kernel at the GPT-1 shapes (see _compile_specs), causal; the forward
+    with its dropout mask drawn as `draw` says (see MASK_DRAW)."""
     fn = dict(fwd=_attn_fwd_kernel, dkdv=_attn_bwd_dkdv_kernel, dq=_attn_bwd_dq_kernel)[kind]
     tensors = dict(fwd="QKVO", dkdv=("Q", "K", "V", "DO", "DK", "DV"), dq=("Q", "K", "V", "O", "DO", "DQ"))[kind]
     block_m, block_n, num_warps, num_stages = cfg
@@ -779,6 +827,8 @@ def _kernel_spec(name, kind, d, dtype, dropout, cfg, major):
                   ROUNDING="ieee" if dtype == "fp32" else "none")  # fp32: torch's default precision
     if "PREFETCH_MASK" in fn.arg_names:
         consts.update(PREFETCH_MASK=_prefetch_mask(major, dtype == "fp32"))
+    if "DRAW" in fn.arg_names:
+        consts.update(DRAW=dropout and draw == "inline")
     if not dropout:
         consts.update({n: None for n in ("SEED", "MASK") if n in fn.arg_names})
     return dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps, num_stages=num_stages,
@@ -790,7 +840,8 @@ def _compile_specs():
     GPT-1 shapes (T=512, H=12, q/k/v strided views of a (B, T, 3, H, D) tensor), causal with dropout (the
     training case, the most registers); for D=64 also without dropout (SEED is then None, as the launchers
     pass it) and in fp16. Then each distinct launch of the tuned table that is not its default, for its arch,
-    dtype class and dropout, named by the T buckets that use it."""
+    dtype class and dropout, named by the T buckets that use it; the 16-bit D=64 forwards with dropout also with
+    their mask drawn inline (MASK_DRAW's alternative), and the mask kernel."""
     specs = []
     for (major, d, fp32), cfg in _CONFIGS.items():
         variants = [("fp32" if fp32 else "bf16", True)]
@@ -800,6 +851,9 @@ def _compile_specs():
             for kind in cfg:
                 name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''}"
                 specs.append(_kernel_spec(name, kind, d, dtype, dropout, cfg[kind], major))
+                if kind == "fwd" and dropout and d == 64 and dtype == "bf16":
+                    specs.append(_kernel_spec(name + " inline draw", kind, d, dtype, dropout, cfg[kind], major,
+                                              draw="inline"))
     buckets = {}  # one spec per distinct tuned launch, naming the T buckets that use it
     for (major, d, fp32, bucket, dropout, kind), cfg in sorted(_TUNED.items()):
         if cfg != _CONFIGS[(major, d, fp32)][kind]:
@@ -808,9 +862,13 @@ def _compile_specs():
         dtype = "fp32" if fp32 else "bf16"
         name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''} T<={','.join(map(str, ts))} tuned"
         specs.append(_kernel_spec(name, kind, d, dtype, dropout, cfg, major))
-    specs.append(dict(name="attn_dropout_mask", fn=_dropout_mask_kernel,
+        if kind == "fwd" and dropout and d == 64 and not fp32:
+            specs.append(_kernel_spec(name + " inline draw", kind, d, dtype, dropout, cfg, major, draw="inline"))
+    block_r, block_c, num_warps = _MASK_CONFIG
+    specs.append(dict(name="attn_dropout_mask causal", fn=_dropout_mask_kernel,
                       signature=dict(MASK="*u8:16", SEED="*i64:16", DROP_THRESHOLD="i32", T="i32:16", W="i32:16"),
-                      constexprs=dict(BLOCK_R=16, BLOCK_C=128), num_warps=4, num_stages=1))
+                      constexprs=dict(CAUSAL=True, BLOCK_R=block_r, BLOCK_C=block_c), num_warps=num_warps,
+                      num_stages=1))
     return specs
 
 
@@ -896,11 +954,22 @@ def _mask_row_bytes(T):
     return cdiv(cdiv(T, 8), 16) * 16
 
 
-def _new_mask(B, H, T, device):
-    """The packed keep-mask buffer (B*H, T, W) uint8. The forward writes the bytes of every (row, key) it visits
-    (with a column < T), and the backward kernels read no other; the rest (above the causal diagonal, the row
-    padding) is zeroed so that the operator's output is deterministic (one memset)."""
-    return torch.zeros((B * H, T, _mask_row_bytes(T)), dtype=torch.uint8, device=device)
+def _new_mask(B, H, T, device, zeroed):
+    """The packed keep-mask buffer (B*H, T, W) uint8. _dropout_mask_kernel writes every byte of it; a forward that
+    draws inline writes the bytes of every (row, key) it visits (with a column < T), and the backward kernels read
+    no other: for it the rest (above the causal diagonal, the row padding) is zeroed (`zeroed`, one memset), so
+    that the operator's output is deterministic."""
+    shape = (B * H, T, _mask_row_bytes(T))
+    return (torch.zeros if zeroed else torch.empty)(shape, dtype=torch.uint8, device=device)
+
+
+def _launch_mask(mask, seed, dropout_p, causal, T):
+    """_dropout_mask_kernel into mask (B*H, T, W): the whole mask, or causal its bytes up to the diagonal."""
+    block_r, block_c, num_warps = _MASK_CONFIG_INTERPRETER if INTERPRET else _MASK_CONFIG
+    block_c = max(16, min(block_c, next_power_of_2(T)))
+    return _dropout_mask_kernel[(cdiv(T, block_r), mask.shape[0])](
+        mask, seed, dropout_args(dropout_p)[0], T, mask.shape[2], CAUSAL=causal, BLOCK_R=block_r, BLOCK_C=block_c,
+        num_warps=num_warps)
 
 
 def attention_forward(q, k, v, *, causal=True, softmax_scale=None, dropout_p=0.0, seed=0, config=None):
@@ -917,25 +986,30 @@ def _forward(q, k, v, causal, sm_scale, dropout_p, seed, config=None):
     B, H, T, D = q.shape
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    mask = _new_mask(B, H, T, q.device) if dropout_p > 0.0 else None
+    cfg = config or _config(q, dropout_p > 0.0)
+    inline = dropout_p > 0.0 and cfg.get("draw", MASK_DRAW) == "inline"
+    mask = _new_mask(B, H, T, q.device, zeroed=inline) if dropout_p > 0.0 else None
     if q.numel() == 0:
         return o, lse, mask
-    cfg = (config or _config(q, dropout_p > 0.0))["fwd"]
-    _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg)
+    if mask is not None and not inline:
+        _launch_mask(mask, seed, dropout_p, causal, T)
+    _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg["fwd"], inline)
     return o, lse, mask
 
 
-def _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg):
-    """The forward kernel into o, lse (and mask) with cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages). Returns what
-    the launch returns: on a GPU the compiled kernel, whose n_regs / n_spills bench.tune_attention reads (as do
-    _launch_dq and _launch_dkdv)."""
+def _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg, inline=False):
+    """The forward kernel into o, lse with cfg = (BLOCK_M, BLOCK_N, num_warps, num_stages); with dropout it reads the
+    keep-mask from mask, or `inline` draws it and stores it there. Returns what the launch returns: on a GPU the
+    compiled kernel, whose n_regs / n_spills bench.tune_attention reads (as do _launch_dq and _launch_dkdv)."""
     B, H, T, D = q.shape
     block_m, block_n, num_warps, num_stages = cfg
+    fp32 = q.dtype == torch.float32
     return _attn_fwd_kernel[(cdiv(T, block_m), B * H)](
         q, k, v, o, lse, mask, sm_scale * LOG2E.value, seed, *dropout_args(dropout_p), _mask_row_bytes(T),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
-        ROUNDING=_rounding(q), num_warps=num_warps, num_stages=num_stages)
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0, DRAW=inline,
+        PREFETCH_MASK=_prefetch_mask(_major(q.device), fp32), ROUNDING=_rounding(q), num_warps=num_warps,
+        num_stages=num_stages)
 
 
 def attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=None, dropout_p=0.0, seed=0,
@@ -997,13 +1071,11 @@ def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, bwd, cfg):
 
 
 def _packed_dropout_mask(seed, B, H, T, p):
-    """The packed keep-mask (B*H, T, W) uint8 of a seed (1-element int64 tensor), as the forward stores it."""
-    mask = _new_mask(B, H, T, seed.device)
+    """The packed keep-mask (B*H, T, W) uint8 of a seed (1-element int64 tensor): every key's bit, not only the
+    causal ones (the backward reads the same bits in either case)."""
+    mask = _new_mask(B, H, T, seed.device, zeroed=False)
     if mask.numel():
-        grid = (cdiv(T, 16), B * H)
-        block_c = max(16, min(128, next_power_of_2(T)))
-        _dropout_mask_kernel[grid](mask, seed, dropout_args(p)[0], T, _mask_row_bytes(T), BLOCK_R=16,
-                                   BLOCK_C=block_c)
+        _launch_mask(mask, seed, p, False, T)
     return mask
 
 

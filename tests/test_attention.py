@@ -255,14 +255,18 @@ def test_backward_is_deterministic(device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("draw", ["kernel", "inline"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_forward_stores_the_mask_it_drew(causal, device):
+def test_forward_stores_the_mask_it_drew(causal, draw, device):
     """The forward's packed mask (what the backward reads) holds the mask of the seed on every score it visits:
-    all of them, or the causal lower triangle. T = 45 leaves a partial byte and a padded row (zero)."""
+    all of them, or the causal lower triangle, whether the mask kernel drew it or the forward itself (inline).
+    T = 45 leaves a partial byte and a padded row (zero). The mask kernel's bytes are a function of the seed
+    alone: every byte with a first key <= the row (causal) holds its bits, every other byte is 0."""
     B, H, T, D, p = 2, 3, 45, 16, 0.3
     q, k, v = (torch.randn(B, H, T, D, device=device) for _ in range(3))
     seed = torch.tensor([SEED], device=device)
-    _, _, packed = attention_op(q, k, v, seed, causal, 0.25, p)
+    config = {**attention._config(q, True), "draw": draw}
+    _, _, packed = attention._forward(q, k, v, causal, 0.25, p, seed, config)
     assert packed.shape == (B * H, T, 16) and packed.dtype == torch.uint8
     stored, expected = unpack_dropout_mask(packed, B, H, T), attention_dropout_mask(SEED, B, H, T, p, device)
     visited = torch.ones(T, T, dtype=torch.bool, device=device)
@@ -270,7 +274,27 @@ def test_forward_stores_the_mask_it_drew(causal, device):
         visited = visited.tril()
     assert torch.equal(stored & visited, expected & visited)
     assert not packed[:, :, 6:].any()  # the row padding past key 47 is never written
+    if draw == "kernel":
+        first_key = torch.arange(16, device=device) * 8
+        drawn = (first_key[None, :] <= torch.arange(T, device=device)[:, None]) if causal else first_key < T
+        full = attention._packed_dropout_mask(seed, B, H, T, p)
+        assert torch.equal(packed, torch.where(drawn, full, 0))
     assert attention_op(q, k, v, None, causal, 0.25, 0.0)[2].numel() == 0
+
+
+@pytest.mark.parametrize("causal,T", [(True, 45), (False, 45), (True, 64)])
+def test_mask_drawn_inline_or_by_its_kernel_gives_the_same_attention(causal, T, device):
+    """MASK_DRAW's two ways of drawing the forward's keep-mask: the same outputs and, each backward reading the
+    mask its forward saw, the same gradients, bit for bit."""
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(2, 2, T, 32, device=device).to(BF16) for _ in range(4))
+    seed, results = torch.tensor([SEED], device=device), []
+    for draw in ("kernel", "inline"):
+        config = {**attention._config(q, True), "draw": draw}
+        o, lse, mask = attention._forward(q, k, v, causal, 32**-0.5, 0.1, seed, config)
+        results.append((o, lse, *attention._backward(do, q, k, v, o, lse, causal, 32**-0.5, 0.1, mask, config)))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b), name
 
 
 def test_dropout_mask_fraction_and_seeds(device):

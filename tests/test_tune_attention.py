@@ -71,12 +71,16 @@ def test_compile_specs_cover_the_tuned_entries(tuned):
     tuned([ENTRY, _entry(T_bucket=1024), same_as_default,
            _entry(kind="dkdv", block_m=32, block_n=64, dropout=False, T_bucket=128)])
     all_specs = attention._compile_specs()
-    assert len(all_specs) == untuned + 2  # one spec per distinct launch; the default's is already there
+    # one spec per distinct launch (the default's is already there), the 16-bit D=64 forward with dropout twice:
+    # reading its mask (MASK_DRAW) and drawing it inline
+    assert len(all_specs) == untuned + 3
     specs = {s["name"]: s for s in all_specs}
     fwd = specs["attn_fwd D=64 bf16 causal dropout T<=512,1024 tuned"]
     assert fwd["archs"] == (90,) and (fwd["num_warps"], fwd["num_stages"]) == (4, 4)
     assert (fwd["constexprs"]["BLOCK_M"], fwd["constexprs"]["BLOCK_N"], fwd["constexprs"]["DROPOUT"]) == (64, 64, True)
-    assert fwd["signature"]["MASK"] == "*u8:16"
+    assert fwd["signature"]["MASK"] == "*u8:16" and fwd["constexprs"]["DRAW"] is (attention.MASK_DRAW == "inline")
+    inline = specs["attn_fwd D=64 bf16 causal dropout T<=512,1024 tuned inline draw"]
+    assert inline["constexprs"] == {**fwd["constexprs"], "DRAW": True}
     dkdv = specs["attn_dkdv D=64 bf16 causal T<=128 tuned"]
     assert dkdv["fn"] is attention._attn_bwd_dkdv_kernel and dkdv["constexprs"]["MASK"] is None
 
@@ -171,12 +175,24 @@ def test_candidate_checks_reject_wrong_outputs(problem):
     wrong["o"][0, 0, 3, 0] += 0.5
     res = tune_attention.try_candidate("fwd", x, cfg, wrong, smoke=True)
     assert res["status"] == "rejected" and res["reason"].startswith("wrong result: o differs"), res
-    wrong = copy.deepcopy(ref["fwd"])
-    wrong["mask"][1, 20, 0] ^= 1  # a readable byte (key 0 of row 20)
-    res = tune_attention.try_candidate("fwd", x, cfg, wrong, smoke=True)
-    assert res["reason"] == "wrong result: the dropout mask differs", res
     res = tune_attention.try_candidate("dq", x, (16, 32, 4, 1), ref["dq"], smoke=True)  # BLOCK_M % BLOCK_N != 0
     assert res["status"] == "rejected" and "does not compile or launch" in res["reason"], res
+
+
+def test_draw_rows_time_the_mask_kernel_and_the_inline_forward(problem):
+    """The mask kernel alone, and the default forward drawing its mask inline, checked against the default
+    forward (which read the mask kernel's mask) bit for bit."""
+    x, ref = problem
+    base = dict(D=16, T=40, dropout=0.1)
+    rows = tune_attention.draw_rows(base, x, attention._INTERPRETER_CONFIG["fwd"], ref["fwd"], smoke=True)
+    assert [(r["kind"], r["status"]) for r in rows] == [("mask", "ok"), ("fwd inline", "ok")], rows
+    assert all(r["ms"] > 0 for r in rows)
+    wrong = copy.deepcopy(ref["fwd"])
+    wrong["lse"][0, 1, 7] += 1.0
+    res = tune_attention.draw_rows(base, x, attention._INTERPRETER_CONFIG["fwd"], wrong, smoke=True)[1]
+    assert res["status"] == "error" and res["reason"] == "the inline draw's lse differ from the default's", res
+    md = tune_attention.markdown_draw([dict(base, **r) for r in rows] + [dict(base, kind="fwd", status="ok", ms=2.0)])
+    assert "| 16 | 40 |" in md and "MASK_DRAW" in md
 
 
 def test_precompiler_fills_the_cache_in_worker_processes():
@@ -203,7 +219,8 @@ def test_smoke_run_writes_a_table_the_kernels_accept(tmp_path):
     with pytest.raises(ValueError, match="--smoke"):  # and that kernels/ refuses to load
         attention.load_tuned_table(str(tmp_path / "attention_tuned.json"))
     md = (tmp_path / "attention_tuned.md").read_text()
-    for text in ("SMOKE", "## Chosen configs", "## Rejected candidates", "## Every candidate", "speed-up"):
+    for text in ("SMOKE", "## Chosen configs", "## The dropout mask", "| 16 | 40 |", "## Rejected candidates",
+                 "## Every candidate", "speed-up"):
         assert text in md, text
 
 
