@@ -133,8 +133,6 @@ def outputs(kind, x):
     """Fresh output buffers of one kernel, as the launchers allocate them."""
     import torch
 
-    from kernels import attention
-
     B, H, T, D = x.q.shape
     new = dict(dtype=x.q.dtype, device=x.q.device)
     if kind == "fwd":
@@ -490,8 +488,9 @@ def markdown_draw(rows):
     for r in rows:
         if r["dropout"] and r["status"] == "ok" and r["kind"] in ("mask", "fwd", "fwd inline"):
             found.setdefault((r["D"], r["T"]), {}).setdefault(r["kind"], r["ms"])  # fwd: its default, timed first
-    lines = [f"MASK_DRAW = {attention.MASK_DRAW!r}.", "", "| D | T | mask ms | fwd ms | mask + fwd ms | fwd inline ms | "
-             "inline / (mask + fwd) |", "|---|---|---|---|---|---|---|"]
+    lines = [f"MASK_DRAW = {attention.MASK_DRAW!r}.", "",
+             "| D | T | mask ms | fwd ms | mask + fwd ms | fwd inline ms | inline / (mask + fwd) |",
+             "|---|---|---|---|---|---|---|"]
     for (d, t), ms in found.items():
         if len(ms) == 3:
             both = ms["mask"] + ms["fwd"]

@@ -462,9 +462,9 @@ def test_curves_without_a_corpus_says_how_to_make_one(tmp_path):
 
 def test_host_path_bench(tmp_path):
     """bench.host_path: each case's host time with the launches stubbed, and how many launches a call makes (the
-    attention's forward and two backward kernels, with dropout its mask kernel too, the add-LayerNorm's forward, backward and parameter-gradient
-    sum, the bias + GELU's forward and backward, the cross-entropy's kernel and its backward scaling, the linear
-    cross-entropy's one chunk)."""
+    attention's forward and two backward kernels, with dropout its mask kernel too, the add-LayerNorm's forward,
+    backward and parameter-gradient sum, the bias + GELU's forward and backward, the cross-entropy's kernel and its
+    backward scaling, the linear cross-entropy's one chunk)."""
     from bench import host_path
 
     out = tmp_path / "host.json"
