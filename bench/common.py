@@ -131,26 +131,73 @@ def gpu_slug(name):
 # ----------------------------------------------------------------------------------------------------
 
 
-def measure_ms(fn, smoke, grad_to_none=None, warmup=10, rep=40):
-    """{"ms", "ms_p20", "ms_p80", "host_ms", "rep_ms"} of fn().
+def measure_ms(fn, smoke, grad_to_none=None, warmup=10, rep=40, graph=False):
+    """{"ms", "ms_p20", "ms_p80", "host_ms", "rep_ms"} of fn(), and with `graph` "graph_ms" (+ p20/p80).
 
-    On a GPU, two timings side by side:
+    On a GPU, two timings side by side, three with `graph`:
     - ms (with p20/p80): GPU time, triton.testing.do_bench (warm-up, L2 cache cleared before each call, CUDA
-      events around each call), over at least MIN_REPS calls: `rep` grows to fit them for a slow op;
+      events around each call), over at least MIN_REPS calls: `rep` grows to fit them for a slow op. Where one
+      call is several kernels with Python between them, a GPU that waits for the host's next launch counts the
+      wait: for a short call this is partly launch time;
     - host_ms: the call as the model makes it, Python, launches and kernels together: the wall-clock time of
       back-to-back calls with one synchronize at the end, divided by their number (median of 3 such runs).
-      Where the host cannot launch as fast as the GPU runs, host_ms is the larger.
+      Where the host cannot launch as fast as the GPU runs, host_ms is the larger;
+    - graph_ms: the kernels alone, as a step replayed from a CUDA graph runs them (`graph_ms`); None, with
+      graph_reason, where fn cannot be captured (a host sync inside, say).
     In --smoke (CPU): one call's wall-clock time after one warm-up, which only shows that the provider runs."""
     if smoke:
         call_ms = _host_ms(fn, grad_to_none, n=1, runs=1, sync=False)
-        return {"ms": call_ms, "ms_p20": call_ms, "ms_p80": call_ms, "host_ms": call_ms, "rep_ms": 0.0}
+        out = {"ms": call_ms, "ms_p20": call_ms, "ms_p80": call_ms, "host_ms": call_ms, "rep_ms": 0.0}
+        return dict(out, graph_ms=None, graph_reason="no CUDA graphs without a GPU") if graph else out
     import triton.testing
 
     host = host_ms(fn, grad_to_none)
     rep = max(rep, MIN_REPS * host)  # host time >= GPU time, so do_bench repeats at least MIN_REPS times
     ms, p20, p80 = triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
                                            quantiles=list(QUANTILES))
-    return {"ms": ms, "ms_p20": p20, "ms_p80": p80, "host_ms": host, "rep_ms": rep}
+    out = {"ms": ms, "ms_p20": p20, "ms_p80": p80, "host_ms": host, "rep_ms": rep}
+    if graph:
+        try:
+            out["graph_ms"], out["graph_ms_p20"], out["graph_ms_p80"] = graph_ms(fn, grad_to_none, ms)
+        except Exception as exc:  # noqa: BLE001 - an uncapturable provider keeps its other timings
+            out.update(graph_ms=None, graph_reason=f"not capturable: {failure(exc)[1]}"[:200])
+    return out
+
+
+GRAPH_TARGET_MS, GRAPH_REPLAYS = 5.0, 10  # calls per captured graph: about this much GPU time, 3 to 200
+
+
+def graph_ms(fn, grad_to_none=None, estimate_ms=None):
+    """(median, p20, p80) ms per call of fn() replayed from a CUDA graph: n calls captured back to back (n from
+    estimate_ms: about GRAPH_TARGET_MS of work), the graph replayed GRAPH_REPLAYS times, each replay timed with
+    CUDA events and divided by n. No host between the kernels and no L2 clearing: each call finds in L2 what
+    the one before left there, as a layer's kernels do in a training step. grad_to_none's gradients are reset
+    to None before each captured call, so a backward writes fresh gradients rather than accumulating."""
+    import torch
+
+    n = min(200, max(3, int(GRAPH_TARGET_MS / max(estimate_ms or 1.0, 1e-3))))
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(n):
+                for t in grad_to_none or ():
+                    t.grad = None
+                fn()
+        graph.replay()  # warm-up
+        times = []
+        for _ in range(GRAPH_REPLAYS):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / n)
+    finally:
+        for t in grad_to_none or ():  # nothing of the graph's private pool stays referenced after it
+            t.grad = None
+        graph.reset()
+        torch.cuda.synchronize()
+    return spread(times)
 
 
 def host_ms(fn, grad_to_none=None):
@@ -237,7 +284,7 @@ def time_modes(fn, inputs, modes, smoke, grad_in_forward=False):
                 else:
                     out = outs = None
                     call = functools.partial(_forward_backward, fn, grads)
-            results[mode] = {"status": "ok", **measure_ms(call, smoke, grad_to_none=inputs),
+            results[mode] = {"status": "ok", **measure_ms(call, smoke, grad_to_none=inputs, graph=True),
                              "peak_mb": measure_peak_mb(call, grad_to_none=inputs)}
         except Exception as exc:  # noqa: BLE001 - one provider's failure must not end the run
             status, reason = failure(exc)
@@ -380,7 +427,8 @@ class Deadline:
 
 def add_ratios(rows):
     """Each ok row gets vs_eager = eager ms / its ms and vs_best_peer = the fastest peer's ms / its ms (above
-    1: faster), comparing rows of one (bench, table, x, mode); roles come from `role`."""
+    1: faster), comparing rows of one (bench, table, x, mode); roles come from `role`. Rows timed from a CUDA
+    graph too get the same against the fastest peer by graph ms: vs_best_peer_graph, best_peer_graph."""
     groups = {}
     for r in rows:
         if r.get("status") == "ok" and r.get("ms"):
@@ -388,10 +436,15 @@ def add_ratios(rows):
     for group in groups.values():
         eager = [r for r in group if role(r) == EAGER]
         best = min((r for r in group if role(r) == "peer"), key=lambda r: r["ms"], default=None)
+        graphed = [r for r in group if r.get("graph_ms")]
+        best_graph = min((r for r in graphed if role(r) == "peer"), key=lambda r: r["graph_ms"], default=None)
         for r in group:
             r["vs_eager"] = eager[0]["ms"] / r["ms"] if eager else None
             r["vs_best_peer"] = best["ms"] / r["ms"] if best else None
             r["best_peer"] = best["provider"] if best else None
+            if r.get("graph_ms") and best_graph:
+                r["vs_best_peer_graph"] = best_graph["graph_ms"] / r["graph_ms"]
+                r["best_peer_graph"] = best_graph["provider"]
     return rows
 
 
@@ -441,6 +494,18 @@ def spread_cell(r):
     return f"{_fmt(r['ms_p20'], 4)}-{_fmt(r['ms_p80'], 4)}" if r.get("status") == "ok" and "ms_p20" in r else ""
 
 
+def graph_cell(r):
+    """An ok row's graph ms, "-" where it was not captured (graph_reason says why), empty otherwise."""
+    if r.get("status") != "ok":
+        return ""
+    return _fmt(r["graph_ms"]) if r.get("graph_ms") else "-" if "graph_reason" in r else ""
+
+
+def graph_ratio_cell(r):
+    """"1.23x (peer)": the row's speed-up over the fastest peer by graph ms, and which peer that was."""
+    return f"{r['vs_best_peer_graph']:.2f}x ({r['best_peer_graph']})" if r.get("vs_best_peer_graph") else ""
+
+
 def ratio(key):
     def cell(r):
         return f"{r[key]:.2f}x" if r.get(key) else ""
@@ -459,7 +524,10 @@ def header(rows, title):
               ("Two timings per op: `ms` is GPU time (triton.testing.do_bench median over at least "
                f"{MIN_REPS} calls, L2 cleared before each; `p20`-`p80` its spread); `host ms` is the call as "
                "the model makes it (Python, launch and kernel: back-to-back calls, one synchronize at the end, "
-               "divided by their number). Where host ms is the larger, the call is launch-bound."), "",
+               "divided by their number). Where host ms is the larger, the call is launch-bound. `graph ms` is "
+               "the kernels alone: calls captured back to back in a CUDA graph and replayed, as a graph-replayed "
+               "training step runs them (no host between kernels, L2 not cleared; `-` where the provider cannot "
+               "be captured); `graph vs best peer` compares it with the fastest peer's graph ms."), "",
               ("Statuses: `n/a` the mode does not apply (a gradient computed in the forward), `skipped` the "
                "package is not installed or the backend refused these inputs, `not run` the time budget was "
                "spent, `error` anything else."), "",
@@ -548,9 +616,10 @@ def ms_plots(rows, bench, out_dir):
 
 # the table of a memory-bound op (bench.layer_norm, bench.gelu): one row per N and provider
 BANDWIDTH_COLUMNS = [("N", "N"), ("provider", "provider"), ("ms", value_or_status("ms")), ("p20-p80", spread_cell),
-                     ("host ms", value_or_status("host_ms")), ("GB/s", value_or_status("gbps")),
-                     ("peak MiB", value_or_status("peak_mb", 5)), ("vs eager", ratio("vs_eager")),
-                     ("vs best peer", ratio("vs_best_peer")), ("best peer", "best_peer"), ("note", "reason")]
+                     ("host ms", value_or_status("host_ms")), ("graph ms", graph_cell),
+                     ("GB/s", value_or_status("gbps")), ("peak MiB", value_or_status("peak_mb", 5)),
+                     ("vs eager", ratio("vs_eager")), ("vs best peer", ratio("vs_best_peer")),
+                     ("best peer", "best_peer"), ("graph vs best peer", graph_ratio_cell), ("note", "reason")]
 
 
 def cli_parser(description):

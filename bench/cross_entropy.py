@@ -129,9 +129,10 @@ def bench_provider(base, name, call, inputs, smoke, deadline):
 def _columns(throughput, label):
     return [("N", "N"), ("provider", "provider"), ("ms", common.value_or_status("ms")),
             ("p20-p80", common.spread_cell), ("host ms", common.value_or_status("host_ms")),
-            (label, common.value_or_status(throughput)), ("peak MiB", common.value_or_status("peak_mb", 5)),
-            ("vs eager", common.ratio("vs_eager")), ("vs best peer", common.ratio("vs_best_peer")),
-            ("best peer", "best_peer"), ("note", "reason")]
+            ("graph ms", common.graph_cell), (label, common.value_or_status(throughput)),
+            ("peak MiB", common.value_or_status("peak_mb", 5)), ("vs eager", common.ratio("vs_eager")),
+            ("vs best peer", common.ratio("vs_best_peer")), ("best peer", "best_peer"),
+            ("graph vs best peer", common.graph_ratio_cell), ("note", "reason")]
 
 
 def markdown(rows):

@@ -6,8 +6,9 @@
 
 Writes DIR/results.json (every row, with GPU name, versions, commit and the smoke flag), DIR/results.md (a
 headline table, then every table with ratios to the eager reference and to the best peer) and DIR/*.png.
-Each op is timed twice: GPU time (do_bench) and host-included time (back-to-back calls, as the model makes
-them); the headline shows both at GPT-1's shapes, attention at T=128, 256 and 512.
+Each op is timed three ways: GPU time (do_bench), host-included time (back-to-back calls, as the model makes
+them) and the kernels alone replayed from a CUDA graph (as a graph-replayed step runs them); the headline shows
+all three at GPT-1's shapes, attention at T=128, 256 and 512.
 Each bench has a share of --budget-s; rows still to run when its share is spent are recorded as not run.
 --include adds the rows of an earlier results.json (e.g. bench.e2e run on its own) to the tables.
 Without --out the results go to bench/results/<gpu model>/, the committed set for that GPU.
@@ -35,7 +36,8 @@ def headline(rows):
     """Ours against the best peer at GPT-1's shapes (GPU and host-included ms), and the end-to-end rows: the
     tables the README shows."""
     lines = ["## Headline", "", "| what | ours ms | ours host ms | best peer | peer ms | peer host ms | "
-             "speed-up vs best peer | vs eager |", "|---|---|---|---|---|---|---|---|"]
+             "speed-up vs best peer | vs eager | ours graph ms | best peer by graph ms | its graph ms | "
+             "graph speed-up |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     picks = [r for r in rows if common.role(r) == common.OURS and r.get("status") == "ok" and (
         (r["bench"] == "attention" and _at(r, HEADLINE_ATTENTION))
         or (r["bench"] == "cross_entropy" and _at(r, HEADLINE_CE))
@@ -44,11 +46,15 @@ def headline(rows):
     for r in picks:
         peer = next((p for p in rows if p["provider"] == r.get("best_peer") and p["table"] == r["table"]
                      and p["x"] == r["x"] and p["mode"] == r["mode"]), {})
+        graph_peer = next((p for p in rows if p["provider"] == r.get("best_peer_graph") and p["table"] == r["table"]
+                           and p["x"] == r["x"] and p["mode"] == r["mode"]), {})
         lines.append(f"| {r['provider']}: {r['table']}, x={r['x']}, {r['mode']} | {_f(r.get('ms'))} | "
                      f"{_f(r.get('host_ms'))} | {r.get('best_peer') or '-'} | {_f(peer.get('ms'))} | "
-                     f"{_f(peer.get('host_ms'))} | {_x(r.get('vs_best_peer'))} | {_x(r.get('vs_eager'))} |")
+                     f"{_f(peer.get('host_ms'))} | {_x(r.get('vs_best_peer'))} | {_x(r.get('vs_eager'))} | "
+                     f"{_f(r.get('graph_ms'))} | {r.get('best_peer_graph') or '-'} | "
+                     f"{_f(graph_peer.get('graph_ms'))} | {_x(r.get('vs_best_peer_graph'))} |")
     if not picks:
-        lines.append("| (no row of ours at the headline shapes ran) | | | | | | | |")
+        lines.append("| (no row of ours at the headline shapes ran) |" + " |" * 11)
     e2e = [r for r in rows if r["bench"] == "e2e"]
     if e2e:
         lines += ["", "| end to end: " + e2e[0]["table"] + " | tokens/s | vs nanoGPT | MFU | GPU busy | "

@@ -221,6 +221,55 @@ def test_time_modes_with_two_outputs():
     assert torch.equal(x.grad, torch.full((8,), 5.0))
 
 
+def test_time_modes_graph_timing_on_the_cpu():
+    """--smoke rows carry graph_ms None with the reason (no CUDA graphs on a CPU); their table cell says "-"."""
+    import torch
+
+    x = torch.randn(8, requires_grad=True)
+    res = common.time_modes(lambda: x * 2, [x], common.MODES, smoke=True)
+    for r in res.values():
+        assert r["graph_ms"] is None and "without a GPU" in r["graph_reason"]
+        assert common.graph_cell(dict(r, status="ok")) == "-"
+    assert "graph_ms" not in common.measure_ms(lambda: x * 2, smoke=True)  # only where asked (time_modes asks)
+
+
+def test_graph_ratios_compare_graph_times_only():
+    """vs_best_peer_graph compares graph ms with the fastest peer's graph ms, which may be another peer than the
+    fastest by ms; a peer that could not be captured is left out, and an uncaptured row of ours gets none."""
+    def row(provider, ms, graph):
+        return {"bench": "attention", "table": "t", "x": 128, "mode": "fwd+bwd", "provider": provider,
+                "status": "ok", "ms": ms, "graph_ms": graph, **({} if graph else {"graph_reason": "not capturable"})}
+
+    rows = common.add_ratios([row("ours", 0.5, 0.2), row("sdpa-cudnn", 0.3, 0.25), row("flash-attn", 0.4, 0.1),
+                              row("liger", 0.35, None), row("eager", 1.0, 0.9)])
+    ours, cudnn, flash, liger = rows[:4]
+    assert ours["best_peer"] == "sdpa-cudnn" and ours["vs_best_peer"] == pytest.approx(0.6)
+    assert ours["best_peer_graph"] == "flash-attn" and ours["vs_best_peer_graph"] == pytest.approx(0.5)
+    assert flash["vs_best_peer_graph"] == pytest.approx(1.0) and "vs_best_peer_graph" not in liger
+    assert common.graph_ratio_cell(ours) == "0.50x (flash-attn)" and common.graph_cell(liger) == "-"
+    assert common.graph_cell(cudnn) == "0.25"
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_ms_on_cuda():
+    """On a GPU: a capturable forward + backward gets a graph time no larger than its do_bench time (which adds
+    the launch gaps and an L2 clear), fresh gradients per captured call; a call that syncs with the host is
+    reported as not capturable, and the GPU keeps working after the failed capture."""
+    import torch
+
+    x = torch.randn(4096, 1024, device="cuda", requires_grad=True)
+    res = common.time_modes(lambda: torch.nn.functional.gelu(x * 2).sum(1), [x], common.MODES, smoke=False)
+    for mode, r in res.items():
+        assert r["status"] == "ok" and 0 < r["graph_ms_p20"] <= r["graph_ms"] <= r["graph_ms_p80"], (mode, r)
+        assert r["graph_ms"] <= 1.2 * r["ms"], (mode, r)
+    x.grad = None
+    common.graph_ms(lambda: (x * 3).sum().backward(), [x], 0.1)
+    assert x.grad is None  # the graph's gradients are not left behind
+    out = common.measure_ms(lambda: (x * 2).sum().item(), smoke=False, graph=True)
+    assert out["graph_ms"] is None and out["graph_reason"].startswith("not capturable") and out["ms"] > 0
+    assert torch.equal((torch.ones(3, device="cuda") * 2).cpu(), torch.full((3,), 2.0))
+
+
 def test_headline_shows_short_sequences_and_host_time():
     def row(provider, T, ms, host):
         return {"bench": "attention", "table": "attention H=12 D=64", "x": T, "T": T, "D": 64, "mode": "fwd+bwd",
@@ -232,6 +281,7 @@ def test_headline_shows_short_sequences_and_host_time():
     for T in (128, 256, 512):
         assert f"x={T}" in lines
     assert "x=1024" not in lines and "ours host ms" in lines and "| 0.3 |" in lines
+    assert "graph speed-up" in lines and all(line.count("|") == 13 for line in lines.splitlines() if "|" in line)
 
 
 def test_budgets_renormalize():
