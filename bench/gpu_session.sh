@@ -32,6 +32,8 @@
 #             recompile / CUDA graph logs and a Python stack dump every PROBE_DUMP_S=30 s (needs the corpus, as
 #             curves does)                                                                    (S_PROBE=100 s)
 #   tune      bench.tune_attention: the attention launch table per sequence length and dropout    (S_TUNE=120 s)
+#   ncu       bench.ncu: Nsight Compute on the first launch of each of our kernels at GPT-1's training shapes
+#             (speed of light, occupancy, registers, stall reasons; ncu.txt holds ncu's own advice)   (S_NCU=90 s)
 #   tune_ce   bench.tune_cross_entropy: the cross-entropy kernel's num_warps and loads in flight; a table with
 #             entries is copied into this copy's kernels/, so that the stages named after it run with it (S_TUNE_CE=60 s)
 # SMOKE=1 runs every stage's --smoke form on a CPU (pytest only collects): tests/test_bench.py checks the script.
@@ -103,6 +105,7 @@ pack() {
         section "loss curves (bench.curves)" "$WORK/curves/results.md"
         section "attention tuning (bench.tune_attention)" "$WORK/tune/attention_tuned.md"
         section "cross-entropy tuning (bench.tune_cross_entropy)" "$WORK/tune_ce/cross_entropy_tuned.md"
+        section "Nsight Compute (bench.ncu)" "$WORK/ncu/ncu.md" '/^| kernel/,$p'
         if [ -s "$WORK/probe/train.log" ]; then
             printf '\n## gpt1.train probe (CUDA graphs + fused LayerNorm), end of its output\n\n```\n%s\n```\n' \
                 "$(tail -c 6000 "$WORK/probe/train.log")"
@@ -202,8 +205,11 @@ runpy.run_module(\"gpt1.train\", run_name=\"__main__\")' ${PROBE_DUMP_S:-30} --d
             cp "$WORK/tune_ce/cross_entropy_tuned.json" kernels/cross_entropy_tuned.json
             say "tune_ce: kernels/cross_entropy_tuned.json now holds the measured launch for the stages after it"
         fi ;;
+    ncu)
+        # Nsight Compute on the first launch of each of our kernels at GPT-1's shapes (--smoke: the workload only)
+        stage ncu "${S_NCU:-90}" $PY -m bench.ncu $SMOKE_FLAG --out "$WORK/ncu" ;;
     *)
-        say "unknown stage $s (roofline host tests e2e ops profile curves probe tune tune_ce)" ;;
+        say "unknown stage $s (roofline host tests e2e ops profile curves probe tune tune_ce ncu)" ;;
     esac
 done
 pack

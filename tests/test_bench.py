@@ -326,14 +326,15 @@ def test_gpu_session_script_packs_its_results(tmp_path):
     """bench/gpu_session.sh in its CPU smoke form: each stage time-boxed, three files in $OUT."""
     env = dict(os.environ, SMOKE="1", OUT=str(tmp_path), PYTHON=sys.executable,
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_session.sh"), "roofline", "profile", "tune_ce"],
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_session.sh"), "roofline", "profile", "tune_ce",
+                           "ncu"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.tgz", "session.log", "summary.md"]
     summary = (tmp_path / "summary.md").read_text()
     for text in ("roofline rc=0", "profile-default rc=0", "profile-nanogpt rc=0", "operators per step:",
                  "torch (autocast bf16, fused AdamW), sdpa/eager, compiled", "tune_ce rc=0",
-                 "## cross-entropy tuning (bench.tune_cross_entropy)"):
+                 "## cross-entropy tuning (bench.tune_cross_entropy)", "ncu rc=0"):
         assert text in summary, text
     with tarfile.open(tmp_path / "results.tgz") as tar:
         names = set(tar.getnames())
@@ -341,6 +342,59 @@ def test_gpu_session_script_packs_its_results(tmp_path):
             "./tune_ce/cross_entropy_tuned.json"} <= names
     # a --smoke table never reaches kernels/ (the kernels would refuse it)
     assert not os.path.exists(os.path.join(ROOT, "kernels", "cross_entropy_tuned.json"))
+
+
+NCU_HEADER = ("ID", "Process ID", "Process Name", "Host Name", "Kernel Name", "Context", "Stream", "Block Size",
+              "Grid Size", "Device", "CC", "Section Name", "Metric Name", "Metric Unit", "Metric Value")
+NCU_METRICS = (  # (ID, kernel, grid, section, metric, unit, value), as ncu --csv --page details reports them
+    ("0", "_dropout_mask_kernel", "(16, 384, 1)", "GPU Speed Of Light Throughput", "Duration", "us", "14.21"),
+    ("0", "_dropout_mask_kernel", "(16, 384, 1)", "GPU Speed Of Light Throughput", "Compute (SM) Throughput", "%",
+     "71.5"),
+    ("0", "_dropout_mask_kernel", "(16, 384, 1)", "Launch Statistics", "Registers Per Thread", "register/thread", "26"),
+    ("0", "_dropout_mask_kernel", "(16, 384, 1)", "Launch Statistics", "Shared Memory Configuration Size", "Kbyte",
+     "8.19"),
+    ("1", "_attn_fwd_kernel", "(8, 384, 1)", "GPU Speed Of Light Throughput", "Duration", "us", "1,071.30"),
+    ("1", "_attn_fwd_kernel", "(8, 384, 1)", "Occupancy", "Achieved Occupancy", "%", "11.8"),
+    ("1", "_attn_fwd_kernel", "(8, 384, 1)", "Warp State Statistics", "Warp Cycles Per Issued Instruction", "cycle",
+     "7.9"),
+)
+
+
+def _ncu_csv():
+    import csv
+    import io
+
+    out = io.StringIO()
+    out.write("==PROF== Disconnected from process 1\n")
+    writer = csv.writer(out, quoting=csv.QUOTE_ALL)
+    writer.writerow(NCU_HEADER)
+    for i, kernel, grid, section, metric, unit, value in NCU_METRICS:
+        writer.writerow((i, "1", "python3", "h", kernel, "1", "7", "(128, 1, 1)", grid, "0", "9.0", section, metric,
+                         unit, value))
+    return out.getvalue()
+
+
+def test_ncu_summary_reads_the_details_csv():
+    """bench.ncu's table from ncu's `--csv --page details`: one row per launch in launch order, the chosen metrics
+    with their units, the others (shared memory configuration) left out, and what ncu did not report blank."""
+    from bench import ncu
+
+    rows = ncu.summarize(_ncu_csv())
+    assert [r["kernel"] for r in rows] == ["_dropout_mask_kernel", "_attn_fwd_kernel"]
+    assert rows[0] == {"kernel": "_dropout_mask_kernel", "block": "(128, 1, 1)", "grid": "(16, 384, 1)",
+                       "duration": "14.21 us", "SM %": "71.5 %", "registers": "26 register/thread"}
+    assert rows[1]["duration"] == "1,071.30 us" and rows[1]["cycles per issue"] == "7.9 cycle"
+    table = ncu.markdown(rows, "header")
+    assert "| _attn_fwd_kernel | (128, 1, 1) | (8, 384, 1) | 1,071.30 us |  |  |  | 11.8 % |" in table
+    assert "(no launch profiled)" in ncu.markdown([], "header")
+
+
+def test_ncu_command_profiles_our_kernels_only():
+    from bench import ncu
+
+    cmd = ncu.ncu_command("ncu", "/tmp/r")
+    assert cmd[cmd.index("-k") + 1] == "regex:^_" and cmd[cmd.index("--clock-control") + 1] == "none"
+    assert cmd[-3:] == ["-m", "bench.ncu", "--workload"] and cmd.count("--section") == len(ncu.SECTIONS)
 
 
 def _curve_runs(reference, **ours):
