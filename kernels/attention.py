@@ -835,6 +835,14 @@ def _kernel_spec(name, kind, d, dtype, dropout, cfg, major, draw=MASK_DRAW):
                 archs=(major * 10,))
 
 
+def _kernel_specs(name, kind, d, dtype, dropout, cfg, major):
+    """The spec of one launch, and for a bf16 D=64 forward with dropout its twin drawing the mask inline."""
+    specs = [_kernel_spec(name, kind, d, dtype, dropout, cfg, major)]
+    if kind == "fwd" and dropout and d == 64 and dtype == "bf16":
+        specs.append(_kernel_spec(name + " inline draw", kind, d, dtype, dropout, cfg, major, draw="inline"))
+    return specs
+
+
 def _compile_specs():
     """COMPILE_SPECS for bench.compile_report (format in its docstring): each table entry for its arch at the
     GPT-1 shapes (T=512, H=12, q/k/v strided views of a (B, T, 3, H, D) tensor), causal with dropout (the
@@ -850,10 +858,7 @@ def _compile_specs():
         for dtype, dropout in variants:
             for kind in cfg:
                 name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''}"
-                specs.append(_kernel_spec(name, kind, d, dtype, dropout, cfg[kind], major))
-                if kind == "fwd" and dropout and d == 64 and dtype == "bf16":
-                    specs.append(_kernel_spec(name + " inline draw", kind, d, dtype, dropout, cfg[kind], major,
-                                              draw="inline"))
+                specs += _kernel_specs(name, kind, d, dtype, dropout, cfg[kind], major)
     buckets = {}  # one spec per distinct tuned launch, naming the T buckets that use it
     for (major, d, fp32, bucket, dropout, kind), cfg in sorted(_TUNED.items()):
         if cfg != _CONFIGS[(major, d, fp32)][kind]:
@@ -861,9 +866,7 @@ def _compile_specs():
     for (major, d, fp32, dropout, kind, cfg), ts in buckets.items():
         dtype = "fp32" if fp32 else "bf16"
         name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''} T<={','.join(map(str, ts))} tuned"
-        specs.append(_kernel_spec(name, kind, d, dtype, dropout, cfg, major))
-        if kind == "fwd" and dropout and d == 64 and not fp32:
-            specs.append(_kernel_spec(name + " inline draw", kind, d, dtype, dropout, cfg, major, draw="inline"))
+        specs += _kernel_specs(name, kind, d, dtype, dropout, cfg, major)
     block_r, block_c, num_warps = _MASK_CONFIG
     specs.append(dict(name="attn_dropout_mask causal", fn=_dropout_mask_kernel,
                       signature=dict(MASK="*u8:16", SEED="*i64:16", DROP_THRESHOLD="i32", T="i32:16", W="i32:16"),
