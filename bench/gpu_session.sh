@@ -34,8 +34,8 @@
 #   tune      bench.tune_attention: the attention launch table per sequence length and dropout    (S_TUNE=120 s)
 #   ncu       bench.ncu: Nsight Compute on the first launch of each of our kernels at GPT-1's training shapes
 #             (speed of light, occupancy, registers, stall reasons; ncu.txt holds ncu's own advice)   (S_NCU=90 s)
-#   tune_ce   bench.tune_cross_entropy: the cross-entropy kernel's num_warps and loads in flight; a table with
-#             entries is copied into this copy's kernels/, so that the stages named after it run with it (S_TUNE_CE=60 s)
+#   tune_ce   bench.tune_cross_entropy: the cross-entropy kernel's num_warps, loads in flight or row read once; a table with
+#             entries is copied into this copy's kernels/, so that the stages named after it run with it (S_TUNE_CE=75 s)
 # SMOKE=1 runs every stage's --smoke form on a CPU (pytest only collects): tests/test_bench.py checks the script.
 #
 # $OUT receives three files, rewritten after every stage (a run cut short still returns what it finished):
@@ -198,8 +198,8 @@ runpy.run_module(\"gpt1.train\", run_name=\"__main__\")' ${PROBE_DUMP_S:-30} --d
         stage tune "${S_TUNE:-120}" $PY -m bench.tune_attention $SMOKE_FLAG --out "$WORK/tune" \
             --budget-s "$(( ${S_TUNE:-120} - 20 ))" ;;
     tune_ce)
-        stage tune_ce "${S_TUNE_CE:-60}" $PY -m bench.tune_cross_entropy $SMOKE_FLAG --out "$WORK/tune_ce" \
-            --budget-s "$(( ${S_TUNE_CE:-60} - 15 ))"
+        stage tune_ce "${S_TUNE_CE:-75}" $PY -m bench.tune_cross_entropy $SMOKE_FLAG --out "$WORK/tune_ce" \
+            --budget-s "$(( ${S_TUNE_CE:-75} - 15 ))"
         if [ -z "$SMOKE_FLAG" ] && $PY -c 'import json, sys; sys.exit(not json.load(open(sys.argv[1]))["entries"])' \
                 "$WORK/tune_ce/cross_entropy_tuned.json" 2>/dev/null; then
             cp "$WORK/tune_ce/cross_entropy_tuned.json" kernels/cross_entropy_tuned.json

@@ -13,7 +13,10 @@ it, in place, by the incoming gradient, and each of its programs returns at once
 (loss.backward() on a bf16 or fp32 mean): tested on the device, so no host sync. Rows are walked in
 16-byte groups whatever V is (_row_segments), so that the passes move 16 bytes per access, UNROLL blocks at a
 time with all their loads issued first (_tie_blocks); the launch of long rows comes from a measured table
-(_long_row_config).
+(_long_row_config). That table may instead say UNROLL "row": the program then loads its whole row at once into
+registers and makes both passes there (_resident_row), so the logits are read from memory once, not twice (the
+second streaming pass hits L2 only while the rows in flight fit in it); one program per SM holds a row of GPT-1's
+vocabulary.
 
 fused_linear_cross_entropy never builds the full logits: it walks the tokens in chunks, computes a
 chunk's logits with one matmul, runs the kernel on them in place and turns the chunk's gradient into
@@ -49,8 +52,9 @@ Limits and side effects:
 - fused_cross_entropy OVERWRITES its input logits with the (unscaled) gradient when the logits
   require grad: do not read them after the call. The call bumps the tensor's autograd version, so an
   earlier op that saved these logits for its own backward raises autograd's in-place error instead
-  of silently using the gradient. Gradients are returned in the buffer itself, so a second backward
-  through the same graph (retain_graph=True) is not supported.
+  of silently using the gradient. Gradients are returned in the buffer itself (logits that are a leaf get it
+  as their .grad, not a copy: the backward returns a fresh alias, which autograd's accumulation keeps as it
+  is), so a second backward through the same graph (retain_graph=True) is not supported.
 - Bad targets (outside [0, V) and not ignore_index). Eager mode: ValueError before any kernel runs; the
   check costs one reduction and one host sync per call (the only one). Under torch.compile nothing is
   checked on the host (a data-dependent check would be a graph break or a sync): the kernel gives such a
@@ -111,7 +115,11 @@ _BYTES_PER_THREAD = 16
 # too, bit for bit. num_warps sets the lanes (BLOCK_V) and how many programs share an SM: it changes the fp32
 # summation order of a row's statistics, so results may differ in the last bits from one width to another.
 _TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_entropy_tuned.json")
-UNROLLS = (1, 2, 4)
+# UNROLL "row": the whole row's loads in flight at once and the row kept in registers, read once (_resident_row),
+# where its blocks fit in _RESIDENT_REGS registers a thread; a longer row streams with UNROLL 1.
+ROW = "row"
+UNROLLS = (1, 2, 4, ROW)
+_RESIDENT_REGS = 80
 # Device memory fused_linear_cross_entropy may allocate at once, all its buffers together (see _default_chunk_size).
 _EXTRA_BYTES = 400 * 1024 * 1024
 _MIN_CHUNK_ROWS = 1024
@@ -277,11 +285,17 @@ def _grad_values(x, offs, n_cls, y_off, m, inv_d, smooth, eps, scale):
 
 
 @triton.jit
-def _store_grad(PTR, g, offs, mask, RTNE_BF16: tl.constexpr):
-    """PTR[offs] = g where mask, rounded to PTR's dtype."""
+def _rounded_grad(g, PTR, RTNE_BF16: tl.constexpr):
+    """g rounded to PTR's dtype."""
     if RTNE_BF16:
         g = round_fp32(g, 16)  # the interpreter would truncate
-    tl.store(PTR + offs, g.to(PTR.dtype.element_ty), mask=mask)
+    return g.to(PTR.dtype.element_ty)
+
+
+@triton.jit
+def _store_grad(PTR, g, offs, mask, RTNE_BF16: tl.constexpr):
+    """PTR[offs] = g where mask, rounded to PTR's dtype."""
+    tl.store(PTR + offs, _rounded_grad(g, PTR, RTNE_BF16), mask=mask)
 
 
 @triton.jit
@@ -323,6 +337,165 @@ def _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V
 
 
 @triton.jit
+def _part_offsets(base, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The (ROWS, BLOCK_V) offsets base + r * BLOCK_V + c of one part of a row held in registers: each thread holds
+    the same BLOCK_V lanes of every r, so a reduction over axis 0 stays in the thread."""
+    return base + tl.arange(0, ROWS)[:, None] * BLOCK_V + tl.arange(0, BLOCK_V)[None, :]
+
+
+@triton.jit
+def _part(BODY, base, body_len, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(offsets, logits) of one part of the row's body held in registers: ROWS x BLOCK_V columns from base on,
+    -inf past body_len."""
+    offs = _part_offsets(base, ROWS, BLOCK_V)
+    return offs, _load_block(BODY, offs, offs < body_len)
+
+
+@triton.jit
+def _lane_max(x):
+    """Per lane (axis 0: the thread's own elements; a 1-D block: all of it) the max. A bf16 block is compared by
+    its bits, as int16 keys in the floats' order (the sign-magnitude bits made two's complement; _key_value turns
+    the max back): tl.max would widen the block to fp32, and the compiler would keep that copy of the row, twice
+    its registers, for the sum of exponentials."""
+    if x.dtype == tl.bfloat16:
+        b = x.to(tl.int16, bitcast=True)
+        m = tl.max(b ^ ((b >> 15) & 0x7FFF), axis=0)
+    else:
+        m = tl.max(x, axis=0)
+    return m
+
+
+@triton.jit
+def _key_value(m, DTYPE: tl.constexpr):
+    """The fp32 value of a max that _lane_max returned for a block of DTYPE."""
+    if DTYPE == tl.bfloat16:
+        value = ((m ^ ((m >> 31) & 0x7FFF)) << 16).to(tl.float32, bitcast=True)
+    else:
+        value = m.to(tl.float32)
+    return value
+
+
+@triton.jit
+def _sum_exp(x, m):
+    """Per lane (axis 0: the thread's own elements; a 1-D block: all of it) the sum of exp(x - m) in fp32; a -inf
+    logit adds 0."""
+    return tl.sum(tl.exp2((x.to(tl.float32) - m) * LOG2E), axis=0)
+
+
+@triton.jit
+def _sum_where(x, mask):
+    return tl.sum(tl.where(mask, x.to(tl.float32), 0.0), axis=0)
+
+
+@triton.jit
+def _widen_bits(x):
+    """A bf16 block widened to fp32 by moving its bits (other dtypes by conversion). The same value as
+    x.to(tl.float32), but not the same instruction: the compiler would otherwise convert the resident row once and
+    keep the fp32 copy (twice the registers) from the sum of exponentials to the gradient."""
+    if x.dtype == tl.bfloat16:
+        wide = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        wide = x.to(tl.float32)
+    return wide
+
+
+@triton.jit
+def _store_probs(PTR, x, offs, mask, m, inv_d, smooth, scale, RTNE_BF16: tl.constexpr):
+    """PTR[offs] = scale * (softmax - eps / V) of the resident logits x where mask (the target's term comes after)."""
+    _store_grad(PTR, (tl.exp2((_widen_bits(x) - m) * LOG2E) * inv_d - smooth) * scale, offs, mask, RTNE_BF16)
+
+
+@triton.jit
+def _resident_row(LOGITS, start, n_cols, row_len, y, eps, GRAD_SCALE, ROW_SCALE, row, BLOCK_V: tl.constexpr,
+                  ALIGN: tl.constexpr, ROWS1: tl.constexpr, ROWS2: tl.constexpr, ROWS3: tl.constexpr,
+                  COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SMOOTHING: tl.constexpr,
+                  RTNE_BF16: tl.constexpr):
+    """The row read once: all its loads issued at once into registers, then its max, its sum of exponentials and
+    its gradient computed from those registers. The logits cross the memory bus once each way, and the program
+    has its whole row's loads in flight. Returns the loss.
+
+    The classes LOGITS[start : start + n_cols] are split as in _row_segments (head, tail, and a body held as up to
+    three parts of ROWS1, ROWS2, ROWS3 blocks of BLOCK_V; a part of 0 rows is absent). Every loaded column is a
+    class, the rest -inf, so nothing per element depends on its column: the statistics are a max and a sum of
+    exponentials, each lane's first, and the gradient's target term is a scalar store after the row's (ordered by
+    a barrier). The padding [n_cols, row_len) is zeroed apart. Lanes fold in another order than the streaming
+    passes', so results may differ from theirs in the last bits of fp32."""
+    head_end, body_end, end = _row_segments(start, n_cols, ALIGN)
+    head_len, body_len, tail_first = _segment_lengths(start, head_end, body_end, end)
+    edge = tl.arange(0, ALIGN)
+    head = edge < head_len
+    tail = edge < n_cols - tail_first
+    BODY = LOGITS + head_end
+    o1, x1 = _part(BODY, 0, body_len, ROWS1, BLOCK_V)
+    if ROWS2 > 0:
+        o2, x2 = _part(BODY, ROWS1 * BLOCK_V, body_len, ROWS2, BLOCK_V)
+    if ROWS3 > 0:
+        o3, x3 = _part(BODY, (ROWS1 + ROWS2) * BLOCK_V, body_len, ROWS3, BLOCK_V)
+    x_h = _load_block(LOGITS + start, edge, head)
+    x_t = _load_block(LOGITS + body_end, edge, tail)
+    x_y = tl.load(LOGITS + start + y).to(tl.float32)
+    # each statistic per lane first (in the thread), then across the threads once
+    m_v = _lane_max(x1)
+    if ROWS2 > 0:
+        m_v = tl.maximum(m_v, _lane_max(x2))
+    if ROWS3 > 0:
+        m_v = tl.maximum(m_v, _lane_max(x3))
+    m = _key_value(tl.maximum(tl.max(m_v, axis=0), tl.maximum(_lane_max(x_h), _lane_max(x_t))), x1.dtype)
+    # with smoothing, the sum of x part by part beside the exponentials': both read one fp32 copy of the part, which
+    # the compiler makes once; kept for a second pass, it would be the whole row's
+    d_v = _sum_exp(x1, m)
+    if SMOOTHING:  # a masked class (-inf) must make the sum -inf: mask by column, not by value
+        s_v = _sum_where(x1, o1 < body_len)
+    if ROWS2 > 0:
+        d_v += _sum_exp(x2, m)
+        if SMOOTHING:
+            s_v += _sum_where(x2, o2 < body_len)
+    if ROWS3 > 0:
+        d_v += _sum_exp(x3, m)
+        if SMOOTHING:
+            s_v += _sum_where(x3, o3 < body_len)
+    d = tl.sum(d_v, axis=0) + _sum_exp(x_h, m) + _sum_exp(x_t, m)
+    x_sum = tl.zeros([], dtype=tl.float32)
+    if SMOOTHING:
+        x_sum = tl.sum(s_v, axis=0) + _sum_where(x_h, head) + _sum_where(x_t, tail)
+    loss = _row_loss(m, d, x_sum, x_y, eps, n_cols, SMOOTHING)
+    if COMPUTE_GRAD:
+        scale = _row_grad_scale(GRAD_SCALE, ROW_SCALE, row, HAS_ROW_SCALE)
+        inv_d = 1.0 / d
+        smooth = eps / n_cols
+        _store_probs(BODY, x1, o1, o1 < body_len, m, inv_d, smooth, scale, RTNE_BF16)
+        if ROWS2 > 0:
+            _store_probs(BODY, x2, o2, o2 < body_len, m, inv_d, smooth, scale, RTNE_BF16)
+        if ROWS3 > 0:
+            _store_probs(BODY, x3, o3, o3 < body_len, m, inv_d, smooth, scale, RTNE_BF16)
+        _store_probs(LOGITS + start, x_h, edge, head, m, inv_d, smooth, scale, RTNE_BF16)
+        _store_probs(LOGITS + body_end, x_t, edge, tail, m, inv_d, smooth, scale, RTNE_BF16)
+        _fill_row(LOGITS, start + n_cols, row_len - n_cols, 0.0, BLOCK_V, ALIGN)
+        tl.debug_barrier()  # the row's stores before the target's, which replaces one of them
+        g_y = (tl.exp2((x_y - m) * LOG2E) * inv_d - smooth - (1.0 - eps)) * scale
+        tl.store(LOGITS + start + y, _rounded_grad(g_y, LOGITS, RTNE_BF16))
+    return loss
+
+
+@triton.jit
+def _row_loss(m, d, x_sum, x_y, eps, n_cols, SMOOTHING: tl.constexpr):
+    """(1 - eps) (lse - x_y) + eps (lse - mean x) from the row's max m, sum of exp(x - m) d and sum of x."""
+    lse = m + tl.log(d)
+    loss = (1.0 - eps) * (lse - x_y)
+    if SMOOTHING:  # only then: a -inf logit (a masked class) makes x_sum -inf, and 0 * inf would be NaN
+        loss += eps * (lse - x_sum / n_cols)
+    return loss
+
+
+@triton.jit
+def _row_grad_scale(GRAD_SCALE, ROW_SCALE, row, HAS_ROW_SCALE: tl.constexpr):
+    scale = tl.load(GRAD_SCALE)
+    if HAS_ROW_SCALE:
+        scale = scale * tl.load(ROW_SCALE + row).to(tl.float32)
+    return scale
+
+
+@triton.jit
 def _fill_row(LOGITS, start, row_len, value, BLOCK_V: tl.constexpr, ALIGN: tl.constexpr):
     head_end, body_end, end = _row_segments(start, row_len, ALIGN)
     edge = tl.arange(0, ALIGN)
@@ -342,6 +515,7 @@ def _cross_entropy_kernel(
     LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, GRAD_SCALE, n_cols, row_len, ignore_index, eps,
     BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, UNROLL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, SMOOTHING: tl.constexpr, RTNE_BF16: tl.constexpr,
+    ROWS1: tl.constexpr = 0, ROWS2: tl.constexpr = 0, ROWS3: tl.constexpr = 0,
 ):
     """LOSS[r] = CE(LOGITS[r, :n_cols], TARGET[r]); if COMPUTE_GRAD, LOGITS[r, :n_cols] <- its gradient
     times GRAD_SCALE[0] (times ROW_SCALE[r] if HAS_ROW_SCALE) and LOGITS[r, n_cols:row_len] <- 0.
@@ -351,6 +525,8 @@ def _cross_entropy_kernel(
     row_len >= n_cols is how many columns are loaded and stored; ALIGN = 16 // element size. Each row is walked
     as a short head, a body of whole 16-byte groups and a short tail (_row_segments), so that whatever V and
     the row stride are, the body moves 16 bytes per access when LOGITS itself is 16-byte aligned.
+    ROWS1 > 0: the row is read once into registers (_resident_row) rather than streamed twice in blocks of
+    BLOCK_V (UNROLL is then unused).
     """
     row = tl.program_id(0).to(tl.int64)
     start = row * stride_row
@@ -365,17 +541,16 @@ def _cross_entropy_kernel(
         if COMPUTE_GRAD:
             _fill_row(LOGITS, start, row_len, float("nan"), BLOCK_V, ALIGN)
         return
+    if ROWS1 > 0:
+        tl.store(LOSS + row, _resident_row(LOGITS, start, n_cols, row_len, y, eps, GRAD_SCALE, ROW_SCALE, row,
+                                           BLOCK_V, ALIGN, ROWS1, ROWS2, ROWS3, COMPUTE_GRAD, HAS_ROW_SCALE,
+                                           SMOOTHING, RTNE_BF16))
+        return
     m, d, x_sum = _row_stats(LOGITS, start, n_cols, row_len, BLOCK_V, ALIGN, UNROLL, SMOOTHING)
-    lse = m + tl.log(d)
     x_y = tl.load(LOGITS + start + y).to(tl.float32)
-    loss = (1.0 - eps) * (lse - x_y)
-    if SMOOTHING:  # only then: a -inf logit (a masked class) makes x_sum -inf, and 0 * inf would be NaN
-        loss += eps * (lse - x_sum / n_cols)
-    tl.store(LOSS + row, loss)
+    tl.store(LOSS + row, _row_loss(m, d, x_sum, x_y, eps, n_cols, SMOOTHING))
     if COMPUTE_GRAD:
-        scale = tl.load(GRAD_SCALE)
-        if HAS_ROW_SCALE:
-            scale = scale * tl.load(ROW_SCALE + row).to(tl.float32)
+        scale = _row_grad_scale(GRAD_SCALE, ROW_SCALE, row, HAS_ROW_SCALE)
         _write_row_grad(LOGITS, start, n_cols, row_len, y, m, d, eps, scale, BLOCK_V, ALIGN, UNROLL, RTNE_BF16)
 
 
@@ -469,25 +644,43 @@ def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, r
         grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=logits.device)
     size = logits.element_size()
     block_v, num_warps, unroll = _row_config(row_len, size, launch or _long_row_config(logits.device, size))
+    rows = _resident_parts(row_len, block_v) if unroll == ROW else (0, 0, 0)
     # loss stands in for the pointers that the constexpr flags leave unread
     return _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
         grad_scale if compute_grad else loss, n_cols, row_len, ignore_index, eps,
-        BLOCK_V=block_v, ALIGN=16 // size, UNROLL=unroll, COMPUTE_GRAD=compute_grad,
+        BLOCK_V=block_v, ALIGN=16 // size, UNROLL=1 if unroll == ROW else unroll, COMPUTE_GRAD=compute_grad,
         HAS_ROW_SCALE=row_scale is not None, SMOOTHING=eps > 0.0,
-        RTNE_BF16=INTERPRET and logits.dtype == torch.bfloat16, num_warps=num_warps,
+        RTNE_BF16=INTERPRET and logits.dtype == torch.bfloat16, ROWS1=rows[0], ROWS2=rows[1], ROWS3=rows[2],
+        num_warps=num_warps,
     )
+
+
+def _resident_parts(row_len, block_v):
+    """(ROWS1, ROWS2, ROWS3): the blocks of block_v columns that hold a row of row_len in registers, as at most
+    three powers of two (a tensor's shape must be one), the fewest blocks that cover the row (0: no such part).
+    A block count with more than three bits set is rounded up to one with three: V = 40478 in bf16 at 16 warps is
+    10 blocks of 4096, parts 8 + 2 (1.2% past the row); V = 50257, 13 blocks, 8 + 4 + 1."""
+    blocks = -(-row_len // block_v)
+    while bin(blocks).count("1") > 3:
+        blocks += blocks & -blocks
+    parts = [1 << b for b in reversed(range(blocks.bit_length())) if blocks >> b & 1]
+    return tuple(parts + [0] * (3 - len(parts)))
 
 
 def _row_config(row_len, element_size, long_rows=(_NUM_WARPS, 1)):
     """(BLOCK_V, num_warps, UNROLL) of the cross-entropy kernels for rows of row_len columns of element_size bytes:
     16 bytes per thread and block (one vector load). A row of at least a full block of long_rows' (num_warps,
     UNROLL) gets that launch (_long_row_config: the measured one); a shorter one the fewest warps that cover it, with
-    UNROLL 1."""
+    UNROLL 1. UNROLL ROW stays only where the row's blocks (_resident_parts) fit in _RESIDENT_REGS registers a
+    thread; a longer row streams with UNROLL 1."""
     per_thread = _BYTES_PER_THREAD // element_size
     num_warps, unroll = long_rows
     if next_power_of_2(row_len) >= num_warps * 32 * per_thread:
-        return num_warps * 32 * per_thread, num_warps, unroll
+        block_v = num_warps * 32 * per_thread
+        if unroll == ROW and sum(_resident_parts(row_len, block_v)) * _BYTES_PER_THREAD > _RESIDENT_REGS * 4:
+            unroll = 1
+        return block_v, num_warps, unroll
     block_v = min(next_power_of_2(row_len), _NUM_WARPS * 32 * per_thread)
     return block_v, max(1, block_v // (32 * per_thread)), 1
 
@@ -496,7 +689,7 @@ def check_launch(num_warps, unroll):
     """Why (num_warps, UNROLL) cannot launch the cross-entropy kernel, or None."""
     if type(num_warps) is not int or num_warps not in (1, 2, 4, 8, 16, 32):
         return f"num_warps = {num_warps!r} is not a power of two in [1, 32]"
-    if type(unroll) is not int or unroll not in UNROLLS:
+    if unroll not in UNROLLS or type(unroll) not in (int, str):
         return f"unroll = {unroll!r} is not one of {UNROLLS}"
     return None
 
@@ -669,7 +862,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad, post_scale = ctx.saved_tensors
         cross_entropy_scale_grad_op_(grad, grad_output, post_scale)
-        return grad, None, None, None, None
+        return grad.detach(), None, None, None, None
 
 
 def fused_cross_entropy(logits, target, *, ignore_index=-100, label_smoothing=0.0, reduction="mean"):
@@ -1059,7 +1252,9 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False, smoo
     """One ahead-of-time compile of _cross_entropy_kernel as _launch would run it for GPT-1: on (N, V)
     logits (row stride V = 40478, no alignment), or on fused_linear_cross_entropy's padded chunk (row stride
     _padded_vocab(V), a multiple of 16 that the JIT specializes on); launch: the long rows' (num_warps, UNROLL)."""
-    block_v, num_warps, unroll = _row_config(n_classes, 4 if dtype == "fp32" else 2, launch)
+    row_len = _padded_vocab(n_classes) if padded else n_classes
+    block_v, num_warps, unroll = _row_config(row_len, 4 if dtype == "fp32" else 2, launch)
+    rows = _resident_parts(row_len, block_v) if unroll == ROW else (0, 0, 0)
     return {
         "name": name,
         "fn": _cross_entropy_kernel,
@@ -1067,9 +1262,10 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False, smoo
                       "LOSS": "*fp32:16", "ROW_SCALE": "*fp32:16", "n_cols": "i32",
                       "row_len": "i32:16" if padded else "i32", "ignore_index": "i32", "eps": "fp32",
                       "GRAD_SCALE": "*fp32:16"},
-        "constexprs": {"BLOCK_V": block_v, "ALIGN": 4 if dtype == "fp32" else 8, "UNROLL": unroll,
-                       "COMPUTE_GRAD": compute_grad,
-                       "HAS_ROW_SCALE": False, "SMOOTHING": smoothing, "RTNE_BF16": False},
+        "constexprs": {"BLOCK_V": block_v, "ALIGN": 4 if dtype == "fp32" else 8,
+                       "UNROLL": 1 if unroll == ROW else unroll, "COMPUTE_GRAD": compute_grad,
+                       "HAS_ROW_SCALE": False, "SMOOTHING": smoothing,
+                       "RTNE_BF16": False, "ROWS1": rows[0], "ROWS2": rows[1], "ROWS3": rows[2]},
         "num_warps": num_warps,
         "num_stages": 3,
     }
@@ -1088,6 +1284,14 @@ COMPILE_SPECS = [
     # 4 x 4 and fp32's 16 x 4; the tuner rejects a launch that spills on its GPU.
     *(_compile_spec(f"linear_ce_chunk_fwd_bwd_bf16_V40478_padded_w{w}_unroll{u}", "bf16", True, padded=True,
                     launch=(w, u)) for w, u in ((16, 2), (32, 1))),
+    # the row read once into registers (UNROLL "row"), on the chunk and on the unaligned N x V logits
+    *(_compile_spec(f"linear_ce_chunk_fwd_bwd_bf16_V40478_padded_w{w}_row", "bf16", True, padded=True,
+                    launch=(w, ROW)) for w in (8, 16, 32)),
+    _compile_spec("cross_entropy_fwd_bwd_bf16_V40478_w16_row", "bf16", True, launch=(16, ROW)),
+    _compile_spec("cross_entropy_fwd_bwd_fp32_V40478_w16_row", "fp32", True, launch=(16, ROW)),
+    _compile_spec("cross_entropy_fwd_bwd_fp16_V40478_w16_row", "fp16", True, launch=(16, ROW)),
+    _compile_spec("cross_entropy_fwd_bwd_bf16_V40478_smoothing_w16_row", "bf16", True, smoothing=True,
+                  launch=(16, ROW)),
     # the backward's in-place scaling, by one incoming gradient (reduction="mean")
     {"name": "cross_entropy_scale_grad_bf16_V40478", "fn": _scale_grad_kernel,
      "signature": {"GRAD": "*bf16:16", "stride_row": "i32", "row_len": "i32", "GRAD_OUT": "*fp32:16",

@@ -15,14 +15,16 @@ from helpers import assert_all_within, assert_error_within, triton_constexpr_cal
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from kernels import fused_cross_entropy, fused_linear_cross_entropy, reference
+from kernels import cross_entropy, fused_cross_entropy, fused_linear_cross_entropy, reference
 from kernels.cross_entropy import (
     COMPILE_SPECS,
+    ROW,
     _default_chunk_size,
     _launch,
     _linear_extra_bytes,
     _long_row_config,
     _padded_vocab,
+    _resident_parts,
     _row_config,
     load_tuned_table,
     parse_tuned_table,
@@ -146,6 +148,97 @@ def test_cross_entropy_masked_classes(device):
 
 
 
+@pytest.fixture
+def row_launch(monkeypatch):
+    """The public functions as a tuned table with a (16, ROW) entry runs them: rows of at least 4096 (bf16) or 2048
+    (fp32) columns and at most 20 such blocks read once into registers (the interpreter runs any num_warps)."""
+    monkeypatch.setattr(cross_entropy, "_long_row_config", lambda device, element_size: (16, ROW))
+
+
+@pytest.mark.parametrize("v", [40478, 8193])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction,label_smoothing", [("mean", 0.0), ("sum", 0.1), ("none", 0.0)])
+def test_row_launch_matches_reference(v, dtype, reduction, label_smoothing, row_launch, device):
+    assert _row_config(v, dtype.itemsize, (16, ROW))[2] == ROW
+    torch.manual_seed(12)
+    n = 5
+    _compare_ce(torch.randn(n, v, device=device) * 3, _targets(n, v, device), dtype, label_smoothing, reduction,
+                grad_weights=torch.rand(n, device=device) if reduction == "none" else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_row_launch_extreme_logits(dtype, row_launch, device):
+    torch.manual_seed(2)
+    n, v = 4, 40478
+    x = torch.randn(n, v, device=device)
+    x[:, ::5] = 1e4
+    x[:, 1::7] = -1e4
+    x[0] = -1e4
+    target = torch.tensor([5, 0, 1, 9], device=device)  # a -1e4 row, a +1e4 class, a -1e4 class: loss ~2e4
+    _compare_ce(x, target, dtype, 0.2, "sum")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_launch_masked_nan_and_target_classes(dtype, row_launch, device):
+    """The resident row finds no class by its column: -inf logits (masked classes, a whole row, the target) and NaN
+    must come out as torch has them, the target's term stored after the row, the padding zeroed apart."""
+    torch.manual_seed(3)
+    n, v = 6, 8193
+    x = (torch.randn(n, v, device=device) * 4).to(dtype)
+    x[0, :5000] = float("-inf")
+    x[1, 7] = float("nan")
+    x[2] = float("-inf")
+    x[3, 6000:] = float("-inf")
+    x[4, 123] = float("-inf")
+    target = torch.tensor([6000, 100, 3, 5000, 123, 8192], device=device)  # row 4's target is masked: loss inf
+    for eps in (0.0, 0.1):
+        loss = fused_cross_entropy(_leaf(x), target, reduction="none", label_smoothing=eps)
+        want = F.cross_entropy(x.float(), target, reduction="none", label_smoothing=eps)
+        torch.testing.assert_close(loss, want, equal_nan=True)
+    keep = [0, 3, 4, 5]
+    kern, truth = _leaf(x[keep]), _leaf(x[keep], torch.float64)
+    fused_cross_entropy(kern, target[keep], reduction="sum").backward()
+    F.cross_entropy(truth, target[keep], reduction="sum").backward()
+    torch.testing.assert_close(kern.grad.double(), truth.grad, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5,
+                               atol=1e-7)
+    assert (kern.grad[0, :5000] == 0).all() and (kern.grad[1, 6000:] == 0).all() and kern.grad[2, 123] == -1
+    padded = torch.full((n, _padded_vocab(v)), float("nan"), device=device, dtype=dtype)
+    padded[:, :v] = x
+    loss = torch.empty(n, device=device)
+    _launch(padded, target, loss, IGNORE, 0.0, 1.0, True, n_cols=v)
+    assert torch.equal(padded[:, v:], torch.zeros_like(padded[:, v:])), "padding columns got a gradient"
+    torch.testing.assert_close(loss, F.cross_entropy(x.float(), target, reduction="none"), equal_nan=True)
+
+
+def test_row_launch_linear_cross_entropy(row_launch, device):
+    """fused_linear_cross_entropy's padded chunks through the resident row: the padding columns, and the gradients
+    that the chunk loop builds from the chunk's gradient."""
+    torch.manual_seed(13)
+    n, c, v = 9, 16, 8193
+    hidden, weight = torch.randn(n, c, device=device), torch.randn(v, c, device=device) * 0.3
+    target = _targets(n, v, device)
+    got = [_leaf(hidden), _leaf(weight)]
+    want = [_leaf(hidden, torch.float64), _leaf(weight, torch.float64)]
+    fused_linear_cross_entropy(*got, target, label_smoothing=0.1, chunk_size=4).backward()
+    F.cross_entropy(F.linear(*want), target, ignore_index=IGNORE, label_smoothing=0.1).backward()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.grad.double(), w.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_resident_parts():
+    """A row's blocks as at most three powers of two, the fewest that cover it."""
+    assert _resident_parts(40478, 4096) == (8, 2, 0)  # 10 blocks, 40960 columns
+    assert _resident_parts(50257, 4096) == (8, 4, 1)  # 13
+    assert _resident_parts(40512, 2048) == (16, 4, 0)  # 20
+    assert _resident_parts(4096, 4096) == (1, 0, 0)
+    assert _resident_parts(15 * 512, 512) == (16, 0, 0)  # 15 = 1111b has four bits: 16
+    assert _resident_parts(23 * 512 - 1, 512) == (16, 8, 0)  # 23 = 10111b: 24
+    for blocks in range(1, 70):
+        parts = _resident_parts(blocks * 256, 256)
+        assert sum(parts) >= blocks and all(p == 0 or p & (p - 1) == 0 for p in parts)
+        assert sum(parts) - blocks < max(parts) // 4 + 1  # rounding adds at most a quarter of the largest part
+
+
 @pytest.mark.parametrize("grad_output", [1.0, 0.25])
 def test_fp16_mean_gradient_is_rounded_once(grad_output, device):
     """fp16 + mean keeps 1 / n out of the kernel (underflow); the backward's rescale must not add a second
@@ -196,10 +289,11 @@ def test_kernel_padding_columns(dtype, device):
 @pytest.mark.parametrize("row_len,n_cols", [(2048, 2000), (1999, 1999), (3000, 2950)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_launches_of_the_tuner(dtype, row_len, n_cols, device):
-    """Every (num_warps, UNROLL) that bench.tune_cross_entropy may write into the table: UNROLL only changes when
-    the loads are issued (each lane folds its columns in the same order), so its results equal UNROLL 1's at the
-    same width bit for bit; each width's equal the float64 truth to fp32 summation order and one rounding. Padded
-    and unaligned rows, a partial last group of UNROLL blocks, label smoothing, ignored rows and per-row scales."""
+    """Every (num_warps, UNROLL) that bench.tune_cross_entropy may write into the table: UNROLL 2 or 4 only changes
+    when the loads are issued (each lane folds its columns in the same order), so its results equal UNROLL 1's at the
+    same width bit for bit; each width's, and the row read once (ROW, which folds in its own order), equal the
+    float64 truth to fp32 summation order and one rounding. Padded and unaligned rows, a partial last group of UNROLL
+    blocks, label smoothing, ignored rows and per-row scales."""
     from bench.tune_cross_entropy import CANDIDATES
 
     torch.manual_seed(11)
@@ -214,12 +308,12 @@ def test_launches_of_the_tuner(dtype, row_len, n_cols, device):
         x[:, :n_cols].double())
     ran = {}
     # each width at UNROLL 1 first, so that every unrolled launch meets its width's UNROLL 1 result
-    launches = set(CANDIDATES) | {(1, 2), (1, 4), (2, 4)}
-    for launch in sorted(launches | {(w, 1) for w, _ in launches}, key=lambda w_u: w_u[1]):
+    launches = set(CANDIDATES) | {(1, 2), (1, 4), (2, 4), (1, ROW)}
+    for launch in sorted(launches | {(w, 1) for w, _ in launches}, key=lambda w_u: str(w_u[1])):
         got, loss = x.clone(), torch.empty(n, device=device)
         _launch(got, target, loss, IGNORE, 0.1, 0.5, True, row_scale=row_scale, n_cols=n_cols, launch=launch)
         block_v, _, unroll = _row_config(row_len, x.element_size(), launch)
-        if (block_v, 1) in ran:
+        if (block_v, 1) in ran and unroll != ROW:
             same = ran[block_v, 1]
             assert torch.equal(loss, same[0]) and torch.equal(got, same[1]), f"launch {launch} against UNROLL 1"
         ran[block_v, unroll] = loss, got
@@ -228,7 +322,8 @@ def test_launches_of_the_tuner(dtype, row_len, n_cols, device):
         torch.testing.assert_close(got[:, :n_cols].double(), exact_grad, rtol=step, atol=1e-7,
                                    msg=f"gradient, launch {launch}")
         assert not got[:, n_cols:].any(), "padding columns got a gradient"
-    assert {u for _, u in ran} == {1, 2, 4} and len({b for b, _ in ran}) > 1, f"launches run: {sorted(ran)}"
+    assert {u for _, u in ran} == {1, 2, 4, ROW} and len({b for b, _ in ran}) > 1, \
+        f"launches run: {sorted(map(str, ran))}"
     assert all((b, 1) in ran for b, _ in ran), "an unrolled launch had no UNROLL 1 run of its width to match"
 
 
@@ -262,17 +357,27 @@ def test_row_config_of_a_tuned_launch():
     assert _row_config(1000, 2, (8, 4)) == (1024, 4, 1)
     assert _row_config(40512, 2) == (4096, 16, 1)
     assert _long_row_config(torch.device("cpu"), 2) == (16, 1)
+    # ROW where the row's blocks fit in 80 registers a thread (20 blocks of 16 bytes), else UNROLL 1
+    assert _row_config(40478, 2, (16, ROW)) == (4096, 16, ROW)
+    assert _row_config(40478, 2, (8, ROW)) == (2048, 8, ROW)  # 16 + 4 blocks
+    assert _row_config(40478, 2, (4, ROW)) == (1024, 4, 1)
+    assert _row_config(40478, 4, (16, ROW)) == (2048, 16, ROW)
+    assert _row_config(50257, 4, (16, ROW)) == (2048, 16, 1)  # 25 blocks: 16 + 8 + 1
+    assert _row_config(1000, 2, (8, ROW)) == (1024, 4, 1)
 
 
 def test_tuned_table_is_checked(tmp_path):
     """The table that bench.tune_cross_entropy writes parses; a bad entry is refused with its index and why; no
     file means no table."""
     good = {"entries": [{"arch": "sm90", "element_size": 2, "num_warps": 8, "unroll": 4, "speedup": 1.2},
-                        {"arch": "sm80", "element_size": 4, "num_warps": 16, "unroll": 1}], "rows": []}
-    assert parse_tuned_table(good) == {(9, 2): (8, 4), (8, 4): (16, 1)}
+                        {"arch": "sm80", "element_size": 4, "num_warps": 16, "unroll": 1},
+                        {"arch": "sm80", "element_size": 2, "num_warps": 16, "unroll": "row"}], "rows": []}
+    assert parse_tuned_table(good) == {(9, 2): (8, 4), (8, 4): (16, 1), (8, 2): (16, ROW)}
     bad = [({"arch": "sm70", "element_size": 2, "num_warps": 8, "unroll": 4}, "arch"),
            ({"arch": "sm90", "element_size": 2, "num_warps": 12, "unroll": 4}, "num_warps"),
            ({"arch": "sm90", "element_size": 2, "num_warps": 8, "unroll": 3}, "unroll"),
+           ({"arch": "sm90", "element_size": 2, "num_warps": 8, "unroll": "rows"}, "unroll"),
+           ({"arch": "sm90", "element_size": 2, "num_warps": 8, "unroll": True}, "unroll"),
            ({"arch": "sm90", "element_size": 2, "num_warps": 8}, "needs")]
     for entry, why in bad:
         with pytest.raises(ValueError, match=f"entry 0: .*{why}"):
@@ -325,6 +430,21 @@ def test_gradient_is_written_in_place(device):
     with torch.no_grad():
         fused_cross_entropy(logits.detach().copy_(x).requires_grad_(), target)
     assert torch.equal(logits.detach(), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_leaf_gradient_is_the_buffer_not_a_copy(dtype, device):
+    """Logits that are a leaf get their .grad without a copy: autograd's gradient accumulation clones a gradient
+    that something else still references (it did: 2.65 GB written again at N=32768, V=40478 in bf16)."""
+    torch.manual_seed(5)
+    x, target = torch.randn(4, 300, device=device, dtype=dtype), torch.randint(0, 300, (4,), device=device)
+    logits, ref = _leaf(x), _leaf(x)
+    buffer = logits.data_ptr()
+    fused_cross_entropy(logits, target).backward()
+    reference.cross_entropy(ref, target).backward()
+    assert logits.grad.data_ptr() == buffer
+    expected = (torch.softmax(x.double(), -1) - F.one_hot(target, 300)) / 4
+    assert_error_within(logits.grad, ref.grad, expected, name="leaf grad")
 
 
 def test_in_place_write_is_visible_to_autograd(device):
