@@ -13,6 +13,10 @@ Two tables per vocabulary size V (40478, GPT-1's; 50257, GPT-2's), N = 2k..32k t
   model's loss_impl="triton"), eager (F.linear, then F.cross_entropy, in bf16), torch.compile of it, liger
   (Liger's fused linear cross-entropy). TFLOP/s counts the head's matmuls: 2*N*V*C forward, twice that backward.
 
+Ours' linear + cross-entropy fwd+bwd at the first (largest) N also gets its anatomy (bench.profile_step's, the
+call profiled as a step): kernel ms by family and its costliest kernels with their launches, under its table in
+results.md and as the row's "anatomy" in results.json.
+
 The eager baseline is torch's bf16 call, not kernels/reference.py's fp32 upcast (the tests' reference, and the
 model's loss_impl="eager"; under torch.autocast F.cross_entropy runs in fp32 as well): it is the fastest
 plain-torch way to call the op on these inputs.
@@ -107,9 +111,51 @@ def run(smoke, deadline=None):
                 rows += bench_provider(dict(base, table=f"linear + cross-entropy C={grid['C']} V={V} bf16",
                                             C=grid["C"]), name, functools.partial(fn, hidden, weight, target),
                                        [hidden, weight], smoke, deadline)
+                if name == "ours" and N == grid["N"][0] and rows[-1]["status"] == "ok":
+                    rows[-1]["anatomy"] = linear_anatomy(functools.partial(fn, hidden, weight, target),
+                                                         [hidden, weight])
             hidden = weight = None
             common.free_memory()
     return rows
+
+
+def linear_anatomy(call, inputs, steps=3):
+    """Where ours' fwd+bwd of the linear cross-entropy spends its GPU time (bench.profile_step's anatomy of the call
+    as a step: kernel ms by family, the costliest kernels with their launches), and its operators; on a CPU the
+    operators only."""
+    import torch
+
+    from bench.profile_step import anatomy
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        call().backward()
+
+    a = anatomy(step, inputs[0].device, steps=steps, host=False)
+    keep = ("wall_ms", "gpu_kernel_ms", "gpu_busy", "kernels_per_step", "families", "top_kernels", "ops_per_step")
+    out = {k: a[k] for k in keep if k in a}
+    if "families" in out:
+        out["families"] = {f: v["ms"] for f, v in out["families"].items() if v["ms"]}
+    if inputs[0].is_cuda:
+        torch.cuda.synchronize()
+    return out
+
+
+def anatomy_markdown(rows):
+    """The linear cross-entropy's anatomy (linear_anatomy), under its table; nothing where none was measured."""
+    lines = []
+    for r in rows:
+        a = r.get("anatomy")
+        if not a or "top_kernels" not in a:
+            continue
+        lines += ["", f"### Where ours' linear + cross-entropy fwd+bwd spends its time (N={r['N']}, V={r['V']}, "
+                      f"C={r['C']}, one call profiled)", "",
+                  f"{a['wall_ms']:.2f} ms wall, {a['gpu_kernel_ms']:.2f} ms of kernels, {a['kernels_per_step']:.0f} "
+                  f"launches; by family: " + ", ".join(f"{f} {ms:.2f}" for f, ms in a["families"].items()), "",
+                  "| kernel | ms | launches | family |", "|---|---|---|---|"]
+        lines += [f"| `{name[:90]}` | {ms:.3f} | {n:.0f} | {fam} |" for name, ms, n, fam in a["top_kernels"][:12]]
+    return lines
 
 
 def bench_provider(base, name, call, inputs, smoke, deadline):
@@ -149,7 +195,7 @@ def markdown(rows):
                    "cross-entropy (the model's loss_impl=\"triton\").")
     return (common.tables_markdown(plain, _columns("gbps", "GB/s"), note)
             + common.tables_markdown(linear, _columns("tflops", "TFLOP/s"), linear_note)
-            + common.unavailable(rows) + [""])
+            + anatomy_markdown(linear) + common.unavailable(rows) + [""])
 
 
 def plot(rows, out_dir):

@@ -123,6 +123,27 @@ def test_smoke_gradient_in_forward_is_not_applicable(smoke_run):
     assert any(r["status"] == "n/a" for r in ce)
 
 
+def test_smoke_linear_cross_entropy_anatomy(smoke_run):
+    """Ours' linear cross-entropy at the grid's first N (the headline's) carries its anatomy (on a CPU its operators
+    only)."""
+    _, rows = smoke_run
+    mine = [r for r in rows if r["bench"] == "cross_entropy" and "C" in r and r["provider"] == "ours"
+            and r["mode"] == "fwd+bwd"]
+    first = cross_entropy.SMOKE_GRID["N"][0]
+    assert [r["N"] for r in mine if "anatomy" in r] == [first]
+    assert next(r for r in mine if r["N"] == first)["anatomy"]["ops_per_step"] > 0
+
+
+def test_linear_cross_entropy_anatomy_markdown():
+    top = [["_cross_entropy_kernel", 3.1, 22, "loss"], ["sm90_xmma_gemm_bf16", 2.5, 44, "gemm"]]
+    row = {"N": 32768, "V": 40478, "C": 768, "anatomy": {"wall_ms": 16.8, "gpu_kernel_ms": 16.1, "kernels_per_step": 90,
+                                                         "families": {"loss": 3.1, "gemm": 11.0}, "top_kernels": top}}
+    lines = cross_entropy.anatomy_markdown([row, {"N": 8, "anatomy": {"ops_per_step": 40}}, {"N": 8}])
+    text = "\n".join(lines)
+    assert "16.80 ms wall, 16.10 ms of kernels, 90 launches; by family: loss 3.10, gemm 11.00" in text
+    assert "| `_cross_entropy_kernel` | 3.100 | 22 | loss |" in text and text.count("### Where") == 1
+
+
 def test_smoke_e2e_rows(smoke_run):
     _, rows = smoke_run
     e2e_rows = [r for r in rows if r["bench"] == "e2e"]
