@@ -116,7 +116,8 @@ _BYTES_PER_THREAD = 16
 # summation order of a row's statistics, so results may differ in the last bits from one width to another.
 _TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_entropy_tuned.json")
 # UNROLL "row": the whole row's loads in flight at once and the row kept in registers, read once (_resident_row),
-# where its blocks fit in _RESIDENT_REGS registers a thread; a longer row streams with UNROLL 1.
+# where its values in fp32 fit in _RESIDENT_REGS registers a thread (V = 40478 at 16 or 32 warps; 127-128 registers
+# in all at 16 on sm_90); a longer row streams with UNROLL 1.
 ROW = "row"
 UNROLLS = (1, 2, 4, ROW)
 _RESIDENT_REGS = 80
@@ -352,30 +353,6 @@ def _part(BODY, base, body_len, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _lane_max(x):
-    """Per lane (axis 0: the thread's own elements; a 1-D block: all of it) the max. A bf16 block is compared by
-    its bits, as int16 keys in the floats' order (the sign-magnitude bits made two's complement; _key_value turns
-    the max back): tl.max would widen the block to fp32, and the compiler would keep that copy of the row, twice
-    its registers, for the sum of exponentials."""
-    if x.dtype == tl.bfloat16:
-        b = x.to(tl.int16, bitcast=True)
-        m = tl.max(b ^ ((b >> 15) & 0x7FFF), axis=0)
-    else:
-        m = tl.max(x, axis=0)
-    return m
-
-
-@triton.jit
-def _key_value(m, DTYPE: tl.constexpr):
-    """The fp32 value of a max that _lane_max returned for a block of DTYPE."""
-    if DTYPE == tl.bfloat16:
-        value = ((m ^ ((m >> 31) & 0x7FFF)) << 16).to(tl.float32, bitcast=True)
-    else:
-        value = m.to(tl.float32)
-    return value
-
-
-@triton.jit
 def _sum_exp(x, m):
     """Per lane (axis 0: the thread's own elements; a 1-D block: all of it) the sum of exp(x - m) in fp32; a -inf
     logit adds 0."""
@@ -388,21 +365,9 @@ def _sum_where(x, mask):
 
 
 @triton.jit
-def _widen_bits(x):
-    """A bf16 block widened to fp32 by moving its bits (other dtypes by conversion). The same value as
-    x.to(tl.float32), but not the same instruction: the compiler would otherwise convert the resident row once and
-    keep the fp32 copy (twice the registers) from the sum of exponentials to the gradient."""
-    if x.dtype == tl.bfloat16:
-        wide = (x.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
-    else:
-        wide = x.to(tl.float32)
-    return wide
-
-
-@triton.jit
 def _store_probs(PTR, x, offs, mask, m, inv_d, smooth, scale, RTNE_BF16: tl.constexpr):
     """PTR[offs] = scale * (softmax - eps / V) of the resident logits x where mask (the target's term comes after)."""
-    _store_grad(PTR, (tl.exp2((_widen_bits(x) - m) * LOG2E) * inv_d - smooth) * scale, offs, mask, RTNE_BF16)
+    _store_grad(PTR, (tl.exp2((x.to(tl.float32) - m) * LOG2E) * inv_d - smooth) * scale, offs, mask, RTNE_BF16)
 
 
 @triton.jit
@@ -412,7 +377,9 @@ def _resident_row(LOGITS, start, n_cols, row_len, y, eps, GRAD_SCALE, ROW_SCALE,
                   RTNE_BF16: tl.constexpr):
     """The row read once: all its loads issued at once into registers, then its max, its sum of exponentials and
     its gradient computed from those registers. The logits cross the memory bus once each way, and the program
-    has its whole row's loads in flight. Returns the loss.
+    has its whole row's loads in flight. Returns the loss. The compiler widens a 16-bit row to fp32 once and keeps
+    that copy for both passes (the 16-bit one is then dead): _row_config admits a row whose fp32 values fit in
+    _RESIDENT_REGS registers a thread.
 
     The classes LOGITS[start : start + n_cols] are split as in _row_segments (head, tail, and a body held as up to
     three parts of ROWS1, ROWS2, ROWS3 blocks of BLOCK_V; a part of 0 rows is absent). Every loaded column is a
@@ -435,12 +402,12 @@ def _resident_row(LOGITS, start, n_cols, row_len, y, eps, GRAD_SCALE, ROW_SCALE,
     x_t = _load_block(LOGITS + body_end, edge, tail)
     x_y = tl.load(LOGITS + start + y).to(tl.float32)
     # each statistic per lane first (in the thread), then across the threads once
-    m_v = _lane_max(x1)
+    m_v = tl.max(x1, axis=0)
     if ROWS2 > 0:
-        m_v = tl.maximum(m_v, _lane_max(x2))
+        m_v = tl.maximum(m_v, tl.max(x2, axis=0))
     if ROWS3 > 0:
-        m_v = tl.maximum(m_v, _lane_max(x3))
-    m = _key_value(tl.maximum(tl.max(m_v, axis=0), tl.maximum(_lane_max(x_h), _lane_max(x_t))), x1.dtype)
+        m_v = tl.maximum(m_v, tl.max(x3, axis=0))
+    m = tl.maximum(tl.max(m_v, axis=0), tl.maximum(tl.max(x_h, axis=0), tl.max(x_t, axis=0))).to(tl.float32)
     # with smoothing, the sum of x part by part beside the exponentials': both read one fp32 copy of the part, which
     # the compiler makes once; kept for a second pass, it would be the whole row's
     d_v = _sum_exp(x1, m)
@@ -672,13 +639,13 @@ def _row_config(row_len, element_size, long_rows=(_NUM_WARPS, 1)):
     """(BLOCK_V, num_warps, UNROLL) of the cross-entropy kernels for rows of row_len columns of element_size bytes:
     16 bytes per thread and block (one vector load). A row of at least a full block of long_rows' (num_warps,
     UNROLL) gets that launch (_long_row_config: the measured one); a shorter one the fewest warps that cover it, with
-    UNROLL 1. UNROLL ROW stays only where the row's blocks (_resident_parts) fit in _RESIDENT_REGS registers a
-    thread; a longer row streams with UNROLL 1."""
+    UNROLL 1. UNROLL ROW stays only where the row's blocks (_resident_parts), widened to fp32, fit in
+    _RESIDENT_REGS registers a thread; a longer row streams with UNROLL 1."""
     per_thread = _BYTES_PER_THREAD // element_size
     num_warps, unroll = long_rows
     if next_power_of_2(row_len) >= num_warps * 32 * per_thread:
         block_v = num_warps * 32 * per_thread
-        if unroll == ROW and sum(_resident_parts(row_len, block_v)) * _BYTES_PER_THREAD > _RESIDENT_REGS * 4:
+        if unroll == ROW and sum(_resident_parts(row_len, block_v)) * per_thread > _RESIDENT_REGS:
             unroll = 1
         return block_v, num_warps, unroll
     block_v = min(next_power_of_2(row_len), _NUM_WARPS * 32 * per_thread)
@@ -1286,7 +1253,7 @@ COMPILE_SPECS = [
                     launch=(w, u)) for w, u in ((16, 2), (32, 1))),
     # the row read once into registers (UNROLL "row"), on the chunk and on the unaligned N x V logits
     *(_compile_spec(f"linear_ce_chunk_fwd_bwd_bf16_V40478_padded_w{w}_row", "bf16", True, padded=True,
-                    launch=(w, ROW)) for w in (8, 16, 32)),
+                    launch=(w, ROW)) for w in (16, 32)),
     _compile_spec("cross_entropy_fwd_bwd_bf16_V40478_w16_row", "bf16", True, launch=(16, ROW)),
     _compile_spec("cross_entropy_fwd_bwd_fp32_V40478_w16_row", "fp32", True, launch=(16, ROW)),
     _compile_spec("cross_entropy_fwd_bwd_fp16_V40478_w16_row", "fp16", True, launch=(16, ROW)),

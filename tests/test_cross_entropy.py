@@ -174,14 +174,17 @@ def test_row_launch_masked_nan_and_target_classes(dtype, row_launch, device):
     """The resident row finds no class by its column: -inf logits (masked classes, a whole row, the target) and NaN
     must come out as torch has them, the target's term stored after the row, the padding zeroed apart."""
     torch.manual_seed(3)
-    n, v = 6, 8193
+    n, v = 6, 28003  # 4 + 2 + 1 blocks of 4096 in bf16, 8 + 4 + 2 of 2048 in fp32; rows off 16-byte boundaries
     x = (torch.randn(n, v, device=device) * 4).to(dtype)
     x[0, :5000] = float("-inf")
     x[1, 7] = float("nan")
     x[2] = float("-inf")
     x[3, 6000:] = float("-inf")
     x[4, 123] = float("-inf")
-    target = torch.tensor([6000, 100, 3, 5000, 123, 8192], device=device)  # row 4's target is masked: loss inf
+    # each row's max must be found where it is, or exp(300 - another max) overflows fp32: in the row's tail, in the
+    # body's third part, in its second
+    x[0, 28002], x[4, 26000], x[5, 20000] = 300.0, 300.0, 300.0
+    target = torch.tensor([6000, 100, 3, 5000, 123, 28002], device=device)  # row 4's target is masked: loss inf
     for eps in (0.0, 0.1):
         loss = fused_cross_entropy(_leaf(x), target, reduction="none", label_smoothing=eps)
         want = F.cross_entropy(x.float(), target, reduction="none", label_smoothing=eps)
@@ -348,12 +351,14 @@ def test_row_config_of_a_tuned_launch():
     assert _row_config(1000, 2, (8, 4)) == (1024, 4, 1)
     assert _row_config(40512, 2) == (4096, 16, 1)
     assert _long_row_config(torch.device("cpu"), 2) == (16, 1)
-    # ROW where the row's blocks fit in 80 registers a thread (20 blocks of 16 bytes), else UNROLL 1
-    assert _row_config(40478, 2, (16, ROW)) == (4096, 16, ROW)
-    assert _row_config(40478, 2, (8, ROW)) == (2048, 8, ROW)  # 16 + 4 blocks
-    assert _row_config(40478, 2, (4, ROW)) == (1024, 4, 1)
-    assert _row_config(40478, 4, (16, ROW)) == (2048, 16, ROW)
-    assert _row_config(50257, 4, (16, ROW)) == (2048, 16, 1)  # 25 blocks: 16 + 8 + 1
+    # ROW where the row's values, widened to fp32, fit in 80 registers a thread, else UNROLL 1
+    assert _row_config(40478, 2, (16, ROW)) == (4096, 16, ROW)  # 8 + 2 blocks of 8 values a thread
+    assert _row_config(40478, 2, (32, ROW)) == (8192, 32, ROW)  # 4 + 1
+    assert _row_config(40478, 2, (8, ROW)) == (2048, 8, 1)  # 16 + 4 blocks: 160 values
+    assert _row_config(40478, 4, (16, ROW)) == (2048, 16, ROW)  # 16 + 4 blocks of 4
+    assert _row_config(50257, 2, (16, ROW)) == (4096, 16, 1)  # 8 + 4 + 1 blocks: 104 values
+    assert _row_config(50257, 2, (32, ROW)) == (8192, 32, ROW)  # 4 + 2 + 1: 56
+    assert _row_config(50257, 4, (16, ROW)) == (2048, 16, 1)
     assert _row_config(1000, 2, (8, ROW)) == (1024, 4, 1)
 
 

@@ -41,7 +41,10 @@ def test_smoke_run_writes_a_table_the_kernels_accept(tmp_path):
     tune_cross_entropy.main(["--smoke", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "cross_entropy_tuned.json").read_text())
     assert data["smoke"] is True and data["environment"]["commit"]
-    assert all(r["status"] == "ok" for r in data["rows"]), [r for r in data["rows"] if r["status"] != "ok"]
+    # every candidate runs, but a row read once where the row is shorter than its block (it would stream)
+    streams = [r for r in data["rows"] if r["status"] != "ok"]
+    assert all(r["unroll"] == "row" and "shorter than one block" in r["reason"] for r in streams), streams
+    assert any(r["unroll"] == "row" and r["status"] == "ok" for r in data["rows"])
     table = cross_entropy.parse_tuned_table(data)  # the format the kernels read
     assert set(table) == {(9, 2), (9, 4)}  # --smoke writes an entry per element size
     with pytest.raises(ValueError, match="--smoke"):  # and that kernels/ refuses to load
