@@ -116,8 +116,7 @@ _BYTES_PER_THREAD = 16
 # summation order of a row's statistics, so results may differ in the last bits from one width to another.
 _TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_entropy_tuned.json")
 # UNROLL "row": the whole row's loads in flight at once and the row kept in registers, read once (_resident_row),
-# where its values in fp32 fit in _RESIDENT_REGS registers a thread (V = 40478 at 16 or 32 warps; 127-128 registers
-# in all at 16 on sm_90); a longer row streams with UNROLL 1.
+# where its values in fp32 fit in a thread's registers (_resident_budget); a longer row streams with UNROLL 1.
 ROW = "row"
 UNROLLS = (1, 2, 4, ROW)
 _RESIDENT_REGS = 80
@@ -639,17 +638,25 @@ def _row_config(row_len, element_size, long_rows=(_NUM_WARPS, 1)):
     """(BLOCK_V, num_warps, UNROLL) of the cross-entropy kernels for rows of row_len columns of element_size bytes:
     16 bytes per thread and block (one vector load). A row of at least a full block of long_rows' (num_warps,
     UNROLL) gets that launch (_long_row_config: the measured one); a shorter one the fewest warps that cover it, with
-    UNROLL 1. UNROLL ROW stays only where the row's blocks (_resident_parts), widened to fp32, fit in
-    _RESIDENT_REGS registers a thread; a longer row streams with UNROLL 1."""
+    UNROLL 1. UNROLL ROW stays only where the row's blocks (_resident_parts), widened to fp32, fit in a thread's
+    registers (_resident_budget); a longer row streams with UNROLL 1."""
     per_thread = _BYTES_PER_THREAD // element_size
     num_warps, unroll = long_rows
     if next_power_of_2(row_len) >= num_warps * 32 * per_thread:
         block_v = num_warps * 32 * per_thread
-        if unroll == ROW and sum(_resident_parts(row_len, block_v)) * per_thread > _RESIDENT_REGS:
+        if unroll == ROW and sum(_resident_parts(row_len, block_v)) * per_thread > _resident_budget(num_warps):
             unroll = 1
         return block_v, num_warps, unroll
     block_v = min(next_power_of_2(row_len), _NUM_WARPS * 32 * per_thread)
     return block_v, max(1, block_v // (32 * per_thread)), 1
+
+
+def _resident_budget(num_warps):
+    """The fp32 values of a resident row a thread may hold: _RESIDENT_REGS, and 24 registers short of what one
+    program of num_warps may take per thread (65536 per SM), for the pointers, the statistics and the exponentials
+    in flight. Compiled for sm_80 and sm_90 (triton 3.6, 3.9), V = 40478 in bf16 holds 80 values in 127-128
+    registers at 16 warps and 40 in 64 at 32 warps without spilling; 48 at 32 warps spill."""
+    return min(_RESIDENT_REGS, 65536 // (32 * num_warps) - 24)
 
 
 def check_launch(num_warps, unroll):
