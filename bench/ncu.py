@@ -8,10 +8,12 @@ The workload makes one call of each kernel family as a training step of the 117M
 32 x 512, bf16): attention forward + backward from the packed qkv with dropout 0.1 (the mask kernel, the forward,
 dK/dV, dQ), the add + dropout + LayerNorm forward + backward with a bf16 branch copy, bias + GELU forward +
 backward at the MLP's 3072 columns, and the cross-entropy on one chunk of the linear cross-entropy's logits
-(bf16, V = 40478). ncu profiles the first launch of every kernel whose name starts with "_" (ours; torch's and
-cuBLAS's do not) with `--clock-control none` (the clocks as they run) and the sections that say what bounds a
-kernel: speed of light (compute and memory throughput against the peaks), occupancy, launch statistics
-(registers, shared memory), warp state (the stall reasons), memory workload and scheduler statistics.
+(bf16, V = 40478): through fused_cross_entropy (the tuned launch, or the default), then on the padded chunk with
+each launch of long rows, streaming (16 warps, UNROLL 1) and the row read once (16 warps, "row"; its 128
+registers tell it apart in the table). ncu profiles the first launches of the kernels whose names start with "_"
+(ours; torch's and cuBLAS's do not) with `--clock-control none` (the clocks as they run) and the sections that
+say what bounds a kernel: speed of light (compute and memory throughput against the peaks), occupancy, launch
+statistics (registers, shared memory), warp state (the stall reasons), memory workload and scheduler statistics.
 
 DIR/ncu.txt is ncu's details page, with its own advice ("OPT", "WRN"); DIR/ncu.csv the same as CSV; DIR/ncu.md
 a table of the figures read first: duration, SM and memory throughput (% of peak), DRAM throughput, achieved
@@ -57,6 +59,7 @@ def workload(smoke):
         fused_bias_gelu,
         fused_cross_entropy,
     )
+    from kernels.cross_entropy import ROW, _launch, _padded_vocab
 
     s, dev, bf16 = SMOKE if smoke else GPT1, common.device(), torch.bfloat16
     torch.manual_seed(0)
@@ -73,7 +76,14 @@ def workload(smoke):
     (y.sum() + y16.float().sum()).backward()
     fused_bias_gelu(leaf(n, s["F"]), leaf(s["F"], dtype=torch.float32)).sum().backward()
     logits = torch.randn(s["CE_ROWS"], s["V"], device=dev, dtype=bf16, requires_grad=True)
-    fused_cross_entropy(logits, torch.randint(0, s["V"], (s["CE_ROWS"],), device=dev)).backward()
+    target = torch.randint(0, s["V"], (s["CE_ROWS"],), device=dev)
+    fused_cross_entropy(logits, target).backward()
+    # and on the linear cross-entropy's padded chunk, both launches of long rows: streaming, then the row read once
+    chunk = torch.zeros(s["CE_ROWS"], _padded_vocab(s["V"]), device=dev, dtype=bf16)
+    for launch in ((16, 1), (16, ROW)):
+        chunk[:, : s["V"]] = logits.detach()
+        _launch(chunk, target, torch.empty(s["CE_ROWS"], device=dev), -100, 0.0, 1.0 / s["CE_ROWS"], True,
+                n_cols=s["V"], launch=launch)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
