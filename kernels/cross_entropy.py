@@ -106,10 +106,11 @@ from kernels._common import (
 _REDUCTIONS = ("mean", "sum", "none")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # One row per program of 16 warps, each thread loading 16 bytes per block (4096 bf16 / 2048 fp32 columns):
-# 31-40 registers (sm_80, sm_90), so three or four programs (1536-2048 threads) share an SM. The kernel is bound by the bytes its
-# loads have in flight, which that occupancy sets. At 32 warps over 8192 columns (Liger-Kernel's choice, and ours
-# until the H200 run of d6fcf61: 182 us per 1920 x 40478 bf16 chunk of the linear cross-entropy, ~40% of the
-# copy rate) 49-64 registers left one 1024-thread program per SM. Shorter rows get fewer warps (_row_config).
+# 31-40 registers (sm_80, sm_90), so three or four programs (1536-2048 threads) share an SM. The kernel is bound
+# by the bytes its loads have in flight, which that occupancy sets. At 32 warps over 8192 columns (Liger-Kernel's
+# choice, and ours until the H200 run of d6fcf61: 182 us per 1920 x 40478 bf16 chunk of the linear cross-entropy,
+# ~40% of the copy rate) 49-64 registers left one 1024-thread program per SM. Shorter rows get fewer warps
+# (_row_config).
 _NUM_WARPS = 16
 _BYTES_PER_THREAD = 16
 # The measured table (kernels/cross_entropy_tuned.json, written by `python -m bench.tune_cross_entropy` on a GPU and
