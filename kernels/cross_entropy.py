@@ -486,9 +486,10 @@ def _cross_entropy_kernel(
     GRAD_SCALE is a device scalar (it depends on the count of valid targets, which the host never reads).
     A target outside [0, n_cols) that is not ignore_index gets a NaN loss and a NaN gradient row.
 
-    row_len >= n_cols is how many columns are loaded and stored; ALIGN = 16 // element size. Each row is walked
-    as a short head, a body of whole 16-byte groups and a short tail (_row_segments), so that whatever V and
-    the row stride are, the body moves 16 bytes per access when LOGITS itself is 16-byte aligned.
+    The n_cols classes are read, and with COMPUTE_GRAD all row_len >= n_cols columns written (the padding past the
+    classes with zeros); ALIGN = 16 // element size. The classes are walked as a short head, a body of whole 16-byte
+    groups and a short tail (_row_segments), so that whatever V and the row stride are, the body moves 16 bytes per
+    access when LOGITS itself is 16-byte aligned.
     ROWS1 > 0: the row is read once into registers (_resident_row) rather than streamed twice in blocks of
     BLOCK_V (UNROLL is then unused).
     """
