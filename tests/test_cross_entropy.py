@@ -204,6 +204,22 @@ def test_row_launch_masked_nan_and_target_classes(dtype, row_launch, device):
     torch.testing.assert_close(loss, F.cross_entropy(x.float(), target, reduction="none"), equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_launch_loss_only_leaves_the_logits(dtype, row_launch, device):
+    """Without a gradient to compute (no grad mode, an evaluation), the resident row gives the loss and writes
+    nothing."""
+    torch.manual_seed(14)
+    n, v = 4, 40478
+    x = (torch.randn(n, v, device=device) * 3).to(dtype)
+    target = _targets(n, v, device)
+    kept = x.clone()
+    with torch.no_grad():
+        loss = fused_cross_entropy(x, target, reduction="none")
+    assert torch.equal(x, kept)
+    want = F.cross_entropy(x.double(), target, ignore_index=IGNORE, reduction="none")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_row_launch_linear_cross_entropy(row_launch, device):
     """fused_linear_cross_entropy's padded chunks through the resident row: the padding columns, and the gradients
     that the chunk loop builds from the chunk's gradient."""
