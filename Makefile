@@ -35,8 +35,11 @@ finetune-demo: install
 	$(BIN)/deepspeed --num_gpus $(NUM_GPUS) --module gpt1.finetune --deepspeed_config ds_configs/zero0_autocast_bf16.json \
 		--init $(RUN) --task cola --data-dir $(DATA)/acceptability --out $(FT_RUN) --lr 1e-3
 
+# Two workers, one test file each at a time (pytest-xdist): the suite is mostly single-threaded Python (Triton's
+# interpreter, DeepSpeed launches), so a 2-core machine runs it in about half the time.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: install
 	$(BIN)/ruff check gpt1 kernels bench tests

@@ -19,6 +19,6 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest", "ruff"], "peers": ["liger-kernel"]},
+    extras_require={"dev": ["pytest", "pytest-xdist", "ruff"], "peers": ["liger-kernel"]},
     entry_points={"console_scripts": ["gpt1 = gpt1.cli:main"]},
 )

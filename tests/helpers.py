@@ -1,10 +1,20 @@
-"""Numerics checks shared by the tests: plain closeness, and flash-attention's criterion for the kernels; and the
-model-level replay of the attention's dropout masks."""
+"""Numerics checks shared by the tests: plain closeness, and flash-attention's criterion for the kernels; the
+model-level replay of the attention's dropout masks; a free port for a DeepSpeed launch."""
+
+import socket
 
 import pytest
 import torch
 
 FP32_EPS = torch.finfo(torch.float32).eps  # 2^-23
+
+
+def free_port():
+    """A TCP port that no process holds now, for a launcher's --master_port (the OS picks it, so tests running at
+    the same time under pytest -n do not collide on a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def _max_abs(t):

@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_train import BIN, ENV, EXCERPT, ROOT, ds_config, free_port, losses, run
+from helpers import free_port
+from test_train import BIN, ENV, EXCERPT, ROOT, ds_config, losses, run
 
 PROBE = os.path.join(ROOT, "tests", "probe_state.py")
 SEQ, MICRO, STEPS, SAVE = 32, 4, 15, 5  # checkpoints at steps 5, 10, 15; global batch 8; the loss falls

@@ -4,7 +4,6 @@ invariance, convergence on a separable fixture, and a run under the DeepSpeed la
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, free_port
 
 from gpt1 import finetune, glue
 from gpt1.errors import GPT1Error
@@ -43,12 +42,6 @@ def pretrained(tmp_path_factory):
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-2000:]
     return str(d / "run")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def run_finetune(args, launcher=False):

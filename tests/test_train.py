@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 import numpy as np
 import psutil
 import pytest
+from helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXCERPT = os.path.join(ROOT, "tests", "data", "shakespeare")
@@ -37,12 +37,6 @@ def ds_config(tmp_path, stage=0, bf16=True, **extra):
     path = tmp_path / f"ds_zero{stage}_{'bf16' if bf16 else 'fp32'}.json"
     path.write_text(json.dumps(cfg))
     return str(path)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def train_cmd(data, out, config, ranks=1, script=None, **flags):
@@ -134,14 +128,17 @@ def test_torch_autocast_configs_agree_on_two_ranks(data, tmp_path):
 
 def test_no_shared_memory_left_behind(data, tmp_path):
     """DeepSpeed's CPU all-reduce maps a /dev/shm file per rank and never removes it (about 66 MB of RAM per rank
-    and run); gpt1.runtime.init_distributed removes them once every rank has mapped them."""
+    and run); gpt1.runtime.init_distributed removes them once every rank has mapped them. The files are named
+    deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>: only this run's port is looked at, since other tests
+    may run DeepSpeed at the same time (pytest -n)."""
     shm = "/dev/shm"
     if not os.path.isdir(shm):
         pytest.skip("no /dev/shm")
-    before = {f for f in os.listdir(shm) if f.startswith("deepspeed_allreduce_buffer")}
-    run(train_cmd(data, str(tmp_path / "run"), ds_config(tmp_path), ranks=2, max_steps=2))
-    after = {f for f in os.listdir(shm) if f.startswith("deepspeed_allreduce_buffer")}
-    assert after <= before, sorted(after - before)
+    cmd = train_cmd(data, str(tmp_path / "run"), ds_config(tmp_path), ranks=2, max_steps=2)
+    port = cmd[cmd.index("--master_port") + 1]
+    run(cmd)
+    left = [f for f in os.listdir(shm) if f.startswith("deepspeed_allreduce_buffer") and f"_{port}_" in f]
+    assert not left, left
 
 
 def wait_for_step(out, step, proc, timeout=300):
