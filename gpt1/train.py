@@ -165,8 +165,8 @@ def main(argv=None):
     if rank == 0:
         print(f"model {run.model}: {model.num_parameters() / 1e6:.2f}M parameters; {world} rank(s), "
               f"micro batch {micro} x accumulation {gas}, {tokens_per_step} tokens/step; "
-              f"{len(train_data)} train / {len(val_data)} val tokens; compiled: {'yes' if compiled else 'no'}",
-              flush=True)
+              f"{len(train_data)} train / {len(val_data)} val tokens; compiled: {'yes' if compiled else 'no'}"
+              + (f"; {torch.get_num_threads()} CPU thread(s) per rank" if device.type == "cpu" else ""), flush=True)
     metrics = os.path.join(run.out, "metrics.jsonl")
     stop, fp16 = runtime.StopSignal(), runtime.fp16(ds)
     loss_sum = torch.zeros((), device=device)  # summed micro-batch losses since the last log, on the device

@@ -24,6 +24,7 @@ from gpt1.runtime import (
     lean_checks,
     load_ds_config,
     parse_dataclass,
+    share_cpu_threads,
 )
 
 SMALL = dict(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -105,6 +106,27 @@ def dist_env():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def test_cpu_ranks_share_the_cores(monkeypatch):
+    """On a CPU each rank takes cores // local ranks threads unless OMP_NUM_THREADS is set (DeepSpeed's launcher
+    sets LOCAL_SIZE, torchrun LOCAL_WORLD_SIZE)."""
+    saved = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    try:
+        for local, threads in (("2", 3), ("4", 1), ("8", 1), ("1", 6)):
+            monkeypatch.setenv("LOCAL_SIZE", local)
+            assert share_cpu_threads() == threads and torch.get_num_threads() == threads, local
+        monkeypatch.delenv("LOCAL_SIZE")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+        assert share_cpu_threads() == 2 and torch.get_num_threads() == 2
+        torch.set_num_threads(5)
+        monkeypatch.setenv("OMP_NUM_THREADS", "4")  # the user's choice stands
+        assert share_cpu_threads() is None and torch.get_num_threads() == 5
+    finally:
+        torch.set_num_threads(saved)
 
 
 def zero2_engine(model):

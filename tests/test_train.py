@@ -141,6 +141,17 @@ def test_no_shared_memory_left_behind(data, tmp_path):
     assert not left, left
 
 
+def test_cpu_ranks_share_the_cores_under_the_launcher(data, tmp_path):
+    """DeepSpeed's launcher sets no thread count: without OMP_NUM_THREADS each of 2 CPU ranks takes half the
+    cores (torch's default, every core in every rank, ran the 2-rank demo 6x slower on 2 cores)."""
+    env = {k: v for k, v in ENV.items() if k != "OMP_NUM_THREADS"}
+    cmd = train_cmd(data, str(tmp_path / "run"), ds_config(tmp_path), ranks=2, max_steps=1)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"; {threads} CPU thread(s) per rank" in res.stdout, res.stdout[-2000:]
+
+
 def wait_for_step(out, step, proc, timeout=300):
     path = os.path.join(out, "metrics.jsonl")
     t0 = time.time()
