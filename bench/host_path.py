@@ -8,6 +8,10 @@ launches are no-ops (triton's JITFunction.run, and InterpretedFunction.run under
 on a CPU too, on tiny tensors: the host path does not depend on the sizes. On a GPU machine the tensors are CUDA
 ones, so the seed draw and the allocations are the device's. Triton's own launcher (its specialization key and the
 driver call) comes on top, once per launch counted. Each case: the median over 5 repeats of --calls calls.
+
+Under torch.compile our kernels run as custom operators that the compiled graph calls through torch's dispatcher
+(grad mode off: the graph's own autograd does the rest); two rows time the attention forward that way and its
+launcher called directly, so that the operator's own cost per call shows (what CUDA graphs take off the host).
 """
 
 import contextlib
@@ -44,6 +48,22 @@ def cases(dev):
         y, y_branch = fused_add_dropout_layer_norm(x, h, w, b, dropout_p=0.1, branch_dtype=torch.bfloat16)
         return y.sum() + y_branch.float().sum()
 
+    # the forward as a compiled graph runs it: the custom operator through the dispatcher, grad mode off, on
+    # tensors that need no gradient; and the same launcher called directly (the difference: the operator's cost)
+    from kernels._common import new_dropout_seed
+    from kernels.attention import _forward, unpack_qkv
+
+    qkv_graph, seed = qkv.detach(), new_dropout_seed(dev)
+    scale = qkv.shape[-1] ** -0.5
+
+    def op_call():
+        with torch.no_grad():
+            torch.ops.gpt1_kernels.attention_qkv.default(qkv_graph, seed, True, scale, 0.1)
+
+    def launcher_call():
+        with torch.no_grad():
+            _forward(*unpack_qkv(qkv_graph), True, scale, 0.1, seed)
+
     return {
         "attention forward, dropout 0.1":
             (lambda: fused_attention(q, k, v, dropout_p=0.1), "B, H, T, D = 1, 2, 32, 64"),
@@ -52,6 +72,10 @@ def cases(dev):
         "attention forward + backward, no dropout": (lambda: fused_attention(q, k, v).sum().backward(), ""),
         "attention (packed qkv) forward + backward, dropout 0.1":
             (lambda: fused_attention_qkv(qkv, dropout_p=0.1).sum().backward(), "the model's path"),
+        "attention (packed qkv) forward as a compiled graph calls it, dropout 0.1":
+            (op_call, "torch.ops.gpt1_kernels.attention_qkv: the custom operator's dispatch included"),
+        "attention (packed qkv) forward launcher alone, dropout 0.1":
+            (launcher_call, "what the operator wraps; the difference is the operator's own host cost"),
         "add + dropout + LayerNorm forward + backward": (lambda: add_ln().backward(), "N, C = 8, 64"),
         "bias + GELU forward + backward": (lambda: fused_bias_gelu(h, b).sum().backward(), "N, C = 8, 64"),
         "cross-entropy forward + backward": (lambda: fused_cross_entropy(logits, target).backward(), "N, V = 8, 96"),

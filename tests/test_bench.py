@@ -587,7 +587,8 @@ def test_curves_without_a_corpus_says_how_to_make_one(tmp_path):
 
 def test_host_path_bench(tmp_path):
     """bench.host_path: each case's host time with the launches stubbed, and how many launches a call makes (the
-    attention's forward and two backward kernels, with dropout its mask kernel too, the add-LayerNorm's forward,
+    attention's forward and two backward kernels, with dropout its mask kernel too, also as a compiled graph calls
+    its operator and as the launcher alone, the add-LayerNorm's forward,
     backward and parameter-gradient sum, the bias + GELU's forward and backward, the cross-entropy's kernel and its
     backward scaling, the linear cross-entropy's one chunk)."""
     from bench import host_path
@@ -595,11 +596,13 @@ def test_host_path_bench(tmp_path):
     out = tmp_path / "host.json"
     host_path.main(["--smoke", "--json", str(out)])
     rows = {r["case"]: r for r in json.loads(out.read_text())["rows"]}
-    assert len(rows) == 8 and all(r["us_per_call"] > 0 for r in rows.values())
+    assert len(rows) == 10 and all(r["us_per_call"] > 0 for r in rows.values())
     launches = {name: r["launches_per_call"] for name, r in rows.items()}
     assert launches == {"attention forward, dropout 0.1": 2, "attention forward + backward, dropout 0.1": 4,
                         "attention forward + backward, no dropout": 3,
                         "attention (packed qkv) forward + backward, dropout 0.1": 4,
+                        "attention (packed qkv) forward as a compiled graph calls it, dropout 0.1": 2,
+                        "attention (packed qkv) forward launcher alone, dropout 0.1": 2,
                         "add + dropout + LayerNorm forward + backward": 3, "bias + GELU forward + backward": 2,
                         "cross-entropy forward + backward": 2,
                         "linear + cross-entropy forward + backward": 1}, launches
