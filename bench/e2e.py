@@ -70,6 +70,7 @@ class Recipe:
     compile_mode: str = "default"  # torch.compile's mode; "reduce-overhead" replays CUDA graphs
     residual_in_fp32: bool = True  # under autocast: the model's residual stream in fp32 (False: bf16)
     mlp: str = "eager"  # mlp_impl: eager, or triton (the MLP's bias + GELU in one kernel each way)
+    inline: bool = False  # compiled through our operators (--inline-kernels): Inductor launches our Triton kernels
 
 
 NANOGPT = Recipe("nanoGPT recipe", "torch", "sdpa", "eager", True, None, "peer")
@@ -90,6 +91,13 @@ ROWS = (
             mlp="triton"),
     replace(DEFAULT, name="ours CUDA graphs + all fused + bf16 residual", compile_mode="reduce-overhead",
             norm="triton", mlp="triton", residual_in_fp32=False),
+    # our operators traced into the compiled graph (--inline-kernels): Inductor launches our kernels itself, no
+    # operator dispatch or launcher Python per call; without CUDA graphs, then with them
+    replace(DEFAULT, name="ours inlined kernels", inline=True),
+    replace(DEFAULT, name="ours inlined + all fused + bf16 residual", inline=True, norm="triton", mlp="triton",
+            residual_in_fp32=False),
+    replace(DEFAULT, name="ours CUDA graphs + inlined + all fused + bf16 residual", inline=True,
+            compile_mode="reduce-overhead", norm="triton", mlp="triton", residual_in_fp32=False),
     replace(DEFAULT, name="ours fused LN", norm="triton"),
     replace(DEFAULT, name="ours triton loss", loss="triton"),
     ZERO2,
@@ -150,7 +158,8 @@ def describe(recipe, s):
                + ("/fused GELU" if recipe.mlp == "triton" else "")
                + ("" if recipe.residual_in_fp32 else ", bf16 residual stream"))
     compiled = "not compiled" if not recipe.compile else (
-        "compiled" if recipe.compile_mode == "default" else f"compiled ({recipe.compile_mode})")
+        ("compiled" if recipe.compile_mode == "default" else f"compiled ({recipe.compile_mode})")
+        + (", kernels inlined" if recipe.inline else ""))
     text = (f"{runtime}, {kernels}, {compiled}; "
             f"{model_label(s)} T={s['seq_len']} micro batch {s['micro_batch']}, bf16, 1 rank")
     return {"recipe": asdict(recipe), "runtime": recipe.runtime, "zero": recipe.zero, "compiled": recipe.compile,
@@ -201,7 +210,7 @@ def deepspeed_step(model, recipe, s, smoke, dev, inputs, labels):
     if recipe.compile and smoke:  # runtime.compile_module's trace (fullgraph), without Inductor
         engine.module.forward = torch.compile(engine.module.forward, backend="eager", fullgraph=True)
     else:
-        runtime.compile_module(engine, recipe.compile, runtime.zero_stage(ds), recipe.compile_mode)
+        runtime.compile_module(engine, recipe.compile, runtime.zero_stage(ds), recipe.compile_mode, recipe.inline)
 
     def step():
         loss = engine(inputs, labels=labels).loss
@@ -223,7 +232,9 @@ def torch_step(model, recipe, s, smoke, dev, inputs, labels):
     mode = None if smoke or recipe.compile_mode == "default" else recipe.compile_mode
     if recipe.compile and not smoke:
         kernels.register_inductor_fallbacks()  # as runtime.compile_module does
-    forward = torch.compile(model, backend="eager" if smoke else "inductor", mode=mode) if recipe.compile else model
+        kernels.set_inline(recipe.inline)
+    forward = torch.compile(model, backend="eager" if smoke else "inductor", mode=mode,
+                            dynamic=False if recipe.inline else None) if recipe.compile else model
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16):

@@ -9,7 +9,8 @@
 # that hangs or overruns cannot take the others with it:
 #   roofline  bench.roofline: a bf16 8192^3 matmul and a device copy, to read MFU against     (S_ROOFLINE=20 s)
 #   host      bench.host_path: our functions' host time per call, launches stubbed, on CUDA tensors  (S_HOST=30 s)
-#   tests     pytest on CUDA: CUDA graphs in the DeepSpeed step (also accumulating and evaluating), then
+#   tests     pytest on CUDA: CUDA graphs in the DeepSpeed step (also accumulating and evaluating), our kernels
+#             inlined into Inductor's code (--inline-kernels) against the opaque operators, then
 #             tests/test_gelu.py test_cross_entropy.py test_layer_norm.py test_attention.py (the kernels), the
 #             model-level dropout mask replay at GPT-1 scale, no host sync in the default step, the ZeRO-2 bf16 mask
 #             replay, then tests/test_compile.py  (S_TESTS=200 s)
@@ -134,6 +135,7 @@ for s in $STAGES; do
         # cross-entropy's unrolled loads), then the other step-level checks; in the H200 run of d6fcf61 the kernel
         # files alone filled a 120 s box
         files="tests/test_runtime.py::test_cuda_graphs_train_like_the_default_compile
+            tests/test_compile.py::test_inline_kernels_under_inductor_on_cuda
             tests/test_gelu.py tests/test_cross_entropy.py tests/test_layer_norm.py tests/test_attention.py
             tests/test_model.py::test_kernel_attention_dropout_gives_the_gradients_of_its_mask
             tests/test_runtime.py::test_default_training_step_never_waits_on_the_gpu

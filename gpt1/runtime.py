@@ -245,12 +245,15 @@ def build_engine(model, ds, *, lr, weight_decay=0.01, max_grad_norm=1.0, lr_lamb
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
-def check_compile(enabled, mode):
-    """Refuse an unknown compile mode, or a mode other than "default" with compiling turned off (--no-compile)."""
+def check_compile(enabled, mode, inline_kernels=False):
+    """Refuse an unknown compile mode, or a mode other than "default" or --inline-kernels with compiling turned off
+    (--no-compile)."""
     if mode not in COMPILE_MODES:
         raise GPT1Error(f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if enabled is False and mode != "default":
         raise GPT1Error(f"--compile-mode {mode} needs compiling; drop --no-compile")
+    if enabled is False and inline_kernels:
+        raise GPT1Error("--inline-kernels needs compiling; drop --no-compile")
 
 
 def compiles_by_default(device_type, stage, mode="default"):
@@ -259,7 +262,7 @@ def compiles_by_default(device_type, stage, mode="default"):
     return mode != "default" or (device_type == "cuda" and stage < 3)
 
 
-def compile_module(engine, enabled, stage, mode="default"):
+def compile_module(engine, enabled, stage, mode="default", inline_kernels=False):
     """torch.compile the forward of the engine's module in place when `enabled` (True, False, or None for the
     default: on a CUDA GPU under ZeRO 0-2, and wherever `mode` is not "default"); returns whether it compiled.
 
@@ -271,8 +274,14 @@ def compile_module(engine, enabled, stage, mode="default"):
     mode is torch.compile's: "reduce-overhead" replays the forward and the backward graphs as CUDA graphs
     (Inductor's CUDA graph trees), so that their launches, our kernels' included, cost the host one graph
     launch each; the DeepSpeed step around them (optimizer, clipping) stays eager. On a CPU Inductor ignores the
-    CUDA graphs and compiles as "default" does."""
-    check_compile(enabled, mode)
+    CUDA graphs and compiles as "default" does.
+
+    inline_kernels (--inline-kernels): AOTAutograd traces into our kernels' operators (kernels.set_inline), so that
+    Inductor launches their Triton kernels from its own generated code, beside its own: no operator dispatch and
+    none of our launchers' Python per call, which is what makes the compiled step without CUDA graphs host-bound.
+    The graph is then compiled for static shapes (dynamic=False: the launch configurations are chosen from them),
+    as a training run's fixed batch shape is. Under Triton's interpreter (a CPU) the operators stay opaque."""
+    check_compile(enabled, mode, inline_kernels)
     if enabled is None:
         enabled = compiles_by_default(engine.device.type, stage, mode)
     if enabled and stage == 3:
@@ -280,8 +289,10 @@ def compile_module(engine, enabled, stage, mode="default"):
                         "forward); use ZeRO-1/2 or --no-compile")
     if enabled:
         kernels.register_inductor_fallbacks()  # else a 12-layer graph of our operators can take minutes to lower
+        kernels.set_inline(inline_kernels)
         engine.module.forward = torch.compile(engine.module.forward, fullgraph=True,
-                                              mode=None if mode == "default" else mode)
+                                              mode=None if mode == "default" else mode,
+                                              dynamic=False if inline_kernels else None)
     return bool(enabled)
 
 

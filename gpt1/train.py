@@ -54,6 +54,7 @@ class RunConfig:
     dropout_seed: int = -1  # when >= 0, the dropout masks' seed instead (same weights and data, other masks)
     compile: bool | None = None  # torch.compile the model (fullgraph); default: on a CUDA GPU under ZeRO 0-2
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
+    inline_kernels: bool = False  # compile through our kernels' operators: Inductor launches their Triton kernels
     resume: bool = False  # continue from the newest complete checkpoint in --out
 
 
@@ -141,7 +142,7 @@ def main(argv=None):
     train_data, val_data = TokenFile(run.data, "train", meta["dtype"]), TokenFile(run.data, "val", meta["dtype"])
     cfg = build_model_config(run, meta)
     runtime.check_kernels(cfg, device)
-    runtime.check_compile(run.compile, run.compile_mode)
+    runtime.check_compile(run.compile, run.compile_mode, run.inline_kernels)
     checkpoint.check_run_dir(run, cfg, ds, meta, rank)
 
     runtime.seed_everything(run.seed)  # same initial weights on every rank
@@ -149,7 +150,8 @@ def main(argv=None):
     engine, optimizer, scheduler = runtime.build_engine(
         model, ds, lr=run.lr, weight_decay=run.weight_decay, max_grad_norm=max_grad_norm,
         lr_lambda=lr_lambda(run), tied_weight=model.tokens_embed.weight)
-    compiled = runtime.compile_module(engine, run.compile, runtime.zero_stage(ds), run.compile_mode)
+    compiled = runtime.compile_module(engine, run.compile, runtime.zero_stage(ds), run.compile_mode,
+                                      run.inline_kernels)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     tokens_per_step = micro * gas * world * run.seq_len
 

@@ -2,13 +2,15 @@
 
 import torch
 
+from ._common import inline_enabled, set_inline
 from .attention import fused_attention, fused_attention_qkv
 from .cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
 from .gelu import fused_bias_gelu
 from .layer_norm import fused_add_dropout_layer_norm
 
 __all__ = ["fused_add_dropout_layer_norm", "fused_attention", "fused_attention_qkv", "fused_bias_gelu",
-           "fused_cross_entropy", "fused_linear_cross_entropy", "register_inductor_fallbacks"]
+           "fused_cross_entropy", "fused_linear_cross_entropy", "inline_enabled", "register_inductor_fallbacks",
+           "set_inline"]
 
 # every operator of ours, by its name under torch.ops.gpt1_kernels
 OPS = ("attention", "attention_backward", "attention_qkv", "attention_qkv_backward", "cross_entropy_",

@@ -9,6 +9,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
 # Global constexprs, so that @triton.jit code may read them; `.value` is the plain float for host code.
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
@@ -174,3 +176,70 @@ def read_tuned_json(path, tuner):
     if isinstance(data, dict) and data.get("smoke"):
         raise ValueError(f"{path}: written by bench.{tuner} --smoke, which measures nothing")
     return data
+
+
+# ----------------------------------------------------------------------------------------------------
+# Operators whose launches torch.compile can see
+# ----------------------------------------------------------------------------------------------------
+
+# Whether triton.jit made JIT functions, which torch's tracing can capture (wrap_triton): everywhere Triton compiles
+# the kernels, and not under the interpreter, whose functions it cannot trace
+TRACEABLE = isinstance(dropout_words, triton.runtime.jit.JITFunction)
+
+
+_INLINE = {"enabled": False}
+
+
+def set_inline(enabled):
+    """Whether torch.compile traces into our operators (see kernel_op) from now on: off by default. Sets torch's
+    `torch._functorch.config.decompose_custom_triton_ops` to the same value, which AOTAutograd's cache keys on, so
+    that a graph compiled one way is not loaded from the cache for the other. Compiled functions keep the way they
+    were compiled; call it before compiling. Takes effect where Triton compiles the kernels (TRACEABLE); under the
+    interpreter the operators stay opaque."""
+    _INLINE["enabled"] = bool(enabled)
+    torch._functorch.config.decompose_custom_triton_ops = bool(enabled)
+
+
+def inline_enabled():
+    return _INLINE["enabled"]
+
+
+def kernel_op(name, *, mutates_args=()):
+    """The decorator of an operator that runs our kernels: torch.library.triton_op where the kernels compile
+    (TRACEABLE), torch.library.custom_op under the interpreter. Both are called the same way, take the same
+    register_fake and register_autograd, and run the decorated function eagerly.
+
+    Under torch.compile, and once `set_inline(True)` asked for it, a triton_op is decomposed when AOTAutograd
+    traces it: its function runs on the graph's tensors, its allocations and views become graph operators, and each
+    launch made through `launchable` becomes a call of that Triton kernel, which Inductor emits in its own generated
+    code beside its own kernels, with the launch arguments worked out at compile time; the host then pays Inductor's
+    launcher per kernel and nothing per operator (its dispatch, checks, config lookups and allocations ran once,
+    while tracing). Otherwise the operator is one opaque call in the graph, as a custom_op is. The function must
+    then see static shapes (torch.compile(dynamic=False)): its launch configurations are chosen from them."""
+
+    def decorate(fn):
+        if not TRACEABLE:
+            return torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+
+        def functional(mode, func, types, args, kwargs):  # as triton_op's own rule, but only when inlining
+            if not (_INLINE["enabled"] and torch._functorch.config.decompose_custom_triton_ops):
+                return mode.__torch_dispatch__(func, types, args, kwargs)
+            if any(t not in (torch.Tensor, FunctionalTensor) and not issubclass(t, FakeTensor) for t in types):
+                return NotImplemented
+            with mode:
+                return fn(*args, **kwargs)
+
+        op.register_torch_dispatch(FunctionalTensorMode, functional)
+        return op
+
+    return decorate
+
+
+def launchable(kernel, like):
+    """kernel, ready for `kernel[grid](...)`: as itself, except while torch traces an operator's function (its
+    tensors, e.g. `like`, are functional or fake ones), where it is wrapped (torch.library.wrap_triton) so that the
+    launch enters the graph instead of running."""
+    if TRACEABLE and isinstance(like, (FakeTensor, FunctionalTensor)):
+        return torch.library.wrap_triton(kernel)
+    return kernel

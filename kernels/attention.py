@@ -54,10 +54,13 @@ and returned as a (B, H, T, D) view, so the model's transpose back to (B, T, C) 
 Operators: `gpt1_kernels::attention(q, k, v, seed?, causal, softmax_scale, dropout_p) -> (o, lse, mask)` (mask:
 the packed keep-mask, empty without dropout) and
 `gpt1_kernels::attention_backward(do, q, k, v, o, lse, mask?, causal, softmax_scale, dropout_p) -> (dq, dk, dv)`,
-torch.library custom ops with fake (meta) implementations of the real output strides (o is the (B, H, T, D)
-view of a (B, T, H, D) buffer) and the backward registered with register_autograd, so
-torch.compile(fullgraph=True) traces fused_attention forward and backward without a graph break; Inductor
-calls the Triton kernels through the ops, opaque to it (no fusion across them). In eager mode fused_attention
+torch.library triton_ops (custom ops under the interpreter: kernels._common.kernel_op) with fake (meta)
+implementations of the real output strides (o is the (B, H, T, D) view of a (B, T, H, D) buffer) and the backward
+registered with register_autograd, so torch.compile(fullgraph=True) traces fused_attention forward and backward
+without a graph break. Inductor calls the ops, opaque to it, or with kernels.set_inline(True) (--inline-kernels)
+launches the Triton kernels itself from its generated code, the ops' Python gone from the step (the backward of
+the packed form then hands its kernels d qkv itself, not views of it, which Inductor would copy out and scatter
+back: the dK/dV kernel's PACKED). In eager mode fused_attention
 skips the dispatcher and calls the same launchers through FusedAttentionFunction: a custom op's Python
 dispatch costs tens of microseconds per call, and the per-call host work is kept to the checks, a cached
 config lookup, the seed draw (only with dropout) and the output allocation.
@@ -100,6 +103,8 @@ from kernels._common import (
     check_tensors,
     dropout_args,
     dropout_words,
+    kernel_op,
+    launchable,
     new_dropout_seed,
     next_power_of_2,
     read_tuned_json,
@@ -430,7 +435,7 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, qT_ptrs, do_ptrs, LSE, DELTA, stride_qt, 
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_scale, DROPOUT_SCALE, W,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_scale, DROPOUT_SCALE, W, stride_slot,
                           stride_qb, stride_qh, stride_qt, stride_qd,
                           stride_kb, stride_kh, stride_kt, stride_kd,
                           stride_vb, stride_vh, stride_vt, stride_vd,
@@ -440,7 +445,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_sc
                           H, T,
                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr,
-                          PREFETCH_MASK: tl.constexpr):
+                          PREFETCH_MASK: tl.constexpr, PACKED: tl.constexpr):
+    # PACKED: DK is the packed gradient d qkv (B, T, 3, H, D) itself and DV is None: dK and dV go to its k and v
+    # slots, stride_slot (H * D) and twice that many elements in (the d qkv strides given as dK's and dV's)
     # the causal stages step through the diagonal key block in query blocks
     tl.static_assert(BLOCK_N % BLOCK_M == 0, "dkdv needs BLOCK_N % BLOCK_M == 0")
     tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of 8, the dropout draw group")
@@ -490,6 +497,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK, qk_scale, sm_sc
     # dV = s (keep P)^T dO and dS = s P (keep dP - delta / s): the dropout scale s (1 without dropout) once per output
     dk *= sm_scale * DROPOUT_SCALE
     dv *= DROPOUT_SCALE
+    if PACKED:
+        DV = DK + 2 * stride_slot
+        DK += stride_slot
     DK += off_b * stride_dkb + off_h * stride_dkh
     DV += off_b * stride_dvb + off_h * stride_dvh
     tl.store(DK + offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd, _stored(dk, DTYPE, ROUNDING),
@@ -829,6 +839,9 @@ def _kernel_spec(name, kind, d, dtype, dropout, cfg, major, draw=MASK_DRAW):
         consts.update(PREFETCH_MASK=_prefetch_mask(major, dtype == "fp32"))
     if "DRAW" in fn.arg_names:
         consts.update(DRAW=dropout and draw == "inline")
+    if "PACKED" in fn.arg_names:  # the model's: d qkv written whole (fused_attention_qkv)
+        consts.update(PACKED=True, DV=None)
+        del sig["DV"]
     if not dropout:
         consts.update({n: None for n in ("SEED", "MASK") if n in fn.arg_names})
     return dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps, num_stages=num_stages,
@@ -970,7 +983,7 @@ def _launch_mask(mask, seed, dropout_p, causal, T):
     """_dropout_mask_kernel into mask (B*H, T, W): the whole mask, or causal its bytes up to the diagonal."""
     block_r, block_c, num_warps = _MASK_CONFIG_INTERPRETER if INTERPRET else _MASK_CONFIG
     block_c = max(16, min(block_c, next_power_of_2(T)))
-    return _dropout_mask_kernel[(cdiv(T, block_r), mask.shape[0])](
+    return launchable(_dropout_mask_kernel, mask)[(cdiv(T, block_r), mask.shape[0])](
         mask, seed, dropout_args(dropout_p)[0], T, mask.shape[2], CAUSAL=causal, BLOCK_R=block_r, BLOCK_C=block_c,
         num_warps=num_warps)
 
@@ -1007,7 +1020,7 @@ def _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg, i
     B, H, T, D = q.shape
     block_m, block_n, num_warps, num_stages = cfg
     fp32 = q.dtype == torch.float32
-    return _attn_fwd_kernel[(cdiv(T, block_m), B * H)](
+    return launchable(_attn_fwd_kernel, q)[(cdiv(T, block_m), B * H)](
         q, k, v, o, lse, mask, sm_scale * LOG2E.value, seed, *dropout_args(dropout_p), _mask_row_bytes(T),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T,
         HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DROPOUT=dropout_p > 0.0, DRAW=inline,
@@ -1025,19 +1038,23 @@ def attention_backward(do, q, k, v, o, lse, *, causal=True, softmax_scale=None, 
     return _backward(do, q, k, v, o, lse, causal, _scale(q, softmax_scale), dropout_p, mask, config)
 
 
-def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, mask, config=None, out=None):
-    """(dq, dk, dv); mask: the forward's packed keep-mask (None without dropout). out: the (B, H, T, D) tensors
-    to write them into (any strides: the views of one packed gradient), by default new contiguous ones."""
+def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, mask, config=None, packed=None):
+    """(dq, dk, dv); mask: the forward's packed keep-mask (None without dropout). packed: a (B, T, 3, H, D) tensor
+    to write them into as its q, k and v slots (the gradient of packed projections: see _backward_qkv) and return
+    as its views; by default they are new contiguous tensors."""
     B, H, T, D = q.shape
-    dq, dk, dv = out or (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    if packed is None:
+        dq, dk, dv = (torch.empty((B, H, T, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    else:
+        dq, dk, dv = unpack_qkv(packed)
     if q.numel() == 0:
         return dq, dk, dv
     cfg = config or _config(q, dropout_p > 0.0)
     delta = torch.empty_like(lse)  # rowsum(dO * O), times 1 - p with dropout: written by dq, read by dK/dV
     # dq first: it also computes delta, which the dK/dV kernel (next on the same stream) reads
     bwd = _bwd_args(q, mask, causal, sm_scale, dropout_p)
-    _launch_dq(q, k, v, o, do, dq, lse, delta, bwd, cfg["dq"])
-    _launch_dkdv(q, k, v, do, dk, dv, lse, delta, bwd, cfg["dkdv"])
+    _launch_dq(q, k, v, o, do, dq, lse, delta, bwd, cfg["dq"], packed)
+    _launch_dkdv(q, k, v, do, dk, dv, lse, delta, bwd, cfg["dkdv"], packed)
     return dq, dk, dv
 
 
@@ -1049,28 +1066,33 @@ def _bwd_args(q, mask, causal, sm_scale, dropout_p):
                       PREFETCH_MASK=_prefetch_mask(_major(q.device), q.dtype == torch.float32))
 
 
-def _launch_dq(q, k, v, o, do, dq, lse, delta, bwd, cfg):
+def _launch_dq(q, k, v, o, do, dq, lse, delta, bwd, cfg, packed=None):
     """The dQ kernel (which also writes delta) with bwd = _bwd_args(...) and cfg = (BLOCK_M, BLOCK_N, num_warps,
-    num_stages)."""
+    num_stages). With `packed` (see _backward) dq is its q slot, at its start: the kernel gets the packed tensor
+    itself, so that under torch.compile's tracing (kernels._common.kernel_op) the launch writes that tensor and no
+    view of it, which torch would copy out and scatter back."""
     B, H, T, D = q.shape
     block_m, block_n, num_warps, num_stages = cfg
     args, common = bwd
-    return _attn_bwd_dq_kernel[(cdiv(T, block_m), B * H)](
-        q, k, v, o, do, dq, lse, delta, *args,
+    return launchable(_attn_bwd_dq_kernel, q)[(cdiv(T, block_m), B * H)](
+        q, k, v, o, do, dq if packed is None else packed, lse, delta, *args,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, T,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
 
 
-def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, bwd, cfg):
+def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, bwd, cfg, packed=None):
     """The dK/dV kernel (reading the dQ kernel's delta) with bwd = _bwd_args(...) and cfg = (BLOCK_M, BLOCK_N,
-    num_warps, num_stages)."""
+    num_warps, num_stages). With `packed` (see _backward) dk and dv are its k and v slots, and the kernel gets the
+    packed tensor itself (PACKED; see _launch_dq)."""
     B, H, T, D = q.shape
     block_m, block_n, num_warps, num_stages = cfg
     args, common = bwd
-    return _attn_bwd_dkdv_kernel[(cdiv(T, block_n), B * H)](
-        q, k, v, do, dk, dv, lse, delta, *args,
+    out = (dk, dv, 0) if packed is None else (packed, None, packed.stride(2))
+    return launchable(_attn_bwd_dkdv_kernel, q)[(cdiv(T, block_n), B * H)](
+        q, k, v, do, *out[:2], lse, delta, *args, out[2],
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, T,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, PACKED=packed is not None,
+        **common)
 
 
 def _packed_dropout_mask(seed, B, H, T, p):
@@ -1100,7 +1122,7 @@ def attention_dropout_mask(seed, B, H, T, p, device="cpu"):
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gpt1_kernels::attention", mutates_args=())
+@kernel_op("gpt1_kernels::attention")
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor], causal: bool,
                  softmax_scale: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, lse, mask) of the forward kernel, mask the packed keep-mask (an empty uint8 tensor without dropout:
@@ -1117,7 +1139,7 @@ def _(q, k, v, seed, causal, softmax_scale, dropout_p):
             q.new_empty(mask_shape, dtype=torch.uint8))
 
 
-@torch.library.custom_op("gpt1_kernels::attention_backward", mutates_args=())
+@kernel_op("gpt1_kernels::attention_backward")
 def attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                           lse: torch.Tensor, mask: Optional[torch.Tensor], causal: bool, softmax_scale: float,
                           dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1156,11 +1178,11 @@ def unpack_qkv(qkv):
 def _backward_qkv(do, qkv, o, lse, causal, sm_scale, dropout_p, mask):
     """d qkv, contiguous (B, T, 3, H, D): the two backward kernels write dq, dk and dv through its views."""
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    _backward(do, *unpack_qkv(qkv), o, lse, causal, sm_scale, dropout_p, mask, out=unpack_qkv(dqkv))
+    _backward(do, *unpack_qkv(qkv), o, lse, causal, sm_scale, dropout_p, mask, packed=dqkv)
     return dqkv
 
 
-@torch.library.custom_op("gpt1_kernels::attention_qkv", mutates_args=())
+@kernel_op("gpt1_kernels::attention_qkv")
 def attention_qkv_op(qkv: torch.Tensor, seed: Optional[torch.Tensor], causal: bool, softmax_scale: float,
                      dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """attention_op on the views unpack_qkv(qkv); differentiable in qkv, whose gradient comes back packed
@@ -1177,7 +1199,7 @@ def _(qkv, seed, causal, softmax_scale, dropout_p):
             qkv.new_empty(mask_shape, dtype=torch.uint8))
 
 
-@torch.library.custom_op("gpt1_kernels::attention_qkv_backward", mutates_args=())
+@kernel_op("gpt1_kernels::attention_qkv_backward")
 def attention_qkv_backward_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                               mask: Optional[torch.Tensor], causal: bool, softmax_scale: float,
                               dropout_p: float) -> torch.Tensor:

@@ -35,7 +35,11 @@ A row whose target is ignore_index has loss 0 and a zero gradient; the mean is o
 and is 0 (not NaN) when every row is ignored.
 
 Operators (torch.library custom ops in the gpt1_kernels namespace, with fake implementations, so that
-torch.compile(fullgraph=True) traces all three functions, forward and backward, without a graph break):
+torch.compile(fullgraph=True) traces all three functions, forward and backward, without a graph break; opaque to
+Inductor also under kernels.set_inline(True), unlike the other kernel files' operators: the linear cross-entropy's
+chunk loop writes one logits buffer and the d weight accumulator in place, chunk after chunk, through out=
+matmuls, which traced into the graph would become a new buffer per chunk, and it decides once, with a host sync,
+whether the GPU's baddbmm accumulates in fp32):
 - cross_entropy_(logits!, target, grad_scale, ignore_index, label_smoothing) -> loss rows: declared as
   mutating its logits, which it overwrites with the gradient; cross_entropy_scale_grad_(grad!, grad_output,
   post_scale) scales that gradient in place; cross_entropy_loss(...) is the no-gradient variant, which

@@ -26,7 +26,8 @@ Shapes: x (..., C), any leading dims (flattened into N rows, N = 0 gives empty r
 
 Operators: `gpt1_kernels::bias_gelu(x, bias?, approximate) -> y` and
 `gpt1_kernels::bias_gelu_backward(dy, x, bias?, approximate) -> (dx, dbias)` (dbias empty without a bias),
-torch.library custom ops with fake implementations and the backward registered with register_autograd, so
+torch.library triton_ops (kernels._common.kernel_op: opaque to Inductor unless kernels.set_inline(True)) with
+fake implementations and the backward registered with register_autograd, so
 torch.compile(fullgraph=True) traces fused_bias_gelu forward and backward; in eager mode the public function
 calls the same launchers through BiasGELUFunction.
 """
@@ -39,7 +40,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, LOG2E, as_rows, cdiv, check_tensors, next_power_of_2, stored
+from kernels._common import (
+    INTERPRET,
+    LOG2E,
+    as_rows,
+    cdiv,
+    check_tensors,
+    kernel_op,
+    launchable,
+    next_power_of_2,
+    stored,
+)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 APPROXIMATIONS = ("tanh", "none")
@@ -202,7 +213,7 @@ def _forward(x, bias, approximate):
     if N:
         x2 = as_rows(x)
         block_r, block_c, num_warps, _ = _config_for(x.device, C)
-        _bias_gelu_fwd_kernel[(cdiv(N, block_r), cdiv(C, block_c))](
+        launchable(_bias_gelu_fwd_kernel, x2)[(cdiv(N, block_r), cdiv(C, block_c))](
             x2, bias, y, x2.stride(0), N, C, BLOCK_R=block_r, BLOCK_C=block_c, HAS_BIAS=bias is not None,
             TANH=approximate == "tanh", RTNE_BF16=INTERPRET, num_warps=num_warps)
     return y
@@ -230,7 +241,7 @@ def _backward(dy, x, bias, approximate):
     db_part = torch.empty((row_chunks if bias is not None else 0, C), dtype=torch.float32, device=x.device)
     if N:
         dy2, x2 = as_rows(dy), as_rows(x)
-        _bias_gelu_bwd_kernel[(row_chunks, col_blocks)](
+        launchable(_bias_gelu_bwd_kernel, x2)[(row_chunks, col_blocks)](
             dy2, x2, bias, dx, db_part, dy2.stride(0), x2.stride(0), N, C, rows_per_program, BLOCK_R=block_r,
             BLOCK_C=block_c, HAS_BIAS=bias is not None, TANH=approximate == "tanh", RTNE_BF16=INTERPRET,
             num_warps=num_warps)
@@ -245,7 +256,7 @@ def _backward(dy, x, bias, approximate):
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gpt1_kernels::bias_gelu", mutates_args=())
+@kernel_op("gpt1_kernels::bias_gelu")
 def bias_gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
     """gelu(x + bias), differentiable in x and bias (the backward is bias_gelu_backward_op)."""
     return _forward(x, bias, approximate)
@@ -256,7 +267,7 @@ def _(x, bias, approximate):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("gpt1_kernels::bias_gelu_backward", mutates_args=())
+@kernel_op("gpt1_kernels::bias_gelu_backward")
 def bias_gelu_backward_op(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor],
                           approximate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dbias), contiguous, in the dtypes of x and bias; dbias an empty tensor of x's dtype without bias."""

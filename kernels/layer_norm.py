@@ -37,9 +37,9 @@ empty results); rows may have any stride, columns must have stride 1 or are copi
 Operators: `gpt1_kernels::add_dropout_layer_norm(x, h, weight, bias?, seed?, dropout_p, eps, branch_dtype?) ->
 (y, y_branch, mean, rstd)` and `gpt1_kernels::add_dropout_layer_norm_backward(dy?, dy_branch?, x, h, weight, bias?,
 mean, rstd, seed?, dropout_p) -> (dx, dh, dweight, dbias)` (y_branch empty without a branch_dtype, dbias without
-bias: an operator cannot return None), torch.library custom
-ops with fake implementations and the backward registered with register_autograd, so
-torch.compile(fullgraph=True) traces fused_add_dropout_layer_norm forward and backward without a graph break.
+bias: an operator cannot return None), torch.library triton_ops (kernels._common.kernel_op: opaque to Inductor
+unless kernels.set_inline(True)) with fake implementations and the backward registered with register_autograd,
+so torch.compile(fullgraph=True) traces fused_add_dropout_layer_norm forward and backward without a graph break.
 In eager mode the public function calls the same launchers through AddDropoutLayerNormFunction (no dispatcher
 round trip), as fused_attention does.
 
@@ -65,6 +65,8 @@ from kernels._common import (
     dropout_args,
     dropout_words,
     keep_from_words,
+    kernel_op,
+    launchable,
     new_dropout_seed,
     next_power_of_2,
     seed_tensor,
@@ -380,7 +382,7 @@ def _forward(x, h, weight, bias, seed, dropout_p, eps, branch_dtype=None):
         return y, y_branch, mean, rstd
     x2, h2, block_c = as_rows(x), as_rows(h), _block_c(C)
     block_r, num_warps = _config_for(x.device, block_c)["fwd"]
-    _add_ln_fwd_kernel[(cdiv(N, block_r),)](
+    launchable(_add_ln_fwd_kernel, x2)[(cdiv(N, block_r),)](
         x2, h2, weight, bias, y, y_branch, mean, rstd, seed, *dropout_args(dropout_p), eps, x2.stride(0),
         h2.stride(0), N, C, BLOCK_R=block_r, BLOCK_C=block_c, DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None,
         HAS_BRANCH=y_branch is not None, RTNE_BF16=INTERPRET, num_warps=num_warps)
@@ -415,7 +417,7 @@ def _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
         x2, h2 = as_rows(x), as_rows(h)
         dy2 = as_rows(dy) if dy is not None else None
         dyb2 = as_rows(dy_branch) if dy_branch is not None else None
-        _add_ln_bwd_kernel[(n_programs,)](
+        launchable(_add_ln_bwd_kernel, x2)[(n_programs,)](
             x2, h2, weight, dy2, dyb2, dx, dh, dw_part, db_part, mean, rstd, seed, *dropout_args(dropout_p),
             x2.stride(0), h2.stride(0), dy2.stride(0) if dy2 is not None else 0,
             dyb2.stride(0) if dyb2 is not None else 0, N, C, rows_per_program, BLOCK_R=block_r,
@@ -424,7 +426,7 @@ def _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
     dweight = torch.empty(C, dtype=weight.dtype, device=x.device)
     dbias = torch.empty(C, dtype=bias.dtype, device=x.device) if bias is not None else weight.new_empty((0,))
     parts_tile, cols_tile = _PARAM_GRADS_TILE
-    _add_ln_param_grads_kernel[(cdiv(C, cols_tile),)](
+    launchable(_add_ln_param_grads_kernel, dw_part)[(cdiv(C, cols_tile),)](
         dw_part, db_part, dweight, dbias, n_programs, C, BLOCK_P=parts_tile, BLOCK_C=cols_tile,
         HAS_BIAS=bias is not None, RTNE_BF16=INTERPRET, num_warps=4)
     return dx, dh, dweight, dbias
@@ -448,7 +450,7 @@ def add_dropout_layer_norm_mask(seed, n_rows, C, p, device="cpu"):
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gpt1_kernels::add_dropout_layer_norm", mutates_args=())
+@kernel_op("gpt1_kernels::add_dropout_layer_norm")
 def add_dropout_layer_norm_op(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                               seed: Optional[torch.Tensor], dropout_p: float, eps: float,
                               branch_dtype: Optional[torch.dtype] = None
@@ -468,7 +470,7 @@ def _(x, h, weight, bias, seed, dropout_p, eps, branch_dtype=None):
     return y, y_branch, stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("gpt1_kernels::add_dropout_layer_norm_backward", mutates_args=())
+@kernel_op("gpt1_kernels::add_dropout_layer_norm_backward")
 def add_dropout_layer_norm_backward_op(dy: Optional[torch.Tensor], dy_branch: Optional[torch.Tensor],
                                        x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                                        bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,

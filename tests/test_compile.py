@@ -9,6 +9,11 @@ under aot_eager (AOTAutograd without Inductor) they agree bitwise, under Inducto
 ops around the kernels. On CPU the kernels run in the Triton interpreter, so the shapes are tiny.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
@@ -440,3 +445,96 @@ def test_no_host_sync_on_cuda():
             step().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------------- our operators traced into the graph
+
+
+@pytest.fixture(scope="module")
+def inline_report(tmp_path_factory):
+    """tests/inline_kernels.py's report: our operators compiled with and without kernels.set_inline(True), in a
+    process of its own where triton.jit makes JIT functions (traceable) and the interpreter runs their launches."""
+    out = tmp_path_factory.mktemp("inline") / "report.json"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inline_kernels.py")
+    proc = subprocess.run([sys.executable, script, str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_inline_kernels_trace_into_the_graph(inline_report):
+    """With set_inline(True) (--inline-kernels) each of our operators (attention, packed-qkv attention with dropout,
+    add + dropout + LayerNorm with its bf16 copy, bias + GELU) becomes its Triton launches in the compiled forward and
+    backward graphs: no operator call left; every result bit for bit the eager path's; once Inductor's pass that lets
+    a kernel write its arguments in place has run, no argument copied before a launch and no scatter or copy left
+    (the packed-qkv backward writes d qkv itself, not views of it); and Inductor's copy of each kernel's source
+    (the kernel with the Triton functions and constants it uses) is the kernel's own. Without it the operators stay
+    one opaque call each."""
+    cases = [name for name in inline_report if not name.startswith("gpt1-tiny")]
+    assert len(cases) == 8
+    for name in cases:
+        r = inline_report[name]
+        assert r["equal"], name
+        if name.endswith("inline=True"):
+            assert r["launched"] and not r["ops"], (name, r["ops"])
+            assert not r["clones"] and not r["copies"], (name, r["clones"], r["copies"])
+            assert all(err is None for err in r["source"].values()), (name, r["source"])
+        else:
+            assert r["ops"] and not r["launched"], name
+    qkv = inline_report["attention_qkv dropout inline=True"]["launched"]
+    assert qkv == ["_dropout_mask_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"]
+
+
+def test_inline_kernels_in_the_model(inline_report):
+    """gpt1-tiny with every fused kernel and dropout, one training step compiled in one graph with
+    set_inline(True): loss and gradients bit for bit the eager model's; only the linear cross-entropy (an opaque
+    operator: its chunk loop writes a shared buffer in place) stays an operator; the graphs copy nothing more than
+    with opaque operators."""
+    inline, opaque = inline_report["gpt1-tiny inline=True"], inline_report["gpt1-tiny inline=False"]
+    assert inline["equal"] and opaque["equal"]
+    assert set(inline["ops"]) == {"gpt1_kernels.linear_cross_entropy.default"}
+    assert len(inline["launched"]) == 2 * 12 and not inline["clones"]  # 2 layers: 5 forward, 7 backward launches
+    assert sorted(inline["copies"]) == sorted(opaque["copies"])
+    assert all(err is None for err in inline["source"].values()), inline["source"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor launches Triton kernels on a GPU")
+def test_inline_kernels_under_inductor_on_cuda():
+    """On a GPU, with set_inline(True): Inductor's generated code launches our Triton kernels itself (no operator
+    of ours left in it but the linear cross-entropy), and a training step of a 2-layer model with every fused kernel
+    (dropout off, so that the two compare) gives the loss and gradients of the opaque operators' compile."""
+    from helpers import grads_agree
+    from torch._inductor.utils import run_and_get_code
+
+    import kernels
+
+    cfg = get_config("gpt1-tiny", n_layer=2, n_embd=128, n_head=2, vocab_size=512, attn_impl="triton",
+                     loss_impl="triton_linear", norm_impl="triton", mlp_impl="triton", attn_pdrop=0.0,
+                     resid_pdrop=0.0, embd_pdrop=0.0)
+    ids = torch.randint(0, 512, (4, 129), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    runs = {}
+    try:
+        for inline in (False, True):
+            torch.manual_seed(0)
+            model = GPT1(cfg).cuda()
+            torch._dynamo.reset()
+            kernels.set_inline(inline)
+            compiled = torch.compile(model, fullgraph=True, dynamic=False if inline else None)
+
+            def step(forward):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = forward(ids[:, :-1], labels=ids[:, 1:]).loss
+                loss.backward()
+                return loss
+
+            loss, code = run_and_get_code(step, compiled)
+            runs[inline] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()}, "\n".join(code))
+    finally:
+        kernels.set_inline(False)
+    (loss, grads, code), (ref_loss, ref_grads, ref_code) = runs[True], runs[False]
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_add_ln_bwd_kernel", "_bias_gelu_fwd_kernel"):
+        assert name in code and name not in ref_code, name
+    for op in ("attention_qkv", "add_dropout_layer_norm", "bias_gelu"):
+        assert f"gpt1_kernels.{op}" not in code and f"gpt1_kernels.{op}" in ref_code, op
+    assert torch.allclose(loss, ref_loss, rtol=1e-3), (loss, ref_loss)
+    for name, ref in ref_grads.items():
+        grads_agree(grads[name], ref, name)
