@@ -19,6 +19,8 @@ the same initial weights and the same batches in the same order, the loss logged
 - compiled-graphs-ln: CUDA graphs with the fused add + LayerNorm, the fastest training step on the H200;
 - compiled-graphs-ln-bf16: that with the residual stream in bf16 (--no-residual-in-fp32);
 - compiled-graphs-fused: that with the MLP's bias + GELU fused too (--mlp-impl triton);
+- compiled-inline-fused: every fused kernel, compiled with --inline-kernels (Inductor launches our kernels), no
+              CUDA graphs; compiled-graphs-inline-fused: the same replayed as CUDA graphs;
 - reference-2: the reference again with other dropout masks (--dropout-seed; same weights, same batches): what two
               runs of one implementation differ by, the noise floor that every other run's gap is read against.
 
@@ -95,6 +97,11 @@ RUNS = {
     # every fused kernel: the add-LayerNorm, the bias + GELU, the bf16 residual stream
     "compiled-graphs-fused": ["--compile", "--compile-mode", "reduce-overhead", "--norm-impl", "triton",
                               "--mlp-impl", "triton", "--no-residual-in-fp32"],
+    # the same kernels traced into Inductor's code (--inline-kernels), without and with CUDA graphs
+    "compiled-inline-fused": ["--compile", "--inline-kernels", "--norm-impl", "triton", "--mlp-impl", "triton",
+                              "--no-residual-in-fp32"],
+    "compiled-graphs-inline-fused": ["--compile", "--compile-mode", "reduce-overhead", "--inline-kernels",
+                                     "--norm-impl", "triton", "--mlp-impl", "triton", "--no-residual-in-fp32"],
 }
 # the default compile and eager first (issue 10 asks that both agree with the reference), then the CUDA-graph
 # path, which stalled in gpt1.train on the H200 (d74f03d: unfinished after 218 s), last, so that it takes only the

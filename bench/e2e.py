@@ -287,6 +287,9 @@ def bench_row(base, recipe, s, smoke, dev, deadline):
         # --smoke traces with dynamo's eager backend, which has no modes: the row would repeat another's step
         return dict(row, status="n/a", reason=f"--smoke compiles with dynamo's eager backend, where compile mode "
                                               f"{recipe.compile_mode} changes nothing")
+    if smoke and recipe.inline:  # nor AOTAutograd, which is what traces into the operators
+        return dict(row, status="n/a", reason="--smoke compiles with dynamo's eager backend, where inlining the "
+                                              "kernels changes nothing")
     common.free_memory()
     before = torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
     teardown = None

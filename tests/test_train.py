@@ -268,12 +268,15 @@ def bad_input_cases(data, tmp_path):
         "seq too long": (dict(config=good, seq_len=129), "n_positions"),
         "missing data": (dict(config=good, data=str(tmp_path / "nodata")), "nodata"),
         "compile mode": (dict(config=good, compile_mode="fast"), "--compile-mode must be one of"),
+        "inline uncompiled": (dict(config=good, inline_kernels=True, no_compile=True),
+                              "--inline-kernels needs compiling"),
         "negative steps": (dict(config=good, max_steps=-5), "--max-steps must be at least 1, got -5"),
     }
 
 
 @pytest.mark.parametrize("case", ["batch sizes", "unknown preset", "missing ds config", "broken ds config",
-                                  "seq too long", "missing data", "compile mode", "negative steps"])
+                                  "seq too long", "missing data", "compile mode", "inline uncompiled",
+                                  "negative steps"])
 def test_bad_input_is_one_line_error(data, tmp_path, case):
     flags, msg = bad_input_cases(data, tmp_path)[case]
     out = str(tmp_path / "run")
