@@ -3,6 +3,7 @@ step of gpt1-tiny on the CPU (the GPU-free proxy for launches), so that the coun
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -183,7 +184,8 @@ def test_host_anatomy_of_a_step():
     assert mm[2] == 3  # calls per step
     text = profile_step.format_anatomy(dict(profiled_steps=2, wall_ms=1.0, ops_per_step=3.0, ops_all_per_step=3.0,
                                             sync_ops_per_step=0.0, top_ops=[["aten::mm", 3.0]], **h), "title")
-    assert "self ms/step by package: torch" in text and "calls/step" in text
+    # packages come largest first: the step's own loop ("other") may outweigh three small matmuls on a busy CPU
+    assert re.search(r"self ms/step by package: [^\n]*\btorch \d", text) and "calls/step" in text, text
 
 
 def test_linear_cross_entropy_host_operators_per_chunk():
