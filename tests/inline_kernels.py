@@ -224,15 +224,30 @@ def cases():
 
 def run_model(inline):
     """gpt1-tiny (2 layers) with every fused kernel of ours and dropout 0.1, a training step's forward and backward
-    compiled in one graph against eager mode: the loss and every parameter's gradient, and the report."""
-    from torch._dynamo.testing import AotEagerAndRecordGraphs
+    compiled in one graph (partitioned as Inductor partitions it) against eager mode: the loss and every
+    parameter's gradient, and the report, with the kernels launched in the backward graph alone."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
 
     from gpt1 import GPT1, get_config
+
+    graphs = {"forward": [], "backward": []}
+
+    def recorder(kind):
+        def compiler(gm, _):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    # Inductor's partition of the joint graph, which may recompute forward operators in the backward
+    backend = aot_autograd(fw_compiler=recorder("forward"), bw_compiler=recorder("backward"),
+                           partition_fn=min_cut_rematerialization_partition)
 
     cfg = get_config("gpt1-tiny", n_layer=2, n_embd=32, n_head=2, vocab_size=64, attn_impl="triton",
                      loss_impl="triton_linear", norm_impl="triton", mlp_impl="triton")
     ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
-    results, backend = [], AotEagerAndRecordGraphs()
+    results = []
     for compiled in (False, True):
         torch.manual_seed(0)
         model = GPT1(cfg)
@@ -243,9 +258,10 @@ def run_model(inline):
         loss = forward(ids[:, :-1], labels=ids[:, 1:]).loss
         loss.backward()
         results.append([loss.detach()] + [p.grad for p in model.parameters()])
-    launched, ops, clones, copies, seen = graph_report(backend.fw_graphs + backend.bw_graphs)
+    launched, ops, clones, copies, seen = graph_report(graphs["forward"] + graphs["backward"])
     return {
         "equal": all(torch.equal(a, b) for a, b in zip(*results)),
+        "backward_launched": graph_report(graphs["backward"])[0],
         "launched": launched,
         "ops": ops,
         "clones": clones,

@@ -486,13 +486,16 @@ def test_inline_kernels_trace_into_the_graph(inline_report):
 
 def test_inline_kernels_in_the_model(inline_report):
     """gpt1-tiny with every fused kernel and dropout, one training step compiled in one graph with
-    set_inline(True): loss and gradients bit for bit the eager model's; only the linear cross-entropy (an opaque
-    operator: its chunk loop writes a shared buffer in place) stays an operator; the graphs copy nothing more than
-    with opaque operators."""
+    set_inline(True) and Inductor's partitioner: loss and gradients bit for bit the eager model's; only the linear
+    cross-entropy (an opaque operator: its chunk loop writes a shared buffer in place) stays an operator; no forward
+    kernel is recomputed in the backward; the graphs copy nothing more than with opaque operators."""
     inline, opaque = inline_report["gpt1-tiny inline=True"], inline_report["gpt1-tiny inline=False"]
     assert inline["equal"] and opaque["equal"]
     assert set(inline["ops"]) == {"gpt1_kernels.linear_cross_entropy.default"}
     assert len(inline["launched"]) == 2 * 12 and not inline["clones"]  # 2 layers: 5 forward, 7 backward launches
+    # Inductor's partition recomputes none of our forward kernels in the backward
+    assert len(inline["backward_launched"]) == 2 * 7 and not [k for k in inline["backward_launched"]
+                                                              if "fwd" in k or "mask" in k], inline["backward_launched"]
     assert sorted(inline["copies"]) == sorted(opaque["copies"])
     assert all(err is None for err in inline["source"].values()), inline["source"]
 
