@@ -233,8 +233,7 @@ def torch_step(model, recipe, s, smoke, dev, inputs, labels):
     if recipe.compile and not smoke:
         kernels.register_inductor_fallbacks()  # as runtime.compile_module does
         kernels.set_inline(recipe.inline)
-    forward = torch.compile(model, backend="eager" if smoke else "inductor", mode=mode,
-                            dynamic=False if recipe.inline else None) if recipe.compile else model
+    forward = torch.compile(model, backend="eager" if smoke else "inductor", mode=mode) if recipe.compile else model
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16):

@@ -81,6 +81,7 @@ class FinetuneConfig:
     seed: int = 42  # data order, head init and dropout
     compile: bool | None = None  # torch.compile the model; default: on a CUDA GPU under ZeRO 0-2
     compile_mode: str = "default"  # torch.compile's mode: default, reduce-overhead (CUDA graphs), max-autotune, ...
+    inline_kernels: bool = False  # compile through our kernels' operators: Inductor launches their Triton kernels
 
 
 def parse_args(argv=None):
@@ -341,7 +342,7 @@ def main(argv=None):
     run = parse_args(argv)
     task = glue.get_task(run.task, run.text_column, run.text_b_column, run.label_column, run.choice_columns)
     labels, train_ex, dev_ex, test_ex = read_task(run, task)
-    check_compile(run.compile, run.compile_mode)
+    check_compile(run.compile, run.compile_mode, run.inline_kernels)
     rank, world, device = init_distributed()
     ds, max_grad_norm = lean_checks(ds_config(run, world), world)
     base, tok = load_init(run.init)
@@ -365,7 +366,7 @@ def main(argv=None):
         model, ds, lr=run.lr, weight_decay=run.weight_decay, lr_lambda=lr_lambda(total, run.warmup),
         max_grad_norm=max_grad_norm,
         tied_weight=model.transformer.tokens_embed.weight)  # L1's LM head
-    compile_module(engine, run.compile, zero_stage(ds), run.compile_mode)
+    compile_module(engine, run.compile, zero_stage(ds), run.compile_mode, run.inline_kernels)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     torch.manual_seed(run.seed + 1 + rank)  # dropout masks differ across ranks
 

@@ -279,8 +279,9 @@ def compile_module(engine, enabled, stage, mode="default", inline_kernels=False)
     inline_kernels (--inline-kernels): AOTAutograd traces into our kernels' operators (kernels.set_inline), so that
     Inductor launches their Triton kernels from its own generated code, beside its own: no operator dispatch and
     none of our launchers' Python per call, which is what makes the compiled step without CUDA graphs host-bound.
-    The graph is then compiled for static shapes (dynamic=False: the launch configurations are chosen from them),
-    as a training run's fixed batch shape is. Under Triton's interpreter (a CPU) the operators stay opaque."""
+    A graph with symbolic shapes (torch.compile's dynamic shapes, after a recompile for a new shape) keeps the
+    operators opaque: the launch configurations are chosen from the shapes. Under Triton's interpreter (a CPU) the
+    operators stay opaque."""
     check_compile(enabled, mode, inline_kernels)
     if enabled is None:
         enabled = compiles_by_default(engine.device.type, stage, mode)
@@ -291,8 +292,7 @@ def compile_module(engine, enabled, stage, mode="default", inline_kernels=False)
         kernels.register_inductor_fallbacks()  # else a 12-layer graph of our operators can take minutes to lower
         kernels.set_inline(inline_kernels)
         engine.module.forward = torch.compile(engine.module.forward, fullgraph=True,
-                                              mode=None if mode == "default" else mode,
-                                              dynamic=False if inline_kernels else None)
+                                              mode=None if mode == "default" else mode)
     return bool(enabled)
 
 

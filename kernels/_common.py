@@ -214,8 +214,9 @@ def kernel_op(name, *, mutates_args=()):
     launch made through `launchable` becomes a call of that Triton kernel, which Inductor emits in its own generated
     code beside its own kernels, with the launch arguments worked out at compile time; the host then pays Inductor's
     launcher per kernel and nothing per operator (its dispatch, checks, config lookups and allocations ran once,
-    while tracing). Otherwise the operator is one opaque call in the graph, as a custom_op is. The function must
-    then see static shapes (torch.compile(dynamic=False)): its launch configurations are chosen from them."""
+    while tracing). Otherwise the operator is one opaque call in the graph, as a custom_op is; and so it is where a
+    tensor's shape is symbolic (a graph compiled for dynamic shapes, e.g. after a recompile for a new sequence
+    length): the launchers choose their configurations from the shapes, so they trace only static ones."""
 
     def decorate(fn):
         if not TRACEABLE:
@@ -223,7 +224,7 @@ def kernel_op(name, *, mutates_args=()):
         op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
 
         def functional(mode, func, types, args, kwargs):  # as triton_op's own rule, but only when inlining
-            if not (_INLINE["enabled"] and torch._functorch.config.decompose_custom_triton_ops):
+            if not (_INLINE["enabled"] and torch._functorch.config.decompose_custom_triton_ops) or _symbolic(args):
                 return mode.__torch_dispatch__(func, types, args, kwargs)
             if any(t not in (torch.Tensor, FunctionalTensor) and not issubclass(t, FakeTensor) for t in types):
                 return NotImplemented
@@ -234,6 +235,12 @@ def kernel_op(name, *, mutates_args=()):
         return op
 
     return decorate
+
+
+def _symbolic(args):
+    """Whether any tensor among an operator's arguments has a symbolic size or stride."""
+    return any(isinstance(d, torch.SymInt)
+               for a in args if isinstance(a, torch.Tensor) for d in (*a.shape, *a.stride()))
 
 
 def launchable(kernel, like):

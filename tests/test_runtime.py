@@ -435,9 +435,9 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
     engine = SimpleNamespace(device=torch.device("cpu"), module=torch.nn.Linear(2, 2))
     assert compile_module(engine, None, 0) is False and seen == []
-    assert compile_module(engine, True, 2) is True and seen[-1] == dict(fullgraph=True, mode=None, dynamic=None)
+    assert compile_module(engine, True, 2) is True and seen[-1] == dict(fullgraph=True, mode=None)
     assert compile_module(engine, None, 0, "reduce-overhead") is True
-    assert seen[-1] == dict(fullgraph=True, mode="reduce-overhead", dynamic=None)
+    assert seen[-1] == dict(fullgraph=True, mode="reduce-overhead")
     with pytest.raises(GPT1Error, match="needs compiling"):
         compile_module(engine, False, 0, "max-autotune")
     with pytest.raises(GPT1Error, match="must be one of default, reduce-overhead"):
@@ -447,8 +447,7 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
 
 def test_inline_kernels_reach_the_operators_and_torch_compile(monkeypatch):
     """--inline-kernels turns on the tracing into our operators (kernels.set_inline, with torch's config that
-    AOTAutograd's cache keys on) and compiles for static shapes; without it both are off again; with --no-compile
-    it is refused."""
+    AOTAutograd's cache keys on); without it both are off again; with --no-compile it is refused."""
     import kernels
 
     seen = []
@@ -457,9 +456,9 @@ def test_inline_kernels_reach_the_operators_and_torch_compile(monkeypatch):
     engine = SimpleNamespace(device=torch.device("cpu"), module=torch.nn.Linear(2, 2))
     try:
         assert compile_module(engine, True, 0, inline_kernels=True) is True
-        assert seen[-1] == dict(fullgraph=True, mode=None, dynamic=False)
+        assert seen[-1] == dict(fullgraph=True, mode=None)
         assert kernels.inline_enabled() and torch._functorch.config.decompose_custom_triton_ops
-        assert compile_module(engine, True, 0) is True and seen[-1]["dynamic"] is None
+        assert compile_module(engine, True, 0) is True
         assert not kernels.inline_enabled() and not torch._functorch.config.decompose_custom_triton_ops
         with pytest.raises(GPT1Error, match="--inline-kernels needs compiling"):
             compile_module(engine, False, 0, inline_kernels=True)
