@@ -16,8 +16,9 @@ GPU. Each row is a Recipe:
 ROWS runs the peer first, then our default path (gpt1.train's default config: ZeRO-0 under torch_autocast,
 triton/triton_linear, compiled), the default replayed as CUDA graphs (--compile-mode reduce-overhead), that with
 the fused residual-dropout-LayerNorm (--norm-impl triton), that with the residual stream in bf16
-(--no-residual-in-fp32), with the fused bias + GELU (--mlp-impl triton), with both, the default with the fused
-LayerNorm alone and with the
+(--no-residual-in-fp32), with the fused bias + GELU (--mlp-impl triton), with both, the default with our kernels
+inlined into Inductor's code (--inline-kernels), that with every fused kernel and the bf16 residual stream, without
+and with CUDA graphs, the default with the fused LayerNorm alone and with the
 materializing triton loss, ZeRO-2 in DeepSpeed's bf16, the
 default with torch's kernels (what our kernels give), our kernels without DeepSpeed (what DeepSpeed costs), ZeRO-2
 under torch_autocast, ZeRO-1 and 0 in bf16, the uncompiled and eager steps, ZeRO-3 (not compiled: slow), and last
@@ -38,7 +39,7 @@ torch.cuda.max_memory_allocated over the timed steps less what was allocated bef
 --smoke: one layer of gpt1-tiny with a 512-token vocabulary, T=32, B=1, one warm-up and one timed step on the CPU
 under the Triton interpreter; "compiled" rows use dynamo with backend="eager" (the trace is checked, with fullgraph
 where our path asks for it; Inductor is not run), so the rows that differ from another only by their compile mode
-(CUDA graphs, max-autotune) are n/a there.
+(CUDA graphs, max-autotune) or by inlining our kernels (which AOTAutograd does, not run either) are n/a there.
 """
 
 import os
