@@ -1087,9 +1087,10 @@ def _launch_dkdv(q, k, v, do, dk, dv, lse, delta, bwd, cfg, packed=None):
     B, H, T, D = q.shape
     block_m, block_n, num_warps, num_stages = cfg
     args, common = bwd
-    out = (dk, dv, 0) if packed is None else (packed, None, packed.stride(2))
+    # packed: DK is d qkv itself, DV None, and the slots lie stride_slot elements apart
+    dk_arg, dv_arg, stride_slot = (dk, dv, 0) if packed is None else (packed, None, packed.stride(2))
     return launchable(_attn_bwd_dkdv_kernel, q)[(cdiv(T, block_n), B * H)](
-        q, k, v, do, *out[:2], lse, delta, *args, out[2],
+        q, k, v, do, dk_arg, dv_arg, lse, delta, *args, stride_slot,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), H, T,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, PACKED=packed is not None,
         **common)
@@ -1176,7 +1177,8 @@ def unpack_qkv(qkv):
 
 
 def _backward_qkv(do, qkv, o, lse, causal, sm_scale, dropout_p, mask):
-    """d qkv, contiguous (B, T, 3, H, D): the two backward kernels write dq, dk and dv through its views."""
+    """d qkv, contiguous (B, T, 3, H, D): the two backward kernels write dq, dk and dv into its q, k and v slots,
+    given d qkv itself (see _backward's `packed`)."""
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     _backward(do, *unpack_qkv(qkv), o, lse, causal, sm_scale, dropout_p, mask, packed=dqkv)
     return dqkv
