@@ -46,6 +46,7 @@ from kernels._common import (
     as_rows,
     cdiv,
     check_tensors,
+    interpreter_block,
     kernel_op,
     launchable,
     next_power_of_2,
@@ -139,17 +140,24 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_PART, stride_dy, stride_x, N, C, rows
 # Tiles of 4096 elements on 8 warps (16 per thread: two 16-byte loads of a 16-bit tensor per operand), at most
 # 1024 columns wide; the backward runs about 4 programs per SM, each walking its chunk of rows. The interpreter
 # runs each program in Python: small tiles and 3 row chunks keep tests quick while still covering several tiles
-# per program, a partial tile and more than one partial row.
+# per program, a partial tile and more than one partial row; many rows or columns take larger tiles
+# (interpreter_block), as the interpreter's cost is per tile.
 _TILE_ELEMENTS, _NUM_WARPS, _MAX_BLOCK_C, _BWD_PROGRAMS_PER_SM = 4096, 8, 1024, 4
 _INTERPRETER_TILE, _INTERPRETER_ROW_CHUNKS = (2, 32), 3
 
 
-@functools.cache
-def _config_for(device, C):
-    """(BLOCK_R, BLOCK_C, num_warps, the most backward programs)."""
+def _config_for(device, N, C, backward=False):
+    """(BLOCK_R, BLOCK_C, num_warps, the most backward programs) for N rows of C columns."""
     if device.type != "cuda":
-        block_r, block_c = _INTERPRETER_TILE
-        return block_r, min(block_c, next_power_of_2(C)), 1, _INTERPRETER_ROW_CHUNKS * cdiv(C, block_c)
+        rows, cols = _INTERPRETER_TILE
+        block_c = min(interpreter_block(C, cols, 4), next_power_of_2(C))
+        block_r = interpreter_block(N, rows, 8 if backward else 4)
+        return block_r, block_c, 1, _INTERPRETER_ROW_CHUNKS * cdiv(C, block_c)
+    return _gpu_config(device, C)
+
+
+@functools.cache
+def _gpu_config(device, C):
     block_c = min(_MAX_BLOCK_C, next_power_of_2(C))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, _TILE_ELEMENTS // block_c), block_c, _NUM_WARPS, _BWD_PROGRAMS_PER_SM * sms
@@ -212,7 +220,7 @@ def _forward(x, bias, approximate):
     N = y.numel() // C
     if N:
         x2 = as_rows(x)
-        block_r, block_c, num_warps, _ = _config_for(x.device, C)
+        block_r, block_c, num_warps, _ = _config_for(x.device, N, C)
         launchable(_bias_gelu_fwd_kernel, x2)[(cdiv(N, block_r), cdiv(C, block_c))](
             x2, bias, y, x2.stride(0), N, C, BLOCK_R=block_r, BLOCK_C=block_c, HAS_BIAS=bias is not None,
             TANH=approximate == "tanh", RTNE_BF16=INTERPRET, num_warps=num_warps)
@@ -234,7 +242,7 @@ def _backward(dy, x, bias, approximate):
     C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     N = dx.numel() // C
-    block_r, block_c, num_warps, programs = _config_for(x.device, C)
+    block_r, block_c, num_warps, programs = _config_for(x.device, N, C, backward=True)
     col_blocks = cdiv(C, block_c)
     rows_per_program = cdiv(cdiv(max(N, 1), max(1, programs // col_blocks)), block_r) * block_r
     row_chunks = cdiv(N, rows_per_program)

@@ -64,6 +64,7 @@ from kernels._common import (
     check_tensors,
     dropout_args,
     dropout_words,
+    interpreter_block,
     keep_from_words,
     kernel_op,
     launchable,
@@ -254,11 +255,11 @@ _BWD_PROGRAMS_PER_SM = 4
 # each walked the 528 partial rows of an H200 in 17 trips, 23 us per call (0.56 ms of the step's 24 calls,
 # bench/results/nvidia-h200/e2e); at (128, 16), 48 programs take 5 trips each.
 _PARAM_GRADS_TILE = (128, 16)
-# The interpreter runs each program in Python, at a cost per program: forward tiles of 8 rows (2 made the model's
-# dropout test spend 136 s in 64 programs per call), small backward tiles and few backward programs keep the
-# tests quick while still running several programs, several tiles per program, a partial tile and more than one
-# partial d weight row.
-_INTERPRETER_CONFIG = dict(fwd=(8, 1), bwd=(2, 1), programs=3)
+# The interpreter runs each program, and each tile a program visits, in Python, at a cost per tile: forward tiles
+# of at least 8 rows (2 made the model's dropout test spend 136 s in 64 programs per call), backward tiles of at
+# least 2 rows in 3 programs, both larger for many rows (interpreter_block). The kernel tests' shapes still run
+# several programs, several tiles per program, a partial tile and more than one partial d weight row.
+_INTERPRETER_PROGRAMS = 3
 
 
 def _gpu_tile(block_c, backward=False):
@@ -267,11 +268,16 @@ def _gpu_tile(block_c, backward=False):
     return rows, min(16, max(4, rows * block_c // (32 * per_thread)))
 
 
-@functools.cache
-def _config_for(device, block_c):
+def _config_for(device, block_c, n_rows):
     """{"fwd": (BLOCK_R, num_warps), "bwd": (BLOCK_R, num_warps), "programs": the most backward programs}."""
     if device.type != "cuda":
-        return _INTERPRETER_CONFIG
+        return dict(fwd=(interpreter_block(n_rows, 8, 4), 1), bwd=(interpreter_block(n_rows, 2, 8), 1),
+                    programs=_INTERPRETER_PROGRAMS)
+    return _gpu_config(device, block_c)
+
+
+@functools.cache
+def _gpu_config(device, block_c):
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return dict(fwd=_gpu_tile(block_c), bwd=_gpu_tile(block_c, backward=True), programs=_BWD_PROGRAMS_PER_SM * sms)
 
@@ -381,7 +387,7 @@ def _forward(x, h, weight, bias, seed, dropout_p, eps, branch_dtype=None):
     if N == 0:
         return y, y_branch, mean, rstd
     x2, h2, block_c = as_rows(x), as_rows(h), _block_c(C)
-    block_r, num_warps = _config_for(x.device, block_c)["fwd"]
+    block_r, num_warps = _config_for(x.device, block_c, N)["fwd"]
     launchable(_add_ln_fwd_kernel, x2)[(cdiv(N, block_r),)](
         x2, h2, weight, bias, y, y_branch, mean, rstd, seed, *dropout_args(dropout_p), eps, x2.stride(0),
         h2.stride(0), N, C, BLOCK_R=block_r, BLOCK_C=block_c, DROPOUT=dropout_p > 0.0, HAS_BIAS=bias is not None,
@@ -406,7 +412,7 @@ def _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     N = dx.numel() // C
-    cfg = _config_for(x.device, _block_c(C))
+    cfg = _config_for(x.device, _block_c(C), N)
     block_r, num_warps = cfg["bwd"]
     rows_per_program = cdiv(cdiv(max(N, 1), cfg["programs"]), block_r) * block_r
     n_programs = cdiv(N, rows_per_program)

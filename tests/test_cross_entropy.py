@@ -829,3 +829,29 @@ def test_host_path_calls_no_triton_constexpr_function(monkeypatch):
 
     n = triton_constexpr_calls_on_the_host(monkeypatch, calls)
     assert n in (0, None), n
+
+
+@pytest.mark.skipif(not cross_entropy.INTERPRET, reason="Triton's interpreter only")
+def test_interpreter_patches_the_language_once_per_launch(monkeypatch):
+    """kernels._common makes Triton's interpreter patch triton.language once per launch rather than at each of the
+    kernel's helper calls: the same loss and gradient bit for bit, with a small fraction of the patching."""
+    from triton.runtime import interpreter
+
+    patches, patch = [], interpreter._patch_lang
+    monkeypatch.setattr(interpreter, "_patch_lang", lambda fn: patches.append(fn) or patch(fn))
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 50, dtype=torch.bfloat16), torch.randint(0, 50, (6,))
+
+    def run():
+        patches.clear()
+        x = logits.clone().requires_grad_()
+        loss = fused_cross_entropy(x, target, label_smoothing=0.1)
+        (loss * 3).backward()  # not 1: the backward kernel scales the rows
+        return loss, x.grad, len(patches)
+
+    once = run()
+    for cls in (interpreter.GridExecutor, interpreter.InterpretedFunction):
+        monkeypatch.setattr(cls, "__call__", cls.__call__.__wrapped__)  # the interpreter as Triton ships it
+    every_call = run()
+    assert torch.equal(once[0], every_call[0]) and torch.equal(once[1], every_call[1])
+    assert 2 <= once[2] and once[2] * 20 < every_call[2], (once[2], every_call[2])
