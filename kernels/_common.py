@@ -121,15 +121,16 @@ def next_power_of_2(n):
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
-def interpreter_block(n, smallest, parts):
+def interpreter_block(n, smallest, parts, largest):
     """A tile's extent along a dimension of extent n under the Triton interpreter: `smallest`, or for a larger n the
-    largest power of two that still cuts n into `parts` tiles or more. The interpreter runs every program, and every
-    tile that a program visits, in Python, at a cost per tile that barely depends on the tile's size: the kernel
-    tests' small shapes keep small tiles (several tiles, a partial one, several programs), and the model-sized inputs
-    of the training tests take a few large ones (the add-LayerNorm backward of gpt1-tiny's 4 x 32 tokens visited 64
-    tiles of 2 rows, 0.87 s a call; now 9 of 16)."""
+    largest power of two that still cuts n into `parts` tiles or more, up to `largest` (a power of two, which bounds
+    the interpreter's arrays). The interpreter runs every program, and every tile that a program visits, in Python,
+    at a cost per tile that barely depends on the tile's size: the kernel tests' small shapes keep small tiles
+    (several tiles, a partial one, several programs), and the model-sized inputs of the training tests take a few
+    large ones (the add-LayerNorm backward of gpt1-tiny's 4 x 32 tokens visited 64 tiles of 2 rows, 0.87 s a call;
+    now 9 of 16)."""
     k = n // parts
-    return max(smallest, 1 << (k.bit_length() - 1) if k else 0)
+    return max(smallest, min(largest, 1 << (k.bit_length() - 1) if k else 0))
 
 
 def check_tensors(prefix="", **tensors):
