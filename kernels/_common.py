@@ -1,5 +1,6 @@
 """Pieces shared by the Triton kernel files: the exp2/log2 constants, bit-exact rounding of fp32 values to
-bf16 or TF32, whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRET=1), host integer helpers, the
+bf16 or TF32, whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRET=1; it then patches triton.language
+once per launch, and its tiles grow with the input: interpreter_block), host integer helpers, the
 argument checks, torch.autocast's cast of a matmul's inputs, and the dropout draws (Philox, in groups of 8
 columns) with their device seeds."""
 
