@@ -1,6 +1,6 @@
 """Pieces shared by the Triton kernel files: the exp2/log2 constants, bit-exact rounding of fp32 values to
 bf16 or TF32, whether Triton's CPU interpreter runs the kernels (TRITON_INTERPRET=1; it then patches triton.language
-once per launch, and its tiles grow with the input: interpreter_block), host integer helpers, the
+once per launch, and its tiles grow with the input: interpreter_block and interpreter_rows), host integer helpers, the
 argument checks, torch.autocast's cast of a matmul's inputs, and the dropout draws (Philox, in groups of 8
 columns) with their device seeds."""
 
@@ -132,6 +132,16 @@ def interpreter_block(n, smallest, parts, largest):
     now 9 of 16)."""
     k = n // parts
     return max(smallest, min(largest, 1 << (k.bit_length() - 1) if k else 0))
+
+
+# the most elements of a (rows, columns) tile under the interpreter (interpreter_rows)
+INTERPRETER_TILE_ELEMENTS = 1 << 16
+
+
+def interpreter_rows(n, cols, smallest, parts):
+    """interpreter_block for the rows of (rows, cols) tiles: at most INTERPRETER_TILE_ELEMENTS elements a tile (or
+    `smallest` rows)."""
+    return interpreter_block(n, smallest, parts, max(1, INTERPRETER_TILE_ELEMENTS // cols))
 
 
 def check_tensors(prefix="", **tensors):

@@ -47,6 +47,7 @@ from kernels._common import (
     cdiv,
     check_tensors,
     interpreter_block,
+    interpreter_rows,
     kernel_op,
     launchable,
     next_power_of_2,
@@ -141,9 +142,9 @@ def _bias_gelu_bwd_kernel(DY, X, B, DX, DB_PART, stride_dy, stride_x, N, C, rows
 # 1024 columns wide; the backward runs about 4 programs per SM, each walking its chunk of rows. The interpreter
 # runs each program in Python: small tiles and 3 row chunks keep tests quick while still covering several tiles
 # per program, a partial tile and more than one partial row; many rows or columns take larger tiles
-# (interpreter_block), as the interpreter's cost is per tile.
+# (interpreter_block, interpreter_rows), as the interpreter's cost is per tile.
 _TILE_ELEMENTS, _NUM_WARPS, _MAX_BLOCK_C, _BWD_PROGRAMS_PER_SM = 4096, 8, 1024, 4
-_INTERPRETER_TILE, _INTERPRETER_ROW_CHUNKS, _INTERPRETER_TILE_ELEMENTS = (2, 32), 3, 1 << 16
+_INTERPRETER_TILE, _INTERPRETER_ROW_CHUNKS = (2, 32), 3
 
 
 def _config_for(device, N, C, backward=False):
@@ -151,7 +152,7 @@ def _config_for(device, N, C, backward=False):
     if device.type != "cuda":
         rows, cols = _INTERPRETER_TILE
         block_c = min(interpreter_block(C, cols, 4, _MAX_BLOCK_C), next_power_of_2(C))
-        block_r = interpreter_block(N, rows, 8 if backward else 4, max(1, _INTERPRETER_TILE_ELEMENTS // block_c))
+        block_r = interpreter_rows(N, block_c, rows, 8 if backward else 4)
         return block_r, block_c, 1, _INTERPRETER_ROW_CHUNKS * cdiv(C, block_c)
     return _gpu_config(device, C)
 

@@ -64,7 +64,7 @@ from kernels._common import (
     check_tensors,
     dropout_args,
     dropout_words,
-    interpreter_block,
+    interpreter_rows,
     keep_from_words,
     kernel_op,
     launchable,
@@ -257,10 +257,9 @@ _BWD_PROGRAMS_PER_SM = 4
 _PARAM_GRADS_TILE = (128, 16)
 # The interpreter runs each program, and each tile a program visits, in Python, at a cost per tile: forward tiles
 # of at least 8 rows (2 made the model's dropout test spend 136 s in 64 programs per call), backward tiles of at
-# least 2 rows in 3 programs, both larger for many rows (interpreter_block). The kernel tests' shapes still run
-# several programs, several tiles per program, a partial tile and more than one partial d weight row. A tile holds at
-# most _INTERPRETER_TILE_ELEMENTS (or its smallest rows).
-_INTERPRETER_PROGRAMS, _INTERPRETER_TILE_ELEMENTS = 3, 1 << 16
+# least 2 rows in 3 programs, both larger for many rows (interpreter_rows). The kernel tests' shapes still run
+# several programs, several tiles per program, a partial tile and more than one partial d weight row.
+_INTERPRETER_PROGRAMS = 3
 
 
 def _gpu_tile(block_c, backward=False):
@@ -272,9 +271,8 @@ def _gpu_tile(block_c, backward=False):
 def _config_for(device, block_c, n_rows):
     """{"fwd": (BLOCK_R, num_warps), "bwd": (BLOCK_R, num_warps), "programs": the most backward programs}."""
     if device.type != "cuda":
-        largest = max(1, _INTERPRETER_TILE_ELEMENTS // block_c)
-        return dict(fwd=(interpreter_block(n_rows, 8, 4, largest), 1),
-                    bwd=(interpreter_block(n_rows, 2, 8, largest), 1), programs=_INTERPRETER_PROGRAMS)
+        return dict(fwd=(interpreter_rows(n_rows, block_c, 8, 4), 1), bwd=(interpreter_rows(n_rows, block_c, 2, 8), 1),
+                    programs=_INTERPRETER_PROGRAMS)
     return _gpu_config(device, block_c)
 
 
