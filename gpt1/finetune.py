@@ -62,7 +62,7 @@ class FinetuneConfig:
     label_column: str = ""  # classify/choice: the label column (choice: the right choice's 0-based index)
     choice_columns: str = ""  # choice: comma-separated answer columns
     out: str = "runs/finetune"  # output directory
-    deepspeed_config: str = "ds_configs/zero0_autocast_bf16.json"  # a complete DeepSpeed JSON config
+    deepspeed_config: str = "ds_configs/zero0_autocast_bf16.json"  # a DeepSpeed JSON config, or a ds_configs/ name
     epochs: int = 3  # the paper's
     batch_size: int = 32  # examples per optimizer step over all ranks (the paper's 32)
     gradient_accumulation_steps: int = 1  # the micro batch is batch_size / (ranks x this)

@@ -130,11 +130,31 @@ def _unlink_shm_buffer():
         os.unlink(name)
 
 
+# the project's DeepSpeed configs, beside the gpt1 package (a checkout or an editable install)
+DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+
+
+def resolve_ds_config(path):
+    """The file that a --deepspeed-config value names: `path` itself where it is a file; otherwise, for a relative
+    path, the project's config of that name in DS_CONFIG_DIR (`ds_configs/zero2_bf16.json`, `zero2_bf16.json` or
+    `zero2_bf16`), so that the default works from any directory. Raises GPT1Error naming the project's configs."""
+    if os.path.isfile(path):
+        return path
+    folder, name = os.path.split(path)
+    if not os.path.isabs(path) and os.path.normpath(folder) in (".", "ds_configs"):
+        for candidate in (name, name + ".json"):
+            if os.path.isfile(os.path.join(DS_CONFIG_DIR, candidate)):
+                return os.path.join(DS_CONFIG_DIR, candidate)
+    known = sorted(f[:-5] for f in os.listdir(DS_CONFIG_DIR) if f.endswith(".json")) if os.path.isdir(
+        DS_CONFIG_DIR) else []
+    raise GPT1Error(f"DeepSpeed config {path} not found" + (
+        f" (nor among the project's: {', '.join(known)})" if known and not os.path.isabs(path) else ""))
+
+
 def load_ds_config(path, world_size, micro_batch_size=0, gradient_accumulation_steps=0):
-    """The DeepSpeed JSON at `path` as a dict, with the batch-size overrides (when > 0) applied and checked:
-    train_batch_size = micro batch x accumulation x world size."""
-    if not os.path.isfile(path):
-        raise GPT1Error(f"DeepSpeed config {path} not found")
+    """The DeepSpeed JSON that `path` names (resolve_ds_config) as a dict, with the batch-size overrides (when > 0)
+    applied and checked: train_batch_size = micro batch x accumulation x world size."""
+    path = resolve_ds_config(path)
     try:
         with open(path) as f:
             ds = json.load(f)

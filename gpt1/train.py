@@ -29,7 +29,7 @@ class RunConfig:
     data: str = "data/shakespeare"  # a directory written by `gpt1 prepare`
     model: str = "gpt1-mini"  # model preset (gpt1, gpt1-mini, gpt1-tiny)
     out: str = "runs/gpt1"  # run directory: config, metrics, checkpoints, final weights
-    deepspeed_config: str = "ds_configs/zero0_autocast_bf16.json"  # a complete DeepSpeed JSON config
+    deepspeed_config: str = "ds_configs/zero0_autocast_bf16.json"  # a DeepSpeed JSON config, or a ds_configs/ name
     max_steps: int = 1000  # optimizer steps
     lr: float = 2.5e-4  # peak learning rate (the paper's)
     min_lr: float = 0.0  # the cosine decays to this (the paper anneals to 0)

@@ -24,6 +24,7 @@ from gpt1.runtime import (
     lean_checks,
     load_ds_config,
     parse_dataclass,
+    resolve_ds_config,
     share_cpu_threads,
 )
 
@@ -476,6 +477,27 @@ def test_load_ds_config_overrides_and_refuses(tmp_path):
     path.write_text(json.dumps({"train_batch_size": 30, "gradient_accumulation_steps": 4}))
     with pytest.raises(GPT1Error, match="not divisible"):
         load_ds_config(str(path), world_size=2)
+
+
+def test_ds_config_names_resolve_from_any_directory(tmp_path, monkeypatch):
+    """The default --deepspeed-config (ds_configs/...) and the project's configs by name work outside the checkout;
+    a file of that path in the working directory comes first; anything else is a one-line error naming them."""
+    monkeypatch.chdir(tmp_path)
+    project = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+    expected = os.path.join(project, "zero2_bf16.json")
+    for name in ("ds_configs/zero2_bf16.json", "./ds_configs/zero2_bf16.json", "zero2_bf16.json", "zero2_bf16"):
+        assert os.path.samefile(resolve_ds_config(name), expected), name
+    ds = load_ds_config("ds_configs/zero0_autocast_bf16.json", world_size=1)
+    assert ds["zero_optimization"]["stage"] == 0
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "zero2_bf16.json").write_text(json.dumps({"train_batch_size": 6}))
+    assert resolve_ds_config("ds_configs/zero2_bf16.json") == "ds_configs/zero2_bf16.json"
+    assert load_ds_config("ds_configs/zero2_bf16.json", world_size=1)["train_batch_size"] == 6
+    for missing in ("zero9_bf16", "other/zero2_bf16.json"):
+        with pytest.raises(GPT1Error, match=f"DeepSpeed config {missing} not found .*zero2_bf16, zero2_fp16"):
+            resolve_ds_config(missing)
+    with pytest.raises(GPT1Error, match=r"^DeepSpeed config /nonexistent/zero2_bf16.json not found$"):
+        resolve_ds_config("/nonexistent/zero2_bf16.json")
 
 
 def test_each_flags_help_is_its_fields_comment(capsys):
