@@ -28,16 +28,6 @@ import statistics
 import subprocess
 import time
 
-# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from NVIDIA's datasheets; the first key that is a
-# substring of torch.cuda.get_device_name() wins, so the specific names come before the generic ones.
-PEAK_BF16_TFLOPS = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),  # SXM
-    ("H200", 989.0),
-    ("GH200", 989.0),
-    ("A100", 312.0),
-)
 QUANTILES = (0.5, 0.2, 0.8)  # median, then the spread reported beside it
 MIN_REPS = 25  # timed calls at the least, so that a slow op (13 ms) still gets a median and a spread
 HOST_TARGET_MS = 20.0  # back-to-back calls per host-included sample: about this long, 3 to 200 calls
@@ -114,11 +104,11 @@ def environment(smoke):
 
 
 def peak_bf16_tflops(name):
-    """The GPU's dense bf16 peak in TFLOP/s, or None for a device not in the table."""
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops
-    return None
+    """The GPU's dense bf16 peak in TFLOP/s, or None for a device not in gpt1.runtime.PEAK_BF16_TFLOPS (imported
+    here, when asked: gpt1 imports triton, which must not load before --smoke has chosen the interpreter)."""
+    from gpt1.runtime import peak_bf16_tflops as peak
+
+    return peak(name)
 
 
 def gpu_slug(name):

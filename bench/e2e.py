@@ -32,7 +32,7 @@ Per row, after --warmup steps (the first pays the compile): --steps timed steps.
 the interval between CUDA events recorded after consecutive steps, with no synchronize in between (the loop
 runs as training runs it); median, p20 and p80 over the steps; tokens/s = B*T / median; MFU = tokens/s *
 flops_per_token / peak (GPT1.flops_per_token = 6*N + 12*L*C*T, N the parameters without position
-embeddings; the GPU's dense bf16 peak from common.PEAK_BF16_TFLOPS). Then bench.profile_step's anatomy of
+embeddings; the GPU's dense bf16 peak from gpt1.runtime.PEAK_BF16_TFLOPS). Then bench.profile_step's anatomy of
 a few more steps: GPU busy %, kernels per step, ms by kernel family, operators per step. Peak memory is
 torch.cuda.max_memory_allocated over the timed steps less what was allocated before the model was built.
 

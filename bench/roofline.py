@@ -2,7 +2,7 @@
 
     python -m bench.roofline [--json FILE] [--smoke]
 
-MFU in bench.e2e divides by the datasheet's dense bf16 peak (common.PEAK_BF16_TFLOPS); this says how much of
+MFU in bench.e2e divides by the datasheet's dense bf16 peak (gpt1.runtime.PEAK_BF16_TFLOPS); this says how much of
 that peak a plain cuBLAS matmul reaches on the same machine in the same run (clocks and power limits vary),
 so that a fraction of the hardware can be read against both. Timed with triton.testing.do_bench (median).
 --smoke: small sizes on the CPU, which only shows that it runs.

@@ -67,8 +67,9 @@ def metrics(argv):
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
     for r in train:
+        mfu = f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""
         norm = f"  grad norm {r['grad_norm']:.3f}" if "grad_norm" in r else ""
-        print(f"step {r['step']:>6}  train loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tokens/s{norm}")
+        print(f"step {r['step']:>6}  train loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tokens/s{mfu}{norm}")
     for r in evals:
         print(f"step {r['step']:>6}  val loss {r['val_loss']:.4f}  ppl {r['val_ppl']:.1f}  acc {r['val_acc']:.3f}")
     if len(train) > 1:

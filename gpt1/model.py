@@ -158,8 +158,8 @@ class GPT1(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_parameters(self, exclude_positions=False):
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.positions_embed.weight.numel() if exclude_positions else n
+        n = sum(numel(p) for p in self.parameters())
+        return n - numel(self.positions_embed.weight) if exclude_positions else n
 
     def set_impl(self, attn_impl=None, loss_impl=None, norm_impl=None, residual_in_fp32=None, mlp_impl=None):
         """Switch the attention, loss, add-LayerNorm and bias + GELU kernels, and the residual stream's dtype under
@@ -241,6 +241,12 @@ class GPT1(nn.Module):
                 nxt = torch.multinomial(probs, 1, generator=generator)
             input_ids = torch.cat([input_ids, nxt], dim=1)
         return input_ids
+
+
+def numel(p):
+    """A parameter's element count, also under ZeRO-3, whose partitioned parameters are empty tensors that keep
+    their full count in ds_numel."""
+    return getattr(p, "ds_numel", p.numel())
 
 
 def param_groups(module, weight_decay):

@@ -465,6 +465,36 @@ def log_row(path, row):
         f.write(json.dumps(row) + "\n")
 
 
+# Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from NVIDIA's datasheets; the first key that is a
+# substring of torch.cuda.get_device_name() wins, so the specific names come before the generic ones.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+)
+
+
+def peak_bf16_tflops(name):
+    """The GPU's dense bf16 peak in TFLOP/s, or None for a device not in the table."""
+    for key, tflops in PEAK_BF16_TFLOPS:
+        if key in name:
+            return tflops
+    return None
+
+
+def mfu(tokens_per_s, flops_per_token, device, world_size=1):
+    """Model FLOPs utilization of one rank (nanoGPT's and PaLM's): its tokens/s (tokens_per_s over world_size
+    ranks) x the model's training FLOPs per token over the GPU's dense bf16 peak; None off CUDA or on a GPU not in
+    PEAK_BF16_TFLOPS."""
+    if device.type != "cuda":
+        return None
+    peak = peak_bf16_tflops(torch.cuda.get_device_name(device))
+    return tokens_per_s / world_size * flops_per_token / (peak * 1e12) if peak else None
+
+
 class Timer:
     """Wall-clock seconds between laps; the device is synchronized only when a lap is read."""
 

@@ -154,6 +154,7 @@ def main(argv=None):
                                       run.inline_kernels)
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     tokens_per_step = micro * gas * world * run.seq_len
+    flops_per_token = model.flops_per_token(run.seq_len)  # for the log rows' MFU, on a GPU
 
     # one global order of windows, read by position: the position is part of every checkpoint
     sampler = WindowSampler(train_data, run.seq_len + 1, run.seed, rank, world)
@@ -196,11 +197,14 @@ def main(argv=None):
                    "tokens_per_s": tokens_per_step * (step - logged) / timer.lap(), "skipped_steps": skipped}
             if grad_norm is not None:  # where DeepSpeed leaves the gradients alone (runtime.build_engine)
                 row["grad_norm"] = grad_norm
+            if mfu := runtime.mfu(row["tokens_per_s"], flops_per_token, device, world):
+                row["mfu"] = mfu
             loss_sum.zero_()
             logged = step
             if rank == 0:
                 runtime.log_row(metrics, row)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
             # with fp16 a skipped step is the loss scaler at work (it gives up itself at its minimum scale);
             # with bf16 and fp32 a run of them means training has diverged
             if not fp16 and longest >= run.max_nonfinite:

@@ -95,7 +95,8 @@ def run_dir(tmp_path, tok):
     (d / "config.json").write_text(json.dumps({"model": model.config.to_dict()}))
     torch.save(model.state_dict(), d / "model.pt")
     rows = [{"step": 10, "loss": 5.0, "lr": 1e-3, "tokens_per_s": 100.0, "skipped_steps": 0},
-            {"step": 20, "loss": 4.0, "lr": 1e-3, "tokens_per_s": 120.0, "skipped_steps": 0, "grad_norm": 0.8125},
+            {"step": 20, "loss": 4.0, "lr": 1e-3, "tokens_per_s": 120.0, "skipped_steps": 0, "grad_norm": 0.8125,
+             "mfu": 0.3912},
             {"step": 20, "val_loss": 4.5, "val_ppl": 90.0, "val_acc": 0.2}]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(d)
@@ -133,6 +134,7 @@ def test_cli_metrics(run_dir):
     assert "4.5" in res.stdout and "20" in res.stdout
     lines = res.stdout.splitlines()
     assert "grad norm 0.812" in lines[1] and "grad norm" not in lines[0]  # shown where the run logged it
+    assert "MFU 39.1%" in lines[1] and "MFU" not in lines[0]
 
 
 @pytest.mark.parametrize("args, msg", [

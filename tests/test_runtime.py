@@ -23,6 +23,7 @@ from gpt1.runtime import (
     init_distributed,
     lean_checks,
     load_ds_config,
+    mfu,
     parse_dataclass,
     resolve_ds_config,
     share_cpu_threads,
@@ -245,6 +246,28 @@ def test_lean_checks_under_torch_autocast():
     fp16 = {"torch_autocast": {"enabled": True, "dtype": "float16"}, "gradient_clipping": 1.0,
             "zero_optimization": {"stage": 0}}
     assert lean_checks(fp16, 1)[1] == 0.0
+
+
+def test_parameter_count_and_flops_survive_zero3_partitioning(dist_env):
+    """ZeRO-3 leaves every rank's parameters as empty tensors: the model's count (the training log's, and its
+    FLOPs per token for the MFU) still reads the full sizes."""
+    model = GPT1(GPT1Config(**SMALL))
+    n, flops = model.num_parameters(), model.flops_per_token(16)
+    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+    engine, _, _ = build_engine(model, ds, lr=LR)
+    assert sum(p.numel() for p in engine.module.parameters()) == 0  # partitioned: what a plain count would see
+    assert (engine.module.num_parameters(), engine.module.flops_per_token(16)) == (n, flops)
+
+
+def test_mfu_of_a_known_gpu(monkeypatch):
+    """MFU = tokens/s per rank x FLOPs per token / the GPU's dense bf16 peak; none off CUDA or on an unknown GPU."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    cuda = torch.device("cuda", 0)
+    assert mfu(400_000, 7.5e8, cuda) == pytest.approx(400_000 * 7.5e8 / 989e12)
+    assert mfu(400_000, 7.5e8, cuda, world_size=2) == pytest.approx(200_000 * 7.5e8 / 989e12)
+    assert mfu(400_000, 7.5e8, torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
+    assert mfu(400_000, 7.5e8, cuda) is None
 
 
 def test_zero0_torch_autocast_is_the_nanogpt_recipe(dist_env):
