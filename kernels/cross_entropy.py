@@ -19,8 +19,8 @@ it, in place, by the incoming gradient, and each of its programs returns at once
 time with all their loads issued first (_tie_blocks); the launch of long rows comes from a measured table
 (_long_row_config). That table may instead say UNROLL "row": the program then loads its whole row at once into
 registers and makes both passes there (_resident_row), so the logits are read from memory once, not twice (the
-second streaming pass hits L2 only while the rows in flight fit in it); one program per SM holds a row of GPT-1's
-vocabulary.
+second streaming pass hits L2 only while the rows in flight fit in it); a 16-bit row stays as loaded, two logits to
+a register, so that two 8-warp programs per SM hold a bf16 row of GPT-1's vocabulary each.
 
 fused_linear_cross_entropy never builds the full logits: it walks the tokens in chunks, computes a
 chunk's logits with one matmul, runs the kernel on them in place and turns the chunk's gradient into
@@ -125,7 +125,7 @@ _BYTES_PER_THREAD = 16
 # summation order of a row's statistics, so results may differ in the last bits from one width to another.
 _TUNED_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cross_entropy_tuned.json")
 # UNROLL "row": the whole row's loads in flight at once and the row kept in registers, read once (_resident_row),
-# where its values in fp32 fit in a thread's registers (_resident_budget); a longer row streams with UNROLL 1.
+# where it fits in a thread's registers (_resident_budget); a longer row streams with UNROLL 1.
 ROW = "row"
 UNROLLS = (1, 2, 4, ROW)
 _RESIDENT_REGS = 80
@@ -354,11 +354,74 @@ def _part_offsets(base, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _part(BODY, base, body_len, ROWS: tl.constexpr, BLOCK_V: tl.constexpr):
+def _part(BODY, base, body_len, NEG_INF_WORD, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, PACKED: tl.constexpr):
     """(offsets, logits) of one part of the row's body held in registers: ROWS x BLOCK_V columns from base on,
-    -inf past body_len."""
-    offs = _part_offsets(base, ROWS, BLOCK_V)
-    return offs, _load_block(BODY, offs, offs < body_len)
+    -inf past body_len. PACKED (16-bit logits): loaded as (ROWS, BLOCK_V // 2) 32-bit words of two logits each
+    (_halves), offsets in words, NEG_INF_WORD (two -inf) past the body."""
+    if PACKED:
+        offs = _part_offsets(base // 2, ROWS, BLOCK_V // 2)
+        x = tl.load(BODY.to(tl.pointer_type(tl.int32)) + offs, mask=offs < body_len // 2, other=NEG_INF_WORD)
+    else:
+        offs = _part_offsets(base, ROWS, BLOCK_V)
+        x = _load_block(BODY, offs, offs < body_len)
+    return offs, x
+
+
+@triton.jit
+def _halves(w, DTYPE: tl.constexpr):
+    """The two 16-bit logits (of dtype DTYPE) of each 32-bit word w as fp32: its lower half (the lower column) and
+    its upper half."""
+    lo = (w & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+    hi = (w >> 16).to(tl.int16).to(DTYPE, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _part_max(x, DTYPE: tl.constexpr, PACKED: tl.constexpr):
+    """Per lane (axis 0) the max of one part of the row (_part)."""
+    if PACKED:
+        lo, hi = _halves(x, DTYPE)
+        m = tl.maximum(tl.max(lo, axis=0), tl.max(hi, axis=0))
+    else:
+        m = tl.max(x, axis=0).to(tl.float32)
+    return m
+
+
+@triton.jit
+def _part_sums(x, offs, body_len, m, zero, DTYPE: tl.constexpr, PACKED: tl.constexpr, SMOOTHING: tl.constexpr):
+    """Per lane (axis 0) the sum of exp(x - m) of one part of the row (_part) and, if SMOOTHING, its sum of x (by
+    column: a masked class, -inf, makes it -inf; the part's offsets stay live for it, which _row_config's register
+    budget counts). PACKED: the words are widened from `x | zero` (see _resident_row)."""
+    if PACKED:
+        lo, hi = _halves(x | zero, DTYPE)
+        d = _sum_exp(lo, m) + _sum_exp(hi, m)
+        x_sum = d
+        if SMOOTHING:
+            x_sum = _sum_where(lo, offs < body_len // 2) + _sum_where(hi, offs < body_len // 2)
+    else:
+        d = _sum_exp(x, m)
+        x_sum = d
+        if SMOOTHING:
+            x_sum = _sum_where(x, offs < body_len)
+    return d, x_sum
+
+
+@triton.jit
+def _store_part(BODY, base, offs, body_len, x, zero, m, inv_d, smooth, scale, ROWS: tl.constexpr,
+                BLOCK_V: tl.constexpr, PACKED: tl.constexpr, RTNE_BF16: tl.constexpr):
+    """_store_probs of one part of the row (_part). PACKED: the words widened from `x ^ zero` and the offsets made
+    again from `base // 2 + zero` (see _resident_row); the two gradients of a word stored as one word."""
+    if PACKED:
+        DTYPE: tl.constexpr = BODY.dtype.element_ty
+        offs = _part_offsets(base // 2 + zero * 16, ROWS, BLOCK_V // 2)
+        lo, hi = _halves(x ^ zero, DTYPE)
+        lo = _rounded_grad((tl.exp2((lo - m) * LOG2E) * inv_d - smooth) * scale, BODY, RTNE_BF16)
+        hi = _rounded_grad((tl.exp2((hi - m) * LOG2E) * inv_d - smooth) * scale, BODY, RTNE_BF16)
+        words = (lo.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) | (hi.to(tl.int16, bitcast=True).to(tl.int32)
+                                                                         << 16)
+        tl.store(BODY.to(tl.pointer_type(tl.int32)) + offs, words, mask=offs < body_len // 2)
+    else:
+        _store_probs(BODY, x, offs, offs < body_len, m, inv_d, smooth, scale, RTNE_BF16)
 
 
 @triton.jit
@@ -374,15 +437,21 @@ def _sum_where(x, mask):
 
 
 @triton.jit
-def _resident_row(LOGITS, start, n_cols, row_len, y, eps, GRAD_SCALE, ROW_SCALE, row, BLOCK_V: tl.constexpr,
-                  ALIGN: tl.constexpr, ROWS1: tl.constexpr, ROWS2: tl.constexpr, ROWS3: tl.constexpr,
-                  COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SMOOTHING: tl.constexpr,
-                  RTNE_BF16: tl.constexpr):
+def _resident_row(LOGITS, start, n_cols, row_len, y, eps, GRAD_SCALE, ROW_SCALE, row, zero, NEG_INF_WORD,
+                  BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, ROWS1: tl.constexpr, ROWS2: tl.constexpr,
+                  ROWS3: tl.constexpr, COMPUTE_GRAD: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+                  SMOOTHING: tl.constexpr, RTNE_BF16: tl.constexpr):
     """The row read once: all its loads issued at once into registers, then its max, its sum of exponentials and
     its gradient computed from those registers. The logits cross the memory bus once each way, and the program
-    has its whole row's loads in flight. Returns the loss. The compiler widens a 16-bit row to fp32 once and keeps
-    that copy for both passes (the 16-bit one is then dead): _row_config admits a row whose fp32 values fit in
-    _RESIDENT_REGS registers a thread.
+    has its whole row's loads in flight. Returns the loss.
+
+    Registers: an fp32 row is held as it is. A 16-bit row's body is held as it was loaded, two logits to a 32-bit
+    word (PACKED), and widened to fp32 at each of its three uses: the max from the words, the exponentials (and sums)
+    from `words | zero` and the gradient from `words ^ zero`, zero a run-time 0 that the compiler cannot see through.
+    Widened the same way at each use, the three would be one expression, which the compiler computes once and keeps
+    for all three: the whole row in fp32, twice the registers (a bf16 row of GPT-1's vocabulary took 128 registers
+    at 16 warps, one program per SM; its words take 64 under triton 3.6 on sm_90, so two programs share an SM, and
+    8 warps hold it too). _row_config admits a row whose registers (fp32 values, or words) fit in _resident_budget.
 
     The classes LOGITS[start : start + n_cols] are split as in _row_segments (head, tail, and a body held as up to
     three parts of ROWS1, ROWS2, ROWS3 blocks of BLOCK_V; a part of 0 rows is absent). Every loaded column is a
@@ -390,54 +459,56 @@ def _resident_row(LOGITS, start, n_cols, row_len, y, eps, GRAD_SCALE, ROW_SCALE,
     exponentials, each lane's first, and the gradient's target term is a scalar store after the row's (ordered by
     a barrier). The padding [n_cols, row_len) is zeroed apart. Lanes fold in another order than the streaming
     passes', so results may differ from theirs in the last bits of fp32."""
+    DTYPE: tl.constexpr = LOGITS.dtype.element_ty
+    PACKED: tl.constexpr = DTYPE.primitive_bitwidth == 16
     head_end, body_end, end = _row_segments(start, n_cols, ALIGN)
     head_len, body_len, tail_first = _segment_lengths(start, head_end, body_end, end)
     edge = tl.arange(0, ALIGN)
     head = edge < head_len
     tail = edge < n_cols - tail_first
     BODY = LOGITS + head_end
-    o1, x1 = _part(BODY, 0, body_len, ROWS1, BLOCK_V)
+    o1, x1 = _part(BODY, 0, body_len, NEG_INF_WORD, ROWS1, BLOCK_V, PACKED)
     if ROWS2 > 0:
-        o2, x2 = _part(BODY, ROWS1 * BLOCK_V, body_len, ROWS2, BLOCK_V)
+        o2, x2 = _part(BODY, ROWS1 * BLOCK_V, body_len, NEG_INF_WORD, ROWS2, BLOCK_V, PACKED)
     if ROWS3 > 0:
-        o3, x3 = _part(BODY, (ROWS1 + ROWS2) * BLOCK_V, body_len, ROWS3, BLOCK_V)
+        o3, x3 = _part(BODY, (ROWS1 + ROWS2) * BLOCK_V, body_len, NEG_INF_WORD, ROWS3, BLOCK_V, PACKED)
     x_h = _load_block(LOGITS + start, edge, head)
     x_t = _load_block(LOGITS + body_end, edge, tail)
-    x_y = tl.load(LOGITS + start + y).to(tl.float32)
     # each statistic per lane first (in the thread), then across the threads once
-    m_v = tl.max(x1, axis=0)
+    m_v = _part_max(x1, DTYPE, PACKED)
     if ROWS2 > 0:
-        m_v = tl.maximum(m_v, tl.max(x2, axis=0))
+        m_v = tl.maximum(m_v, _part_max(x2, DTYPE, PACKED))
     if ROWS3 > 0:
-        m_v = tl.maximum(m_v, tl.max(x3, axis=0))
+        m_v = tl.maximum(m_v, _part_max(x3, DTYPE, PACKED))
     m = tl.maximum(tl.max(m_v, axis=0), tl.maximum(tl.max(x_h, axis=0), tl.max(x_t, axis=0))).to(tl.float32)
     # with smoothing, the sum of x part by part beside the exponentials': both read one fp32 copy of the part, which
     # the compiler makes once; kept for a second pass, it would be the whole row's
-    d_v = _sum_exp(x1, m)
-    if SMOOTHING:  # a masked class (-inf) must make the sum -inf: mask by column, not by value
-        s_v = _sum_where(x1, o1 < body_len)
+    d_v, s_v = _part_sums(x1, o1, body_len, m, zero, DTYPE, PACKED, SMOOTHING)
     if ROWS2 > 0:
-        d_v += _sum_exp(x2, m)
-        if SMOOTHING:
-            s_v += _sum_where(x2, o2 < body_len)
+        d_2, s_2 = _part_sums(x2, o2, body_len, m, zero, DTYPE, PACKED, SMOOTHING)
+        d_v += d_2
+        s_v += s_2
     if ROWS3 > 0:
-        d_v += _sum_exp(x3, m)
-        if SMOOTHING:
-            s_v += _sum_where(x3, o3 < body_len)
+        d_3, s_3 = _part_sums(x3, o3, body_len, m, zero, DTYPE, PACKED, SMOOTHING)
+        d_v += d_3
+        s_v += s_3
     d = tl.sum(d_v, axis=0) + _sum_exp(x_h, m) + _sum_exp(x_t, m)
     x_sum = tl.zeros([], dtype=tl.float32)
     if SMOOTHING:
         x_sum = tl.sum(s_v, axis=0) + _sum_where(x_h, head) + _sum_where(x_t, tail)
+    x_y = tl.load(LOGITS + start + y).to(tl.float32)
     loss = _row_loss(m, d, x_sum, x_y, eps, n_cols, SMOOTHING)
     if COMPUTE_GRAD:
         scale = _row_grad_scale(GRAD_SCALE, ROW_SCALE, row, HAS_ROW_SCALE)
         inv_d = 1.0 / d
         smooth = eps / n_cols
-        _store_probs(BODY, x1, o1, o1 < body_len, m, inv_d, smooth, scale, RTNE_BF16)
+        _store_part(BODY, 0, o1, body_len, x1, zero, m, inv_d, smooth, scale, ROWS1, BLOCK_V, PACKED, RTNE_BF16)
         if ROWS2 > 0:
-            _store_probs(BODY, x2, o2, o2 < body_len, m, inv_d, smooth, scale, RTNE_BF16)
+            _store_part(BODY, ROWS1 * BLOCK_V, o2, body_len, x2, zero, m, inv_d, smooth, scale, ROWS2, BLOCK_V,
+                        PACKED, RTNE_BF16)
         if ROWS3 > 0:
-            _store_probs(BODY, x3, o3, o3 < body_len, m, inv_d, smooth, scale, RTNE_BF16)
+            _store_part(BODY, (ROWS1 + ROWS2) * BLOCK_V, o3, body_len, x3, zero, m, inv_d, smooth, scale, ROWS3,
+                        BLOCK_V, PACKED, RTNE_BF16)
         _store_probs(LOGITS + start, x_h, edge, head, m, inv_d, smooth, scale, RTNE_BF16)
         _store_probs(LOGITS + body_end, x_t, edge, tail, m, inv_d, smooth, scale, RTNE_BF16)
         _finish_grad(LOGITS, start, n_cols, row_len, y, x_y, m, inv_d, smooth, eps, scale, BLOCK_V, ALIGN,
@@ -478,9 +549,9 @@ def _fill_row(LOGITS, start, row_len, value, BLOCK_V: tl.constexpr, ALIGN: tl.co
              mask=body_end + edge < end)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["zero"])
 def _cross_entropy_kernel(
-    LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, GRAD_SCALE, n_cols, row_len, ignore_index, eps,
+    LOGITS, stride_row, TARGET, LOSS, ROW_SCALE, GRAD_SCALE, n_cols, row_len, ignore_index, eps, zero, NEG_INF_WORD,
     BLOCK_V: tl.constexpr, ALIGN: tl.constexpr, UNROLL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr, SMOOTHING: tl.constexpr, RTNE_BF16: tl.constexpr,
     ROWS1: tl.constexpr = 0, ROWS2: tl.constexpr = 0, ROWS3: tl.constexpr = 0,
@@ -495,7 +566,7 @@ def _cross_entropy_kernel(
     groups and a short tail (_row_segments), so that whatever V and the row stride are, the body moves 16 bytes per
     access when LOGITS itself is 16-byte aligned.
     ROWS1 > 0: the row is read once into registers (_resident_row) rather than streamed twice in blocks of
-    BLOCK_V (UNROLL is then unused).
+    BLOCK_V (UNROLL is then unused); zero (0) and NEG_INF_WORD (two 16-bit -inf in a 32-bit word) serve it only.
     """
     row = tl.program_id(0).to(tl.int64)
     start = row * stride_row
@@ -511,9 +582,9 @@ def _cross_entropy_kernel(
             _fill_row(LOGITS, start, row_len, float("nan"), BLOCK_V, ALIGN)
         return
     if ROWS1 > 0:
-        tl.store(LOSS + row, _resident_row(LOGITS, start, n_cols, row_len, y, eps, GRAD_SCALE, ROW_SCALE, row,
-                                           BLOCK_V, ALIGN, ROWS1, ROWS2, ROWS3, COMPUTE_GRAD, HAS_ROW_SCALE,
-                                           SMOOTHING, RTNE_BF16))
+        tl.store(LOSS + row, _resident_row(LOGITS, start, n_cols, row_len, y, eps, GRAD_SCALE, ROW_SCALE, row, zero,
+                                           NEG_INF_WORD, BLOCK_V, ALIGN, ROWS1, ROWS2, ROWS3, COMPUTE_GRAD,
+                                           HAS_ROW_SCALE, SMOOTHING, RTNE_BF16))
         return
     m, d, x_sum = _row_stats(LOGITS, start, n_cols, BLOCK_V, ALIGN, UNROLL, SMOOTHING)
     x_y = tl.load(LOGITS + start + y).to(tl.float32)
@@ -612,17 +683,25 @@ def _launch(logits, target, loss, ignore_index, eps, grad_scale, compute_grad, r
     if compute_grad and not isinstance(grad_scale, torch.Tensor):
         grad_scale = torch.full((), grad_scale, dtype=torch.float32, device=logits.device)
     size = logits.element_size()
-    block_v, num_warps, unroll = _row_config(row_len, size, launch or _long_row_config(logits.device, size))
+    block_v, num_warps, unroll = _row_config(row_len, size, launch or _long_row_config(logits.device, size), eps > 0.0)
     rows = _resident_parts(row_len, block_v) if unroll == ROW else (0, 0, 0)
     # loss stands in for the pointers that the constexpr flags leave unread
     return _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0), target, loss, row_scale if row_scale is not None else loss,
-        grad_scale if compute_grad else loss, n_cols, row_len, ignore_index, eps,
+        grad_scale if compute_grad else loss, n_cols, row_len, ignore_index, eps, 0, _neg_inf_word(logits.dtype),
         BLOCK_V=block_v, ALIGN=16 // size, UNROLL=1 if unroll == ROW else unroll, COMPUTE_GRAD=compute_grad,
         HAS_ROW_SCALE=row_scale is not None, SMOOTHING=eps > 0.0,
         RTNE_BF16=INTERPRET and logits.dtype == torch.bfloat16, ROWS1=rows[0], ROWS2=rows[1], ROWS3=rows[2],
         num_warps=num_warps,
     )
+
+
+@functools.cache
+def _neg_inf_word(dtype):
+    """Two -inf of a 16-bit dtype in one int32 word (the resident row's padding); 0 for fp32, which does not use it."""
+    if dtype == torch.float32:
+        return 0
+    return torch.full((2,), -math.inf, dtype=dtype).view(torch.int32).item()
 
 
 def _resident_parts(row_len, block_v):
@@ -637,17 +716,19 @@ def _resident_parts(row_len, block_v):
     return tuple(parts + [0] * (3 - len(parts)))
 
 
-def _row_config(row_len, element_size, long_rows=(_NUM_WARPS, 1)):
+def _row_config(row_len, element_size, long_rows=(_NUM_WARPS, 1), smoothing=False):
     """(BLOCK_V, num_warps, UNROLL) of the cross-entropy kernels for rows of row_len columns of element_size bytes:
     16 bytes per thread and block (one vector load). A row of at least a full block of long_rows' (num_warps,
     UNROLL) gets that launch (_long_row_config: the measured one); a shorter one the fewest warps that cover it, with
-    UNROLL 1. UNROLL ROW stays only where the row's blocks (_resident_parts), widened to fp32, fit in a thread's
-    registers (_resident_budget); a longer row streams with UNROLL 1."""
+    UNROLL 1. UNROLL ROW stays only where the row's blocks (_resident_parts) fit in a thread's registers
+    (_resident_budget): one register per fp32 value, one per two 16-bit ones (_resident_row), and with label
+    smoothing as many again for the offsets its masked sum keeps (_part_sums); a longer row streams with UNROLL 1."""
     per_thread = _BYTES_PER_THREAD // element_size
     num_warps, unroll = long_rows
     if next_power_of_2(row_len) >= num_warps * 32 * per_thread:
         block_v = num_warps * 32 * per_thread
-        if unroll == ROW and sum(_resident_parts(row_len, block_v)) * per_thread > _resident_budget(num_warps):
+        registers = sum(_resident_parts(row_len, block_v)) * _BYTES_PER_THREAD // 4 * (2 if smoothing else 1)
+        if unroll == ROW and registers > _resident_budget(num_warps):
             unroll = 1
         return block_v, num_warps, unroll
     block_v = max(per_thread, min(next_power_of_2(row_len), _NUM_WARPS * 32 * per_thread))  # a lane at least
@@ -655,10 +736,9 @@ def _row_config(row_len, element_size, long_rows=(_NUM_WARPS, 1)):
 
 
 def _resident_budget(num_warps):
-    """The fp32 values of a resident row a thread may hold: _RESIDENT_REGS, and 24 registers short of what one
-    program of num_warps may take per thread (65536 per SM), for the pointers, the statistics and the exponentials
-    in flight. Compiled for sm_80 and sm_90 (triton 3.6, 3.9), V = 40478 in bf16 holds 80 values in 127-128
-    registers at 16 warps and 40 in 64 at 32 warps without spilling; 48 at 32 warps spill."""
+    """The registers a thread may spend on its part of a resident row (fp32 values, or words of two 16-bit ones):
+    _RESIDENT_REGS, and 24 short of what one program of num_warps may take per thread (65536 per SM), for the
+    pointers, the statistics and the exponentials in flight."""
     return min(_RESIDENT_REGS, 65536 // (32 * num_warps) - 24)
 
 
@@ -1230,7 +1310,7 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False, smoo
     logits (row stride V = 40478, no alignment), or on fused_linear_cross_entropy's padded chunk (row stride
     _padded_vocab(V), a multiple of 16 that the JIT specializes on); launch: the long rows' (num_warps, UNROLL)."""
     row_len = _padded_vocab(n_classes) if padded else n_classes
-    block_v, num_warps, unroll = _row_config(row_len, 4 if dtype == "fp32" else 2, launch)
+    block_v, num_warps, unroll = _row_config(row_len, 4 if dtype == "fp32" else 2, launch, smoothing)
     rows = _resident_parts(row_len, block_v) if unroll == ROW else (0, 0, 0)
     return {
         "name": name,
@@ -1238,7 +1318,7 @@ def _compile_spec(name, dtype, compute_grad, n_classes=40478, padded=False, smoo
         "signature": {"LOGITS": f"*{dtype}:16", "stride_row": "i32:16" if padded else "i32", "TARGET": "*i64:16",
                       "LOSS": "*fp32:16", "ROW_SCALE": "*fp32:16", "n_cols": "i32",
                       "row_len": "i32:16" if padded else "i32", "ignore_index": "i32", "eps": "fp32",
-                      "GRAD_SCALE": "*fp32:16"},
+                      "zero": "i32", "NEG_INF_WORD": "i32", "GRAD_SCALE": "*fp32:16"},
         "constexprs": {"BLOCK_V": block_v, "ALIGN": 4 if dtype == "fp32" else 8,
                        "UNROLL": 1 if unroll == ROW else unroll, "COMPUTE_GRAD": compute_grad,
                        "HAS_ROW_SCALE": False, "SMOOTHING": smoothing,
@@ -1261,10 +1341,13 @@ COMPILE_SPECS = [
     # 4 x 4 and fp32's 16 x 4; the tuner rejects a launch that spills on its GPU.
     *(_compile_spec(f"linear_ce_chunk_fwd_bwd_bf16_V40478_padded_w{w}_unroll{u}", "bf16", True, padded=True,
                     launch=(w, u)) for w, u in ((16, 2), (32, 1))),
-    # the row read once into registers (UNROLL "row"), on the chunk and on the unaligned N x V logits
+    # the row read once into registers (UNROLL "row"), on the chunk and on the unaligned N x V logits. A 16-bit row
+    # at 16 warps, 64 registers without 16-byte stores, takes 113 with them on sm_90 under triton 3.6 (the GPU
+    # machines') and no spill; triton 3.9's ptxas keeps it to 64 on sm_80 and spills 16 bytes: the tuner times it, it
+    # is not listed here (a launch that spills on its GPU is rejected there)
     *(_compile_spec(f"linear_ce_chunk_fwd_bwd_bf16_V40478_padded_w{w}_row", "bf16", True, padded=True,
-                    launch=(w, ROW)) for w in (16, 32)),
-    _compile_spec("cross_entropy_fwd_bwd_bf16_V40478_w16_row", "bf16", True, launch=(16, ROW)),
+                    launch=(w, ROW)) for w in (8, 32)),
+    _compile_spec("cross_entropy_fwd_bwd_bf16_V40478_w8_row", "bf16", True, launch=(8, ROW)),
     _compile_spec("cross_entropy_fwd_bwd_fp32_V40478_w16_row", "fp32", True, launch=(16, ROW)),
     _compile_spec("cross_entropy_fwd_bwd_fp16_V40478_w16_row", "fp16", True, launch=(16, ROW)),
     _compile_spec("cross_entropy_fwd_bwd_bf16_V40478_smoothing_w16_row", "bf16", True, smoothing=True,

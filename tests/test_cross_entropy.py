@@ -367,14 +367,19 @@ def test_row_config_of_a_tuned_launch():
     assert _row_config(1000, 2, (8, 4)) == (1024, 4, 1)
     assert _row_config(40512, 2) == (4096, 16, 1)
     assert _long_row_config(torch.device("cpu"), 2) == (16, 1)
-    # ROW where the row's values, widened to fp32, fit in a thread's registers (80 values, 40 at 32 warps), else
-    # UNROLL 1
-    assert _row_config(40478, 2, (16, ROW)) == (4096, 16, ROW)  # 8 + 2 blocks of 8 values a thread
-    assert _row_config(40478, 2, (32, ROW)) == (8192, 32, ROW)  # 4 + 1
-    assert _row_config(40478, 2, (8, ROW)) == (2048, 8, 1)  # 16 + 4 blocks: 160 values
-    assert _row_config(40478, 4, (16, ROW)) == (2048, 16, ROW)  # 16 + 4 blocks of 4
-    assert _row_config(50257, 2, (16, ROW)) == (4096, 16, 1)  # 8 + 4 + 1 blocks: 104 values
-    assert _row_config(44000, 2, (32, ROW)) == (8192, 32, 1)  # 4 + 2: 48
+    # ROW where the row fits in a thread's registers (80, 40 at 32 warps): an fp32 value each, a 16-bit pair each
+    # (the resident row keeps 16-bit logits as loaded), twice that with label smoothing; else UNROLL 1
+    assert _row_config(40478, 2, (16, ROW)) == (4096, 16, ROW)  # 8 + 2 blocks of 4 words a thread: 40
+    assert _row_config(40478, 2, (16, ROW), smoothing=True) == (4096, 16, ROW)  # 80
+    assert _row_config(40478, 2, (32, ROW)) == (8192, 32, ROW)  # 4 + 1: 20
+    assert _row_config(40478, 2, (8, ROW)) == (2048, 8, ROW)  # 16 + 4: 80
+    assert _row_config(40478, 2, (8, ROW), smoothing=True) == (2048, 8, 1)  # 160
+    assert _row_config(40478, 4, (16, ROW)) == (2048, 16, ROW)  # 16 + 4 blocks of 4 fp32 values: 80
+    assert _row_config(40478, 4, (16, ROW), smoothing=True) == (2048, 16, 1)
+    assert _row_config(50257, 2, (16, ROW)) == (4096, 16, ROW)  # 8 + 4 + 1: 52
+    assert _row_config(50257, 2, (8, ROW)) == (2048, 8, 1)  # 16 + 8 + 1: 100
+    assert _row_config(44000, 2, (32, ROW)) == (8192, 32, ROW)  # 4 + 2: 24
+    assert _row_config(44000, 2, (32, ROW), smoothing=True) == (8192, 32, 1)  # 48
     assert _row_config(50257, 4, (16, ROW)) == (2048, 16, 1)
     assert _row_config(1000, 2, (8, ROW)) == (1024, 4, 1)
 
