@@ -7,11 +7,12 @@ thread per block, times the threads of the programs that fit on an SM. Two knobs
 a program, and with them its registers and how many programs share an SM) and UNROLL (1, 2 or 4 blocks loaded before
 any is used, more registers a thread). UNROLL "row" reads the row once into registers instead (all its loads in
 flight, one pass over memory where streaming makes two, where the row fits in 80 registers a thread: an fp32 value or
-a pair of 16-bit ones each; two 8-warp programs per SM at GPT-1's vocabulary in bf16). Their best values are the GPU's to say: for each element size (bf16, fp32) every
-candidate in CANDIDATES is launched on GPT-1's shapes, rejected if it spills registers or its losses and gradients
-differ from the default's beyond rounding, and timed (do_bench medians). The best candidate, by the geometric mean of
-its speed-ups over the shapes, becomes a table entry when it is at least MIN_GAIN faster than the default and slower
-on no shape. Writes cross_entropy_tuned.json (copy it to kernels/ to use it; the kernels read it once) and .md.
+a pair of 16-bit ones each; two 8-warp programs per SM at GPT-1's vocabulary in bf16). Their best values are the
+GPU's to say: for each element size (bf16, fp32) every candidate in CANDIDATES is launched on GPT-1's shapes, rejected
+if it spills registers or its losses and gradients differ from the default's beyond rounding, and timed (do_bench
+medians). The best candidate, by the geometric mean of its speed-ups over the shapes, becomes a table entry when it is
+at least MIN_GAIN faster than the default and slower on no shape. Writes cross_entropy_tuned.json (copy it to
+kernels/ to use it; the kernels read it once) and .md.
 """
 
 import functools
