@@ -261,6 +261,19 @@ def test_parameter_count_and_flops_survive_zero3_partitioning(dist_env, monkeypa
     assert (engine.module.num_parameters(), engine.module.flops_per_token(16)) == (n, flops)
 
 
+def test_bench_rows_after_a_zero3_row_keep_torchs_linear(dist_env):
+    """bench.e2e runs its rows in one process, the ZeRO-3 row before max-autotune's: the F.linear that its engine
+    puts in place (DeepSpeed's zero3_linear_wrap) must not be what the later rows compute with."""
+    from bench import common, e2e
+
+    recipe = next(r for r in e2e.ROWS if r.zero == 3)
+    linear = torch.nn.functional.linear
+    row = e2e.bench_row(common.environment(True), recipe, dict(e2e.settings(True), n_layer=1), True,
+                        torch.device("cpu"), common.Deadline(0))
+    assert row["status"] == "ok", row.get("reason")
+    assert torch.nn.functional.linear is linear
+
+
 def test_mfu_of_a_known_gpu(monkeypatch):
     """MFU = tokens/s per rank x FLOPs per token / the GPU's dense bf16 peak; none off CUDA or on an unknown GPU."""
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
