@@ -410,7 +410,7 @@ def _part_sums(x, offs, body_len, m, zero, DTYPE: tl.constexpr, PACKED: tl.const
 def _store_part(BODY, base, offs, body_len, x, zero, m, inv_d, smooth, scale, ROWS: tl.constexpr,
                 BLOCK_V: tl.constexpr, PACKED: tl.constexpr, RTNE_BF16: tl.constexpr):
     """_store_probs of one part of the row (_part). PACKED: the words widened from `x ^ zero` and the offsets made
-    again from `base // 2 + zero` (see _resident_row); the two gradients of a word stored as one word."""
+    again from `base // 2 + zero * 16` (see _resident_row); the two gradients of a word stored as one word."""
     if PACKED:
         DTYPE: tl.constexpr = BODY.dtype.element_ty
         offs = _part_offsets(base // 2 + zero * 16, ROWS, BLOCK_V // 2)
@@ -450,8 +450,10 @@ def _resident_row(LOGITS, start, n_cols, row_len, y, eps, GRAD_SCALE, ROW_SCALE,
     from `words | zero` and the gradient from `words ^ zero`, zero a run-time 0 that the compiler cannot see through.
     Widened the same way at each use, the three would be one expression, which the compiler computes once and keeps
     for all three: the whole row in fp32, twice the registers (a bf16 row of GPT-1's vocabulary took 128 registers
-    at 16 warps, one program per SM; its words take 64 under triton 3.6 on sm_90, so two programs share an SM, and
-    8 warps hold it too). _row_config admits a row whose registers (fp32 values, or words) fit in _resident_budget.
+    at 16 warps, one program per SM; as words, sm_90 under triton 3.6, 125-127 at 8 warps, two programs per SM, and
+    113 at 16, 64 of them but for the 16-byte stores, whose offsets are made again from `base // 2 + zero * 16` so
+    that Triton still sees them aligned). _row_config admits a row whose registers (fp32 values, or words) fit in
+    _resident_budget.
 
     The classes LOGITS[start : start + n_cols] are split as in _row_segments (head, tail, and a body held as up to
     three parts of ROWS1, ROWS2, ROWS3 blocks of BLOCK_V; a part of 0 rows is absent). Every loaded column is a
