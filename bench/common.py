@@ -100,7 +100,67 @@ def environment(smoke):
     import torch
 
     return {"gpu": gpu_name(), "torch": torch.__version__, "triton": _version("triton"),
-            "deepspeed": _version("deepspeed"), "commit": git_commit(), "smoke": bool(smoke)}
+            "deepspeed": _version("deepspeed"), "commit": git_commit(), "smoke": bool(smoke), **host()}
+
+
+def cpu_model():
+    """The host CPU's model name (/proc/cpuinfo), or platform's guess where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_load():
+    """The 1-minute load average over the cores this process may use: above ~1, other work competes for them."""
+    try:
+        return round(os.getloadavg()[0] / len(os.sched_getaffinity(0)), 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def dispatch_us(calls=2000, repeats=5):
+    """The host's speed at what a host-bound step does: microseconds per eager torch operator call (an add into
+    an 8-element CPU tensor: Python, dispatch, no arithmetic to speak of), the median of `repeats` runs."""
+    import torch
+
+    x, out = torch.zeros(8), torch.empty(8)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            torch.add(x, x, out=out)
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    return round(statistics.median(times), 3)
+
+
+def host():
+    """The host as a step's host time depends on it, carried by every row: a step that waits on the host runs at
+    the speed of this CPU, so two runs' host-bound rows compare only through these. host_cpu (model name),
+    host_cores (usable), host_load (host_load(), at the start), host_dispatch_us (dispatch_us())."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return dict(zip(host_fields(), (cpu_model(), cores, host_load(), dispatch_us())))
+
+
+def host_fields():
+    return ("host_cpu", "host_cores", "host_load", "host_dispatch_us")
+
+
+def host_line(env):
+    """One line on the host for a results header ("" for rows written before these fields existed)."""
+    if not env.get("host_cpu"):
+        return ""
+    load = f", load {env['host_load']:.2f} per core at the start" if env.get("host_load") is not None else ""
+    return (f"Host: {env['host_cpu']}, {env.get('host_cores')} cores{load}; an eager torch operator call takes "
+            f"{env.get('host_dispatch_us')} us on it (`common.dispatch_us`: compare it between runs before "
+            "comparing host-bound rows).")
 
 
 def peak_bf16_tflops(name):
@@ -511,6 +571,7 @@ def header(rows, title):
                    "harness and every provider run; their times are meaningless."), ""]
     lines += [(f"GPU: {env.get('gpu')}; torch {env.get('torch')}, triton {env.get('triton')}, "
                f"deepspeed {env.get('deepspeed')}; commit {env.get('commit')}"), "",
+              *([host_line(env), ""] if host_line(env) else []),
               ("Two timings per op: `ms` is GPU time (triton.testing.do_bench median over at least "
                f"{MIN_REPS} calls, L2 cleared before each; `p20`-`p80` its spread); `host ms` is the call as "
                "the model makes it (Python, launch and kernel: back-to-back calls, one synchronize at the end, "

@@ -301,7 +301,8 @@ def markdown(result):
              f"{a['seq_len'] or 'n_positions'} tokens, {os.path.basename(a['deepspeed_config'])}, dropout "
              f"{'the model default' if a['dropout'] is None else a['dropout']}, seed {a['seed']}; torch "
              f"{result['torch']}, triton {result['triton']}, deepspeed {result['deepspeed']}; commit "
-             f"{result['commit']}", *([""] + result["notes"] if result.get("notes") else []), "",
+             f"{result['commit']}", *(["", common.host_line(result)] if common.host_line(result) else []),
+             *([""] + result["notes"] if result.get("notes") else []), "",
              "| run | gpt1.train flags | status | loss at steps 1 / 10 / 50% / last | "
              "val loss | skipped steps | first step s (compile) | wall s |", "|---|---|---|---|---|---|---|---|"]
     for r in result["runs"]:

@@ -295,6 +295,7 @@ def bench_row(base, recipe, s, smoke, dev, deadline):
     teardown, linear = None, torch.nn.functional.linear
     try:
         step, teardown = build_step(recipe, s, smoke, dev)
+        row["host_load"] = common.host_load()  # now, not at the run's start: other work competing for the cores
         times, wall, peak = time_steps(step, dev, s)
         ms, p20, p80 = common.spread(times)
         tok_s = s["micro_batch"] * s["seq_len"] / (ms * 1e-3)
@@ -376,7 +377,8 @@ def fill_not_run(rows, reason):
     """rows plus a "not run" row for every recipe of ROWS that has none (a run cut short from outside)."""
     done = {r["provider"] for r in rows}
     keep = ("gpu", "torch", "triton", "deepspeed", "commit", "smoke", "bench", "table", "x", "mode", "preset",
-            "n_layer", "vocab_size", "seq_len", "micro_batch", "steps", "warmup_steps", "peak_tflops")
+            "n_layer", "vocab_size", "seq_len", "micro_batch", "steps", "warmup_steps", "peak_tflops",
+            *common.host_fields())
     base = {k: rows[0][k] for k in keep if rows and k in rows[0]}
     s = {k: base.get(k) for k in ("preset", "n_layer", "vocab_size", "seq_len", "micro_batch")}
     return rows + [dict(base, provider=r.name, role=r.role, **describe(r, s), status="not run", reason=reason)
@@ -496,6 +498,7 @@ FAMILY_COLUMNS = [("row", "provider"), *((f, _family_ms(f)) for f in profile_ste
 
 HOST_PACKAGE_NAMES = tuple(p for p, _ in profile_step.HOST_PACKAGES) + ("other",)
 HOST_COLUMNS = [("row", "provider"), ("host ms/step", lambda r: common.fmt(r.get("host_ms_per_step"))),
+                ("load/core", lambda r: common.fmt(r.get("host_load"))),
                 *((p, lambda r, p=p: common.fmt(r["host_by_package"].get(p, 0.0))) for p in HOST_PACKAGE_NAMES)]
 
 

@@ -171,6 +171,9 @@ def test_smoke_files(smoke_run):
     out, rows = smoke_run
     md = (out / "results.md").read_text()
     assert "SMOKE (" in md and "not a speed measurement" in md
+    # the host that the host-bound rows ran on, carried by every row and named in the header
+    assert all(r["host_cpu"] and r["host_cores"] >= 1 and r["host_dispatch_us"] > 0 for r in rows)
+    assert common.host_line(rows[0]) in md and f"{rows[0]['host_cores']} cores" in md
     for text in ("## Headline", "## Attention", "## Cross-entropy", "## Linear + cross-entropy", "## Add + dropout",
                  "## End to end",
                  "vs eager", "vs best peer", "flops_per_token = 6*N + 12*L*C*T", "host ms", "p20-p80", "vs nanoGPT",
@@ -331,12 +334,12 @@ def test_e2e_verdict():
 
 def test_e2e_host_table():
     """The rows' host time by package and their top functions (bench.profile_step's cProfile anatomy)."""
-    timed = {"bench": "e2e", "provider": "ours", "status": "ok", "host_ms_per_step": 12.5,
+    timed = {"bench": "e2e", "provider": "ours", "status": "ok", "host_ms_per_step": 12.5, "host_load": 0.5,
              "host_by_package": {"deepspeed": 1.25, "triton launcher": 4.0, "other": 0.5},
              "host_top_functions": [["jit.py:600(run)", 3.0, 60.0], ["{built-in method torch.mm}", 1.5, 300.0]]}
     lines = "\n".join(e2e.host_lines([timed, {"bench": "e2e", "provider": "untimed", "status": "not run"}]))
-    header = "| row | host ms/step | " + " | ".join(e2e.HOST_PACKAGE_NAMES) + " |"
-    assert header in lines and "| ours | 12.5 | 1.25 | 4 | 0 |" in lines and "untimed" not in lines
+    header = "| row | host ms/step | load/core | " + " | ".join(e2e.HOST_PACKAGE_NAMES) + " |"
+    assert header in lines and "| ours | 12.5 | 0.5 | 1.25 | 4 | 0 |" in lines and "untimed" not in lines
     assert "- ours: `jit.py:600(run)` 3.00 (60); `{built-in method torch.mm}` 1.50 (300)" in lines
     assert e2e.host_lines([{"bench": "e2e", "provider": "x"}]) == []
     traced = dict(timed, runtime_calls=[["cudaLaunchKernel", 800.0, 4.5], ["cudaMemcpyAsync", 2.0, 3.25]])
