@@ -21,6 +21,23 @@ commands:
 `gpt1 <command> --help` describes each."""
 
 
+def add_run_argument(parser, help="a run directory written by gpt1.train"):
+    """The run directory, as every command that reads one takes it: positional (`gpt1 metrics RUN`) or --run RUN.
+    Resolve it with run_dir(parser, args)."""
+    parser.add_argument("run_dir", nargs="?", metavar="RUN", help=help)
+    parser.add_argument("--run", dest="run_opt", metavar="RUN", help="the same, as an option")
+
+
+def run_dir(parser, args):
+    """The run directory given by add_run_argument's two forms; a usage error when neither or two different ones."""
+    given = [d for d in (args.run_dir, args.run_opt) if d is not None]
+    if not given:
+        parser.error("the run directory is required: RUN or --run RUN")
+    if len(set(given)) > 1:
+        parser.error(f"two run directories given: {given[0]!r} and --run {given[1]!r}")
+    return given[0]
+
+
 def prepare(argv):
     from .data import prepare as build
 
@@ -46,20 +63,29 @@ def export_hf(argv):
     from .checkpoint import load_run
     from .hf import save_hf
 
-    p = argparse.ArgumentParser(prog="gpt1 export-hf", description="Export a run as an HF OpenAIGPT directory.")
-    p.add_argument("run_dir")
-    p.add_argument("out_dir")
+    p = argparse.ArgumentParser(prog="gpt1 export-hf", description="Export a run as an HF OpenAIGPT directory: "
+                                "`gpt1 export-hf RUN OUT` or `gpt1 export-hf --run RUN --out OUT`.")
+    add_run_argument(p)
+    p.add_argument("out_dir", nargs="?", metavar="OUT", help="the directory to write")
+    p.add_argument("--out", dest="out_opt", metavar="OUT", help="the same, as an option")
     a = p.parse_args(argv)
-    model, tokenizer = load_run(a.run_dir)
-    save_hf(model, a.out_dir, tokenizer)
-    print(f"wrote {a.out_dir}: load it with transformers.OpenAIGPTLMHeadModel.from_pretrained({a.out_dir!r})")
+    if a.run_opt is not None and a.out_dir is None:  # `--run RUN OUT`: the one positional is the output
+        a.run_dir, a.out_dir = None, a.run_dir
+    outs = [d for d in (a.out_dir, a.out_opt) if d is not None]
+    if not outs:
+        p.error("the output directory is required: OUT or --out OUT")
+    if len(set(outs)) > 1:
+        p.error(f"two output directories given: {outs[0]!r} and --out {outs[1]!r}")
+    model, tokenizer = load_run(run_dir(p, a))
+    save_hf(model, outs[0], tokenizer)
+    print(f"wrote {outs[0]}: load it with transformers.OpenAIGPTLMHeadModel.from_pretrained({outs[0]!r})")
 
 
 def metrics(argv):
-    p = argparse.ArgumentParser(prog="gpt1 metrics", description="Summarize RUN_DIR/metrics.jsonl.")
-    p.add_argument("run_dir")
+    p = argparse.ArgumentParser(prog="gpt1 metrics", description="Summarize RUN/metrics.jsonl.")
+    add_run_argument(p)
     a = p.parse_args(argv)
-    path = os.path.join(a.run_dir, "metrics.jsonl")
+    path = os.path.join(run_dir(p, a), "metrics.jsonl")
     if not os.path.isfile(path):
         raise GPT1Error(f"{path} not found")
     with open(path) as f:
@@ -80,16 +106,17 @@ def checkpoint(argv):
     p = argparse.ArgumentParser(prog="gpt1 checkpoint", description="Inspect or convert a run's checkpoints.")
     sub = p.add_subparsers(dest="action", required=True)
     info = sub.add_parser("info", help="world size, ZeRO stage, step, model config and files of each checkpoint")
-    info.add_argument("run_dir")
+    add_run_argument(info)
     info.add_argument("--json", action="store_true", help="print the records as JSON")
     conv = sub.add_parser("convert", help="write a checkpoint as a DeepSpeed universal checkpoint beside it, "
                                           "which --resume loads on any number of ranks with ZeRO 1-3")
-    conv.add_argument("run_dir")
+    add_run_argument(conv)
     conv.add_argument("--to", choices=["universal"], default="universal")
     conv.add_argument("--tag", help="the checkpoint to convert (default: the newest complete one)")
     conv.add_argument("--workers", type=int, default=1,
                       help="processes that extract and merge the ZeRO shards (forked by DeepSpeed's converter)")
     a = p.parse_args(argv)
+    a.run_dir = run_dir(info if a.action == "info" else conv, a)
     return checkpoint_info(a) if a.action == "info" else checkpoint_convert(a)
 
 

@@ -1,15 +1,16 @@
-"""Sample text from a finished run: `gpt1 generate --run RUN_DIR --prompt "..."`."""
+"""Sample text from a finished run: `gpt1 generate RUN --prompt "..."` (or --run RUN)."""
 
 import argparse
 
 import torch
 
 from .checkpoint import load_run
+from .cli import add_run_argument, run_dir
 from .errors import GPT1Error, cli_errors
 
 
 def add_arguments(parser):
-    parser.add_argument("--run", required=True, help="a run directory written by gpt1.train")
+    add_run_argument(parser)
     parser.add_argument("--prompt", default="\n", help="text to continue")
     parser.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token")
@@ -29,7 +30,7 @@ def generate(args):
         raise GPT1Error(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise GPT1Error(f"--top-p must be in (0, 1], got {args.top_p}")
-    model, tokenizer = load_run(args.run, args.device)
+    model, tokenizer = load_run(args.run, args.device)  # args.run: resolved by main (cli.run_dir)
     model.set_impl(attn_impl="auto", loss_impl="auto")
     ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -43,9 +44,11 @@ def generate(args):
 
 @cli_errors
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Sample text from a trained GPT-1 run.")
+    parser = argparse.ArgumentParser(prog="gpt1 generate", description="Sample text from a trained GPT-1 run.")
     add_arguments(parser)
-    for i, text in enumerate(generate(parser.parse_args(argv))):
+    args = parser.parse_args(argv)
+    args.run = run_dir(parser, args)
+    for i, text in enumerate(generate(args)):
         print(text if i == 0 else f"\n---\n{text}")
 
 

@@ -115,6 +115,34 @@ def test_cli_generate_is_seeded(run_dir):
     assert a.stdout.startswith("KING:") and a.stdout == b.stdout != c.stdout
 
 
+def test_cli_takes_the_run_directory_as_every_command_does(run_dir, tmp_path):
+    """Every command that reads a run takes it positionally (`gpt1 metrics RUN`) or as --run RUN, generate too
+    (which took only --run); export-hf's output also as --out. The same samples either way."""
+    gen = ["--prompt", "KING:", "--max-new-tokens", "8", "--seed", "3"]
+    positional, option = cli("generate", run_dir, *gen), cli("generate", "--run", run_dir, *gen)
+    assert positional.returncode == 0, positional.stderr
+    assert positional.stdout == option.stdout and positional.stdout.startswith("KING:")
+    for args in ([run_dir, "--out", "a"], ["--run", run_dir, "b"], ["--run", run_dir, "--out", "c"]):
+        out = str(tmp_path / (args[-1]))
+        res = cli("export-hf", *args[:-1], out)
+        assert res.returncode == 0, (args, res.stderr)
+        assert os.path.isfile(os.path.join(out, "config.json")), args
+    assert cli("metrics", "--run", run_dir).stdout == cli("metrics", run_dir).stdout != ""
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["generate", "--prompt", "x"], "the run directory is required"),
+    (["generate", "RUN", "--run", "/elsewhere"], "two run directories given"),
+    (["export-hf", "RUN"], "the output directory is required"),
+    (["export-hf", "RUN", "x", "--out", "y"], "two output directories given"),
+    (["metrics"], "the run directory is required"),
+    (["checkpoint", "info"], "the run directory is required"),
+])
+def test_cli_run_directory_usage_errors(run_dir, args, msg):
+    res = cli(*[run_dir if a == "RUN" else a for a in args])
+    assert res.returncode == 2 and msg in res.stderr.strip().splitlines()[-1], res.stderr
+
+
 def test_cli_export_hf(run_dir, tmp_path):
     from transformers import OpenAIGPTLMHeadModel
 
