@@ -12,6 +12,14 @@ Algorithm (FlashAttention-2, Tri Dao 2023; kernel structure after Triton's tutor
   accumulates dQ over the key blocks; then another owns a key block and accumulates dK, dV over the query
   blocks at or below the diagonal, reading delta. Each output block is written by exactly one program, with
   no atomics, so two backward passes on the same inputs give bitwise identical gradients.
+- Short sequences (fine-tuning batches: T <= 128): a tiled program there owns one or two key blocks and waits
+  on its loads with nothing to hide them behind. _attn_fwd_short_kernel and _attn_bwd_short_kernel instead launch
+  a few programs per SM that walk the (batch, head) pairs, a head's whole (T, T) scores per loop trip, the loop
+  over heads being the software-pipelined one (the next head's tiles load while this one computes). The forward
+  takes one exact softmax per row (no running max); the backward holds a head's k and v, takes its queries 64 rows
+  at a time and makes dQ, dK and dV in one pass, five dots per tile against the two tiled kernels' seven, with
+  delta computed in place. Which lengths, warps and programs: _SHORT_CONFIGS (the backward's whole-head tiles
+  spill past T = 64, where the tiled backward runs).
 - Dropout (GPT-1 trains with attn_pdrop=0.1; the tutorial and FlashAttention-3 have none): one
   Philox-4x32-7 call with counter (j // 8, i, b*H + h, seed) gives eight 16-bit draws, for columns j of row i
   in one group of 8; element (b, h, i, j) is kept iff its draw >= round(p * 65536) (kernels._common's
@@ -630,6 +638,140 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, qk_scale, sm_scale
 
 
 @triton.jit
+def _short_tile(PTR, stride_t, stride_d, offs_t, offs_d, row_ok, DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
+    """A head's whole (BLOCK_T, HEAD_DIM) tile of q, k, v or dO as a _dot operand, rows >= T read as 0."""
+    x = tl.load(PTR + offs_t[:, None] * stride_t + offs_d[None, :] * stride_d, mask=row_ok[:, None], other=0.0)
+    return _operand(x, DTYPE, ROUNDING)
+
+
+@triton.jit
+def _attn_fwd_short_kernel(Q, K, V, O, LSE, MASK, qk_scale, DROPOUT_SCALE, W,
+                           stride_qb, stride_qh, stride_qt, stride_qd,
+                           stride_kb, stride_kh, stride_kt, stride_kd,
+                           stride_vb, stride_vh, stride_vt, stride_vd,
+                           stride_ob, stride_oh, stride_ot, stride_od,
+                           H, T, BH,
+                           HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr,
+                           DROPOUT: tl.constexpr, ROUNDING: tl.constexpr, HEAD_STAGES: tl.constexpr):
+    """The forward for short sequences (T <= BLOCK_T): each program walks the (batch, head) pairs program_id,
+    program_id + programs, ... and takes a head's whole (T, T) scores at once: one exact softmax, no running max.
+    At T <= 128 the tiled kernel's programs each own one or two key blocks, so every one waits on its loads with
+    nothing to hide them behind; here the loop over heads is the pipelined loop (HEAD_STAGES), the next head's
+    tiles loading while this one computes. The dropout keep-mask is read from _dropout_mask_kernel's bytes."""
+    tl.static_assert(BLOCK_T % 16 == 0, "BLOCK_T must be a multiple of 16")
+    DTYPE: tl.constexpr = O.dtype.element_ty
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_t < T
+    # rows >= T keep their keys < T: finite scores, never a row of -inf (their outputs are not stored)
+    valid = row_ok[None, :]
+    if CAUSAL:
+        valid = valid & (offs_t[:, None] >= offs_t[None, :])
+    for bh in tl.range(tl.program_id(0), BH, tl.num_programs(0), num_stages=HEAD_STAGES):
+        bh = tl.cast(bh, tl.int64)  # a Python int under the interpreter
+        off_b, off_h = bh // H, bh % H
+        q = _short_tile(Q + off_b * stride_qb + off_h * stride_qh, stride_qt, stride_qd, offs_t, offs_d, row_ok,
+                        DTYPE, ROUNDING)
+        k = _short_tile(K + off_b * stride_kb + off_h * stride_kh, stride_kt, stride_kd, offs_t, offs_d, row_ok,
+                        DTYPE, ROUNDING)
+        v = _short_tile(V + off_b * stride_vb + off_h * stride_vh, stride_vt, stride_vd, offs_t, offs_d, row_ok,
+                        DTYPE, ROUNDING)
+        s = tl.where(valid, _dot(q, tl.trans(k), None, ROUNDING) * qk_scale, float("-inf"))
+        m = tl.max(s, 1)
+        p = tl.math.exp2(s - m[:, None])
+        inv_l = 1.0 / tl.sum(p, 1)  # the normalizer counts dropped entries too
+        lse = (m - tl.math.log2(inv_l)) * LN2
+        if DROPOUT:
+            bits = _mask_bytes(MASK + bh * T * W, W, offs_t, 0, T, T, CAUSAL, BLOCK_T, BLOCK_T, TRANSPOSED=False)
+            p = tl.where(_keep_of_bytes(bits, BLOCK_T, BLOCK_T), p, 0.0)
+            inv_l = inv_l * DROPOUT_SCALE
+        o = _dot(_operand(p, DTYPE, ROUNDING), v, None, ROUNDING) * inv_l[:, None]
+        tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_t[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                 _stored(o, DTYPE, ROUNDING), mask=row_ok[:, None])
+        tl.store(LSE + bh * T + offs_t, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_short_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, MASK, qk_scale, sm_scale, DROPOUT_SCALE, W, stride_slot,
+                           stride_qb, stride_qh, stride_qt, stride_qd,
+                           stride_kb, stride_kh, stride_kt, stride_kd,
+                           stride_vb, stride_vh, stride_vt, stride_vd,
+                           stride_ob, stride_oh, stride_ot, stride_od,
+                           stride_dob, stride_doh, stride_dot, stride_dod,
+                           stride_gb, stride_gh, stride_gt, stride_gd,
+                           H, T, BH,
+                           HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                           CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, ROUNDING: tl.constexpr,
+                           HEAD_STAGES: tl.constexpr, PACKED: tl.constexpr):
+    """The backward for short sequences (T <= BLOCK_T), walking the heads as _attn_fwd_short_kernel does. A
+    program holds a head's whole k and v and takes its queries BLOCK_M rows at a time (the (BLOCK_M, T) score tiles
+    of a 128-row head at once would not fit in registers): dQ of those rows is complete when they are done, dK and
+    dV accumulate over them. Five dots per tile where the tiled backward's two kernels take seven (each recomputes
+    the scores and dP), every tile loaded once, delta = rowsum(dO * O) computed in place, one launch. The three
+    gradients share the strides stride_g*: DQ, DK, DV are three tensors of the same layout, or with PACKED DQ is the
+    packed gradient d qkv (B, T, 3, H, D) itself and DK, DV are None, its k and v slots stride_slot and twice that
+    many elements in (see _attn_bwd_dkdv_kernel's PACKED)."""
+    tl.static_assert(BLOCK_T % BLOCK_M == 0, "BLOCK_T must be a multiple of BLOCK_M")
+    tl.static_assert(BLOCK_M % 16 == 0, "BLOCK_M must be a multiple of 16")
+    DTYPE: tl.constexpr = DQ.dtype.element_ty
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_ok = offs_t < T
+    g_offs = offs_t[:, None] * stride_gt + offs_d[None, :] * stride_gd
+    for bh in tl.range(tl.program_id(0), BH, tl.num_programs(0), num_stages=HEAD_STAGES):
+        bh = tl.cast(bh, tl.int64)  # a Python int under the interpreter
+        off_b, off_h = bh // H, bh % H
+        k = _short_tile(K + off_b * stride_kb + off_h * stride_kh, stride_kt, stride_kd, offs_t, offs_d, key_ok,
+                        DTYPE, ROUNDING)
+        v = _short_tile(V + off_b * stride_vb + off_h * stride_vh, stride_vt, stride_vd, offs_t, offs_d, key_ok,
+                        DTYPE, ROUNDING)
+        dk = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_T, HEAD_DIM], dtype=tl.float32)
+        G = off_b * stride_gb + off_h * stride_gh
+        for start_m in tl.static_range(0, BLOCK_T, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < T
+            q = _short_tile(Q + off_b * stride_qb + off_h * stride_qh, stride_qt, stride_qd, offs_m, offs_d, row_ok,
+                            DTYPE, ROUNDING)
+            do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot
+                         + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+            o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_ot
+                        + offs_d[None, :] * stride_od, mask=row_ok[:, None], other=0.0)
+            # delta = rowsum(dO * O), O as stored (see _attn_bwd_dq_kernel); with dropout taken as delta / s, the
+            # dropout scale s applied once to the outputs
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+            if DROPOUT:
+                delta = delta * (1.0 / DROPOUT_SCALE)
+            do = _operand(do, DTYPE, ROUNDING)
+            lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0) * LOG2E
+            valid = row_ok[:, None] & key_ok[None, :]
+            if CAUSAL:
+                valid = valid & (offs_m[:, None] >= offs_t[None, :])
+            p = tl.where(valid, tl.math.exp2(_dot(q, tl.trans(k), None, ROUNDING) * qk_scale - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), None, ROUNDING)
+            if DROPOUT:
+                bits = _mask_bytes(MASK + bh * T * W, W, offs_m, 0, T, T, CAUSAL, BLOCK_M, BLOCK_T, TRANSPOSED=False)
+                keep = _keep_of_bytes(bits, BLOCK_M, BLOCK_T)
+                dv = _dot(tl.trans(_operand(tl.where(keep, p, 0.0), DTYPE, ROUNDING)), do, dv, ROUNDING)
+                dp = tl.where(keep, dp, 0.0)
+            else:
+                dv = _dot(tl.trans(_operand(p, DTYPE, ROUNDING)), do, dv, ROUNDING)
+            ds = _operand(p * (dp - delta[:, None]), DTYPE, ROUNDING)
+            dq = _dot(ds, k, None, ROUNDING) * (sm_scale * DROPOUT_SCALE)
+            tl.store(DQ + G + offs_m[:, None] * stride_gt + offs_d[None, :] * stride_gd, _stored(dq, DTYPE, ROUNDING),
+                     mask=row_ok[:, None])
+            dk = _dot(tl.trans(ds), q, dk, ROUNDING)
+        dk *= sm_scale * DROPOUT_SCALE
+        dv *= DROPOUT_SCALE
+        if PACKED:
+            tl.store(DQ + stride_slot + G + g_offs, _stored(dk, DTYPE, ROUNDING), mask=key_ok[:, None])
+            tl.store(DQ + 2 * stride_slot + G + g_offs, _stored(dv, DTYPE, ROUNDING), mask=key_ok[:, None])
+        else:
+            tl.store(DK + G + g_offs, _stored(dk, DTYPE, ROUNDING), mask=key_ok[:, None])
+            tl.store(DV + G + g_offs, _stored(dv, DTYPE, ROUNDING), mask=key_ok[:, None])
+
+
+@triton.jit
 def _dropout_mask_kernel(MASK, SEED, DROP_THRESHOLD, T, W, CAUSAL: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_C: tl.constexpr):
     """Every byte of the packed keep-mask's rows [program 0 * BLOCK_R, ...) of head program 1: byte g of row i
@@ -697,6 +839,15 @@ _CONFIGS = {
 # The interpreter runs each program in Python: small blocks keep the tests quick and exercise the
 # multi-block, diagonal-stage and tail paths on small T.
 _INTERPRETER_CONFIG = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
+# The short-sequence launches of 16-bit inputs per (arch, head dim) (see SHORT_BLOCK_M's comment for the format), in
+# every launch config of those keys: _tuned_configs adds them. fp32 and D = 128 run the tiled kernels at every
+# length. Registers (sm_90, D = 64, with dropout): forward 154 at BLOCK_T <= 64 (4 warps, three programs per SM),
+# 254 at 128 (8 warps, one); backward 231 at BLOCK_T <= 64 (8 warps, one).
+_SHORT_CONFIGS = {
+    **{(9, d): dict(fwd=((64, 4, 2, 3), (128, 8, 2, 1)), bwd=((64, 8, 2, 1),)) for d in (16, 32, 64)},
+    **{(8, d): dict(fwd=((64, 4, 1, 2), (128, 8, 1, 1)), bwd=((64, 8, 1, 1),)) for d in (16, 32)},
+    (8, 64): dict(fwd=((64, 4, 1, 2), (128, 8, 1, 1)), bwd=()),
+}
 
 
 # Where the forward's dropout keep-mask comes from: "kernel", _dropout_mask_kernel launched just before it (the
@@ -704,6 +855,14 @@ _INTERPRETER_CONFIG = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 
 # dots (see the module docstring's cost figures). A config dict may say "draw" (tests; bench.tune_attention times
 # both ways in one run: the mask kernel + the forward against the forward drawing inline).
 MASK_DRAW = "kernel"
+
+# Short sequences: a launch config's "short" entry, dict(fwd=..., bwd=...), lists for each direction the launches
+# (max BLOCK_T, num_warps, HEAD_STAGES, programs per SM) of _attn_fwd_short_kernel / _attn_bwd_short_kernel, where
+# BLOCK_T is T rounded up to a power of two, at least 16 (_short_block): a T whose BLOCK_T is above every max runs
+# the tiled kernels, as does a forward that draws its keep-mask inline (MASK_DRAW "inline"). Chosen with
+# `python -m bench.compile_report` under triton 3.6: the backward's whole-head tiles spill at BLOCK_T = 128 on both
+# archs (its dK and dV accumulators beside a (64, 128) score tile and dP), and on sm_80 at D = 64 already.
+SHORT_BLOCK_M = 64  # the backward's query rows per tile
 # _dropout_mask_kernel's (BLOCK_R, BLOCK_C, num_warps): a (BLOCK_R, BLOCK_C // 8) tile of Philox calls per loop trip
 _MASK_CONFIG = (32, 64, 4)
 _MASK_CONFIG_INTERPRETER = (16, 32, 4)
@@ -848,6 +1007,29 @@ def _kernel_spec(name, kind, d, dtype, dropout, cfg, major, draw=MASK_DRAW):
                 archs=(major * 10,))
 
 
+def _short_spec(name, kind, d, dtype, dropout, launch, major):
+    """One COMPILE_SPECS entry of a short kernel (kind "fwd" or "bwd") at its largest BLOCK_T, causal, q/k/v strided
+    views of a (B, T, 3, H, D) tensor as in _kernel_spec, the backward writing d qkv whole (PACKED)."""
+    block_t, num_warps, stages, _ = launch
+    fn = _attn_fwd_short_kernel if kind == "fwd" else _attn_bwd_short_kernel
+    tensors = "QKVO" if kind == "fwd" else ("Q", "K", "V", "O", "DO", "DQ")
+    sig = {n: "i32:16" for n in fn.arg_names if n.startswith("stride") and not n.endswith("d")}
+    sig.update({n: f"*{dtype}:16" for n in tensors})
+    sig.update(LSE="*fp32:16", qk_scale="fp32", sm_scale="fp32", DROPOUT_SCALE="fp32", H="i32", T="i32:16",
+               W="i32:16", BH="i32")
+    if dropout:
+        sig.update(MASK="*u8:16")
+    sig = {n: t for n, t in sig.items() if n in fn.arg_names}
+    consts = {n: 1 for n in fn.arg_names if n.startswith("stride") and n.endswith("d")}
+    consts.update(HEAD_DIM=d, BLOCK_T=block_t, CAUSAL=True, DROPOUT=dropout, ROUNDING="none", HEAD_STAGES=stages)
+    if not dropout:
+        consts.update(MASK=None)
+    if kind == "bwd":
+        consts.update(BLOCK_M=min(SHORT_BLOCK_M, block_t), PACKED=True, DK=None, DV=None)
+    return dict(name=name, fn=fn, signature=sig, constexprs=consts, num_warps=num_warps, num_stages=stages,
+                archs=(major * 10,))
+
+
 def _kernel_specs(name, kind, d, dtype, dropout, cfg, major):
     """The spec of one launch, and for a bf16 D=64 forward with dropout its twin drawing the mask inline."""
     specs = [_kernel_spec(name, kind, d, dtype, dropout, cfg, major)]
@@ -880,6 +1062,12 @@ def _compile_specs():
         dtype = "fp32" if fp32 else "bf16"
         name = f"attn_{kind} D={d} {dtype} causal{' dropout' if dropout else ''} T<={','.join(map(str, ts))} tuned"
         specs += _kernel_specs(name, kind, d, dtype, dropout, cfg, major)
+    for (major, d), short in _SHORT_CONFIGS.items():
+        for kind, launches in short.items():
+            for launch in launches:
+                for dtype, dropout in [("bf16", True)] + ([("bf16", False)] if d == 64 else []):
+                    name = f"attn_{kind}_short D={d} {dtype} causal{' dropout' if dropout else ''} T<={launch[0]}"
+                    specs.append(_short_spec(name, kind, d, dtype, dropout, launch, major))
     block_r, block_c, num_warps = _MASK_CONFIG
     specs.append(dict(name="attn_dropout_mask causal", fn=_dropout_mask_kernel,
                       signature=dict(MASK="*u8:16", SEED="*i64:16", DROP_THRESHOLD="i32", T="i32:16", W="i32:16"),
@@ -892,9 +1080,11 @@ COMPILE_SPECS = _compile_specs()
 
 
 def _tuned_configs(major, head_dim, fp32, bucket, dropout):
-    """{fwd, dq, dkdv}: each kernel's tuned entry for these keys, else its _CONFIGS config."""
+    """{fwd, dq, dkdv}: each kernel's tuned entry for these keys, else its _CONFIGS config; and "short", the
+    short-sequence launches of _SHORT_CONFIGS for 16-bit inputs."""
     base = _CONFIGS[(major, head_dim, fp32)]
-    return {kind: _TUNED.get((major, head_dim, fp32, bucket, dropout, kind), cfg) for kind, cfg in base.items()}
+    cfg = {kind: _TUNED.get((major, head_dim, fp32, bucket, dropout, kind), c) for kind, c in base.items()}
+    return dict(cfg, short=None if fp32 else _SHORT_CONFIGS.get((major, head_dim)))
 
 
 @functools.cache
@@ -1004,13 +1194,71 @@ def _forward(q, k, v, causal, sm_scale, dropout_p, seed, config=None):
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     cfg = config or _config(q, dropout_p > 0.0)
     inline = dropout_p > 0.0 and cfg.get("draw", MASK_DRAW) == "inline"
+    short = None if inline else _short(cfg, T, "fwd")
     mask = _new_mask(B, H, T, q.device, zeroed=inline) if dropout_p > 0.0 else None
     if q.numel() == 0:
         return o, lse, mask
     if mask is not None and not inline:
         _launch_mask(mask, seed, dropout_p, causal, T)
-    _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg["fwd"], inline)
+    if short:
+        _launch_fwd_short(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, short)
+    else:
+        _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg["fwd"], inline)
     return o, lse, mask
+
+
+def _short(cfg, T, kind):
+    """The short kernel's launch (BLOCK_T, num_warps, HEAD_STAGES, programs per SM) of this launch config for
+    direction `kind` ("fwd", "bwd") at length T, or None: the tiled kernels run (see _SHORT_CONFIGS)."""
+    block_t = _short_block(T)
+    for max_t, num_warps, stages, per_sm in (cfg.get("short") or {}).get(kind, ()):
+        if block_t <= max_t:
+            return block_t, num_warps, stages, per_sm
+    return None
+
+
+def _short_block(T):
+    return max(16, next_power_of_2(T))
+
+
+@functools.cache
+def _sm_count(device):
+    """Streaming multiprocessors of a CUDA device (1 off CUDA: the interpreter runs programs one by one)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _short_programs(q, per_sm):
+    """The short kernels' grid: programs per SM times the SMs, at most one per (batch, head)."""
+    return min(q.shape[0] * q.shape[1], _sm_count(q.device) * per_sm)
+
+
+def _launch_fwd_short(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, cfg):
+    """_attn_fwd_short_kernel into o, lse with cfg = (BLOCK_T, num_warps, HEAD_STAGES, programs per SM) (_short);
+    with dropout it reads the keep-mask from mask."""
+    B, H, T, D = q.shape
+    block_t, num_warps, head_stages, per_sm = cfg
+    return launchable(_attn_fwd_short_kernel, q)[(_short_programs(q, per_sm),)](
+        q, k, v, o, lse, mask, sm_scale * LOG2E.value, dropout_args(dropout_p)[1], _mask_row_bytes(T),
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T, B * H,
+        HEAD_DIM=D, BLOCK_T=block_t, CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q),
+        HEAD_STAGES=head_stages, num_warps=num_warps)
+
+
+def _launch_bwd_short(q, k, v, o, do, dq, dk, dv, lse, mask, causal, sm_scale, dropout_p, cfg, packed=None):
+    """_attn_bwd_short_kernel into dq, dk, dv with cfg = (BLOCK_T, num_warps, HEAD_STAGES, programs per SM)
+    (_short). With `packed` (see _backward) they are its slots, and the kernel gets the packed tensor itself (see
+    _launch_dq)."""
+    B, H, T, D = q.shape
+    block_t, num_warps, head_stages, per_sm = cfg
+    dq_arg, dk_arg, dv_arg, stride_slot = (dq, dk, dv, 0) if packed is None else (packed, None, None,
+                                                                                  packed.stride(2))
+    return launchable(_attn_bwd_short_kernel, q)[(_short_programs(q, per_sm),)](
+        q, k, v, o, do, dq_arg, dk_arg, dv_arg, lse, mask, sm_scale * LOG2E.value, sm_scale,
+        dropout_args(dropout_p)[1], _mask_row_bytes(T), stride_slot,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, T, B * H,
+        HEAD_DIM=D, BLOCK_T=block_t, BLOCK_M=min(SHORT_BLOCK_M, block_t), CAUSAL=causal,
+        DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q), HEAD_STAGES=head_stages, PACKED=packed is not None,
+        num_warps=num_warps)
 
 
 def _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg, inline=False):
@@ -1050,6 +1298,10 @@ def _backward(do, q, k, v, o, lse, causal, sm_scale, dropout_p, mask, config=Non
     if q.numel() == 0:
         return dq, dk, dv
     cfg = config or _config(q, dropout_p > 0.0)
+    short = _short(cfg, T, "bwd")
+    if short:
+        _launch_bwd_short(q, k, v, o, do, dq, dk, dv, lse, mask, causal, sm_scale, dropout_p, short, packed)
+        return dq, dk, dv
     delta = torch.empty_like(lse)  # rowsum(dO * O), times 1 - p with dropout: written by dq, read by dK/dV
     # dq first: it also computes delta, which the dK/dV kernel (next on the same stream) reads
     bwd = _bwd_args(q, mask, causal, sm_scale, dropout_p)

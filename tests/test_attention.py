@@ -290,11 +290,119 @@ def test_mask_drawn_inline_or_by_its_kernel_gives_the_same_attention(causal, T, 
     q, k, v, do = (torch.randn(2, 2, T, 32, device=device).to(BF16) for _ in range(4))
     seed, results = torch.tensor([SEED], device=device), []
     for draw in ("kernel", "inline"):
-        config = {**attention._config(q, True), "draw": draw}
+        config = {**attention._config(q, True), "draw": draw, "short": None}  # the tiled forward, both ways
         o, lse, mask = attention._forward(q, k, v, causal, 32**-0.5, 0.1, seed, config)
         results.append((o, lse, *attention._backward(do, q, k, v, o, lse, causal, 32**-0.5, 0.1, mask, config)))
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), *results):
         assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------- short sequences: whole heads per loop trip
+
+# every head through the short kernels up to T = 128, two programs (one SM under the interpreter) so that each walks
+# several heads
+SHORT = {**attention._INTERPRETER_CONFIG, "short": dict(fwd=((128, 4, 1, 2),), bwd=((128, 4, 1, 2),))}
+SHORT_CASES = [  # B, H, T, D, dtype, causal, dropout_p, layout, softmax_scale, backward query rows
+    (2, 3, 37, 32, BF16, True, 0.0, "qkv", None, 16),
+    (1, 3, 64, 64, FP16, True, 0.1, "separate", None, 64),
+    (3, 1, 50, 16, FP32, False, 0.2, "qkv", None, 16),
+    (1, 2, 100, 64, BF16, True, 0.1, "qkv", None, 32),
+    (2, 1, 128, 32, BF16, False, 0.0, "separate", 0.3, 64),
+    (1, 1, 1, 64, BF16, True, 0.0, "separate", None, 64),
+    (2, 2, 9, 16, FP32, True, 0.3, "separate", None, 16),
+]
+
+
+@pytest.mark.parametrize("B,H,T,D,dtype,causal,p,layout,scale,block_m", SHORT_CASES,
+                         ids=[f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-{str(c[4])[6:]}-{'causal' if c[5] else 'full'}-p{c[6]}-"
+                              f"{c[7]}-m{c[9]}" for c in SHORT_CASES])
+def test_short_kernels_against_reference(B, H, T, D, dtype, causal, p, layout, scale, block_m, device, monkeypatch):
+    """The short-sequence kernels (a program walks whole heads, _attn_fwd_short_kernel / _attn_bwd_short_kernel)
+    held to the same criterion as the tiled ones, the backward taking its queries block_m rows at a time (several
+    row tiles per head where block_m < T); the packed backward (d qkv written whole) is the separate one, bit for
+    bit; lse as the tiled kernels keep it."""
+    monkeypatch.setattr(attention, "SHORT_BLOCK_M", block_m)
+    torch.manual_seed(0)
+    leaves, make_qkv = _inputs(B, H, T, D, dtype, device, layout)
+    do = torch.randn(B, H, T, D, device=device)
+    mask = attention_dropout_mask(SEED, B, H, T, p, device) if p else None
+    kw = dict(causal=causal, softmax_scale=scale, dropout_p=p)
+    q, k, v = (x.detach() for x in make_qkv(leaves))
+    o, lse = attention_forward(q, k, v, seed=SEED, config=SHORT, **kw)
+    grads = attention_backward(do.to(dtype), q, k, v, o, lse, seed=SEED, config=SHORT, **kw)
+    low, truth = _reference(lambda q, k, v: reference.attention(q, k, v, dropout_mask=mask, **kw), leaves, make_qkv,
+                            do)
+    if layout == "qkv":  # the gradients as the model gets them: one (B, T, 3, H, D) tensor
+        packed = torch.empty_like(leaves[0])
+        attention._backward(do.to(dtype), q, k, v, o, lse, causal, attention._scale(q, scale), p,
+                            attention._packed_dropout_mask(attention.seed_tensor(SEED, q.device), B, H, T, p)
+                            if p else None, SHORT, packed=packed)
+        assert torch.equal(torch.stack(grads, 2).transpose(1, 3), packed)
+        grads = [torch.stack(grads, 2).transpose(1, 3)]
+    names = ["out"] + (["dqkv"] if layout == "qkv" else ["dq", "dk", "dv"])
+    assert o.shape == (B, H, T, D) and all(t.dtype == dtype for t in (o, *grads))
+    _check_all(names, [o, *grads], low, truth)
+    if scale is None:  # _check_lse scores with the default scale
+        _check_lse(lse, q, k, causal)
+
+
+def _short_config_cases():
+    """Every launch of _SHORT_CONFIGS: (arch, D, kind, launch)."""
+    return [pytest.param(arch, D, kind, launch, id=f"sm{arch}0-D{D}-{kind}-T{launch[0]}")
+            for (arch, D), short in attention._SHORT_CONFIGS.items() for kind, launches in short.items()
+            for launch in launches]
+
+
+@pytest.mark.parametrize("arch,D,kind,launch", _short_config_cases())
+def test_short_launch_configs(arch, D, kind, launch, device):
+    """Each launch of the GPU tables' short entries (on a GPU those of its arch) at T just below its BLOCK_T
+    (padded rows and keys), causal with dropout, against the tiled kernels' result within the criterion; the other
+    direction runs the tiled kernels."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] != arch:
+        pytest.skip(f"an sm_{arch}0 launch")
+    torch.manual_seed(0)
+    T, p = launch[0] - 3, 0.1
+    dtype = BF16 if arch == 9 else FP16
+    cfg = {**_CONFIGS[(arch, D, False)], "short": {kind: (launch,)}}
+    q, k, v, do = (torch.randn(2, 2, T, D, device=device).to(dtype) for _ in range(4))
+    mask = attention_dropout_mask(SEED, 2, 2, T, p, device)
+    o, lse = attention_forward(q, k, v, dropout_p=p, seed=SEED, config=cfg)
+    grads = attention_backward(do, q, k, v, o, lse, dropout_p=p, seed=SEED, config=cfg)
+    assert attention._short(cfg, T, kind) == launch
+    ref = lambda q, k, v: reference.attention(q, k, v, dropout_p=p, dropout_mask=mask)
+    low, truth = _reference(ref, [q, k, v], lambda x: x, do)
+    _check_all(["out", "dq", "dk", "dv"], [o, *grads], low, truth)
+    _check_lse(lse, q, k, True)
+
+
+def test_short_launch_choice():
+    """Which lengths run the short kernels: BLOCK_T (T rounded up to a power of two, at least 16) within a launch's
+    max, the smallest such launch; none past every max, none for a forward drawing its mask inline, none for fp32
+    or head dim 128 in the GPU tables, and no short backward on sm_80 at D = 64 (it spills there)."""
+    cfg = {"short": dict(fwd=((64, 4, 2, 3), (128, 8, 2, 1)), bwd=((64, 8, 2, 1),))}
+    assert attention._short(cfg, 1, "fwd") == (16, 4, 2, 3)
+    assert attention._short(cfg, 64, "fwd") == (64, 4, 2, 3)
+    assert attention._short(cfg, 65, "fwd") == (128, 8, 2, 1)
+    assert attention._short(cfg, 129, "fwd") is None and attention._short(cfg, 65, "bwd") is None
+    assert attention._short({}, 8, "fwd") is None and attention._short({"short": None}, 8, "bwd") is None
+    assert attention._tuned_configs(9, 64, False, 128, True)["short"] == attention._SHORT_CONFIGS[(9, 64)]
+    assert attention._tuned_configs(9, 64, True, 128, True)["short"] is None
+    assert attention._tuned_configs(9, 128, False, 128, True)["short"] is None
+    assert attention._tuned_configs(8, 64, False, 128, True)["short"]["bwd"] == ()
+    for launches in attention._SHORT_CONFIGS.values():
+        for block_t, num_warps, stages, per_sm in (*launches["fwd"], *launches["bwd"]):
+            assert block_t in (64, 128) and num_warps in (4, 8) and stages >= 1 and per_sm >= 1
+
+
+def test_short_forward_skips_an_inline_draw(device):
+    """A config that draws the forward's mask inline runs the tiled forward, short entry or not: the short kernel
+    only reads the mask kernel's bytes. Its outputs are the tiled config's, bit for bit."""
+    q, k, v = (torch.randn(1, 2, 40, 16, device=device).to(BF16) for _ in range(3))
+    seed = torch.tensor([SEED], device=device)
+    inline = attention._forward(q, k, v, True, 0.25, 0.1, seed, {**SHORT, "draw": "inline"})
+    tiled = attention._forward(q, k, v, True, 0.25, 0.1, seed, {**attention._INTERPRETER_CONFIG, "draw": "inline"})
+    for a, b in zip(inline, tiled):
+        assert torch.equal(a, b)
 
 
 def test_dropout_mask_fraction_and_seeds(device):

@@ -40,15 +40,21 @@ def test_t_bucket():
         [128, 128, 128, 256, 256, 512, 512, 1024, 2048, 2048, 2048]
 
 
+def _launches(major, D, fp32):
+    """A lookup's result without tuned entries: the default table's launches, with the short kernels' (16-bit)."""
+    return dict(attention._CONFIGS[(major, D, fp32)],
+                short=None if fp32 else attention._SHORT_CONFIGS.get((major, D)))
+
+
 def test_lookup_picks_the_entry_of_its_bucket_dropout_and_kernel(tuned):
     dkdv = _entry(kind="dkdv", block_m=64, block_n=128, num_warps=8, num_stages=2, T_bucket=2048, dropout=False)
     tuned([ENTRY, dkdv])
-    default = attention._CONFIGS[(9, 64, False)]
+    default = _launches(9, 64, False)
     for T in (257, 300, 512):  # the bucket of T <= 512
         assert attention._config_for(CUDA, 64, False, T, True) == dict(default, fwd=(64, 64, 4, 4))  # dq, dkdv: default
     for other in ((CUDA, 64, False, 256, True), (CUDA, 64, False, 513, True), (CUDA, 64, False, 512, False),
                   (CUDA, 64, True, 512, True), (CUDA, 128, False, 512, True)):
-        assert attention._config_for(*other) == attention._CONFIGS[(9, *other[1:3])], other
+        assert attention._config_for(*other) == _launches(9, *other[1:3]), other
     assert attention._config_for(CUDA, 64, False, 8192, False) == dict(default, dkdv=(64, 128, 8, 2))
     # the launchers' key: T (300 -> bucket 512, 5000 -> 2048), the dtype class, the dropout flag
     q = types.SimpleNamespace(device=CUDA, shape=(2, 12, 300, 64), dtype=torch.bfloat16)
@@ -60,7 +66,7 @@ def test_lookup_picks_the_entry_of_its_bucket_dropout_and_kernel(tuned):
 
 def test_lookup_keeps_an_sm90_entry_off_sm80(tuned):
     tuned([ENTRY], major=8)
-    assert attention._config_for(CUDA, 64, False, 512, True) == attention._CONFIGS[(8, 64, False)]
+    assert attention._config_for(CUDA, 64, False, 512, True) == _launches(8, 64, False)
 
 
 def test_compile_specs_cover_the_tuned_entries(tuned):
