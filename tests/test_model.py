@@ -142,6 +142,32 @@ def test_kernels_give_the_same_loss_and_gradients(attn_impl, loss_impl, norm_imp
         assert_close(q.grad, p.grad, name=name, **_tol(device))
 
 
+def test_short_attention_kernels_in_the_model(device, monkeypatch):
+    """The model's attention through the short-sequence kernels (every launch config given a short entry; on a CPU
+    the interpreter's has none): loss and every gradient as the eager model's, through the packed-qkv operator
+    and its autograd as training runs them."""
+    from kernels import attention
+
+    config = attention._config
+    short = dict(fwd=((128, 4, 1, 2),), bwd=((128, 4, 1, 2),))
+    monkeypatch.setattr(attention, "_config", lambda q, dropout: {**config(q, dropout), "short": short})
+    calls = []
+    launch = attention._launch_bwd_short
+    monkeypatch.setattr(attention, "_launch_bwd_short", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    ref = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0).to(device)
+    ours = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_impl="triton").to(device)
+    ids, y = batch(device=device)
+    losses = []
+    for m in (ref, ours):
+        loss = m(ids, labels=y).loss
+        loss.backward()
+        losses.append(loss)
+    assert len(calls) == ours.config.n_layer  # every layer's backward took the short kernel
+    assert_close(losses[1], losses[0], **_tol(device))
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        assert_close(q.grad, p.grad, name=name, **_tol(device))
+
+
 @pytest.mark.parametrize("attn_impl, loss_impl, norm_impl, mlp_impl", [
     ("triton", "triton", "eager", "eager"), ("triton", "triton_linear", "triton", "triton")])
 def test_kernels_follow_the_eager_training_trajectory(attn_impl, loss_impl, norm_impl, mlp_impl, device):
