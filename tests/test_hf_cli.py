@@ -115,19 +115,33 @@ def test_cli_generate_is_seeded(run_dir):
     assert a.stdout.startswith("KING:") and a.stdout == b.stdout != c.stdout
 
 
-def test_cli_takes_the_run_directory_as_every_command_does(run_dir, tmp_path):
+def cli_here(capsys, *args):
+    """(exit code, stdout, stderr) of `gpt1 ARGS` run in this process (no interpreter start-up per call)."""
+    from gpt1.cli import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_takes_the_run_directory_as_every_command_does(run_dir, tmp_path, capsys):
     """Every command that reads a run takes it positionally (`gpt1 metrics RUN`) or as --run RUN, generate too
     (which took only --run); export-hf's output also as --out. The same samples either way."""
     gen = ["--prompt", "KING:", "--max-new-tokens", "8", "--seed", "3"]
-    positional, option = cli("generate", run_dir, *gen), cli("generate", "--run", run_dir, *gen)
-    assert positional.returncode == 0, positional.stderr
-    assert positional.stdout == option.stdout and positional.stdout.startswith("KING:")
+    positional, option = cli_here(capsys, "generate", run_dir, *gen), cli_here(capsys, "generate", "--run", run_dir,
+                                                                                *gen)
+    assert positional[0] == 0, positional[2]
+    assert positional[1] == option[1] and positional[1].startswith("KING:")
     for args in ([run_dir, "--out", "a"], ["--run", run_dir, "b"], ["--run", run_dir, "--out", "c"]):
         out = str(tmp_path / (args[-1]))
-        res = cli("export-hf", *args[:-1], out)
-        assert res.returncode == 0, (args, res.stderr)
+        code, _, err = cli_here(capsys, "export-hf", *args[:-1], out)
+        assert code == 0, (args, err)
         assert os.path.isfile(os.path.join(out, "config.json")), args
-    assert cli("metrics", "--run", run_dir).stdout == cli("metrics", run_dir).stdout != ""
+    assert cli_here(capsys, "metrics", "--run", run_dir)[1] == cli_here(capsys, "metrics", run_dir)[1] != ""
 
 
 @pytest.mark.parametrize("args, msg", [
@@ -138,9 +152,9 @@ def test_cli_takes_the_run_directory_as_every_command_does(run_dir, tmp_path):
     (["metrics"], "the run directory is required"),
     (["checkpoint", "info"], "the run directory is required"),
 ])
-def test_cli_run_directory_usage_errors(run_dir, args, msg):
-    res = cli(*[run_dir if a == "RUN" else a for a in args])
-    assert res.returncode == 2 and msg in res.stderr.strip().splitlines()[-1], res.stderr
+def test_cli_run_directory_usage_errors(run_dir, args, msg, capsys):
+    code, _, err = cli_here(capsys, *[run_dir if a == "RUN" else a for a in args])
+    assert code == 2 and msg in err.strip().splitlines()[-1], err
 
 
 def test_cli_export_hf(run_dir, tmp_path):
