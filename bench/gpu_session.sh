@@ -131,11 +131,13 @@ for s in $STAGES; do
             2>&1 | tee '$WORK/host_path.md'; exit \${PIPESTATUS[0]}" ;;
     tests)
         # CUDA graphs against the default compile first (with gradient accumulation and evaluation: what making
-        # them the default needs), then the kernel files (new since the last GPU run: bias + GELU, the
+        # them the default needs), then the short-sequence attention kernels (a GPU's default at T <= 128 since
+        # 757e9df, never run on one before), then the kernel files (new since the last GPU run: bias + GELU, the
         # cross-entropy's unrolled loads), then the other step-level checks; in the H200 run of d6fcf61 the kernel
         # files alone filled a 120 s box
         files="tests/test_runtime.py::test_cuda_graphs_train_like_the_default_compile
             tests/test_compile.py::test_inline_kernels_under_inductor_on_cuda
+            tests/test_attention.py::test_short_launch_configs tests/test_model.py::test_short_attention_kernels_in_the_model
             tests/test_gelu.py tests/test_cross_entropy.py tests/test_layer_norm.py tests/test_attention.py
             tests/test_model.py::test_kernel_attention_dropout_gives_the_gradients_of_its_mask
             tests/test_runtime.py::test_default_training_step_never_waits_on_the_gpu
