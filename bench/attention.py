@@ -2,7 +2,8 @@
 
     python -m bench.attention --out DIR [--smoke]
 
-Providers (all from kernels/reference.py but ours): ours (kernels.fused_attention), eager (the reference),
+Providers (all from kernels/reference.py but ours): ours (kernels.fused_attention), at T <= 128 also `ours (tiled)`
+(the same with the short-sequence kernels off, so that one run compares the two), eager (the reference),
 torch's scaled_dot_product_attention forced to each backend in turn (sdpa-flash, sdpa-efficient, sdpa-cudnn),
 flash-attn's flash_attn_func where it imports, and torch.compile of the reference. A provider that cannot run
 here (not installed, or a backend's documented refusal of these inputs) is recorded as skipped with the
@@ -31,11 +32,31 @@ def attention_flops(B, H, T, D, causal=True, mode="fwd"):
     return fwd * FLOP_FACTOR[mode]
 
 
+TILED = "ours (tiled)"
+
+
+def tiled(fn):
+    """fn with the short-sequence kernels off (kernels.attention._SHORT_CONFIGS) in its forward: the tiled forward
+    at every T. Its backward, run later by autograd, takes the launcher's own choice (the short backward only up to
+    T = 64, shorter than any T of GRID)."""
+    from kernels import attention
+
+    def call(*args, **kwargs):
+        config = attention._config
+        attention._config = lambda q, dropout: {**config(q, dropout), "short": None}
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            attention._config = config
+
+    return call
+
+
 def providers(smoke):
     import kernels
     from kernels import reference
 
-    ps = {"ours": kernels.fused_attention, "eager": reference.attention}
+    ps = {"ours": kernels.fused_attention, TILED: tiled(kernels.fused_attention), "eager": reference.attention}
     for backend in reference.SDPA_BACKENDS:
         ps[f"sdpa-{backend}"] = common.refusable(functools.partial(reference.sdpa_attention, backend=backend))
     ps["flash-attn"] = common.refusable(reference.flash_attn_attention)
@@ -62,6 +83,8 @@ def run(smoke, deadline=None):
                 qkv = [torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
                        for _ in range(3)]
                 for name, fn in provs.items():
+                    if name == TILED and T > 128:  # the short kernels' longest: the row would repeat ours
+                        continue
                     rows += bench_provider(base, name, fn, qkv, p, smoke, deadline)
                 qkv = None
                 common.free_memory()

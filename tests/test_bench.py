@@ -100,7 +100,8 @@ def test_smoke_rows(smoke_run):
         if r["status"] == "skipped":
             assert r["reason"].startswith(("not installed", "refused by the backend")), r
     # ours and the eager reference run everywhere, in every mode that applies, with the ratios filled in
-    for bench, providers in (("attention", ["ours", "eager"]), ("cross_entropy", ["ours", "ours-unfused", "eager"]),
+    for bench, providers in (("attention", ["ours", attention.TILED, "eager"]),
+                             ("cross_entropy", ["ours", "ours-unfused", "eager"]),
                              ("layer_norm", ["ours", "eager"]), ("gelu", ["ours", "eager"]),
                              ("e2e", [recipe.name for recipe in e2e.ROWS])):
         for p in providers:
@@ -110,6 +111,27 @@ def test_smoke_rows(smoke_run):
     assert any(r.get("vs_best_peer") for r in rows if r["provider"] == "ours")
     assert all(r["tflops"] > 0 and r["host_ms"] > 0 for r in rows if r["bench"] == "attention" and r["status"] == "ok")
     assert all(r["gbps"] > 0 for r in rows if r.get("table", "").startswith("cross-entropy") and r["status"] == "ok")
+
+
+def test_tiled_attention_provider_turns_the_short_kernels_off():
+    """`ours (tiled)` runs our attention with the short-sequence kernels off for its call, and leaves the launchers'
+    config lookup as it was, also when the call fails."""
+    import torch
+
+    from kernels import attention as kernel
+
+    q = torch.zeros(1, 1, 8, 16)
+    lookup, seen = kernel._config, []
+
+    def probe(fail):
+        seen.append(kernel._config(q, False))
+        if fail:
+            raise RuntimeError("boom")
+
+    attention.tiled(probe)(False)
+    with pytest.raises(RuntimeError):
+        attention.tiled(probe)(True)
+    assert [c["short"] for c in seen] == [None, None] and kernel._config is lookup
 
 
 def test_smoke_gradient_in_forward_is_not_applicable(smoke_run):
