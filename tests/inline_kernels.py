@@ -14,6 +14,7 @@ them), and whether Inductor's copy of each kernel's source (the kernel with the 
 uses) compiles for sm_90.
 """
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -270,11 +271,30 @@ def run_model(inline):
     }
 
 
+@contextlib.contextmanager
+def short_kernels():
+    """Every attention launch config with a short-sequence entry (a GPU's at T <= 128; the interpreter's has none),
+    for as long as the block runs."""
+    from kernels import attention
+
+    config = attention._config
+    short = dict(fwd=((128, 4, 1, 2),), bwd=((128, 4, 1, 2),))
+    attention._config = lambda q, dropout: {**config(q, dropout), "short": short}
+    try:
+        yield
+    finally:
+        attention._config = config
+
+
 def main(out):
     results = {}
     for name, (fn, inputs) in cases().items():
         for inline in (True, False):
             results[f"{name} inline={inline}"] = run_case(fn, inputs, inline)
+    fn, inputs = cases()["attention_qkv dropout"]
+    for inline in (True, False):
+        with short_kernels():
+            results[f"attention_qkv dropout short inline={inline}"] = run_case(fn, inputs, inline)
     for name in ("attention_qkv dropout", "bias_gelu"):  # symbolic shapes: the operators stay opaque
         fn, inputs = cases()[name]
         results[f"{name} dynamic inline=True"] = run_case(fn, inputs, True, dynamic=True)

@@ -463,14 +463,14 @@ def inline_report(tmp_path_factory):
 
 def test_inline_kernels_trace_into_the_graph(inline_report):
     """With set_inline(True) (--inline-kernels) each of our operators (attention, packed-qkv attention with dropout,
-    add + dropout + LayerNorm with its bf16 copy, bias + GELU) becomes its Triton launches in the compiled forward and
-    backward graphs: no operator call left; every result bit for bit the eager path's; once Inductor's pass that lets
-    a kernel write its arguments in place has run, no argument copied before a launch and no scatter or copy left
-    (the packed-qkv backward writes d qkv itself, not views of it); and Inductor's copy of each kernel's source
-    (the kernel with the Triton functions and constants it uses) is the kernel's own. Without it the operators stay
-    one opaque call each."""
+    also through the short-sequence kernels, add + dropout + LayerNorm with its bf16 copy, bias + GELU) becomes its
+    Triton launches in the compiled forward and backward graphs: no operator call left; every result bit for bit
+    the eager path's; once Inductor's pass that lets a kernel write its arguments in place has run, no argument
+    copied before a launch and no scatter or copy left (the packed-qkv backward writes d qkv itself, not views of
+    it); and Inductor's copy of each kernel's source (the kernel with the Triton functions and constants it uses)
+    is the kernel's own. Without it the operators stay one opaque call each."""
     cases = [name for name in inline_report if not name.startswith("gpt1-tiny") and "dynamic" not in name]
-    assert len(cases) == 8
+    assert len(cases) == 10
     for name in cases:
         r = inline_report[name]
         assert r["equal"], name
@@ -482,6 +482,9 @@ def test_inline_kernels_trace_into_the_graph(inline_report):
             assert r["ops"] and not r["launched"], name
     qkv = inline_report["attention_qkv dropout inline=True"]["launched"]
     assert qkv == ["_dropout_mask_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"]
+    # the short-sequence kernels (a GPU's at T <= 128): one launch each way, d qkv written whole
+    short = inline_report["attention_qkv dropout short inline=True"]["launched"]
+    assert short == ["_dropout_mask_kernel", "_attn_fwd_short_kernel", "_attn_bwd_short_kernel"]
 
 
 def test_inline_kernels_keep_symbolic_shapes_opaque(inline_report):
