@@ -1241,7 +1241,7 @@ def _launch_fwd_short(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, cfg):
         q, k, v, o, lse, mask, sm_scale * LOG2E.value, dropout_args(dropout_p)[1], _mask_row_bytes(T),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), H, T, B * H,
         HEAD_DIM=D, BLOCK_T=block_t, CAUSAL=causal, DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q),
-        HEAD_STAGES=head_stages, num_warps=num_warps)
+        HEAD_STAGES=head_stages, num_warps=num_warps, num_stages=head_stages)
 
 
 def _launch_bwd_short(q, k, v, o, do, dq, dk, dv, lse, mask, causal, sm_scale, dropout_p, cfg, packed=None):
@@ -1258,7 +1258,7 @@ def _launch_bwd_short(q, k, v, o, do, dq, dk, dv, lse, mask, causal, sm_scale, d
         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), H, T, B * H,
         HEAD_DIM=D, BLOCK_T=block_t, BLOCK_M=min(SHORT_BLOCK_M, block_t), CAUSAL=causal,
         DROPOUT=dropout_p > 0.0, ROUNDING=_rounding(q), HEAD_STAGES=head_stages, PACKED=packed is not None,
-        num_warps=num_warps)
+        num_warps=num_warps, num_stages=head_stages)
 
 
 def _launch_fwd(q, k, v, o, lse, mask, causal, sm_scale, dropout_p, seed, cfg, inline=False):
