@@ -115,11 +115,19 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def usable_cores():
+    """The cores this process may run on (its affinity where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count()
+
+
 def host_load():
     """The 1-minute load average over the cores this process may use: above ~1, other work competes for them."""
     try:
-        return round(os.getloadavg()[0] / len(os.sched_getaffinity(0)), 2)
-    except (OSError, AttributeError):
+        return round(os.getloadavg()[0] / usable_cores(), 2)
+    except OSError:
         return None
 
 
@@ -142,11 +150,7 @@ def host():
     """The host as a step's host time depends on it, carried by every row: a step that waits on the host runs at
     the speed of this CPU, so two runs' host-bound rows compare only through these. host_cpu (model name),
     host_cores (usable), host_load (host_load(), at the start), host_dispatch_us (dispatch_us())."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    return dict(zip(host_fields(), (cpu_model(), cores, host_load(), dispatch_us())))
+    return dict(zip(host_fields(), (cpu_model(), usable_cores(), host_load(), dispatch_us())))
 
 
 def host_fields():
