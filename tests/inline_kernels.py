@@ -17,6 +17,7 @@ uses) compiles for sm_90.
 import contextlib
 import copy
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -132,8 +133,9 @@ def graph_report(graphs):
         gm = copy.deepcopy(gm)
         fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes
                          if isinstance(n.meta.get("val"), torch._subclasses.FakeTensor))
-        with V.set_fake_mode(fake_mode):
-            reinplace_inplaceable_ops(FakeTensorUpdater(gm), gm.graph)
+        with V.set_fake_mode(fake_mode):  # the updater takes the module (torch 2.13) or its graph (2.11)
+            updater = FakeTensorUpdater(gm.graph if "graph" in inspect.signature(FakeTensorUpdater).parameters else gm)
+            reinplace_inplaceable_ops(updater, gm.graph)
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue

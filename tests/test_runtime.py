@@ -491,7 +491,9 @@ def test_inline_kernels_reach_the_operators_and_torch_compile(monkeypatch):
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
-    monkeypatch.setattr(torch._functorch.config, "decompose_custom_triton_ops", True)
+    # torch's config entry is restored by assignment: monkeypatch would undo it with a delattr, which hides the
+    # entry from every later compile in the process under torch 2.11 ("... does not exist")
+    decompose = torch._functorch.config.decompose_custom_triton_ops
     engine = SimpleNamespace(device=torch.device("cpu"), module=torch.nn.Linear(2, 2))
     try:
         assert compile_module(engine, True, 0, inline_kernels=True) is True
@@ -503,6 +505,7 @@ def test_inline_kernels_reach_the_operators_and_torch_compile(monkeypatch):
             compile_module(engine, False, 0, inline_kernels=True)
     finally:
         kernels.set_inline(False)
+        torch._functorch.config.decompose_custom_triton_ops = decompose
 
 
 def test_load_ds_config_overrides_and_refuses(tmp_path):
