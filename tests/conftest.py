@@ -1,4 +1,6 @@
 import os
+import sys
+import time
 
 # The Triton interpreter must be chosen before triton is first imported; on a machine without a
 # GPU it is the only way to run the kernels.
@@ -66,4 +68,17 @@ def pytest_collection_finish(session):
     if any("deepspeed" in open(f).read().lower() for f in files):
         from deepspeed.comm.torch import build_shm_op
 
+        _clear_stale_build_lock("deepspeed_shm_comm")
         build_shm_op()
+
+
+def _clear_stale_build_lock(name, max_age_s=600):
+    """Remove torch's JIT-build lock file of extension `name` if it is older than any build takes: a build killed
+    midway (a pytest run stopped in its first minute) leaves it, and every later build of the op waits on it
+    forever."""
+    from torch.utils import cpp_extension
+
+    lock = os.path.join(cpp_extension._get_build_directory(name, verbose=False), "lock")
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > max_age_s:
+        print(f"conftest: removing the stale build lock {lock}", file=sys.stderr)
+        os.remove(lock)
