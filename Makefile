@@ -43,8 +43,8 @@ test: install
 
 # The suite under the versions of the GPU machines that measure this project (torch 2.11, triton 3.6), on a CPU, so
 # that an API those versions lack shows here and not in a GPU run. torch 2.11 from PyPI is a CUDA build
-# (about 5 GB installed with its CUDA libraries) that runs on a CPU; numpy < 2.4, whose int() of a one-element
-# array triton 3.6's interpreter needs; deepspeed as the GPU machines' wheel.
+# (about 5 GB installed with its CUDA libraries) that runs on a CPU; numpy < 2.4 as the suite last ran there in full
+# (kernels._common lets triton 3.6's interpreter run under numpy 2.4 too); deepspeed as the GPU machines' wheel.
 GPU_STACK := .venv-gpu-stack
 $(GPU_STACK)/.installed: setup.py
 	$(PYTHON) -m venv $(GPU_STACK)

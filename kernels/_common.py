@@ -78,8 +78,28 @@ def _patch_language_once_per_launch():
     function._gpt1_patched = True
 
 
+def _index_through_squeeze():
+    """Make Triton's interpreter turn a scalar into a Python int (a kernel's range bounds, an index) by squeezing
+    its one-element array first, as triton 3.9 does: triton 3.6 calls int() on the array itself, which numpy 2.4
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"), so without this every kernel fails
+    under triton 3.6's interpreter with a current numpy (the GPU machines run tests/inline_kernels.py that way)."""
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_gpt1_patched", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._gpt1_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
 if INTERPRET:
     _patch_language_once_per_launch()
+    _index_through_squeeze()
 
 
 @triton.jit

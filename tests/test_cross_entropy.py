@@ -860,3 +860,22 @@ def test_interpreter_patches_the_language_once_per_launch(monkeypatch):
     every_call = run()
     assert torch.equal(once[0], every_call[0]) and torch.equal(once[1], every_call[1])
     assert 2 <= once[2] and once[2] * 20 < every_call[2], (once[2], every_call[2])
+
+
+@pytest.mark.skipif(not cross_entropy.INTERPRET, reason="Triton's interpreter only")
+def test_interpreter_indexes_with_a_one_element_array():
+    """kernels._common makes the interpreter's scalars convert to an int through a squeeze (triton 3.6 took int() of
+    the one-element array itself, which numpy 2.4 refuses): while a launch's patches are in place a one-element
+    scalar is an index, and afterwards tl.tensor is as it was."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    before = tl.tensor.__dict__.get("__index__")
+    scope = interpreter._patch_lang(cross_entropy._cross_entropy_kernel.fn)
+    try:
+        scalar = tl.tensor(interpreter.TensorHandle(np.array([7], dtype=np.int32), tl.int32), tl.int32)
+        assert list(range(scalar)) == list(range(7))
+    finally:
+        scope.restore()
+    assert tl.tensor.__dict__.get("__index__") is before
