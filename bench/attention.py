@@ -42,12 +42,8 @@ def tiled(fn):
     from kernels import attention
 
     def call(*args, **kwargs):
-        config = attention._config
-        attention._config = lambda q, dropout: {**config(q, dropout), "short": None}
-        try:
+        with attention.short_configs(None):
             return fn(*args, **kwargs)
-        finally:
-            attention._config = config
 
     return call
 

@@ -91,6 +91,7 @@ Triton interpreter (TRITON_INTERPRET=1, CPU tests) bf16 dot operands are rounded
 as fp32 (ROUNDING="bf16"), because the interpreter multiplies bf16 as raw integers; GPU code is unaffected.
 """
 
+import contextlib
 import functools
 import math
 import os
@@ -1100,6 +1101,20 @@ def _config_for(device, head_dim, fp32, T, dropout):
 
 def _config(q, dropout):
     return _config_for(q.device, q.shape[-1], q.dtype == torch.float32, q.shape[2], dropout)
+
+
+@contextlib.contextmanager
+def short_configs(short):
+    """For as long as the block runs, every launch's configuration has `short` as its short-sequence entry: None
+    turns the short kernels off (the tiled kernels at every T), a dict like _SHORT_CONFIGS' values gives them to
+    configurations that have none (the interpreter's). For the benchmarks and the tests."""
+    global _config
+    config = _config
+    _config = lambda q, dropout: {**config(q, dropout), "short": short}  # noqa: E731
+    try:
+        yield
+    finally:
+        _config = config
 
 
 # ----------------------------------------------------------------------------------------------------

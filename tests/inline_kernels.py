@@ -279,13 +279,8 @@ def short_kernels():
     for as long as the block runs."""
     from kernels import attention
 
-    config = attention._config
-    short = dict(fwd=((128, 4, 1, 2),), bwd=((128, 4, 1, 2),))
-    attention._config = lambda q, dropout: {**config(q, dropout), "short": short}
-    try:
+    with attention.short_configs(dict(fwd=((128, 4, 1, 2),), bwd=((128, 4, 1, 2),))):
         yield
-    finally:
-        attention._config = config
 
 
 def main(out):

@@ -148,9 +148,6 @@ def test_short_attention_kernels_in_the_model(device, monkeypatch):
     and its autograd as training runs them."""
     from kernels import attention
 
-    config = attention._config
-    short = dict(fwd=((128, 4, 1, 2),), bwd=((128, 4, 1, 2),))
-    monkeypatch.setattr(attention, "_config", lambda q, dropout: {**config(q, dropout), "short": short})
     calls = []
     launch = attention._launch_bwd_short
     monkeypatch.setattr(attention, "_launch_bwd_short", lambda *a, **k: calls.append(1) or launch(*a, **k))
@@ -158,10 +155,11 @@ def test_short_attention_kernels_in_the_model(device, monkeypatch):
     ours = small_model(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_impl="triton").to(device)
     ids, y = batch(device=device)
     losses = []
-    for m in (ref, ours):
-        loss = m(ids, labels=y).loss
-        loss.backward()
-        losses.append(loss)
+    with attention.short_configs(dict(fwd=((128, 4, 1, 2),), bwd=((128, 4, 1, 2),))):
+        for m in (ref, ours):
+            loss = m(ids, labels=y).loss
+            loss.backward()
+            losses.append(loss)
     assert len(calls) == ours.config.n_layer  # every layer's backward took the short kernel
     assert_close(losses[1], losses[0], **_tol(device))
     for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
