@@ -130,6 +130,12 @@ def as_rows(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def unit_stride(t):
+    """A (C,) parameter (weight, bias) as the kernels read it, `P + cols`: itself when its stride is 1 (a copy
+    otherwise: a column of a matrix, an expanded scalar); None passes through."""
+    return t if t is None or t.stride(0) == 1 else t.contiguous()
+
+
 def cdiv(a, b):
     """ceil(a / b) of host ints. triton.cdiv and triton.next_power_of_2 are Triton constexpr functions, which
     unwrap their arguments on every call: ~2-5 us each on the host, nine of them per attention forward and backward
@@ -170,6 +176,11 @@ def check_tensors(prefix="", **tensors):
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{prefix}{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def is_number(v):
+    """Whether v is an int or a float, not a bool (which Python counts as an int): the check of a numeric option."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def autocast_inputs(*tensors):

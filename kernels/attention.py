@@ -112,6 +112,7 @@ from kernels._common import (
     check_tensors,
     dropout_args,
     dropout_words,
+    is_number,
     kernel_op,
     launchable,
     new_dropout_seed,
@@ -1535,9 +1536,9 @@ class FusedAttentionQKVFunction(torch.autograd.Function):
 def _check_options(causal, softmax_scale, dropout_p, name="fused_attention"):
     if not isinstance(causal, bool):
         raise TypeError(f"{name}: causal must be a bool, got {type(causal).__name__}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and 0 < softmax_scale < math.inf):
+    if softmax_scale is not None and not (is_number(softmax_scale) and 0 < softmax_scale < math.inf):
         raise ValueError(f"{name}: softmax_scale must be a positive finite number or None, got {softmax_scale}")
-    if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+    if not is_number(dropout_p) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"{name}: dropout_p must be a number in [0, 1), got {dropout_p}")
 
 

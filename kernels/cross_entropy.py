@@ -102,6 +102,7 @@ from kernels._common import (
     TUNED_ARCHS,
     autocast_inputs,
     check_tensors,
+    is_number,
     next_power_of_2,
     read_tuned_json,
     round_fp32,
@@ -631,7 +632,7 @@ def _scale_grad_kernel(GRAD, stride_row, row_len, GRAD_OUT, stride_go, POST_SCAL
 def _check_options(ignore_index, label_smoothing, reduction):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+    if not is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
@@ -1022,8 +1023,9 @@ def _check_linear_inputs(hidden, weight, target, bias):
         raise TypeError(f"hidden and weight must share one of {_DTYPES}; got {hidden.dtype}, {weight.dtype}")
     if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
         raise ValueError(f"bias must be ({weight.shape[0]},) {hidden.dtype}; got {tuple(bias.shape)} {bias.dtype}")
-    if len({hidden.device, weight.device, target.device}) != 1:
-        raise ValueError("hidden, weight and target must be on the same device")
+    devices = {hidden.device, weight.device, target.device} | ({bias.device} if bias is not None else set())
+    if len(devices) != 1:
+        raise ValueError("hidden, weight, target and bias must be on the same device")
 
 
 def _pad_rows(t, n_rows):

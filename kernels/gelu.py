@@ -22,7 +22,7 @@ parameter: y stays 16-bit (as autocast's biased matmul and F.gelu give it), and 
 bits on the way.
 
 Shapes: x (..., C), any leading dims (flattened into N rows, N = 0 gives empty results), rows of any stride
-(columns of stride 1, or x is copied first); C >= 1.
+(columns of stride 1, or x is copied first); C >= 1; a bias of a stride other than 1 is copied first.
 
 Operators: `gpt1_kernels::bias_gelu(x, bias?, approximate) -> y` and
 `gpt1_kernels::bias_gelu_backward(dy, x, bias?, approximate) -> (dx, dbias)` (dbias empty without a bias),
@@ -52,6 +52,7 @@ from kernels._common import (
     launchable,
     next_power_of_2,
     stored,
+    unit_stride,
 )
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -63,6 +64,8 @@ TANH_A = tl.constexpr(_K2 * LOG2E.value)
 TANH_B = tl.constexpr(_K2 * 0.044715 * LOG2E.value)
 DTANH_A = tl.constexpr(_K2)
 DTANH_B = tl.constexpr(3.0 * _K2 * 0.044715)
+# the tanh derivative's z is clamped to +-20: s = sigmoid(2u) is exactly 1 in fp32 past z ~ 9 and 0 below z ~ -11
+GRAD_CLAMP = tl.constexpr(20.0)
 INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
 INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 
@@ -79,8 +82,10 @@ def _gelu_and_grad(z, TANH: tl.constexpr, GRAD: tl.constexpr):
         s = 1.0 / (1.0 + tl.math.exp2(-z * (TANH_A + TANH_B * z2)))  # sigmoid(2u) = (1 + tanh(u)) / 2
         y = z * s
         if GRAD:
-            # d/dz [z s(2u)] = s + z s (1 - s) d(2u)/dz
-            return y, s * (1.0 + z * (1.0 - s) * (DTANH_A + DTANH_B * z2))
+            # d/dz [z s(2u)] = s + z s (1 - s) d(2u)/dz; past |z| = GRAD_CLAMP it is 0 or 1 in fp32 (s is), and
+            # the clamped z keeps z^3 finite there, where 0 * inf would make it NaN
+            zc = tl.minimum(tl.maximum(z, -GRAD_CLAMP), GRAD_CLAMP)
+            return y, s * (1.0 + zc * (1.0 - s) * (DTANH_A + DTANH_B * zc * zc))
     else:
         cdf = 0.5 * (1.0 + tl.erf(z * INV_SQRT_2))
         y = z * cdf
@@ -216,6 +221,7 @@ def bias_gelu_forward(x, bias=None, approximate="tanh"):
 
 
 def _forward(x, bias, approximate):
+    bias = unit_stride(bias)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     C = x.shape[-1]
     N = y.numel() // C
@@ -240,6 +246,7 @@ def bias_gelu_backward(dy, x, bias=None, approximate="tanh"):
 
 def _backward(dy, x, bias, approximate):
     """(dx, dbias), dbias an empty tensor of x's dtype without a bias."""
+    bias = unit_stride(bias)
     C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     N = dx.numel() // C

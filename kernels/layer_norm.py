@@ -32,7 +32,8 @@ gives without autocast); under torch.autocast, which runs layer_norm in fp32, y 
 fp32); dx in x's dtype, dh in h's, d weight and d bias in the parameters' dtypes.
 
 Shapes: x and h of the same shape (..., C); the leading dims are flattened into N rows (any N >= 0, N = 0 gives
-empty results); rows may have any stride, columns must have stride 1 or are copied first.
+empty results); rows may have any stride, columns must have stride 1 or are copied first; weight and bias of a
+stride other than 1 are copied first (kernels._common.unit_stride).
 
 Operators: `gpt1_kernels::add_dropout_layer_norm(x, h, weight, bias?, seed?, dropout_p, eps, branch_dtype?) ->
 (y, y_branch, mean, rstd)` and `gpt1_kernels::add_dropout_layer_norm_backward(dy?, dy_branch?, x, h, weight, bias?,
@@ -65,6 +66,7 @@ from kernels._common import (
     dropout_args,
     dropout_words,
     interpreter_rows,
+    is_number,
     keep_from_words,
     kernel_op,
     launchable,
@@ -72,6 +74,7 @@ from kernels._common import (
     next_power_of_2,
     seed_tensor,
     stored,
+    unit_stride,
 )
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -356,12 +359,12 @@ def _check_inputs(x, h, weight, bias, dropout_p):
     devices = [t.device for t in (x, h, weight, bias) if t is not None]
     if len(set(devices)) > 1:
         _fail(f"x, h, weight, bias must be on the same device, got {', '.join(map(str, devices))}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+    if not is_number(dropout_p) or not 0.0 <= dropout_p < 1.0:
         _fail(f"dropout_p must be a number in [0, 1), got {dropout_p}")
 
 
 def _check_eps(eps):
-    if not isinstance(eps, (int, float)) or not 0.0 < eps < math.inf:
+    if not is_number(eps) or not 0.0 < eps < math.inf:
         _fail(f"eps must be a positive finite number, got {eps}")
 
 
@@ -378,6 +381,7 @@ def add_dropout_layer_norm_forward(x, h, weight, bias=None, *, dropout_p=0.0, ep
 
 def _forward(x, h, weight, bias, seed, dropout_p, eps, branch_dtype=None):
     """(y, y_branch, mean, rstd); y_branch (y in branch_dtype) is None without a branch_dtype."""
+    weight, bias = unit_stride(weight), unit_stride(bias)
     C = x.shape[-1]
     y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, h.dtype), device=x.device)
     y_branch = torch.empty(x.shape, dtype=branch_dtype, device=x.device) if branch_dtype is not None else None
@@ -408,6 +412,7 @@ def add_dropout_layer_norm_backward(dy, x, h, weight, bias, mean, rstd, *, dropo
 def _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, dropout_p):
     """(dx, dh, dweight, dbias), dbias an empty tensor without bias (contiguous, in the inputs' dtypes). The
     output's gradient is dy + dy_branch, either of them None where that output got no gradient."""
+    weight, bias = unit_stride(weight), unit_stride(bias)
     C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device)

@@ -505,6 +505,8 @@ def _t(*shape, dtype=FP32, device="cpu"):
     ((_t(1, 2, 5, 16),) * 3, dict(softmax_scale=0.0), ValueError, "softmax_scale"),
     ((_t(1, 2, 5, 16),) * 3, dict(softmax_scale=-0.5), ValueError, "softmax_scale"),
     ((_t(1, 2, 5, 16),) * 3, dict(softmax_scale=float("inf")), ValueError, "softmax_scale"),
+    ((_t(1, 2, 5, 16),) * 3, dict(softmax_scale=True), ValueError, "softmax_scale"),  # a bool is no number
+    ((_t(1, 2, 5, 16),) * 3, dict(dropout_p=False), ValueError, "dropout_p"),
     ((_t(1, 2, 5, 16), _t(1, 2, 5, 16), [0.0]), {}, TypeError, "v must be a torch.Tensor"),
     (([0.0], _t(1, 2, 5, 16), _t(1, 2, 5, 16)), {}, TypeError, "q must be a torch.Tensor"),
 ])

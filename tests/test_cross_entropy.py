@@ -489,6 +489,7 @@ def test_bad_target_raises(bad, device):
     ((30,), torch.zeros(3, dtype=torch.long), {}, ValueError, "logits must be 2-D"),
     ((3, 10), torch.zeros(3, dtype=torch.long), {"reduction": "avg"}, ValueError, "reduction must be"),
     ((3, 10), torch.zeros(3, dtype=torch.long), {"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+    ((3, 10), torch.zeros(3, dtype=torch.long), {"label_smoothing": True}, ValueError, "label_smoothing"),
     ((3, 10), torch.zeros(3, dtype=torch.long), {"ignore_index": 2**63}, ValueError, "ignore_index must fit in int64"),
     ((3, 10), torch.zeros(3, dtype=torch.long), {"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
 ])
@@ -503,6 +504,8 @@ def test_bad_linear_shapes_raise(device):
         fused_linear_cross_entropy(h, w[:, :6], t.to(device))
     with pytest.raises(ValueError, match=r"bias must be \(20,\)"):
         fused_linear_cross_entropy(h, w, t.to(device), bias=torch.zeros(21, device=device))
+    with pytest.raises(ValueError, match="hidden, weight, target and bias must be on the same device"):
+        fused_linear_cross_entropy(h, w, t.to(device), bias=torch.zeros(20, device="meta"))
     with pytest.raises(TypeError, match="must share one of"):
         fused_linear_cross_entropy(h, w.bfloat16(), t.to(device))
     with pytest.raises(ValueError, match=r"target must have shape \(5,\)"):

@@ -80,6 +80,19 @@ def test_matches_torch_gelu(approximate, device):
     assert torch.isfinite(dx).all()
 
 
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_extreme_inputs(dtype, device):
+    """Where z^3 overflows fp32 (|z| > ~1.5e13) the tanh form's derivative stays what it is past |z| ~ 11: exactly 0
+    below, 1 above (it was 0 * inf = NaN for large negative z); gelu itself is 0 and z there."""
+    x = torch.tensor([-3e38, -1e19, -1e14, -30.0, 30.0, 1e14, 1e19, 3e38], dtype=dtype, device=device)
+    x.requires_grad_()
+    y = fused_bias_gelu(x[None])[0]
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    positive = x.detach() > 0
+    assert_close(y, torch.where(positive, x.detach(), 0.0), atol=0, rtol=0, name="y")
+    assert_close(dx, positive.to(dtype), atol=0, rtol=0, name="dx")
+
+
 def test_empty_rows(device):
     x, b = _inputs((0, 3, 16), BF16, FP32, device)
     y, dx, db = _run(fused_bias_gelu, [x, b], torch.zeros(0, 3, 16, device=device))
@@ -96,6 +109,15 @@ def test_non_contiguous_inputs(device):
     dy = torch.randn(C, N, device=device).t()
     for x in (torch.randn(C, N, device=device).t(), torch.randn(N, C + 24, device=device)[:, :C]):
         actual, expected = _run(fused_bias_gelu, [x, b], dy), _run(fused_bias_gelu, [x.contiguous(), b], dy)
+        for a, e, name in zip(actual, expected, NAMES):
+            assert_close(a, e, atol=0, rtol=0, name=name)
+    # a bias of stride 2 (a column of a matrix; the leaf is the matrix, so that no copy hides the stride) and an
+    # expanded one (stride 0), against their contiguous copies
+    x = torch.randn(N, C, device=device)
+    for parent, view in ((torch.randn(C, 2, device=device), lambda p: p[:, 1]),
+                         (torch.randn(1, device=device), lambda p: p.expand(C))):
+        actual = _run(lambda x, p, view=view: fused_bias_gelu(x, view(p)), [x, parent], dy)
+        expected = _run(lambda x, p, view=view: fused_bias_gelu(x, view(p).contiguous()), [x, parent], dy)
         for a, e, name in zip(actual, expected, NAMES):
             assert_close(a, e, atol=0, rtol=0, name=name)
 

@@ -113,6 +113,13 @@ def test_non_contiguous_inputs(p, device):
     fn = lambda *a: fused_add_dropout_layer_norm(*a, dropout_p=p, _seed=SEED)
     for a, e, name in zip(_run(fn, [x, h, w, b], dy), _run(fn, [x.contiguous(), h.contiguous(), w, b], dy), NAMES):
         assert_close(a, e, atol=0, rtol=0, name=name)
+    # weight and bias as the columns of one (C, 2) matrix (stride 2; the leaf is the matrix, so that no copy hides
+    # the stride), against contiguous copies of them
+    wb = torch.randn(C, 2, device=device)
+    strided = lambda x, h, wb: fn(x, h, wb[:, 0], wb[:, 1])
+    copied = lambda x, h, wb: fn(x, h, wb[:, 0].contiguous(), wb[:, 1].contiguous())
+    for a, e, name in zip(_run(strided, [x, h, wb], dy), _run(copied, [x, h, wb], dy), NAMES):
+        assert_close(a, e, atol=0, rtol=0, name=name)
 
 
 def test_launchers_match_autograd(device):
@@ -309,6 +316,8 @@ def _t(*shape, dtype=FP32, device="cpu"):
     ((_t(2, 8), _t(2, 8), _t(8)), dict(eps=0.0), ValueError, "eps must be a positive finite number"),
     ((_t(2, 8), _t(2, 8), _t(8)), dict(eps=-1e-5), ValueError, "eps"),
     ((_t(2, 8), _t(2, 8), _t(8)), dict(eps=float("inf")), ValueError, "eps"),
+    ((_t(2, 8), _t(2, 8), _t(8)), dict(eps=True), ValueError, "eps must be a positive finite number"),
+    ((_t(2, 8), _t(2, 8), _t(8)), dict(dropout_p=False), ValueError, "dropout_p must be a number"),
     ((_t(2, 0), _t(2, 0), _t(0)), {}, ValueError, r"C = 0 is not supported \(1 <= C <= 8192\)"),
     ((_t(1, 8193), _t(1, 8193), _t(8193)), {}, ValueError, "C = 8193"),
     ((_t(2, 8), _t(2, 8), _t(8)), dict(branch_dtype=torch.int8), TypeError, "branch_dtype torch.int8 is not supported"),
