@@ -53,6 +53,29 @@ def checkpoint_root(run):
     return os.path.join(run.out, "checkpoints")
 
 
+def holds_run(path):
+    """What `path` holds: "pre-training" (a run's config.json, its weights or checkpoints), "fine-tuning" (a
+    fine-tuned model's config.json), "Hugging Face" (an export's config.json), "other" (a config.json of none of
+    those), or None (nothing of the kind)."""
+    cfg_path = os.path.join(path, "config.json")
+    if os.path.isfile(cfg_path):
+        try:
+            with open(cfg_path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return "other"
+        if not isinstance(saved, dict):
+            return "other"
+        if "finetune" in saved:
+            return "fine-tuning"
+        if "run" in saved or "model" in saved:
+            return "pre-training"
+        return "Hugging Face" if "model_type" in saved else "other"
+    if os.path.isfile(os.path.join(path, "model.pt")) or os.path.isdir(os.path.join(path, "checkpoints")):
+        return "pre-training"
+    return None
+
+
 def complete_tags(root):
     """Tags of the complete checkpoints under root, oldest first."""
     if not os.path.isdir(root):
@@ -441,8 +464,11 @@ def load_run(run_dir, device="cpu"):
     for path in (cfg_path, weights):
         if not os.path.isfile(path):
             raise GPT1Error(f"{run_dir} is not a finished run directory ({os.path.basename(path)} is missing)")
-    with open(cfg_path) as f:
-        cfg = GPT1Config.from_dict(json.load(f)["model"])
+    try:
+        with open(cfg_path) as f:
+            cfg = GPT1Config.from_dict(json.load(f)["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise GPT1Error(f"{cfg_path} is not a run config ({type(e).__name__}: {e})") from None
     model = GPT1(cfg)
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))

@@ -60,7 +60,7 @@ def prepare(argv):
 
 
 def export_hf(argv):
-    from .checkpoint import load_run
+    from .checkpoint import holds_run, load_run
     from .hf import save_hf
 
     p = argparse.ArgumentParser(prog="gpt1 export-hf", description="Export a run as an HF OpenAIGPT directory: "
@@ -77,6 +77,10 @@ def export_hf(argv):
     if len(set(outs)) > 1:
         p.error(f"two output directories given: {outs[0]!r} and --out {outs[1]!r}")
     model, tokenizer = load_run(run_dir(p, a))
+    kind = holds_run(outs[0])
+    if kind not in (None, "Hugging Face"):  # an export is written over
+        what = "a config.json that is not a Hugging Face export's" if kind == "other" else f"a {kind} run"
+        raise GPT1Error(f"{outs[0]} holds {what}; export into another directory")
     save_hf(model, outs[0], tokenizer)
     print(f"wrote {outs[0]}: load it with transformers.OpenAIGPTLMHeadModel.from_pretrained({outs[0]!r})")
 
@@ -88,16 +92,26 @@ def metrics(argv):
     path = os.path.join(run_dir(p, a), "metrics.jsonl")
     if not os.path.isfile(path):
         raise GPT1Error(f"{path} not found")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    from .runtime import read_rows
+
+    rows = read_rows(path)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_loss" in r]
-    for r in train:
-        mfu = f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""
-        norm = f"  grad norm {r['grad_norm']:.3f}" if "grad_norm" in r else ""
-        print(f"step {r['step']:>6}  train loss {r['loss']:.4f}  {r['tokens_per_s']:.0f} tokens/s{mfu}{norm}")
+    dev = [r for r in rows if any(k.startswith("dev_") for k in r)]  # a fine-tuning run's evaluations
+    for r in train:  # a pre-training row has tokens/s and maybe MFU and grad norm; a fine-tuning row two losses
+        parts = [f"step {r.get('step', '?'):>6}  train loss {r['loss']:.4f}"]
+        parts += [f"{name} {r[key]:.4f}" for key, name in (("task_loss", "task loss"), ("lm_loss", "LM loss"))
+                  if key in r]
+        parts += [f"{r['tokens_per_s']:.0f} tokens/s"] if "tokens_per_s" in r else []
+        parts += [f"MFU {r['mfu']:.1%}"] if "mfu" in r else []
+        parts += [f"grad norm {r['grad_norm']:.3f}"] if "grad_norm" in r else []
+        print("  ".join(parts))
     for r in evals:
-        print(f"step {r['step']:>6}  val loss {r['val_loss']:.4f}  ppl {r['val_ppl']:.1f}  acc {r['val_acc']:.3f}")
+        print(f"step {r.get('step', '?'):>6}  val loss {r['val_loss']:.4f}  ppl {r['val_ppl']:.1f}  "
+              f"acc {r['val_acc']:.3f}")
+    for r in dev:
+        scores = "  ".join(f"{k.removeprefix('dev_')} {v:.4f}" for k, v in r.items() if k.startswith("dev_"))
+        print(f"step {r.get('step', '?'):>6}  epoch {r.get('epoch', '?')}  dev {scores}")
     if len(train) > 1:
         print(f"train loss {train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}")
 

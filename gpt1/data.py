@@ -5,8 +5,10 @@ DIR/ holds vocab.json + merges.txt, train.bin and val.bin (the documents' tokens
 followed by end-of-text, as uint16 or uint32) and meta.json (vocab size, counts, special ids, source).
 """
 
+import fractions
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -81,14 +83,34 @@ def read_documents(files):
 
 
 def split_documents(docs, val_fraction):
-    """Every k-th document goes to validation; a corpus of one document is split at a line break."""
-    if len(docs) == 1:
-        name, text = docs[0]
-        cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
-        return [(name, text[:cut])], [(name, text[cut:])]
-    k = max(2, min(round(1 / val_fraction), len(docs)))
-    val = [d for i, d in enumerate(docs) if i % k == k // 2]
-    train = [d for i, d in enumerate(docs) if i % k != k // 2]
+    """(train, val) documents, val about val_fraction f of them, spread over the corpus: document i goes to
+    validation where i * f + (1 - f) / 2 passes a whole number on the way to (i + 1) * f + (1 - f) / 2 (exact
+    rationals; every k-th document, the k // 2-th of each k, where f = 1 / k). With too few documents for whole
+    ones on both sides (n * f < 1 or n * (1 - f) < 1), validation is the corpus's last f of characters instead,
+    cut at a line break (the one document of a corpus of one is split so)."""
+    n, f = len(docs), fractions.Fraction(str(val_fraction))
+    if n * f < 1 or n * (1 - f) < 1:
+        return _split_tail(docs, val_fraction)
+    c = (1 - f) / 2
+    val_i = {i for i in range(n) if math.floor((i + 1) * f + c) > math.floor(i * f + c)}
+    return [d for i, d in enumerate(docs) if i not in val_i], [d for i, d in enumerate(docs) if i in val_i]
+
+
+def _split_tail(docs, val_fraction):
+    """Train: the documents up to (1 - f) of the corpus's characters, the one across that point cut at a line
+    break in it (or at the point, without one); val: the rest."""
+    at = int(sum(len(text) for _, text in docs) * (1 - val_fraction))
+    train, val = [], []
+    for name, text in docs:
+        if at >= len(text):
+            train.append((name, text))
+        elif at <= 0:
+            val.append((name, text))
+        else:
+            cut = text.rfind("\n", 0, at) + 1 or at
+            train.append((name, text[:cut]))
+            val.append((name, text[cut:]))
+        at -= len(text)
     return train, val
 
 
@@ -158,10 +180,14 @@ class TokenFile:
     def __len__(self):
         return len(self.tokens)
 
+    def require(self, length):
+        """A DataError unless the file holds at least one window of `length` tokens."""
+        if len(self.tokens) < length:
+            raise DataError(f"{self.path} has {len(self.tokens)} tokens, fewer than one window of {length}")
+
     def windows(self, rng, batch_size, length):
         """(batch_size, length) int64 windows starting at positions drawn from `rng`."""
-        if len(self.tokens) < length + 1:
-            raise DataError(f"{self.path} has {len(self.tokens)} tokens, fewer than one window of {length}")
+        self.require(length)
         starts = rng.integers(0, len(self.tokens) - length + 1, size=batch_size)
         return np.stack([self.tokens[s:s + length].astype(np.int64) for s in starts])
 
@@ -204,9 +230,8 @@ class WindowSampler:
     """
 
     def __init__(self, data, length, seed, rank=0, world=1):
+        data.require(length)
         tokens = len(data.tokens)
-        if tokens < length:
-            raise DataError(f"{data.path} has {tokens} tokens, fewer than one window of {length}")
         self.data, self.length, self.seed, self.rank, self.world = data, length, seed, rank, world
         self.n = tokens - length + 1  # windows (start positions) per epoch
         self.samples, self._keys = 0, {}

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import glue
-from .checkpoint import load_run, save_weights, write_json
+from .checkpoint import holds_run, load_run, save_weights, write_json
 from .errors import GPT1Error, cli_errors
 from .runtime import (
     all_reduce,
@@ -86,7 +86,7 @@ class FinetuneConfig:
 
 def parse_args(argv=None):
     run = parse_dataclass(FinetuneConfig, argv, "gpt1 finetune", "Fine-tune GPT-1 on a GLUE-format task.")
-    check_ranges(run, epochs=(1, None), batch_size=(1, None), gradient_accumulation_steps=(1, None),
+    check_ranges(run, epochs=(1, None), lr=(0.0, None), batch_size=(1, None), gradient_accumulation_steps=(1, None),
                  warmup=(0.0, 1.0), weight_decay=(0.0, None), lm_coef=(0.0, None), clf_dropout=(0.0, 1.0),
                  max_len=(0, None), log_interval=(1, None))
     return run
@@ -274,11 +274,22 @@ def read_task(run, task):
     return labels, train, dev, test
 
 
+def check_out(run):
+    """Refuse an --out that holds --init or another kind of run (a fine-tuning run's is written over)."""
+    if os.path.isdir(run.out) and os.path.exists(run.init) and os.path.samefile(run.out, run.init):
+        raise GPT1Error(f"--out {run.out} is the --init directory; write the fine-tuned model elsewhere")
+    kind = holds_run(run.out)
+    if kind not in (None, "fine-tuning"):
+        what = {"other": "a config.json of no run", "Hugging Face": "a Hugging Face export"}.get(kind, f"a {kind} run")
+        raise GPT1Error(f"--out {run.out} holds {what}; choose another --out")
+
+
 def epoch_order(n, batch, seed, epoch):
     """The example indices of one epoch, shuffled by (seed, epoch) alike on every rank; the last batch
-    is filled up from the start of the order so that every rank gets full micro-batches."""
+    is filled up from the start of the order (over again, for a batch larger than the examples) so that every
+    rank gets full micro-batches."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    return np.concatenate([order, order[:(-n) % batch]]) if n % batch else order
+    return np.resize(order, -(-n // batch) * batch)
 
 
 def ds_config(run, world):
@@ -343,6 +354,7 @@ def main(argv=None):
     task = glue.get_task(run.task, run.text_column, run.text_b_column, run.label_column, run.choice_columns)
     labels, train_ex, dev_ex, test_ex = read_task(run, task)
     check_compile(run.compile, run.compile_mode, run.inline_kernels)
+    check_out(run)
     rank, world, device = init_distributed()
     ds, max_grad_norm = lean_checks(ds_config(run, world), world)
     base, tok = load_init(run.init)
@@ -387,6 +399,7 @@ def main(argv=None):
         order = epoch_order(len(train), micro * gas * world, run.seed, epoch)
         for start in range(0, len(order), micro * gas * world):
             sums = torch.zeros(3, device=device)  # L3, L2, L1 summed over the micro-batches, on the device
+            lr = scheduler.get_last_lr()[0]  # this step's (the scheduler steps with the optimizer)
             for j in range(gas):  # this rank's micro-batch j of the global batch
                 lo = start + (j * world + rank) * micro
                 ids, extract, lm_labels, y = collate([train[k] for k in order[lo:lo + micro]], tok.pad_id, regression)
@@ -401,7 +414,7 @@ def main(argv=None):
                 l3, l2, l1 = (v / (world * gas) for v in all_reduce(sums.tolist(), device))
                 if rank == 0:
                     log_row(metrics_path, {"step": step, "loss": l3, "task_loss": l2, "lm_loss": l1,
-                                           "lr": scheduler.get_last_lr()[0]})
+                                           "lr": lr})
                     bar.set_postfix(loss=f"{l3:.3f}")
         m = evaluate(engine, task, dev, micro, device, tok.pad_id)
         history.append({"epoch": epoch + 1, "step": step, **{f"dev_{k}": v for k, v in m.items()}})

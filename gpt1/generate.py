@@ -30,6 +30,10 @@ def generate(args):
         raise GPT1Error(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise GPT1Error(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:  # an unknown or absent device: a one-line error, before the model is loaded
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:
+        raise GPT1Error(f"--device {args.device}: {str(e).splitlines()[0]}") from None
     model, tokenizer = load_run(args.run, args.device)  # args.run: resolved by main (cli.run_dir)
     model.set_impl(attn_impl="auto", loss_impl="auto")
     ids = tokenizer.encode(args.prompt)

@@ -160,6 +160,7 @@ def load_ds_config(path, world_size, micro_batch_size=0, gradient_accumulation_s
             ds = json.load(f)
     except json.JSONDecodeError as e:
         raise GPT1Error(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    check_ds_types(ds, path)
     if micro_batch_size > 0 or gradient_accumulation_steps > 0:
         ds.pop("train_batch_size", None)  # recomputed from the overrides below
     if micro_batch_size > 0:
@@ -183,6 +184,20 @@ def load_ds_config(path, world_size, micro_batch_size=0, gradient_accumulation_s
         raise GPT1Error(f"{path} enables fp16, which DeepSpeed's CPU accelerator does not have; "
                         "use a bf16 config on CPU")
     return ds
+
+
+def check_ds_types(ds, path):
+    """A one-line error where the config is not a JSON object, a batch size is not a positive integer, or a section
+    that this project reads is not an object (DeepSpeed would fail later with a traceback)."""
+    if not isinstance(ds, dict):
+        raise GPT1Error(f"DeepSpeed config {path} must be a JSON object, got {type(ds).__name__}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise GPT1Error(f"DeepSpeed config {path}: {key} must be a positive integer, got {value!r}")
+    for key in ("zero_optimization", "fp16", "bf16", "torch_autocast", "optimizer", "scheduler"):
+        if key in ds and not isinstance(ds[key], dict):
+            raise GPT1Error(f"DeepSpeed config {path}: {key} must be a JSON object, got {ds[key]!r}")
 
 
 def zero_stage(ds):
@@ -463,6 +478,35 @@ class StopSignal:
 def log_row(path, row):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def read_rows(path):
+    """The rows of a metrics.jsonl. A cut last line (a run killed mid-write) is left out; any other line that
+    is not a JSON object is a one-line error naming it."""
+    with open(path) as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                break
+            raise GPT1Error(f"{path}, line {n}: not a JSON row ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise GPT1Error(f"{path}, line {n}: not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def drop_rows_after(path, step):
+    """Rewrite a metrics.jsonl without its rows past `step`: what a resumed run logs again."""
+    if os.path.isfile(path):
+        rows = [r for r in read_rows(path) if r.get("step", 0) <= step]
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, path)
 
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from NVIDIA's datasheets; the first key that is a

@@ -35,8 +35,13 @@ class GPT1Tokenizer:
 
     @classmethod
     def from_files(cls, vocab_file, merges_file):
-        with open(vocab_file, encoding="utf-8") as f:
-            vocab = json.load(f)
+        try:
+            with open(vocab_file, encoding="utf-8") as f:
+                vocab = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{vocab_file} is not a JSON vocabulary: {e}") from None
+        if not isinstance(vocab, dict):
+            raise ValueError(f"{vocab_file} is not a JSON vocabulary (token -> id)")
         if any(t.endswith("</w>") for t in vocab):  # the original GPT's format
             tok = Tokenizer(models.BPE.from_file(vocab_file, merges_file, end_of_word_suffix="</w>",
                                                  unk_token="<unk>" if "<unk>" in vocab else None))

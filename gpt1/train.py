@@ -60,7 +60,7 @@ class RunConfig:
 
 def parse_args(argv=None):
     run = runtime.parse_dataclass(RunConfig, argv, "gpt1 train", "Pre-train GPT-1 with DeepSpeed.")
-    runtime.check_ranges(run, max_steps=(1, None), min_lr=(0.0, None), warmup_steps=(-1, None),
+    runtime.check_ranges(run, max_steps=(1, None), lr=(0.0, None), min_lr=(0.0, run.lr), warmup_steps=(-1, None),
                          weight_decay=(0.0, None), seq_len=(0, None), micro_batch_size=(0, None),
                          gradient_accumulation_steps=(0, None), eval_interval=(1, None), eval_batches=(1, None),
                          log_interval=(1, None), save_interval=(1, None), keep_checkpoints=(1, None),
@@ -100,7 +100,7 @@ def lr_lambda(run):
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = min(1.0, (step - warmup) / max(1, run.max_steps - warmup))
-        floor = run.min_lr / run.lr
+        floor = run.min_lr / run.lr if run.lr else 0.0
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
@@ -141,6 +141,7 @@ def main(argv=None):
     meta = load_meta(run.data)
     train_data, val_data = TokenFile(run.data, "train", meta["dtype"]), TokenFile(run.data, "val", meta["dtype"])
     cfg = build_model_config(run, meta)
+    val_data.require(run.seq_len + 1)  # before training, not at the first evaluation
     runtime.check_kernels(cfg, device)
     runtime.check_compile(run.compile, run.compile_mode, run.inline_kernels)
     checkpoint.check_run_dir(run, cfg, ds, meta, rank)
@@ -164,6 +165,7 @@ def main(argv=None):
     if run.resume:  # restores the sampler's position and every RNG as they were at the checkpoint
         step = checkpoint.load(engine, run, cfg, rank, sampler)
         if rank == 0:
+            runtime.drop_rows_after(os.path.join(run.out, "metrics.jsonl"), step)  # logged again from here
             print(f"resumed from step{step:08d} in {checkpoint.checkpoint_root(run)}", flush=True)
     if rank == 0:
         print(f"model {run.model}: {model.num_parameters() / 1e6:.2f}M parameters; {world} rank(s), "
@@ -177,6 +179,7 @@ def main(argv=None):
     bar = tqdm(total=run.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, file=sys.stdout)
     timer, start, logged, t_first = runtime.Timer(device), step, step, time.perf_counter()
     while step < run.max_steps:
+        lr = scheduler.get_last_lr()[0]  # this step's (the scheduler steps with the optimizer)
         for _ in range(gas):
             w = to_device(sampler.batch(micro), device)
             loss = engine(w[:, :-1], labels=w[:, 1:]).loss
@@ -193,7 +196,7 @@ def main(argv=None):
             # the one host sync of the loop: the loss, the skip counters and the clock
             loss = runtime.all_reduce([loss_sum.item() / (gas * (step - logged))], device)[0] / world
             skipped, longest, grad_norm = optimizer.read_counters()
-            row = {"step": step, "loss": loss, "lr": scheduler.get_last_lr()[0],
+            row = {"step": step, "loss": loss, "lr": lr,
                    "tokens_per_s": tokens_per_step * (step - logged) / timer.lap(), "skipped_steps": skipped}
             if grad_norm is not None:  # where DeepSpeed leaves the gradients alone (runtime.build_engine)
                 row["grad_norm"] = grad_norm

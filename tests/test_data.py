@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpt1.data import DataError, TokenFile, load_meta, prepare
+from gpt1.data import DataError, TokenFile, load_meta, prepare, split_documents
 from gpt1.tokenizer import GPT1Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +91,42 @@ def test_single_document_is_split_at_a_line(tmp_path):
     tok = GPT1Tokenizer.from_dir(str(tmp_path / "d"))
     val = np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16)
     assert tok.decode(val[:-1].tolist()).startswith("line 36")
+
+
+@pytest.mark.parametrize("n, f, n_val", [(40, 0.1, 4), (40, 0.9, 36), (40, 0.4, 16), (40, 0.75, 30), (3, 0.5, 1),
+                                          (2, 0.1, None), (2, 0.9, None)])
+def test_split_follows_the_val_fraction(n, f, n_val):
+    """Whole documents where both sides get some (every 1/f-th, the 1/f // 2-th of each, where 1/f is whole, as
+    the rule always chose; spread evenly otherwise, f > 0.5 too); with too few documents (n_val None), the
+    last f of the characters, cut at a line break: a two-document corpus used to give validation half of it."""
+    docs = [(str(i), "".join(f"line {j} of document {i}\n" for j in range(100))) for i in range(n)]
+    train, val = split_documents(docs, f)
+    total = sum(len(t) for _, t in docs)
+    got = sum(len(t) for _, t in val) / total
+    assert "".join(t for _, t in train + val) != "" and sum(len(t) for _, t in train + val) == total
+    if n_val is not None:
+        assert len(val) == n_val and len(train) == n - n_val
+        if f == 0.1:
+            assert [name for name, _ in val] == ["5", "15", "25", "35"]
+    else:
+        assert abs(got - f) < 0.02, got  # lines are ~25 characters of ~2,500 a document
+        assert all(t.endswith("\n") for _, t in train)
+
+
+def test_windows_take_files_of_exactly_one_window(tmp_path):
+    """A file of n tokens holds one window of n (it was refused, "33 tokens, fewer than one window of 33")."""
+    np.arange(33, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    val = TokenFile(str(tmp_path), "val", "uint16")
+    assert val.windows(np.random.default_rng(0), 2, 33).tolist() == [list(range(33))] * 2
+    with pytest.raises(DataError, match="has 33 tokens, fewer than one window of 34"):
+        val.windows(np.random.default_rng(0), 1, 34)
+
+
+def test_vocab_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "vocab.json").write_text("not json")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(ValueError, match="vocab.json is not a JSON vocabulary"):
+        GPT1Tokenizer.from_files(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
 
 
 def prepare_cli(*args):

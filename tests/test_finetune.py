@@ -189,6 +189,29 @@ def test_epoch_order_is_seeded_and_fills_the_last_batch():
     a, b = finetune.epoch_order(10, 4, 42, 0), finetune.epoch_order(10, 4, 42, 0)
     assert (a == b).all() and len(a) == 12 and set(a) == set(range(10))
     assert not (finetune.epoch_order(10, 4, 42, 1)[:10] == a[:10]).all()
+    # a batch more than twice the examples: one full batch, every example in it two or three times
+    big = finetune.epoch_order(12, 64, 42, 0)
+    assert len(big) == 64 and sorted(np.bincount(big, minlength=12).tolist()) == [5] * 8 + [6] * 4
+
+
+def test_out_holding_the_init_or_a_pretraining_run_is_refused(pretrained, tmp_path):
+    """--out that is --init, or holds a pre-training run or an HF export, would lose it: refused before anything
+    is written; a fine-tuning run's --out is written over (a rerun)."""
+    from types import SimpleNamespace
+
+    from gpt1.errors import GPT1Error
+
+    for out, msg in ((pretrained, "is the --init directory"), (tmp_path / "hf", "holds a Hugging Face export")):
+        with pytest.raises(GPT1Error, match=msg):
+            if out != pretrained:
+                os.makedirs(out)
+                (out / "config.json").write_text(json.dumps({"model_type": "openai-gpt"}))
+            finetune.check_out(SimpleNamespace(out=str(out), init=pretrained))
+    with pytest.raises(GPT1Error, match="holds a pre-training run"):
+        finetune.check_out(SimpleNamespace(out=pretrained, init=str(tmp_path / "hf")))
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "config.json").write_text(json.dumps({"finetune": {}, "model": {}}))
+    finetune.check_out(SimpleNamespace(out=str(tmp_path / "ft"), init=pretrained))
 
 
 # ---- the model: losses and padding

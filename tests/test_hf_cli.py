@@ -170,6 +170,31 @@ def test_cli_export_hf(run_dir, tmp_path):
     assert os.path.isfile(tmp_path / "hf" / "merges.txt")
 
 
+def test_cli_export_hf_refuses_a_run_directory(run_dir, tmp_path):
+    """OUT holding a run (the run itself, say) is refused and left as it was; an earlier export is written over."""
+    before = {f: os.path.getmtime(os.path.join(run_dir, f)) for f in os.listdir(run_dir)}
+    res = cli("export-hf", run_dir, run_dir)
+    assert res.returncode == 2 and "holds a pre-training run; export into another directory" in res.stderr
+    assert {f: os.path.getmtime(os.path.join(run_dir, f)) for f in os.listdir(run_dir)} == before
+    for _ in range(2):
+        assert cli("export-hf", run_dir, str(tmp_path / "hf")).returncode == 0
+
+
+def test_cli_metrics_of_a_fine_tuning_run_and_a_cut_last_line(tmp_path):
+    """A fine-tuning run's rows (two losses, no tokens/s; dev scores per epoch), and a last line cut by a kill,
+    which is left out; a bad line elsewhere is a one-line error naming it."""
+    rows = [{"step": 5, "loss": 0.9, "task_loss": 0.7, "lm_loss": 4.0, "lr": 1e-4},
+            {"epoch": 1, "step": 5, "dev_acc": 0.75}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 6, "lo')
+    res = cli("metrics", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "train loss 0.9000  task loss 0.7000  LM loss 4.0000" in res.stdout
+    assert "epoch 1  dev acc 0.7500" in res.stdout
+    (tmp_path / "metrics.jsonl").write_text('{"step": 6, "lo\n' + json.dumps(rows[0]) + "\n")
+    res = cli("metrics", str(tmp_path))
+    assert res.returncode == 2 and "metrics.jsonl, line 1: not a JSON row" in res.stderr, res.stderr
+
+
 def test_cli_metrics(run_dir):
     res = cli("metrics", run_dir)
     assert res.returncode == 0, res.stderr
@@ -184,6 +209,9 @@ def test_cli_metrics(run_dir):
     (["generate", "--run", "RUN", "--top-p", "1.5"], "--top-p"),
     (["generate", "--run", "RUN", "--top-k", "-3"], "--top-k must be at least 1"),
     (["generate", "--run", "RUN", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["generate", "--run", "RUN", "--device", "bogus"], "--device bogus:"),
+    (["generate", "--run", "RUN", "--device", "cuda"] if not torch.cuda.is_available() else ["generate", "--run",
+     "RUN", "--device", f"cuda:{torch.cuda.device_count()}"], "--device cuda"),
     (["export-hf", "/nonexistent", "/tmp/x"], "not a finished run directory"),
     (["metrics", "/nonexistent"], "not found"),
     (["frobnicate"], "unknown command"),
@@ -193,3 +221,11 @@ def test_cli_errors(run_dir, args, msg):
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("error:") and msg in lines[-1] and "Traceback" not in res.stderr, res.stderr
+
+
+def test_a_config_of_no_run_is_one_line_error(run_dir):
+    """A run directory whose config.json is not a run's (an HF export's, written over it) is named, not a KeyError."""
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"model_type": "openai-gpt"}, f)
+    res = cli("generate", run_dir)
+    assert res.returncode == 2 and "config.json is not a run config" in res.stderr and "Traceback" not in res.stderr

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import re
 from dataclasses import fields
 from types import SimpleNamespace
 
@@ -518,6 +519,36 @@ def test_load_ds_config_overrides_and_refuses(tmp_path):
     path.write_text(json.dumps({"train_batch_size": 30, "gradient_accumulation_steps": 4}))
     with pytest.raises(GPT1Error, match="not divisible"):
         load_ds_config(str(path), world_size=2)
+
+
+@pytest.mark.parametrize("cfg, msg", [
+    ([1, 2], "must be a JSON object, got list"),
+    ({"train_batch_size": "8"}, "train_batch_size must be a positive integer, got '8'"),
+    ({"train_micro_batch_size_per_gpu": 0}, "train_micro_batch_size_per_gpu must be a positive integer, got 0"),
+    ({"train_batch_size": 8, "gradient_accumulation_steps": True}, "gradient_accumulation_steps must be a positive"),
+    ({"train_batch_size": 8, "bf16": True}, "bf16 must be a JSON object, got True"),
+    ({"train_batch_size": 8, "zero_optimization": 2}, "zero_optimization must be a JSON object, got 2"),
+])
+def test_ds_config_of_wrong_types_is_one_line_error(tmp_path, cfg, msg):
+    """Valid JSON of the wrong shape: a one-line error, where it was a TypeError from inside the batch arithmetic."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(GPT1Error, match=re.escape(msg)):
+        load_ds_config(str(path), world_size=1)
+
+
+def test_metrics_rows_past_the_resumed_step_are_dropped(tmp_path):
+    """A run killed after its last checkpoint logged rows that the resumed run logs again: they go, and so does a
+    line the kill cut."""
+    from gpt1.runtime import drop_rows_after, read_rows
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in (10, 20, 30)] + [{"step": 20, "val_loss": 2.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 40, "lo')
+    assert read_rows(str(path)) == rows
+    drop_rows_after(str(path), 20)
+    assert read_rows(str(path)) == [rows[0], rows[1], rows[3]]
+    assert path.read_text().endswith("\n")
 
 
 def test_ds_config_names_resolve_from_any_directory(tmp_path, monkeypatch):

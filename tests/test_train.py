@@ -91,6 +91,12 @@ def test_learning_beats_the_unigram_baseline(data, tmp_path):
     assert final["val_loss"] < baseline - 0.5, (final, baseline)
     train = losses(out)
     assert train[300] < train[50] - 0.5  # the training loss falls too
+    from gpt1.train import RunConfig, lr_lambda
+
+    factor = lr_lambda(RunConfig(max_steps=300, warmup_steps=30, lr=1e-3))
+    for r in metrics(out):  # the rate each logged step ran at (it was the next step's: 0 at the last)
+        if "loss" in r:
+            assert r["lr"] == pytest.approx(1e-3 * factor(r["step"] - 1), rel=1e-9, abs=0), r
     assert os.path.isfile(os.path.join(out, "model.pt"))
 
 
@@ -297,7 +303,10 @@ def test_bad_input_is_one_line_error(data, tmp_path, case):
     (["--save-interval", "0"], "--save-interval must be at least 1"),
     (["--warmup-steps", "-2"], "--warmup-steps must be at least -1"),  # -1: the default warmup
     (["--dropout", "-0.5"], "--dropout must be in [0.0, 1.0], got -0.5"),  # only -1 means the model's rates
-    (["--min-lr", "nan"], "--min-lr must be at least 0.0, got nan"),
+    (["--min-lr", "nan"], "--min-lr must be in [0.0, 0.00025], got nan"),
+    (["--min-lr", "1"], "--min-lr must be in [0.0, 0.00025], got 1.0"),  # the cosine would climb to it
+    (["--lr", "1e-3", "--min-lr", "2e-3"], "--min-lr must be in [0.0, 0.001], got 0.002"),
+    (["--lr", "-1"], "--lr must be at least 0.0, got -1.0"),
     (["--dropout-seed", "-2"], "--dropout-seed must be at least 0, got -2"),  # -1: derived from --seed
 ])
 def test_flags_out_of_range_are_refused(flags, msg):
