@@ -42,7 +42,7 @@ def save_hf(model: GPT1, out_dir, tokenizer=None):
     hf.tie_weights()
     hf.save_pretrained(out_dir)
     if tokenizer is not None:
-        tokenizer.save(out_dir)
+        tokenizer.save_hf(out_dir, model.config.n_positions)
 
 
 def read_state_dict(path):

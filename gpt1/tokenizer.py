@@ -68,6 +68,17 @@ class GPT1Tokenizer:
         with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(self.tok.get_vocab(with_added_tokens=True), f, ensure_ascii=False)
 
+    def save_hf(self, path, model_max_length):
+        """Also write tokenizer.json (the whole tokenizer, pre-tokenizer and decoder included) and a
+        tokenizer_config.json naming it, so that transformers' AutoTokenizer.from_pretrained(path) encodes as this
+        tokenizer does (HF's OpenAIGPTTokenizer reads "</w>"-suffixed files, not byte-level ones)."""
+        self.save(path)
+        self.tok.save(os.path.join(path, "tokenizer.json"))
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT, "pad_token": PAD,
+                       "additional_special_tokens": [START, DELIM, EXTRACT], "model_max_length": model_max_length},
+                      f, indent=2)
+
     @property
     def vocab_size(self):
         return self.tok.get_vocab_size(with_added_tokens=True)

@@ -45,6 +45,14 @@ def test_export_matches_transformers_logits(tmp_path, tok):
     with torch.no_grad():
         ours, theirs = model(ids).logits, hf(ids).logits
     assert_close(theirs, ours, atol=1e-5, rtol=0, name="logits")
+    # the tokenizer loads as transformers' AutoTokenizer and encodes and decodes as ours
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    text = "KING: What say'st thou?\n  Hark,<|endoftext|> 1,024 caf\u00e9s"
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    assert hf_tok.decode(tok.encode(text)) == text
+    assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.eot_id, tok.pad_id)
     # and back: load_hf gives the same model
     again = load_hf(str(tmp_path / "hf"))
     assert again.config.architecture() == model.config.architecture()
