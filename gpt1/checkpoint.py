@@ -89,6 +89,10 @@ def check_run_dir(run, cfg, ds, meta, rank):
     """Refuse a run directory made for another model, or one holding a run that --resume was not asked
     to continue; then (rank 0) write the resolved configs and the tokenizer into it."""
     cfg_path = os.path.join(run.out, "config.json")
+    kind = holds_run(run.out)
+    if kind in ("fine-tuning", "Hugging Face"):
+        raise GPT1Error(f"{run.out} holds a {kind} {'run' if kind == 'fine-tuning' else 'export'}, not a "
+                        "pre-training run; choose another --out")
     if os.path.isfile(cfg_path):
         try:
             with open(cfg_path) as f:

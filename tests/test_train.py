@@ -266,7 +266,10 @@ def test_nan_loss_is_skipped_then_stops_the_run(data, tmp_path, stage):
 def bad_input_cases(data, tmp_path):
     good = ds_config(tmp_path, stage=0, bf16=False)
     (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "ft").mkdir()
+    (tmp_path / "ft" / "config.json").write_text(json.dumps({"finetune": {}, "model": {}}))
     return {
+        "fine-tuning out": (dict(config=good, out=str(tmp_path / "ft")), "holds a fine-tuning run"),
         "batch sizes": (dict(config=ds_config(tmp_path, stage=1, train_batch_size=7)), "multiply out"),
         "unknown preset": (dict(config=good, model="gpt7"), "unknown model preset"),
         "missing ds config": (dict(config=str(tmp_path / "nope.json")), "not found"),
@@ -280,9 +283,9 @@ def bad_input_cases(data, tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["batch sizes", "unknown preset", "missing ds config", "broken ds config",
-                                  "seq too long", "missing data", "compile mode", "inline uncompiled",
-                                  "negative steps"])
+@pytest.mark.parametrize("case", ["fine-tuning out", "batch sizes", "unknown preset", "missing ds config",
+                                  "broken ds config", "seq too long", "missing data", "compile mode",
+                                  "inline uncompiled", "negative steps"])
 def test_bad_input_is_one_line_error(data, tmp_path, case):
     flags, msg = bad_input_cases(data, tmp_path)[case]
     out = str(tmp_path / "run")
