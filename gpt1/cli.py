@@ -60,7 +60,7 @@ def prepare(argv):
 
 
 def export_hf(argv):
-    from .checkpoint import holds_run, load_run
+    from .checkpoint import load_run
     from .hf import save_hf
 
     p = argparse.ArgumentParser(prog="gpt1 export-hf", description="Export a run as an HF OpenAIGPT directory: "
@@ -77,10 +77,6 @@ def export_hf(argv):
     if len(set(outs)) > 1:
         p.error(f"two output directories given: {outs[0]!r} and --out {outs[1]!r}")
     model, tokenizer = load_run(run_dir(p, a))
-    kind = holds_run(outs[0])
-    if kind not in (None, "Hugging Face"):  # an export is written over
-        what = "a config.json that is not a Hugging Face export's" if kind == "other" else f"a {kind} run"
-        raise GPT1Error(f"{outs[0]} holds {what}; export into another directory")
     save_hf(model, outs[0], tokenizer)
     print(f"wrote {outs[0]}: load it with transformers.OpenAIGPTLMHeadModel.from_pretrained({outs[0]!r})")
 

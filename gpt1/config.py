@@ -1,6 +1,7 @@
 """Model configuration: GPT-1's hyper-parameters under Hugging Face's field names, and named presets."""
 
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 
 ATTN_IMPLS = ("auto", "eager", "sdpa", "triton")
 LOSS_IMPLS = ("auto", "eager", "triton", "triton_linear")
@@ -31,8 +32,23 @@ class GPT1Config:
     mlp_impl: str = "eager"  # eager | triton (the MLP's bias + GELU in one kernel each way, with the bias gradient)
 
     def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            value = getattr(self, name)
+            if value is None and name == "n_inner":
+                continue
+            if not isinstance(value, Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}")
         if self.n_inner is None:
             self.n_inner = 4 * self.n_embd
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "layer_norm_epsilon", "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, Real) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not 0.0 < self.layer_norm_epsilon < float("inf"):
+            raise ValueError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.attn_impl not in ATTN_IMPLS:
@@ -45,9 +61,6 @@ class GPT1Config:
             raise ValueError(f"mlp_impl must be one of {MLP_IMPLS}, got {self.mlp_impl!r}")
         if not isinstance(self.residual_in_fp32, bool):
             raise ValueError(f"residual_in_fp32 must be true or false, got {self.residual_in_fp32!r}")
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

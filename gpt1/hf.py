@@ -28,8 +28,16 @@ def hf_config(cfg: GPT1Config):
 
 
 def save_hf(model: GPT1, out_dir, tokenizer=None):
-    """Write `out_dir` so that OpenAIGPTLMHeadModel.from_pretrained(out_dir) gives our logits."""
+    """Write `out_dir` so that OpenAIGPTLMHeadModel.from_pretrained(out_dir) gives our logits. A directory that
+    holds a run (checkpoint.holds_run) is refused; an earlier export is written over."""
     from transformers import OpenAIGPTLMHeadModel
+
+    from .checkpoint import holds_run
+
+    kind = holds_run(out_dir)
+    if kind not in (None, "Hugging Face"):
+        what = "a config.json that is not a Hugging Face export's" if kind == "other" else f"a {kind} run"
+        raise GPT1Error(f"{out_dir} holds {what}; export into another directory")
 
     state = {}
     for k, v in model.state_dict().items():
@@ -66,7 +74,7 @@ def load_hf(path, **overrides):
         hf = json.load(f)
     keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "embd_pdrop", "attn_pdrop", "resid_pdrop",
             "layer_norm_epsilon", "initializer_range")
-    cfg = GPT1Config(**{k: hf[k] for k in keys if k in hf}, **overrides)
+    cfg = GPT1Config(**{**{k: hf[k] for k in keys if k in hf}, **overrides})
     if hf.get("afn", "gelu") != "gelu":
         raise GPT1Error(f"{cfg_file}: activation {hf['afn']!r} is not GPT-1's GELU")
     state = {}

@@ -24,9 +24,12 @@ class GPT1Output:
     logits: torch.Tensor | None = None  # (B, T, V); None when a fused loss consumed them
 
 
-def resolve_attn_impl(impl, device):
+def resolve_attn_impl(impl, device, head_dim=64):
+    """"auto": our kernel on a CUDA GPU for the head dims it has (kernels.attention.HEAD_DIMS), else SDPA."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "sdpa"
+        from kernels.attention import HEAD_DIMS
+
+        return "triton" if device.type == "cuda" and head_dim in HEAD_DIMS else "sdpa"
     return impl
 
 
@@ -49,7 +52,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         p = self.attn_pdrop if self.training else 0.0
-        impl = resolve_attn_impl(self.attn_impl, x.device)
+        impl = resolve_attn_impl(self.attn_impl, x.device, self.c_attn.in_features // self.n_head)
         if impl == "triton":  # reads q, k, v through qkv's strides; its gradient comes back in qkv's layout
             y = kernels.fused_attention_qkv(qkv, causal=True, dropout_p=p)
         else:
@@ -231,6 +234,16 @@ class GPT1(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
         """Sample max_new_tokens after input_ids (B, T); temperature 0 means greedy."""
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (B, T) with T >= 1, got shape {tuple(input_ids.shape)}")
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         for _ in range(max_new_tokens):
             context = input_ids[:, -self.config.n_positions:]
             logits = self(context).logits[:, -1, :].float()

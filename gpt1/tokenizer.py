@@ -25,6 +25,11 @@ class GPT1Tokenizer:
 
     @classmethod
     def train(cls, files, vocab_size):
+        if vocab_size < 256 + len(SPECIAL_TOKENS):  # the byte alphabet and the special tokens
+            raise ValueError(f"vocab_size must be at least {256 + len(SPECIAL_TOKENS)}, got {vocab_size}")
+        for f in files:
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"tokenizer training file {f} not found")
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()

@@ -122,6 +122,13 @@ def test_windows_take_files_of_exactly_one_window(tmp_path):
         val.windows(np.random.default_rng(0), 1, 34)
 
 
+def test_training_refuses_a_vocabulary_smaller_than_its_alphabet_and_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size must be at least 261, got 10"):
+        GPT1Tokenizer.train([os.path.join(EXCERPT, "tempest.txt")], 10)
+    with pytest.raises(FileNotFoundError, match="nope.txt not found"):
+        GPT1Tokenizer.train([str(tmp_path / "nope.txt")], 300)
+
+
 def test_vocab_that_is_not_json_is_named(tmp_path):
     (tmp_path / "vocab.json").write_text("not json")
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")

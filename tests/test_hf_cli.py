@@ -237,3 +237,14 @@ def test_a_config_of_no_run_is_one_line_error(run_dir):
         json.dump({"model_type": "openai-gpt"}, f)
     res = cli("generate", run_dir)
     assert res.returncode == 2 and "config.json is not a run config" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_load_hf_overrides_any_field_and_save_hf_refuses_a_run(tmp_path, run_dir):
+    model = random_model()
+    save_hf(model, str(tmp_path / "hf"))
+    again = load_hf(str(tmp_path / "hf"), embd_pdrop=0.0, layer_norm_epsilon=1e-6, attn_impl="eager")
+    assert (again.config.embd_pdrop, again.config.layer_norm_epsilon, again.config.attn_impl) == (0.0, 1e-6, "eager")
+    from gpt1.errors import GPT1Error
+
+    with pytest.raises(GPT1Error, match="holds a pre-training run"):
+        save_hf(model, run_dir)

@@ -263,3 +263,37 @@ def test_kernel_attention_dropout_gives_the_gradients_of_its_mask(loss_impl, sca
             assert_close(ours_l[step], ref_l[step], name=f"loss, step {step}", atol=1e-2, rtol=0)
             for name, a, b in zip(names, ours_g[step], ref_g[step]):
                 grads_agree(a, b, f"{name}.grad, step {step}")
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (dict(n_head=0), "n_head must be positive, got 0"),  # before the divisibility check divides by it
+    (dict(n_embd=32.0), "n_embd must be an int, got 32.0"),
+    (dict(n_embd="128"), "n_embd must be an int"),
+    (dict(embd_pdrop="0.1"), "embd_pdrop must be a number"),
+    (dict(layer_norm_epsilon=-1.0), "layer_norm_epsilon must be positive"),
+    (dict(n_layer=True), "n_layer must be an int, got True"),
+])
+def test_config_values_of_the_wrong_type_or_sign_are_refused(overrides, msg):
+    with pytest.raises(ValueError, match=msg):
+        get_config("gpt1-tiny", **overrides)
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_k=0), "top_k must be at least 1"),
+    (dict(temperature=-1.0), "temperature must be >= 0"), (dict(max_new_tokens=-1), "max_new_tokens must be"),
+])
+def test_generate_refuses_bad_arguments(kwargs, msg):
+    model = small_model().eval()
+    with pytest.raises(ValueError, match=msg):
+        model.generate(torch.tensor([[1, 2]]), **{"max_new_tokens": 2, **kwargs})
+    with pytest.raises(ValueError, match="T >= 1"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+
+
+def test_auto_attention_falls_back_to_sdpa_for_head_dims_the_kernel_lacks():
+    from gpt1.model import resolve_attn_impl
+
+    cuda = torch.device("cuda")
+    assert resolve_attn_impl("auto", cuda, 64) == "triton" and resolve_attn_impl("auto", cuda, 24) == "sdpa"
+    assert resolve_attn_impl("auto", torch.device("cpu"), 64) == "sdpa"
+    assert resolve_attn_impl("triton", cuda, 24) == "triton"  # asked for: the kernel's own error says why not
