@@ -566,8 +566,8 @@ def ratio(key):
     return cell
 
 
-def header(rows, title):
-    env = rows[0] if rows else {}
+def header(rows, title, env=None):
+    env = env if env is not None else rows[0] if rows else {}
     lines = [f"# {title}", ""]
     if env.get("smoke"):
         where = "CPU interpreter" if str(env.get("gpu")).startswith("cpu") else "tiny shapes"
@@ -677,16 +677,33 @@ BANDWIDTH_COLUMNS = [("N", "N"), ("provider", "provider"), ("ms", value_or_statu
                      ("best peer", "best_peer"), ("graph vs best peer", graph_ratio_cell), ("note", "reason")]
 
 
-def cli_parser(description):
+def cli_parser(description, out=True, budget=True):
+    """The benches' parser: --smoke, and --out / --budget-s for those that write a directory / have a budget. Its
+    parse_args refuses a negative or non-finite budget and an --out that cannot be a directory (a file, or under
+    one), before any work, and creates --out."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--out", default=None, help="output directory (default: bench/results/<gpu>, "
-                                                    "or runs/bench-smoke with --smoke)")
+    class Parser(argparse.ArgumentParser):
+        def parse_args(self, args=None, namespace=None):
+            a = super().parse_args(args, namespace)
+            if budget and not (0 <= a.budget_s < math.inf):
+                self.error(f"--budget-s must be a finite number >= 0 (0: none), got {a.budget_s}")
+            if out and a.out is not None:
+                try:
+                    os.makedirs(a.out, exist_ok=True)
+                except OSError as e:
+                    self.error(f"--out {a.out}: cannot be a directory ({e.strerror})")
+            return a
+
+    parser = Parser(description=description)
+    if out:
+        parser.add_argument("--out", default=None, help="output directory (default: bench/results/<gpu>, "
+                                                        "or runs/bench-smoke with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter "
                                                               "(tests the harness; not a speed measurement)")
-    parser.add_argument("--budget-s", type=float, default=0, help="time budget in seconds (0: none); rows left "
-                                                                  "when it runs out are recorded as not run")
+    if budget:
+        parser.add_argument("--budget-s", type=float, default=0, help="time budget in seconds (0: none); rows left "
+                                                                      "when it runs out are recorded as not run")
     return parser
 
 
@@ -697,12 +714,13 @@ def out_dir(args):
     return args.out
 
 
-def write_outputs(rows, out, title, sections, headline=None):
+def write_outputs(rows, out, title, sections, headline=None, env=None):
     """results.json (every row, with ratios), results.md (a header, then each section's tables) and the
-    sections' plots; sections are (markdown(rows) -> lines, plot(rows, out) -> paths) pairs."""
+    sections' plots; sections are (markdown(rows) -> lines, plot(rows, out) -> paths) pairs. env: the run that the
+    header describes (default: the first row's)."""
     add_ratios(rows)
     write_json(rows, out)
-    lines = header(rows, title) + (headline or [])
+    lines = header(rows, title, env) + (headline or [])
     paths = []
     for markdown, plot in sections:
         lines += markdown(rows)

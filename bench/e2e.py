@@ -577,6 +577,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30; smoke 1)")
     parser.add_argument("--only", default=None, help="comma-separated row names (default: every row of ROWS)")
     args = parser.parse_args(argv)
+    for flag, value in (("--micro-batch", args.micro_batch), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.only is not None and not args.only.replace(",", "").strip():
+        parser.error("--only: no row names given")
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     unknown = [n for n in only or () if n not in {r.name for r in ROWS}]
     if unknown:

@@ -71,6 +71,9 @@ GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categori
 # gpt1.runtime.COMPILE_MODES, written out: importing gpt1 imports triton, which must wait until main has chosen
 # the interpreter (tests/test_profile_step.py checks the two agree)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# and gpt1.config's kernel choices, likewise (tests/test_profile_step.py checks that they agree)
+ATTN_IMPLS, LOSS_IMPLS = ("auto", "eager", "sdpa", "triton"), ("auto", "eager", "triton", "triton_linear")
+NORM_IMPLS = MLP_IMPLS = ("eager", "triton")
 IDLE_GAP_US = 20.0  # a GPU idle gap at least this long counts (shorter ones are launch latency)
 OPERATOR = re.compile(r"^(\w+)::\w")  # namespace::name
 SYNCING_OPS = ("aten::_local_scalar_dense",)  # .item(), bool(t), is_nonzero: a device-to-host copy and a wait
@@ -346,14 +349,15 @@ def format_anatomy(a, title):
 
 
 def parse_args(argv):
-    parser = common.cli_parser(__doc__.splitlines()[0])
+    parser = common.cli_parser(__doc__.splitlines()[0], out=False, budget=False)
     parser.add_argument("--recipe", choices=("deepspeed", "torch"), default="deepspeed",
                         help="deepspeed: gpt1.runtime's engine (our training path); torch: the nanoGPT recipe")
     parser.add_argument("--peer", action="store_true", help="the nanoGPT recipe: torch, sdpa/eager, compiled")
-    parser.add_argument("--attn-impl", default="auto", help="eager, sdpa, triton, auto")
-    parser.add_argument("--loss-impl", default="auto", help="eager, triton, triton_linear, auto")
-    parser.add_argument("--norm-impl", default="eager", help="eager, triton (residual dropout + add + LayerNorm)")
-    parser.add_argument("--mlp-impl", default="eager", help="eager, triton (the MLP's bias + GELU)")
+    parser.add_argument("--attn-impl", default="auto", choices=ATTN_IMPLS, help="eager, sdpa, triton, auto")
+    parser.add_argument("--loss-impl", default="auto", choices=LOSS_IMPLS, help="eager, triton, triton_linear, auto")
+    parser.add_argument("--norm-impl", default="eager", choices=NORM_IMPLS,
+                        help="eager, triton (residual dropout + add + LayerNorm)")
+    parser.add_argument("--mlp-impl", default="eager", choices=MLP_IMPLS, help="eager, triton (the MLP's bias + GELU)")
     parser.add_argument("--residual-in-fp32", action=__import__("argparse").BooleanOptionalAction, default=True,
                         help="under autocast, the residual stream in fp32 (default) or bf16")
     parser.add_argument("--compile", action=__import__("argparse").BooleanOptionalAction, default=None,
@@ -370,7 +374,11 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5 on a GPU, 2 on a CPU)")
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step")
     parser.add_argument("--json", default=None, help="also write the anatomy to this JSON file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--micro-batch", args.micro_batch), ("--warmup", args.warmup)):
+        if value is not None and value < (0 if flag == "--warmup" else 1):
+            parser.error(f"{flag} must be at least {0 if flag == '--warmup' else 1}, got {value}")
+    return args
 
 
 def profile_recipe(recipe, smoke=False, tiny=False, steps=5, warmup=None, micro_batch=None):

@@ -32,9 +32,10 @@ def measure(smoke):
 
 
 def main(argv=None):
-    parser = common.cli_parser(__doc__.splitlines()[0])
+    parser = common.cli_parser(__doc__.splitlines()[0], out=False, budget=False)
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
+    common.use_interpreter_without_gpu(args.smoke)  # without a GPU: --smoke, or a one-line refusal
     r = measure(args.smoke)
     peak = (f" ({r['matmul_tflops'] / r['datasheet_tflops']:.0%} of the datasheet's {r['datasheet_tflops']:g})"
             if r["datasheet_tflops"] else "")

@@ -100,21 +100,30 @@ def main(argv=None):
     unknown = [n for n in names if n not in BENCHES]
     if unknown or not names:
         parser.error(f"--only: unknown bench(es) {', '.join(unknown) or '(none given)'}; benches: {', '.join(BENCHES)}")
+    rows = []
+    for path in args.include:  # read before any bench runs: a bad file is refused first
+        try:
+            with open(path) as f:
+                included = json.load(f)
+        except (OSError, ValueError) as e:
+            parser.error(f"--include {path}: {e}")
+        if not isinstance(included, list) or not all(isinstance(r, dict) and r.get("bench") in BENCHES
+                                                      for r in included):
+            parser.error(f"--include {path}: not a results.json of these benches (a list of rows)")
+        rows += included
     common.use_interpreter_without_gpu(args.smoke)  # before any module imports kernels
-    out, benches = common.out_dir(args), {n: importlib.import_module(f".{n}", __package__) for n in names}
-    rows, t0 = [], time.monotonic()
-    for path in args.include:
-        with open(path) as f:
-            rows += json.load(f)
+    out, t0 = common.out_dir(args), time.monotonic()
+    env = common.environment(args.smoke)  # the header describes this run, whatever the included rows say
     for name, budget in budgets(names, args.budget_s, args.smoke).items():
         t = time.monotonic()
-        rows += benches[name].run(args.smoke, common.Deadline(budget))
+        rows += importlib.import_module(f".{name}", __package__).run(args.smoke, common.Deadline(budget))
         print(f"{name}: {time.monotonic() - t:.0f} s", flush=True)
-        # written after every bench, so that a run stopped from outside keeps what it measured
-        shown = [n for n in benches if any(r["bench"] == n for r in rows)]
+        # written after every bench, so that a run stopped from outside keeps what it measured; every bench with
+        # rows gets its section, an included one's too
+        shown = [importlib.import_module(f".{n}", __package__) for n in BENCHES if any(r["bench"] == n for r in rows)]
         common.add_ratios(rows)
-        common.write_outputs(rows, out, "GPT-1 kernel benchmarks", [(benches[n].markdown, benches[n].plot)
-                                                                     for n in shown], headline=headline(rows))
+        common.write_outputs(rows, out, "GPT-1 kernel benchmarks", [(b.markdown, b.plot) for b in shown],
+                             headline=headline(rows), env=env)
     print(f"total: {time.monotonic() - t0:.0f} s")
 
 

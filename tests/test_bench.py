@@ -651,3 +651,37 @@ def test_curves_runs_are_gpt1_train_flags():
     assert runs["compiled-inline-fused"].inline_kernels and runs["compiled-inline-fused"].compile
     assert runs["compiled-graphs-inline-fused"].compile_mode == "reduce-overhead"
     assert not runs["compiled"].inline_kernels
+
+
+def test_bench_flags_are_checked_before_any_work(tmp_path):
+    """A negative or infinite budget, and an --out under a file, are usage errors at parse time (the out folder
+    used to be made after the whole run); a good --out is created."""
+    from bench import common
+
+    (tmp_path / "afile").write_text("")
+    for argv in (["--budget-s", "-5"], ["--budget-s", "inf"], ["--out", str(tmp_path / "afile" / "sub")],
+                 ["--out", str(tmp_path / "afile")]):
+        with pytest.raises(SystemExit) as e:
+            common.cli_parser("x").parse_args(argv)
+        assert e.value.code == 2
+    common.cli_parser("x").parse_args(["--out", str(tmp_path / "new" / "dir")])
+    assert (tmp_path / "new" / "dir").is_dir()
+    assert "--out" not in common.cli_parser("x", out=False, budget=False).format_help()
+
+
+def test_included_rows_get_their_sections_under_this_runs_header(smoke_run, tmp_path):
+    """run_all --include (the GPU session's ops stage adds the e2e rows so): the included bench gets its section
+    and plot, and the header describes this run, not the included rows' (here: a commit they do not carry)."""
+    _, rows = smoke_run
+    e2e = [dict(r, commit="0" * 40) for r in rows if r["bench"] == "e2e"]
+    (tmp_path / "e2e.json").write_text(json.dumps(e2e))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "bench.run_all", "--smoke", "--only", "gelu", "--include", str(tmp_path / "e2e.json"),
+           "--out", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "## End to end" in md and "SMOKE" in md and "commit " + "0" * 40 not in md.split("## ")[0]
+    bad = subprocess.run(cmd[:-4] + ["--include", str(tmp_path / "missing.json")], cwd=ROOT, env=env, check=False,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "missing.json" in bad.stderr.strip().splitlines()[-1]

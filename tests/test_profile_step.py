@@ -209,3 +209,17 @@ def test_linear_cross_entropy_host_operators_per_chunk():
 
     per_chunk = (outer_ops(4) - outer_ops(8)) / (16 - 8)
     assert per_chunk <= 13, per_chunk
+
+
+def test_flags_are_checked_before_anything_runs():
+    """The kernel choices are gpt1.config's (written out in bench.profile_step, which must not import gpt1 before
+    choosing the interpreter); bad values are usage errors, not tracebacks after the set-up."""
+    from bench import profile_step
+    from gpt1 import config
+
+    assert (profile_step.ATTN_IMPLS, profile_step.LOSS_IMPLS, profile_step.NORM_IMPLS, profile_step.MLP_IMPLS) == (
+        config.ATTN_IMPLS, config.LOSS_IMPLS, config.NORM_IMPLS, config.MLP_IMPLS)
+    for argv in (["--attn-impl", "bogus"], ["--steps", "0"], ["--micro-batch", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            profile_step.parse_args(["--smoke", *argv])
+        assert e.value.code == 2
