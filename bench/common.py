@@ -509,6 +509,12 @@ def role(row):
     return EAGER if row["provider"] == EAGER else OURS if row["provider"].startswith(OURS) else "peer"
 
 
+def open_for_writing(path):
+    """open(path, "w"), its folder made first (a --json FILE in a folder that does not exist yet)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return open(path, "w")
+
+
 def write_json(rows, out_dir, name="results.json"):
     path = os.path.join(out_dir, name)
     with open(path, "w") as f:

@@ -248,9 +248,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("compile_report: unset TRITON_INTERPRET, the interpreter does not compile")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    unknown = sorted(set(args.arch) - set(ARCHS))
+    if unknown:
+        parser.error(f"--arch: no compile target for {unknown}; targets: {list(ARCHS)}")
     rows = run(tuple(args.arch), args.filter, args.jobs)
+    if not rows:
+        parser.error(f"--filter {args.filter!r}: no kernel's name contains it")
     print(format_table(rows))
     if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     bad = [r for r in rows if not r["ok"] or r["local"] or r["spill_stores"]]

@@ -148,7 +148,7 @@ def main(argv=None):
     rows = measure(5 if args.smoke else args.calls, dev)
     print(markdown(rows, env))
     if args.json:
-        with open(args.json, "w") as f:
+        with common.open_for_writing(args.json) as f:
             json.dump({"environment": env, "device": dev, "rows": rows}, f, indent=1)
 
 

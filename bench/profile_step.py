@@ -421,7 +421,7 @@ def main(argv=None):
                        args.micro_batch)
     print(format_anatomy(a, f"profile_step: {a['description']}; {a['gpu']}; commit {a['commit']}"))
     if args.json:
-        with open(args.json, "w") as f:
+        with common.open_for_writing(args.json) as f:
             json.dump(a, f, indent=1)
 
 

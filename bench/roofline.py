@@ -43,7 +43,7 @@ def main(argv=None):
     print(f"roofline on {r['gpu']}: bf16 matmul {r['matmul_n']}^3 {r['matmul_tflops']:.0f} TFLOP/s{peak}; "
           f"device copy {r['copy_gbps']:.0f} GB/s (read + write){smoke}")
     if args.json:
-        with open(args.json, "w") as f:
+        with common.open_for_writing(args.json) as f:
             json.dump(r, f, indent=1)
 
 

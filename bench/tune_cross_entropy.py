@@ -160,8 +160,10 @@ def table(rows, picks, env, smoke):
                 "speedup": round(geo, 4), "speedups": {s: round(v, 4) for s, v in per_shape.items()},
                 "gpu": env["gpu"], "triton": env["triton"], "torch": env["torch"], "commit": env["commit"]}
                for size, (launch, geo, per_shape) in sorted(picks.items())]
-    return {"about": "Written by python -m bench.tune_cross_entropy; copy to kernels/cross_entropy_tuned.json to use "
-                     f"it. Entries: a (num_warps, unroll) at least {MIN_GAIN:.0%} faster than the default "
+    about = ("SMOKE: written by python -m bench.tune_cross_entropy --smoke, which measures nothing; never commit "
+             "it (kernels/ refuses it). " if smoke else "Written by python -m bench.tune_cross_entropy; copy to "
+             "kernels/cross_entropy_tuned.json to use it. ")
+    return {"about": about + f"Entries: a (num_warps, unroll) at least {MIN_GAIN:.0%} faster than the default "
                      f"{CANDIDATES[0]} by the geometric mean over the shapes, and slower on none.",
             "smoke": bool(smoke), "environment": env, "entries": entries, "rows": rows}
 

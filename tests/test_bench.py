@@ -685,3 +685,14 @@ def test_included_rows_get_their_sections_under_this_runs_header(smoke_run, tmp_
     bad = subprocess.run(cmd[:-4] + ["--include", str(tmp_path / "missing.json")], cwd=ROOT, env=env, check=False,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "missing.json" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_json_files_get_their_folder_and_curves_refuses_an_empty_batch(tmp_path):
+    from bench import common, curves
+
+    with common.open_for_writing(str(tmp_path / "new" / "rows.json")) as f:
+        f.write("[]")
+    assert (tmp_path / "new" / "rows.json").read_text() == "[]"
+    with pytest.raises(SystemExit) as e:
+        curves.parse_args(["--smoke", "--micro-batch-size", "0"])  # it used to mean the default, silently
+    assert e.value.code == 2

@@ -142,3 +142,14 @@ def test_compile_specs_are_dicts_naming_every_argument():
             assert set(spec["signature"]) | set(spec["constexprs"]) == set(spec["fn"].arg_names), spec["name"]
     with pytest.raises(ValueError, match="missing"):
         _normalize({"name": "x", "fn": None})
+
+
+@pytest.mark.parametrize("argv, msg", [(["--filter", "nosuchkernel"], "no kernel's name contains it"),
+                                       (["--arch", "75"], "no compile target for [75]"),
+                                       (["--jobs", "0"], "--jobs must be at least 1")])
+def test_flags_that_select_nothing_are_usage_errors(argv, msg):
+    """It used to print "0 compiled, 0 failed" and exit 0, as if every kernel had passed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.compile_report", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 2 and msg in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
