@@ -713,6 +713,14 @@ def cli_parser(description, out=True, budget=True):
     return parser
 
 
+def check_at_least(parser, args, **lows):
+    """A usage error for the first of these flags (by dest) below its low end; None (a flag's default) passes."""
+    for dest, low in lows.items():
+        value = getattr(args, dest)
+        if value is not None and value < low:
+            parser.error(f"--{dest.replace('_', '-')} must be at least {low}, got {value}")
+
+
 def out_dir(args):
     if args.out is None:
         args.out = "runs/bench-smoke" if args.smoke else os.path.join("bench", "results", gpu_slug(gpu_name()))

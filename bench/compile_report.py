@@ -44,6 +44,8 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
+from . import common
+
 SPEC_MODULES = ("kernels.attention", "kernels.cross_entropy", "kernels.layer_norm", "kernels.gelu")
 ARCHS = (80, 90)
 
@@ -248,8 +250,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("compile_report: unset TRITON_INTERPRET, the interpreter does not compile")
-    if args.jobs is not None and args.jobs < 1:
-        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    common.check_at_least(parser, args, jobs=1)
     unknown = sorted(set(args.arch) - set(ARCHS))
     if unknown:
         parser.error(f"--arch: no compile target for {unknown}; targets: {list(ARCHS)}")
@@ -258,8 +259,7 @@ def main(argv=None):
         parser.error(f"--filter {args.filter!r}: no kernel's name contains it")
     print(format_table(rows))
     if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
+        with common.open_for_writing(args.json) as f:
             json.dump(rows, f, indent=1)
     bad = [r for r in rows if not r["ok"] or r["local"] or r["spill_stores"]]
     summary = (f"{len(rows)} compiled, {sum(not r['ok'] for r in rows)} failed, "

@@ -131,8 +131,7 @@ def parse_args(argv):
                                                                     "model's, 0.1)")
     parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args(argv)
-    if args.micro_batch_size is not None and args.micro_batch_size < 1:
-        parser.error(f"--micro-batch-size must be at least 1, got {args.micro_batch_size}")
+    common.check_at_least(parser, args, micro_batch_size=1)
     smoke = args.smoke
     args.runs = selected_runs(args.runs)
     args.steps = args.steps if args.steps is not None else (4 if smoke else 200)

@@ -147,8 +147,9 @@ def resolve(recipe, device=None):
     compile_ = recipe.compile
     if compile_ is None:
         compile_ = compiles_by_default(dev.type, recipe.zero or 0, recipe.compile_mode)
-    return replace(recipe, attn=resolve_attn_impl(recipe.attn, dev), loss=resolve_loss_impl(recipe.loss, dev),
-                   compile=compile_)
+    cfg = model_config(SETTINGS)  # GPT-1's head dim, 64 (the smoke preset's, 32, has our kernel too)
+    return replace(recipe, attn=resolve_attn_impl(recipe.attn, dev, cfg.n_embd // cfg.n_head),
+                   loss=resolve_loss_impl(recipe.loss, dev), compile=compile_)
 
 
 def describe(recipe, s):
@@ -577,9 +578,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 30; smoke 1)")
     parser.add_argument("--only", default=None, help="comma-separated row names (default: every row of ROWS)")
     args = parser.parse_args(argv)
-    for flag, value in (("--micro-batch", args.micro_batch), ("--steps", args.steps)):
-        if value is not None and value < 1:
-            parser.error(f"{flag} must be at least 1, got {value}")
+    common.check_at_least(parser, args, micro_batch=1, steps=1)
     if args.only is not None and not args.only.replace(",", "").strip():
         parser.error("--only: no row names given")
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None

@@ -142,8 +142,7 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=200, help="calls per repeat (default 200; --smoke 5)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    if args.calls < 1:
-        parser.error(f"--calls must be at least 1, got {args.calls}")
+    common.check_at_least(parser, args, calls=1)
     env, dev = common.environment(args.smoke), common.device()
     rows = measure(5 if args.smoke else args.calls, dev)
     print(markdown(rows, env))

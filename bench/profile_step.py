@@ -375,9 +375,7 @@ def parse_args(argv):
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step")
     parser.add_argument("--json", default=None, help="also write the anatomy to this JSON file")
     args = parser.parse_args(argv)
-    for flag, value in (("--steps", args.steps), ("--micro-batch", args.micro_batch), ("--warmup", args.warmup)):
-        if value is not None and value < (0 if flag == "--warmup" else 1):
-            parser.error(f"{flag} must be at least {0 if flag == '--warmup' else 1}, got {value}")
+    common.check_at_least(parser, args, steps=1, micro_batch=1, warmup=0)
     return args
 
 

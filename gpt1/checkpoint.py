@@ -76,6 +76,17 @@ def holds_run(path):
     return None
 
 
+_HOLDS = {"pre-training": "a pre-training run", "fine-tuning": "a fine-tuning run",
+          "Hugging Face": "a Hugging Face export", "other": "a config.json that is no run's nor an export's"}
+
+
+def refuse_to_write_over(path, allowed, advice):
+    """A GPT1Error naming what `path` holds (holds_run) unless it is nothing or one of the kinds in `allowed`."""
+    kind = holds_run(path)
+    if kind is not None and kind not in allowed:
+        raise GPT1Error(f"{path} holds {_HOLDS[kind]}; {advice}")
+
+
 def complete_tags(root):
     """Tags of the complete checkpoints under root, oldest first."""
     if not os.path.isdir(root):
@@ -89,10 +100,8 @@ def check_run_dir(run, cfg, ds, meta, rank):
     """Refuse a run directory made for another model, or one holding a run that --resume was not asked
     to continue; then (rank 0) write the resolved configs and the tokenizer into it."""
     cfg_path = os.path.join(run.out, "config.json")
-    kind = holds_run(run.out)
-    if kind in ("fine-tuning", "Hugging Face"):
-        raise GPT1Error(f"{run.out} holds a {kind} {'run' if kind == 'fine-tuning' else 'export'}, not a "
-                        "pre-training run; choose another --out")
+    # another config.json is refused below, by what it lacks
+    refuse_to_write_over(run.out, ("pre-training", "other"), "choose another --out")
     if os.path.isfile(cfg_path):
         try:
             with open(cfg_path) as f:

@@ -32,17 +32,14 @@ class GPT1Config:
     mlp_impl: str = "eager"  # eager | triton (the MLP's bias + GELU in one kernel each way, with the bias gradient)
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
-            value = getattr(self, name)
-            if value is None and name == "n_inner":
-                continue
-            if not isinstance(value, Integral) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an int, got {value!r}")
-        if self.n_inner is None:
+        if self.n_inner is None and isinstance(self.n_embd, Integral):
             self.n_inner = 4 * self.n_embd
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop", "layer_norm_epsilon", "initializer_range"):
             value = getattr(self, name)
             if not isinstance(value, Real) or isinstance(value, bool):

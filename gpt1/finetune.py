@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import glue
-from .checkpoint import holds_run, load_run, save_weights, write_json
+from .checkpoint import load_run, refuse_to_write_over, save_weights, write_json
 from .errors import GPT1Error, cli_errors
 from .runtime import (
     all_reduce,
@@ -278,10 +278,7 @@ def check_out(run):
     """Refuse an --out that holds --init or another kind of run (a fine-tuning run's is written over)."""
     if os.path.isdir(run.out) and os.path.exists(run.init) and os.path.samefile(run.out, run.init):
         raise GPT1Error(f"--out {run.out} is the --init directory; write the fine-tuned model elsewhere")
-    kind = holds_run(run.out)
-    if kind not in (None, "fine-tuning"):
-        what = {"other": "a config.json of no run", "Hugging Face": "a Hugging Face export"}.get(kind, f"a {kind} run")
-        raise GPT1Error(f"--out {run.out} holds {what}; choose another --out")
+    refuse_to_write_over(run.out, ("fine-tuning",), "choose another --out")
 
 
 def epoch_order(n, batch, seed, epoch):

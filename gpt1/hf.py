@@ -32,12 +32,9 @@ def save_hf(model: GPT1, out_dir, tokenizer=None):
     holds a run (checkpoint.holds_run) is refused; an earlier export is written over."""
     from transformers import OpenAIGPTLMHeadModel
 
-    from .checkpoint import holds_run
+    from .checkpoint import refuse_to_write_over
 
-    kind = holds_run(out_dir)
-    if kind not in (None, "Hugging Face"):
-        what = "a config.json that is not a Hugging Face export's" if kind == "other" else f"a {kind} run"
-        raise GPT1Error(f"{out_dir} holds {what}; export into another directory")
+    refuse_to_write_over(out_dir, ("Hugging Face",), "export into another directory")
 
     state = {}
     for k, v in model.state_dict().items():

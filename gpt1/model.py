@@ -24,12 +24,10 @@ class GPT1Output:
     logits: torch.Tensor | None = None  # (B, T, V); None when a fused loss consumed them
 
 
-def resolve_attn_impl(impl, device, head_dim=64):
+def resolve_attn_impl(impl, device, head_dim):
     """"auto": our kernel on a CUDA GPU for the head dims it has (kernels.attention.HEAD_DIMS), else SDPA."""
     if impl == "auto":
-        from kernels.attention import HEAD_DIMS
-
-        return "triton" if device.type == "cuda" and head_dim in HEAD_DIMS else "sdpa"
+        return "triton" if device.type == "cuda" and head_dim in kernels.attention.HEAD_DIMS else "sdpa"
     return impl
 
 

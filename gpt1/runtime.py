@@ -501,12 +501,16 @@ def read_rows(path):
 
 def drop_rows_after(path, step):
     """Rewrite a metrics.jsonl without its rows past `step`: what a resumed run logs again."""
+    from .checkpoint import atomic_write
+
     if os.path.isfile(path):
         rows = [r for r in read_rows(path) if r.get("step", 0) <= step]
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, path)
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+        atomic_write(path, write)
 
 
 # Dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from NVIDIA's datasheets; the first key that is a
