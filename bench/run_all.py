@@ -112,11 +112,11 @@ def main(argv=None):
             parser.error(f"--include {path}: not a results.json of these benches (a list of rows)")
         rows += included
     common.use_interpreter_without_gpu(args.smoke)  # before any module imports kernels
-    out, t0 = common.out_dir(args), time.monotonic()
-    env = common.environment(args.smoke)  # the header describes this run, whatever the included rows say
+    out, t0, first = common.out_dir(args), time.monotonic(), len(rows)
     for name, budget in budgets(names, args.budget_s, args.smoke).items():
         t = time.monotonic()
         rows += importlib.import_module(f".{name}", __package__).run(args.smoke, common.Deadline(budget))
+        env = rows[first] if len(rows) > first else None  # the header describes this run, not an included row
         print(f"{name}: {time.monotonic() - t:.0f} s", flush=True)
         # written after every bench, so that a run stopped from outside keeps what it measured; every bench with
         # rows gets its section, an included one's too
