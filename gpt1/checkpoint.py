@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from .config import GPT1Config
-from .errors import GPT1Error
+from .errors import GPT1Error, reason
 from .tokenizer import GPT1Tokenizer
 
 
@@ -292,7 +292,7 @@ def convert(root, tag, record, workers=1):
             shutil.rmtree(dst)
         os.rename(out, dst)
     except Exception as e:  # noqa: BLE001 - whatever the converter raised, the original is untouched
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = reason(e)
         raise GPT1Error(f"converting checkpoint {src} to a universal checkpoint failed ({why}); the original is "
                         f"unchanged and still resumes on {record['world_size']} rank(s) with ZeRO-"
                         f"{record['zero_stage']}") from None
@@ -392,7 +392,7 @@ def _load(engine, root, tag):
     try:
         path, client = engine.load_checkpoint(root, tag=tag)
     except Exception as e:  # noqa: BLE001 - whatever DeepSpeed raised, name the checkpoint
-        raise GPT1Error(f"checkpoint {os.path.join(root, tag)} cannot be loaded: {str(e).splitlines()[0]}") from None
+        raise GPT1Error(f"checkpoint {os.path.join(root, tag)} cannot be loaded: {reason(e)}") from None
     if path is None:
         raise GPT1Error(f"checkpoint {os.path.join(root, tag)} cannot be loaded")
     return client
@@ -486,5 +486,5 @@ def load_run(run_dir, device="cpu"):
     try:
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     except (RuntimeError, zipfile.BadZipFile) as e:
-        raise GPT1Error(f"{weights} cannot be loaded: {str(e).splitlines()[0]}") from None
+        raise GPT1Error(f"{weights} cannot be loaded: {reason(e)}") from None
     return model.to(device).eval(), GPT1Tokenizer.from_dir(os.path.join(run_dir, "tokenizer"))

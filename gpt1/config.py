@@ -46,6 +46,8 @@ class GPT1Config:
                 raise ValueError(f"{name} must be a number, got {value!r}")
         if not 0.0 < self.layer_norm_epsilon < float("inf"):
             raise ValueError(f"layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+        if not 0.0 <= self.initializer_range < float("inf"):  # the init's std: torch refuses it only at build
+            raise ValueError(f"initializer_range must be >= 0 and finite, got {self.initializer_range}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.attn_impl not in ATTN_IMPLS:

@@ -88,6 +88,9 @@ def main(argv=None):
     p.add_argument("--dev-examples", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    for flag, n in (("--train-examples", a.train_examples), ("--dev-examples", a.dev_examples)):
+        if n < 1:  # 0 would write a file that no fine-tuning reads, fewer fail in random.sample
+            raise GPT1Error(f"{flag} must be at least 1, got {n}")
     counts = build(a.data, a.out, a.train_examples, a.dev_examples, a.seed)
     print(f"wrote {counts['train']} train and {counts['dev']} dev rows (CoLA format) to {a.out}")
 

@@ -50,19 +50,26 @@ def shakespeare_files(cache=CACHE):
     return files
 
 
-def collect_files(paths):
-    """Expand files and directories (their *.txt files, recursively) into a sorted list."""
-    files = []
+def collect_files(paths, out=None):
+    """Expand files and directories (their *.txt files, recursively) into a sorted list, each file once (a
+    document read twice could land in both splits). A directory's walk skips the output directory `out`,
+    whose merges.txt a second `prepare` into it would otherwise read as a document."""
+    files, seen = [], set()
+    skip = os.path.realpath(out) + os.sep if out else None
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(glob.glob(os.path.join(p, "**", "*.txt"), recursive=True))
+            found = sorted(f for f in glob.glob(os.path.join(p, "**", "*.txt"), recursive=True)
+                           if not (skip and os.path.realpath(f).startswith(skip)))
             if not found:
                 raise DataError(f"directory {p} holds no .txt files")
-            files += found
         elif os.path.isfile(p):
-            files.append(p)
+            found = [p]
         else:
             raise DataError(f"corpus path {p} does not exist")
+        for f in found:
+            if os.path.realpath(f) not in seen:
+                seen.add(os.path.realpath(f))
+                files.append(f)
     return files
 
 
@@ -123,9 +130,12 @@ def encode_documents(tokenizer, docs):
 
 def prepare(out, texts=None, vocab_size=40478, val_fraction=0.1, vocab=None, merges=None):
     """Build DIR from the given corpus (Shakespeare by default); returns the metadata dict."""
-    files = collect_files(texts) if texts else shakespeare_files()
+    files = collect_files(texts, out) if texts else shakespeare_files()
     source = [os.path.abspath(f) for f in texts] if texts else SHAKESPEARE
     train_docs, val_docs = split_documents(read_documents(files), val_fraction)
+    for name, split in (("train", train_docs), ("validation", val_docs)):
+        if not any(text.strip() for _, text in split):  # a fraction this close to 0 or 1 of so small a corpus
+            raise DataError(f"--val-fraction {val_fraction} leaves the {name} split of this corpus empty")
     if vocab or merges:
         if not (vocab and merges):
             raise DataError("--vocab and --merges must be given together")
@@ -133,6 +143,8 @@ def prepare(out, texts=None, vocab_size=40478, val_fraction=0.1, vocab=None, mer
     else:
         if vocab_size < 300:
             raise DataError(f"--vocab-size must be at least 300 (256 bytes + special tokens), got {vocab_size}")
+        if vocab_size > 2**32:  # the uint32 token file holds ids below 2**32
+            raise DataError(f"--vocab-size must be at most {2**32}, got {vocab_size}")
         with tempfile.TemporaryDirectory() as tmp:  # the trainer reads files: hand it the train split only
             paths = []
             for i, (_, text) in enumerate(train_docs):

@@ -88,7 +88,7 @@ def parse_args(argv=None):
     run = parse_dataclass(FinetuneConfig, argv, "gpt1 finetune", "Fine-tune GPT-1 on a GLUE-format task.")
     check_ranges(run, epochs=(1, None), lr=(0.0, None), batch_size=(1, None), gradient_accumulation_steps=(1, None),
                  warmup=(0.0, 1.0), weight_decay=(0.0, None), lm_coef=(0.0, None), clf_dropout=(0.0, 1.0),
-                 max_len=(0, None), log_interval=(1, None))
+                 max_len=(0, None), log_interval=(1, None), seed=(0, 2**32 - 1))  # numpy's global seed's range
     return run
 
 
@@ -102,6 +102,11 @@ def truncate(parts, budget):
         max(parts, key=len).pop()
         cut = True
     return parts, cut
+
+
+def min_len(kind):
+    """The shortest --max-len that leaves a token of every text part beside the special tokens."""
+    return 3 if kind == "classify" else 5
 
 
 def transform(kind, a, b, choices, tok, max_len):
@@ -274,11 +279,17 @@ def read_task(run, task):
     return labels, train, dev, test
 
 
-def check_out(run):
-    """Refuse an --out that holds --init or another kind of run (a fine-tuning run's is written over)."""
+def check_out(run, task):
+    """Refuse an --out that holds --init or another kind of run (a fine-tuning run's is written over), or whose
+    submission file would write over a task file."""
     if os.path.isdir(run.out) and os.path.exists(run.init) and os.path.samefile(run.out, run.init):
         raise GPT1Error(f"--out {run.out} is the --init directory; write the fine-tuned model elsewhere")
     refuse_to_write_over(run.out, ("fine-tuning",), "choose another --out")
+    submission = os.path.join(run.out, f"{task.name}.tsv")
+    for f in task_files(run, task):
+        if os.path.isfile(f) and os.path.isfile(submission) and os.path.samefile(f, submission):
+            raise GPT1Error(f"{submission} is a task file and would be written over by the test predictions; "
+                            "choose another --out")
 
 
 def epoch_order(n, batch, seed, epoch):
@@ -349,9 +360,13 @@ def main(argv=None):
 
     run = parse_args(argv)
     task = glue.get_task(run.task, run.text_column, run.text_b_column, run.label_column, run.choice_columns)
+    if run.max_len and run.max_len < min_len(task.kind):
+        raise GPT1Error(f"--max-len {run.max_len} leaves no room for the text of a {task.kind} example; "
+                        f"give at least {min_len(task.kind)}")
     labels, train_ex, dev_ex, test_ex = read_task(run, task)
+    task = glue.fit_metrics(task, labels)
     check_compile(run.compile, run.compile_mode, run.inline_kernels)
-    check_out(run)
+    check_out(run, task)
     rank, world, device = init_distributed()
     ds, max_grad_norm = lean_checks(ds_config(run, world), world)
     base, tok = load_init(run.init)

@@ -35,7 +35,9 @@ def generate(args):
     except (RuntimeError, AssertionError) as e:
         raise GPT1Error(f"--device {args.device}: {str(e).splitlines()[0]}") from None
     model, tokenizer = load_run(args.run, args.device)  # args.run: resolved by main (cli.run_dir)
-    model.set_impl(attn_impl="auto", loss_impl="auto")
+    # the run's kernel choice may be a GPU's: off one, torch's ops (the same model, in eval mode without dropout)
+    fused = None if torch.device(args.device).type == "cuda" else "eager"
+    model.set_impl(attn_impl="auto", loss_impl="auto", norm_impl=fused, mlp_impl=fused)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise GPT1Error("the prompt encodes to no tokens")

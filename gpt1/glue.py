@@ -12,7 +12,7 @@ train/dev files; an unlabelled test file keeps its `index` (or `id`) column for 
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -64,6 +64,13 @@ ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli"}
 def get_task(name, text_column="", text_b_column="", label_column="", choice_columns=""):
     """The Task for --task; `classify` and `choice` are built from the column flags for any headed TSV."""
     key = ALIASES.get(name.lower(), name.lower())
+    given = {"--text-column": text_column, "--text-b-column": text_b_column, "--label-column": label_column,
+             "--choice-columns": choice_columns}
+    takes = {"classify": ("--text-column", "--text-b-column", "--label-column"),
+             "choice": ("--text-column", "--label-column", "--choice-columns")}.get(key, ())
+    unused = [flag for flag, value in given.items() if value and flag not in takes]
+    if unused and key in (*TASKS, "classify", "choice"):  # ignored, it would leave other columns read than asked
+        raise GPT1Error(f"{', '.join(unused)} not used by --task {name}")
     if key in TASKS:
         return TASKS[key]
     if key == "classify":
@@ -76,6 +83,9 @@ def get_task(name, text_column="", text_b_column="", label_column="", choice_col
         if not (text_column and label_column and choice_columns):
             raise GPT1Error("--task choice needs --text-column, --choice-columns and --label-column")
         cols = (text_column, *[c.strip() for c in choice_columns.split(",")])
+        if len(cols) < 3:  # a softmax over one choice is 1 whatever the model says: nothing would be learned
+            raise GPT1Error(f"--choice-columns {choice_columns!r} names one answer column; a choice task needs two "
+                            "or more")
         return Task("choice", "choice", None, cols, label_column, ("accuracy",))
     raise GPT1Error(f"unknown task {name!r}; choose one of {', '.join(TASKS)}, classify or choice")
 
@@ -84,7 +94,7 @@ def read_rows(path):
     """(line number, fields) of each non-empty row of a GLUE TSV file (tabs, no quoting)."""
     if not os.path.isfile(path):
         raise GPT1Error(f"task file {path} not found")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # a byte-order mark is not part of the first name
         try:
             for lineno, line in enumerate(f, 1):
                 line = line.rstrip("\r\n")
@@ -162,9 +172,20 @@ def check_labels(task, examples, labels):
 
 def label_set(task, train_examples):
     """The task's labels; a generic classify task takes the sorted labels of its train file."""
-    if task.name == "classify":
-        return tuple(sorted({ex.label for ex in train_examples}))
-    return task.labels
+    if task.name != "classify":
+        return task.labels
+    labels = tuple(sorted({ex.label for ex in train_examples}))
+    if len(labels) < 2:  # one class: the loss is 0 whatever the model says, nothing would be learned
+        raise GPT1Error(f"{train_examples[0].where.rsplit(':', 1)[0]}: every example has the label {labels[0]!r}; "
+                        "a classifier needs two or more")
+    return labels
+
+
+def fit_metrics(task, labels):
+    """The task with the metrics that its label set allows: F1 of the class 1 means nothing among 3 or more."""
+    if task.name == "classify" and len(labels) > 2:
+        return replace(task, metrics=tuple(m for m in task.metrics if m != "f1"))
+    return task
 
 
 # ---- metrics: ours to keep the dependencies at numpy; each takes integer labels or float scores
@@ -182,12 +203,15 @@ def f1(pred, gold):
 
 
 def mcc(pred, gold):
-    """Matthews correlation of binary predictions; 0 when a row or column of the confusion matrix is empty."""
-    pred, gold = np.asarray(pred) == 1, np.asarray(gold) == 1
-    tp, tn = float(np.sum(pred & gold)), float(np.sum(~pred & ~gold))
-    fp, fn = float(np.sum(pred & ~gold)), float(np.sum(~pred & gold))
-    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / denom if denom else 0.0
+    """Matthews correlation over any number of classes (Gorodkin's R_K; for two classes the usual
+    (tp tn - fp fn) / sqrt(...)); 0 when the predictions or the labels are all of one class."""
+    pred, gold = np.asarray(pred), np.asarray(gold)
+    classes = np.union1d(pred, gold)
+    p = np.array([np.sum(pred == c) for c in classes], dtype=np.float64)  # predicted per class
+    t = np.array([np.sum(gold == c) for c in classes], dtype=np.float64)  # true per class
+    n, correct = float(len(gold)), float(np.sum(pred == gold))
+    denom = math.sqrt((n * n - p @ p) * (n * n - t @ t))
+    return (correct * n - p @ t) / denom if denom else 0.0
 
 
 def pearson(pred, gold):

@@ -10,7 +10,7 @@ import os
 import torch
 
 from .config import GPT1Config
-from .errors import GPT1Error
+from .errors import GPT1Error, reason
 from .model import GPT1
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -35,6 +35,8 @@ def save_hf(model: GPT1, out_dir, tokenizer=None):
     from .checkpoint import refuse_to_write_over
 
     refuse_to_write_over(out_dir, ("Hugging Face",), "export into another directory")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # save_pretrained would only log it and return
+        raise GPT1Error(f"{out_dir} is a file, not a directory to export into")
 
     state = {}
     for k, v in model.state_dict().items():
@@ -51,24 +53,34 @@ def save_hf(model: GPT1, out_dir, tokenizer=None):
 
 
 def read_state_dict(path):
+    from safetensors.torch import load_file
+
     for name in ("model.safetensors", "pytorch_model.bin"):
         f = os.path.join(path, name)
         if os.path.isfile(f):
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-                return load_file(f)
-            return torch.load(f, map_location="cpu", weights_only=True)
+            try:
+                if name.endswith(".safetensors"):
+                    return load_file(f)
+                return torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign file: whatever the reader raised, name it
+                raise GPT1Error(f"{f} cannot be read: {reason(e)}") from None
     raise GPT1Error(f"{path} holds neither model.safetensors nor pytorch_model.bin")
 
 
 def load_hf(path, **overrides):
-    """A GPT1 from an HF OpenAIGPT directory (ours, or the public openai-gpt layout, with or without
-    the `transformer.` key prefix); `overrides` set config fields such as attn_impl."""
+    """A GPT1 from an HF OpenAIGPT directory (ours, the public openai-gpt layout, with or without the `transformer.`
+    key prefix, or a double-heads model's, without its multiple-choice head); `overrides` set config fields such
+    as attn_impl."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise GPT1Error(f"{path} is not a Hugging Face model directory (no config.json)")
     with open(cfg_file) as f:
-        hf = json.load(f)
+        try:
+            hf = json.load(f)
+        except ValueError as e:
+            raise GPT1Error(f"{cfg_file} is not JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise GPT1Error(f"{cfg_file} is not a model config (a JSON object)")
     keys = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "embd_pdrop", "attn_pdrop", "resid_pdrop",
             "layer_norm_epsilon", "initializer_range")
     cfg = GPT1Config(**{**{k: hf[k] for k in keys if k in hf}, **overrides})
@@ -77,12 +89,27 @@ def load_hf(path, **overrides):
     state = {}
     for k, v in read_state_dict(path).items():
         k = k.removeprefix("transformer.")
-        if k == "lm_head.weight" or k.endswith((".attn.bias", "position_ids")):
-            continue  # the tied head and HF's mask/position buffers
+        if k.startswith("multiple_choice_head.") or k.endswith((".attn.bias", "position_ids")):
+            continue  # the double-heads model's classifier (not the LM's), HF's mask/position buffers
         state[k] = v.t() if k.endswith(CONV1D) else v
+    state = tied_head(state, path)
     model = GPT1(cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise GPT1Error(f"{path}: weights do not match its config.json: {str(e).splitlines()[0]}") from None
+        raise GPT1Error(f"{path}: weights do not match its config.json: {reason(e)}") from None
     return model.eval()  # as from_pretrained does
+
+
+def tied_head(state, path):
+    """`state` without lm_head.weight, which must be the token embedding: our head has no weights of its own. HF's
+    double-heads model ties the other way and saves the matrix as lm_head.weight alone."""
+    head = state.pop("lm_head.weight", None)
+    if head is None:
+        return state
+    if "tokens_embed.weight" not in state:
+        return {**state, "tokens_embed.weight": head}
+    if not torch.equal(head, state["tokens_embed.weight"]):
+        raise GPT1Error(f"{path}: its LM head (lm_head.weight) is not tied to the token embedding, as GPT-1's is "
+                        "(tie_word_embeddings false?): our model cannot hold it")
+    return state

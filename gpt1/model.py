@@ -183,6 +183,8 @@ class GPT1(nn.Module):
 
     def _decode(self, input_ids):
         """The final hidden states in the residual stream's dtype and in the compute dtype (see AddLayerNorm)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
         T = input_ids.shape[1]
         if T > self.config.n_positions:
             raise ValueError(f"sequence length {T} exceeds n_positions={self.config.n_positions}")
@@ -248,7 +250,9 @@ class GPT1(nn.Module):
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
-                probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+                # shifted so that the largest is 0: a tiny temperature then sends the others to -inf, not all to inf
+                logits = (logits - logits.amax(-1, keepdim=True)) / temperature
+                probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
             input_ids = torch.cat([input_ids, nxt], dim=1)
         return input_ids

@@ -74,7 +74,7 @@ def check_ranges(run, **ranges):
     --max-steps -5 must not pass for "no steps", nor --micro-batch-size -2 for "the config's"."""
     for name, (low, high) in ranges.items():
         value = getattr(run, name)
-        if (low is not None and value < low) or (high is not None and value > high) or value != value:
+        if (low is not None and value < low) or (high is not None and value > high) or not math.isfinite(value):
             bounds = f"at least {low}" if high is None else f"at most {high}" if low is None else f"in [{low}, {high}]"
             raise GPT1Error(f"--{name.replace('_', '-')} must be {bounds}, got {value}")
 

@@ -6,6 +6,7 @@ vocabulary: byte-level ones as they are, and the original GPT's "</w>"-suffixed 
 suffix and a whitespace pre-tokenizer.
 """
 
+import contextlib
 import json
 import os
 
@@ -47,15 +48,26 @@ class GPT1Tokenizer:
             raise ValueError(f"{vocab_file} is not a JSON vocabulary: {e}") from None
         if not isinstance(vocab, dict):
             raise ValueError(f"{vocab_file} is not a JSON vocabulary (token -> id)")
-        if any(t.endswith("</w>") for t in vocab):  # the original GPT's format
-            tok = Tokenizer(models.BPE.from_file(vocab_file, merges_file, end_of_word_suffix="</w>",
-                                                 unk_token="<unk>" if "<unk>" in vocab else None))
-            tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-            tok.decoder = decoders.BPEDecoder(suffix="</w>")
-        else:
-            tok = Tokenizer(models.BPE.from_file(vocab_file, merges_file))
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            tok.decoder = decoders.ByteLevel()
+        # ids index the embedding and size the token files: a gap or a repeat would overrun or alias them
+        if sorted(i if type(i) is int else -1 for i in vocab.values()) != list(range(len(vocab))):
+            raise ValueError(f"{vocab_file}: the token ids must be the integers 0 to {len(vocab) - 1}, each once")
+        original = any(t.endswith("</w>") for t in vocab)  # the original GPT's format
+        # a byte-level BPE drops, without a word, the bytes its vocabulary lacks
+        if not original and not set(pre_tokenizers.ByteLevel.alphabet()) <= vocab.keys():
+            raise ValueError(f"{vocab_file} is neither a byte-level vocabulary (it lacks some of the 256 byte "
+                             "symbols) nor one in the original GPT's format (</w> word ends)")
+        try:
+            if original:
+                tok = Tokenizer(models.BPE.from_file(vocab_file, merges_file, end_of_word_suffix="</w>",
+                                                     unk_token="<unk>" if "<unk>" in vocab else None))
+                tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+                tok.decoder = decoders.BPEDecoder(suffix="</w>")
+            else:
+                tok = Tokenizer(models.BPE.from_file(vocab_file, merges_file))
+                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                tok.decoder = decoders.ByteLevel()
+        except Exception as e:  # noqa: BLE001 - the Rust library raises a bare Exception for a bad file
+            raise ValueError(f"{vocab_file} and {merges_file} are not a BPE vocabulary and its merges: {e}") from None
         return cls(tok)
 
     @classmethod
@@ -70,8 +82,9 @@ class GPT1Tokenizer:
         """Write vocab.json (special tokens included) and merges.txt into the directory `path`."""
         os.makedirs(path, exist_ok=True)
         self.tok.model.save(str(path))
+        vocab = self.tok.get_vocab(with_added_tokens=True)  # a hash map's order: one of its own in each process
         with open(os.path.join(path, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(self.tok.get_vocab(with_added_tokens=True), f, ensure_ascii=False)
+            json.dump(dict(sorted(vocab.items(), key=lambda kv: kv[1])), f, ensure_ascii=False)
 
     def save_hf(self, path, model_max_length):
         """Also write tokenizer.json (the whole tokenizer, pre-tokenizer and decoder included) and a
@@ -93,10 +106,30 @@ class GPT1Tokenizer:
                 "extract": self.extract_id}
 
     def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False).ids
+        with _unicode_only([text]):
+            return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts):
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        with _unicode_only(texts):
+            return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+@contextlib.contextmanager
+def _unicode_only(texts):
+    """The library's TypeError for a str that is not Unicode text (a lone surrogate: an undecodable byte of
+    argv, say) as a ValueError that names it."""
+    try:
+        yield
+    except TypeError:
+        for t in texts:
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"cannot encode {t[max(0, e.start - 20):e.start + 20]!r}: a lone surrogate at "
+                                 f"character {e.start} is not Unicode text (an undecodable byte?)") from None
+            except AttributeError:  # not a str: the library's own error says so
+                pass
+        raise

@@ -64,7 +64,7 @@ def parse_args(argv=None):
                          weight_decay=(0.0, None), seq_len=(0, None), micro_batch_size=(0, None),
                          gradient_accumulation_steps=(0, None), eval_interval=(1, None), eval_batches=(1, None),
                          log_interval=(1, None), save_interval=(1, None), keep_checkpoints=(1, None),
-                         max_nonfinite=(1, None))
+                         max_nonfinite=(1, None), seed=(0, 2**32 - 1))  # numpy's global seed's range
     if run.dropout != -1.0:  # -1: the model's own rates
         runtime.check_ranges(run, dropout=(0.0, 1.0))
     if run.dropout_seed != -1:  # -1: from --seed
@@ -141,7 +141,8 @@ def main(argv=None):
     meta = load_meta(run.data)
     train_data, val_data = TokenFile(run.data, "train", meta["dtype"]), TokenFile(run.data, "val", meta["dtype"])
     cfg = build_model_config(run, meta)
-    val_data.require(run.seq_len + 1)  # before training, not at the first evaluation
+    for split in (train_data, val_data):  # before the run directory is written, not at the first evaluation
+        split.require(run.seq_len + 1)
     runtime.check_kernels(cfg, device)
     runtime.check_compile(run.compile, run.compile_mode, run.inline_kernels)
     checkpoint.check_run_dir(run, cfg, ds, meta, rank)

@@ -4,6 +4,7 @@ once per launch, and its tiles grow with the input: interpreter_block and interp
 argument checks, torch.autocast's cast of a matmul's inputs, and the dropout draws (Philox, in groups of 8
 columns) with their device seeds."""
 
+import functools
 import json
 import os
 
@@ -176,6 +177,28 @@ def check_tensors(prefix="", **tensors):
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"{prefix}{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def first_order(name):
+    """The decorator of a backward (an autograd.Function's, or register_autograd's) that is not itself
+    differentiable: our kernels compute the gradients in place of the ops that torch would differentiate again. Asked
+    for a graph of the gradients (create_graph=True, as a gradient penalty asks; the only way grad mode is on in a
+    backward), it raises a one-line error: the gradients it returned there had no graph, so a second derivative came
+    back silently without our ops' terms. torch's once_differentiable would not do: it refuses only where an
+    incoming gradient requires grad (not after loss.backward()), and only when the error node lies on the second
+    backward's path (not for torch.autograd.grad(..., inputs))."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"{name}: double backward (create_graph=True) is not supported: the kernels' "
+                                   "backward is not differentiable")
+            return backward(ctx, *grads)
+
+        return wrapper
+
+    return decorate
 
 
 def is_number(v):

@@ -81,9 +81,10 @@ gradients, Inductor stacked dq, dk, dv into it with a copy (0.45 ms of an H200's
 Limits: self-attention only (q, k, v share T); B*H <= 65535 (CUDA grid y); offsets within one
 (batch, head) slice (T * stride of T) must fit in int32; the dropout mask costs one Philox call per 8
 scores in the forward and T * W bytes per (batch, head) until the backward; a dropout p below 2^-17 rounds to
-no dropout. Under torch.compile, causal, softmax_scale and dropout_p
-are constants of the graph (a new value recompiles); the seed is not, nor is the fp32 matmul precision, which
-the operators read when they run (a CUDA graph keeps the kernels it captured, and so the precision of then).
+no dropout; no double backward (create_graph=True raises: kernels._common.first_order). Under torch.compile,
+causal, softmax_scale and dropout_p are constants of the graph (a new value recompiles); the seed is not, nor is the
+fp32 matmul precision, which the operators read when they run (a CUDA graph keeps the kernels it captured, and so the
+precision of then).
 Launch configurations come from `_CONFIGS`, keyed by (arch, head dim, fp32 or not), overridden per kernel by the
 measured table kernels/attention_tuned.json (written by `python -m bench.tune_attention` on a GPU), keyed also by
 the sequence-length bucket (T rounded up to a power of two in [128, 2048]) and dropout; see `_config_for`. Under the
@@ -112,6 +113,7 @@ from kernels._common import (
     check_tensors,
     dropout_args,
     dropout_words,
+    first_order,
     is_number,
     kernel_op,
     launchable,
@@ -1429,6 +1431,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse, mask)
 
 
+@first_order("fused_attention")
 def _attention_op_backward(ctx, do, _dlse, _dmask):
     q, k, v, o, lse, mask = ctx.saved_tensors
     dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, mask if ctx.args[2] > 0.0 else None, *ctx.args)
@@ -1490,6 +1493,7 @@ def _setup_context_qkv(ctx, inputs, output):
     ctx.save_for_backward(qkv, o, lse, mask)
 
 
+@first_order("fused_attention_qkv")
 def _attention_qkv_op_backward(ctx, do, _dlse, _dmask):
     qkv, o, lse, mask = ctx.saved_tensors
     return (attention_qkv_backward_op(do, qkv, o, lse, mask if ctx.args[2] > 0.0 else None, *ctx.args),
@@ -1511,6 +1515,7 @@ class FusedAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @first_order("fused_attention")
     def backward(ctx, do):
         q, k, v, o, lse, mask = ctx.saved_tensors
         dq, dk, dv = _backward(do, q, k, v, o, lse, *ctx.args, mask)
@@ -1528,6 +1533,7 @@ class FusedAttentionQKVFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @first_order("fused_attention_qkv")
     def backward(ctx, do):
         qkv, o, lse, mask = ctx.saved_tensors
         return _backward_qkv(do, qkv, o, lse, *ctx.args, mask), None, None, None, None

@@ -84,6 +84,7 @@ Limits and side effects:
   d weight during the forward, so it computes only the loss there and recomputes the chunks in the
   backward (twice the matmuls).
 - Under torch.compile the options (ignore_index, label_smoothing, reduction, chunk_size) are graph constants.
+- No double backward, in either function: create_graph=True raises (kernels._common.first_order).
 """
 
 import functools
@@ -102,6 +103,7 @@ from kernels._common import (
     TUNED_ARCHS,
     autocast_inputs,
     check_tensors,
+    first_order,
     is_number,
     next_power_of_2,
     read_tuned_json,
@@ -919,6 +921,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return _reduce(loss_rows, reduction, n_valid)
 
     @staticmethod
+    @first_order("fused_cross_entropy")
     def backward(ctx, grad_output):
         grad, post_scale = ctx.saved_tensors
         cross_entropy_scale_grad_op_(grad, grad_output, post_scale)
@@ -1260,6 +1263,7 @@ def _linear_setup_context(ctx, inputs, output):
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, post_scale)
 
 
+@first_order("fused_linear_cross_entropy")
 def _linear_backward(ctx, grad_loss, *_):
     if ctx.defer:
         hidden, weight, target, bias = ctx.saved_tensors

@@ -29,7 +29,8 @@ Operators: `gpt1_kernels::bias_gelu(x, bias?, approximate) -> y` and
 torch.library triton_ops (kernels._common.kernel_op: opaque to Inductor unless kernels.set_inline(True)) with
 fake implementations and the backward registered with register_autograd, so
 torch.compile(fullgraph=True) traces fused_bias_gelu forward and backward; in eager mode the public function
-calls the same launchers through BiasGELUFunction.
+calls the same launchers through BiasGELUFunction. No double backward: create_graph=True raises
+(kernels._common.first_order).
 """
 
 import functools
@@ -46,6 +47,7 @@ from kernels._common import (
     as_rows,
     cdiv,
     check_tensors,
+    first_order,
     interpreter_block,
     interpreter_rows,
     kernel_op,
@@ -301,6 +303,7 @@ def _setup_context(ctx, inputs, output):
     ctx.approximate = approximate
 
 
+@first_order("fused_bias_gelu")
 def _op_backward(ctx, dy):
     x, bias = ctx.saved_tensors
     dx, dbias = bias_gelu_backward_op(dy, x, bias, ctx.approximate)
@@ -320,6 +323,7 @@ class BiasGELUFunction(torch.autograd.Function):
         return _forward(x, bias, approximate)
 
     @staticmethod
+    @first_order("fused_bias_gelu")
     def backward(ctx, dy):
         x, bias = ctx.saved_tensors
         dx, dbias = _backward(dy, x, bias, ctx.approximate)

@@ -44,10 +44,10 @@ so torch.compile(fullgraph=True) traces fused_add_dropout_layer_norm forward and
 In eager mode the public function calls the same launchers through AddDropoutLayerNormFunction (no dispatcher
 round trip), as fused_attention does.
 
-Limits: 1 <= C <= 8192 (a row lives in registers: beyond that it would spill); offsets are int64. Under
-torch.compile dropout_p and eps are graph constants (a new value recompiles); the seed is not. Under the Triton
-interpreter (TRITON_INTERPRET=1, CPU tests), bf16 stores round to nearest by bit arithmetic (the interpreter
-truncates); GPU code is unaffected.
+Limits: 1 <= C <= 8192 (a row lives in registers: beyond that it would spill); offsets are int64; no double backward
+(create_graph=True raises: kernels._common.first_order). Under torch.compile dropout_p and eps are graph constants (a
+new value recompiles); the seed is not. Under the Triton interpreter (TRITON_INTERPRET=1, CPU tests), bf16 stores
+round to nearest by bit arithmetic (the interpreter truncates); GPU code is unaffected.
 """
 
 import functools
@@ -65,6 +65,7 @@ from kernels._common import (
     check_tensors,
     dropout_args,
     dropout_words,
+    first_order,
     interpreter_rows,
     is_number,
     keep_from_words,
@@ -507,6 +508,7 @@ def _setup_context(ctx, inputs, output):
     ctx.dropout_p, ctx.branch = dropout_p, branch_dtype is not None
 
 
+@first_order("fused_add_dropout_layer_norm")
 def _op_backward(ctx, dy, dy_branch, _dmean, _drstd):
     x, h, weight, bias, mean, rstd, seed = ctx.saved_tensors
     dx, dh, dweight, dbias = add_dropout_layer_norm_backward_op(dy, dy_branch if ctx.branch else None, x, h, weight,
@@ -530,6 +532,7 @@ class AddDropoutLayerNormFunction(torch.autograd.Function):
         return y if y_branch is None else (y, y_branch)
 
     @staticmethod
+    @first_order("fused_add_dropout_layer_norm")
     def backward(ctx, dy, dy_branch=None):
         x, h, weight, bias, mean, rstd, seed = ctx.saved_tensors
         dx, dh, dweight, dbias = _backward(dy, dy_branch, x, h, weight, bias, mean, rstd, seed, ctx.dropout_p)

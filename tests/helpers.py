@@ -128,6 +128,15 @@ def grads_agree(a, b, name):
     assert cos >= 0.998 and abs(ratio - 1) <= 0.02, f"{name}: cosine {cos:.5f}, norm ratio {ratio:.4f}"
 
 
+def assert_double_backward_refused(fn, inputs, name):
+    """fn(*leaves).sum() differentiated with create_graph=True (as a gradient penalty does) raises `name`'s
+    one-line error: the kernels' backward is not itself differentiable, so a second derivative would come back
+    silently without its terms. .sum() hands the backward an incoming gradient that does not require grad."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with pytest.raises(RuntimeError, match=f"^{name}: double backward \\(create_graph=True\\) is not supported"):
+        torch.autograd.grad(fn(*leaves).sum(), leaves, create_graph=True)
+
+
 def triton_constexpr_calls_on_the_host(monkeypatch, fn):
     """How many times fn() calls one of Triton's constexpr functions (triton.cdiv, triton.next_power_of_2: ~2-5 us
     of argument unwrapping each) on the host, with every kernel launch made a no-op (bench.host_path) so that only

@@ -15,7 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import assert_all_within, assert_error_within, fp32_eps_at, triton_constexpr_calls_on_the_host
+from helpers import (
+    assert_all_within,
+    assert_double_backward_refused,
+    assert_error_within,
+    fp32_eps_at,
+    triton_constexpr_calls_on_the_host,
+)
 
 from kernels import attention, fused_attention, fused_attention_qkv, reference
 from kernels.attention import (
@@ -25,6 +31,7 @@ from kernels.attention import (
     attention_dropout_mask,
     attention_forward,
     attention_op,
+    attention_qkv_op,
     unpack_dropout_mask,
     unpack_qkv,
 )
@@ -548,3 +555,17 @@ def test_host_path_calls_no_triton_constexpr_function(monkeypatch):
 
     n = triton_constexpr_calls_on_the_host(monkeypatch, calls)
     assert n in (0, None), n
+
+
+@pytest.mark.parametrize("path", ["function", "qkv function", "operator", "qkv operator"])
+def test_double_backward_is_refused(path, device):
+    """A gradient penalty through the attention (eager: the autograd.Functions; compiled: the operators'
+    register_autograd) gets a clear error, not second derivatives without the attention's terms."""
+    torch.manual_seed(0)
+    qkv = path.startswith("qkv")
+    inputs = [torch.randn(1, 5, 3, 2, 16, device=device)] if qkv else [torch.randn(1, 2, 5, 16, device=device)
+                                                                      for _ in range(3)]
+    fn = {"function": fused_attention, "qkv function": fused_attention_qkv,
+          "operator": lambda q, k, v: attention_op(q, k, v, None, True, 0.25, 0.0)[0],
+          "qkv operator": lambda x: attention_qkv_op(x, None, True, 0.25, 0.0)[0]}[path]
+    assert_double_backward_refused(fn, inputs, "fused_attention_qkv" if qkv else "fused_attention")

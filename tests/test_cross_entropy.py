@@ -11,7 +11,12 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_all_within, assert_error_within, triton_constexpr_calls_on_the_host
+from helpers import (
+    assert_all_within,
+    assert_double_backward_refused,
+    assert_error_within,
+    triton_constexpr_calls_on_the_host,
+)
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
@@ -882,3 +887,16 @@ def test_interpreter_indexes_with_a_one_element_array():
     finally:
         scope.restore()
     assert tl.tensor.__dict__.get("__index__") is before
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_is_refused(reduction, device):
+    """A gradient penalty through either loss gets a clear error, not second derivatives without the loss's terms
+    (the in-place one raised autograd's version-counter error, the linear one gave them silently)."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(5, 8, device=device), torch.randn(30, 8, device=device)
+    target = torch.tensor([1, IGNORE, 29, 0, 7], device=device)
+    assert_double_backward_refused(lambda h, w: fused_cross_entropy(h @ w.t(), target, reduction=reduction),
+                                   [hidden, weight], "fused_cross_entropy")
+    assert_double_backward_refused(lambda h, w: fused_linear_cross_entropy(h, w, target, reduction=reduction),
+                                   [hidden, weight], "fused_linear_cross_entropy")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -47,6 +48,41 @@ def test_saved_files_are_gpt2_format_and_reload(tok, tmp_path):
     again = GPT1Tokenizer.from_files(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
     text = "Something is rotten in the state of Denmark. Ünïcödé"
     assert again.encode(text) == tok.encode(text)
+    # in id order, as GPT-2's file is: it was a hash map's order, another in every process
+    assert list(vocab.values()) == list(range(600))
+
+
+def test_lone_surrogate_is_a_value_error(tok):
+    """A str that is not Unicode text (`gpt1 generate --prompt` with an undecodable byte) is a ValueError, which
+    the CLI prints as one line; it was the library's TypeError, a traceback."""
+    with pytest.raises(ValueError, match="lone surrogate at character 2"):
+        tok.encode("ab\udcffcd")
+    with pytest.raises(ValueError, match="lone surrogate at character 0"):
+        tok.encode_batch(["fine", "\ud800"])
+
+
+def byte_level_vocab(extra):
+    from tokenizers import pre_tokenizers
+
+    return {**{c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}, **extra}
+
+
+@pytest.mark.parametrize("vocab, merges, msg", [
+    (byte_level_vocab({"ab": 1000}), "a b", "the token ids must be the integers 0 to 256, each once"),  # a gap
+    (byte_level_vocab({"ab": 5}), "a b", "each once"),  # an id twice
+    (byte_level_vocab({"ab": "256"}), "a b", "each once"),
+    ({"a": 0, "b": 1, "ab": 2}, "a b", "lacks some of the 256 byte symbols"),  # would drop every other byte
+    (byte_level_vocab({}), "a z9", "Token `z9` out of vocabulary"),
+    (byte_level_vocab({}), "a b c", "Merges text file invalid at line 1"),
+])
+def test_bad_vocabulary_files_are_refused(tmp_path, vocab, merges, msg):
+    """Ids beyond the vocabulary's size overran the embedding and could wrap in a uint16 token file, and a
+    byte-level vocabulary without the byte alphabet dropped text, all silently; a bad merges file was the
+    library's bare Exception, a traceback."""
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text(f"#version: 0.2\n{merges}\n")
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        GPT1Tokenizer.from_files(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
 
 
 def test_original_gpt_bpe_files_load(tmp_path):
@@ -111,6 +147,42 @@ def test_split_follows_the_val_fraction(n, f, n_val):
     else:
         assert abs(got - f) < 0.02, got  # lines are ~25 characters of ~2,500 a document
         assert all(t.endswith("\n") for _, t in train)
+
+
+def test_prepare_into_its_corpus_directory_reads_the_same_corpus_again(tmp_path):
+    """An --out inside a --text directory: a second prepare read the first one's merges.txt as a document."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in os.listdir(EXCERPT):
+        (corpus / name).write_bytes(open(os.path.join(EXCERPT, name), "rb").read())
+    first = prepare(str(corpus / "prepared"), texts=[str(corpus)], vocab_size=300, val_fraction=0.25)
+    files = {f: (corpus / "prepared" / f).read_bytes() for f in os.listdir(corpus / "prepared")}
+    assert prepare(str(corpus / "prepared"), texts=[str(corpus)], vocab_size=300, val_fraction=0.25) == first
+    assert {f: (corpus / "prepared" / f).read_bytes() for f in os.listdir(corpus / "prepared")} == files
+
+
+def test_a_file_named_twice_is_one_document(tmp_path):
+    """A file given again (itself, or inside a given directory) was read twice: the same document in both splits."""
+    hamlet = os.path.join(EXCERPT, "hamlet.txt")
+    meta = prepare(str(tmp_path / "d"), texts=[EXCERPT, hamlet, os.path.join(EXCERPT, ".", "hamlet.txt")],
+                   vocab_size=300, val_fraction=0.25)
+    assert meta["documents"] == {"train": 3, "val": 1}
+    meta = prepare(str(tmp_path / "d"), texts=[hamlet, hamlet], vocab_size=300, val_fraction=0.5)
+    tok = GPT1Tokenizer.from_dir(str(tmp_path / "d"))
+    split = {k: tok.decode(np.fromfile(tmp_path / "d" / f"{k}.bin", dtype=np.uint16)[:-1].tolist())
+             for k in ("train", "val")}
+    assert split["train"] + split["val"] == open(hamlet, encoding="utf-8").read()  # cut in two, not doubled
+
+
+@pytest.mark.parametrize("f, empty", [(0.9999, "train"), (1e-17, "validation")])
+def test_val_fraction_that_empties_a_split_is_refused(tmp_path, f, empty):
+    """A corpus too small for the fraction's other side: 0 train tokens (a tokenizer trained on nothing) or 0
+    val tokens were written and reported as a success."""
+    doc = tmp_path / "one.txt"
+    doc.write_text("".join(f"line {i} of the only play\n" for i in range(200)))
+    with pytest.raises(DataError, match=f"--val-fraction {f} leaves the {empty} split of this corpus empty"):
+        prepare(str(tmp_path / "d"), texts=[str(doc)], vocab_size=300, val_fraction=f)
+    assert not os.path.exists(tmp_path / "d")
 
 
 def test_windows_take_files_of_exactly_one_window(tmp_path):
@@ -178,6 +250,7 @@ def test_bad_corpus_is_one_line_error_and_keeps_what_was_there(tmp_path, kind):
 
 
 @pytest.mark.parametrize("args, msg", [(["--vocab-size", "100"], "at least 300"),
+                                       (["--vocab-size", str(2**64)], f"at most {2**32}"),  # was OverflowError
                                        (["--val-fraction", "1.5"], "val-fraction"),
                                        (["--vocab", "v.json"], "together")])
 def test_bad_prepare_flags(tmp_path, args, msg):
@@ -190,3 +263,12 @@ def test_unprepared_data_dir_is_reported(tmp_path):
         load_meta(str(tmp_path))
     with pytest.raises(DataError, match="not found"):
         TokenFile(str(tmp_path), "train", "uint16")
+
+
+def test_bad_merges_file_is_one_line_error(tmp_path):
+    (tmp_path / "vocab.json").write_text(json.dumps(byte_level_vocab({})))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\nq z9\n")
+    res = prepare_cli("--out", str(tmp_path / "d"), "--text", EXCERPT, "--vocab", str(tmp_path / "vocab.json"),
+                      "--merges", str(tmp_path / "merges.txt"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith("error:") and "are not a BPE vocabulary and its merges" in res.stderr

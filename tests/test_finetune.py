@@ -91,6 +91,32 @@ def test_encode_reads_pairs_in_both_orders(tok):
     assert n_cut == 0 and enc[0].seqs == [[s, *a, d, *b, e], [s, *b, d, *a, e]] and enc[0].label == 1
 
 
+@pytest.mark.parametrize("kind", ["classify", "entail", "similarity", "choice"])
+def test_shortest_max_len_keeps_a_token_of_each_part(tok, kind):
+    long = tok.encode("Where the bee sucks, there suck I " * 4)
+    n = finetune.min_len(kind)
+    seqs, cut = transform(kind, long, long, [long, long], tok, n)
+    assert cut and all(len(s) == n and s[0] == tok.start_id and s[-1] == tok.extract_id for s in seqs)
+    parts = [s[1:-1] if kind == "classify" else (s[1:s.index(tok.delim_id)], s[s.index(tok.delim_id) + 1:-1])
+             for s in seqs]
+    assert all(p == long[:1] for p in parts) if kind == "classify" else all(p == (long[:1],) * 2 for p in parts)
+
+
+@pytest.mark.parametrize("task,kind,max_len", [("sst2", "classify", 2), ("rte", "entail", 4), ("mrpc", "similarity", 1),
+                                               ("classify", "classify", 1)])
+def test_max_len_without_room_for_the_text_is_refused(tmp_path, capsys, task, kind, max_len):
+    """Too short a --max-len crashed the truncation (pop from an empty list) or left a text part empty."""
+    cols = ["--text-column", "sentence", "--label-column", "label"] if task == "classify" else []
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--task", task, *cols, "--data-dir", os.path.join(GLUE, "SST-2"), "--max-len", str(max_len),
+                       "--init", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --max-len {max_len} leaves no room for the text of a {kind} example; give at least "
+                   f"{3 if kind == 'classify' else 5}"]
+    assert not (tmp_path / "o").exists()
+
+
 # ---- readers, bad input, metrics
 
 
@@ -117,6 +143,50 @@ def test_test_file_keeps_index():
     ex = glue.read_examples(task, os.path.join(GLUE, "CoLA", "test.tsv"), labelled=False)
     assert [(e.index, e.text_a, e.label) for e in ex] == [("0", "Caliban saw the ship.", None),
                                                           ("1", "Ship the saw Caliban.", None)]
+
+
+@pytest.mark.parametrize("flags,msg", [(["--train-examples", "0"], "--train-examples must be at least 1, got 0"),
+                                       (["--dev-examples", "-5"], "--dev-examples must be at least 1, got -5")])
+def test_corpus_task_refuses_example_counts_below_one(tmp_path, capsys, flags, msg):
+    from gpt1 import corpus_task
+
+    with pytest.raises(SystemExit) as e:
+        corpus_task.main(["--data", os.path.join(ROOT, "tests", "data", "shakespeare"), "--out", str(tmp_path / "o"),
+                          *flags])
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [f"error: {msg}"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_byte_order_mark_is_not_read_into_the_header(tmp_path):
+    mrpc = tmp_path / "mrpc.tsv"
+    mrpc.write_text("\ufeff" + read(os.path.join(GLUE, "MRPC", "train.tsv")), encoding="utf-8")
+    task = glue.get_task("mrpc")
+    assert glue.check_labels(task, glue.read_examples(task, str(mrpc)), task.labels)[0].label == 1
+    test = tmp_path / "test.tsv"
+    test.write_text("\ufeffindex\tsentence\n7\tCaliban saw the ship.\n", encoding="utf-8")
+    ex = glue.read_examples(glue.get_task("cola"), str(test), labelled=False)
+    assert [(e.index, e.text_a) for e in ex] == [("7", "Caliban saw the ship.")]
+
+
+@pytest.mark.parametrize("name,flags,msg", [
+    ("sst2", {"text_column": "text"}, "--text-column not used by --task sst2"),
+    ("mrpc", {"label_column": "label", "choice_columns": "A,B"}, "--label-column, --choice-columns not used"),
+    ("classify", {"text_column": "s", "label_column": "l", "choice_columns": "A,B"}, "--choice-columns not used"),
+    ("choice", {"text_column": "s", "text_b_column": "t", "label_column": "l", "choice_columns": "A,B"},
+     "--text-b-column not used by --task choice"),
+    ("choice", {"text_column": "s", "label_column": "l", "choice_columns": "A"}, "names one answer column"),
+])
+def test_column_flags_that_the_task_would_ignore_are_refused(name, flags, msg):
+    with pytest.raises(GPT1Error, match=msg):
+        glue.get_task(name, **flags)
+
+
+def test_generic_classify_needs_two_labels(tmp_path):
+    train = tmp_path / "train.tsv"
+    train.write_text("sentence\tlabel\nthe duke is merry .\tgood\nthe duke is kind .\tgood\n")
+    task = glue.get_task("classify", text_column="sentence", label_column="label")
+    with pytest.raises(GPT1Error, match=f"{train}: every example has the label 'good'"):
+        glue.label_set(task, glue.read_examples(task, str(train)))
 
 
 def test_generic_classify_takes_labels_from_train():
@@ -183,6 +253,16 @@ def test_metrics():
     assert glue.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert glue.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1])
     assert list(glue.ranks([3, 1, 3, 2])) == [3.5, 1.0, 3.5, 2.0]
+    # three classes: (correct * n - sum_k pred_k true_k) / sqrt((n^2 - sum pred_k^2)(n^2 - sum true_k^2))
+    assert glue.mcc([0, 1, 2, 2, 1], [0, 2, 1, 2, 1]) == pytest.approx((3 * 5 - 9) / 16)
+    assert glue.mcc([2, 2, 2], [0, 1, 2]) == 0.0
+
+
+def test_f1_of_class_1_is_not_reported_for_three_labels():
+    task = glue.get_task("classify", text_column="sentence", label_column="label")
+    assert glue.fit_metrics(task, ("a", "b")).metrics == ("accuracy", "f1", "mcc")
+    assert glue.fit_metrics(task, ("a", "b", "c")).metrics == ("accuracy", "mcc")
+    assert glue.fit_metrics(glue.get_task("mnli"), glue.TASKS["mnli"].labels).metrics == ("accuracy",)
 
 
 def test_epoch_order_is_seeded_and_fills_the_last_batch():
@@ -206,12 +286,18 @@ def test_out_holding_the_init_or_a_pretraining_run_is_refused(pretrained, tmp_pa
             if out != pretrained:
                 os.makedirs(out)
                 (out / "config.json").write_text(json.dumps({"model_type": "openai-gpt"}))
-            finetune.check_out(SimpleNamespace(out=str(out), init=pretrained))
+            finetune.check_out(SimpleNamespace(out=str(out), init=pretrained), glue.get_task("sst2"))
     with pytest.raises(GPT1Error, match="holds a pre-training run"):
-        finetune.check_out(SimpleNamespace(out=pretrained, init=str(tmp_path / "hf")))
+        finetune.check_out(SimpleNamespace(out=pretrained, init=str(tmp_path / "hf")), glue.get_task("sst2"))
     (tmp_path / "ft").mkdir()
     (tmp_path / "ft" / "config.json").write_text(json.dumps({"finetune": {}, "model": {}}))
-    finetune.check_out(SimpleNamespace(out=str(tmp_path / "ft"), init=pretrained))
+    run = SimpleNamespace(out=str(tmp_path / "ft"), init=pretrained, data_dir="", train="t.tsv", dev="d.tsv", test="")
+    finetune.check_out(run, glue.get_task("sst2"))
+    # the test file kept in --out under the submission's name would be replaced by the predictions
+    shutil.copy(os.path.join(GLUE, "SST-2", "test.tsv"), tmp_path / "ft" / "SST-2.tsv")
+    run.test = str(tmp_path / "ft" / "SST-2.tsv")
+    with pytest.raises(GPT1Error, match="SST-2.tsv is a task file and would be written over"):
+        finetune.check_out(run, glue.get_task("sst2"))
 
 
 # ---- the model: losses and padding
@@ -329,6 +415,9 @@ def test_init_from_run_or_hf_directory(pretrained, tmp_path):
     (["--lm-coef", "-0.5"], "--lm-coef must be at least 0.0"),
     (["--clf-dropout", "2"], "--clf-dropout must be in [0.0, 1.0]"),
     (["--log-interval", "0"], "--log-interval must be at least 1"),
+    (["--lm-coef", "inf"], "--lm-coef must be at least 0.0, got inf"),  # every step's loss inf, all skipped
+    (["--lr", "inf"], "--lr must be at least 0.0, got inf"),
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),  # numpy's seed refused it after DeepSpeed started
 ])
 def test_flags_out_of_range_are_refused(flags, msg):
     import re

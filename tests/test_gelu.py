@@ -8,7 +8,13 @@ CPU the kernels run in the Triton interpreter (tests/conftest.py): small shapes.
 
 import pytest
 import torch
-from helpers import assert_all_within, assert_close, fp32_eps_at, triton_constexpr_calls_on_the_host
+from helpers import (
+    assert_all_within,
+    assert_close,
+    assert_double_backward_refused,
+    fp32_eps_at,
+    triton_constexpr_calls_on_the_host,
+)
 
 from kernels import reference
 from kernels.gelu import bias_gelu_backward, bias_gelu_backward_op, bias_gelu_forward, bias_gelu_op, fused_bias_gelu
@@ -208,3 +214,13 @@ def test_host_path_calls_no_triton_constexpr_function(monkeypatch):
 
     n = triton_constexpr_calls_on_the_host(monkeypatch, calls)
     assert n in (0, None), n
+
+
+@pytest.mark.parametrize("path", ["function", "operator"])
+def test_double_backward_is_refused(path, device):
+    """A gradient penalty through bias + GELU (eager: the autograd.Function; compiled: the operator's
+    register_autograd) gets a clear error, not second derivatives without the GELU's terms."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(3, 8, device=device), torch.randn(8, device=device)]
+    fn = fused_bias_gelu if path == "function" else lambda x, b: bias_gelu_op(x, b, "tanh")
+    assert_double_backward_refused(fn, inputs, "fused_bias_gelu")

@@ -90,8 +90,51 @@ def test_load_hf_errors(tmp_path):
     with pytest.raises(GPT1Error, match="neither model.safetensors nor pytorch_model.bin"):
         load_hf(str(tmp_path))
     torch.save({"tokens_embed.weight": torch.zeros(10, 64)}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(GPT1Error, match="do not match"):
+    with pytest.raises(GPT1Error, match="do not match its config.json: Missing key"):  # the reason, not a header
         load_hf(str(tmp_path))
+
+
+def test_load_hf_double_heads_model_and_an_untied_head(tmp_path):
+    """What transformers' OpenAIGPTDoubleHeadsModel saves (the tied matrix as lm_head.weight only, and a
+    multiple-choice head) loads with its LM logits; an LM head of its own (tie_word_embeddings false) is refused
+    rather than dropped."""
+    from transformers import OpenAIGPTConfig, OpenAIGPTDoubleHeadsModel, OpenAIGPTLMHeadModel
+
+    from gpt1.errors import GPT1Error
+
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    for name, cls, tie in (("double", OpenAIGPTDoubleHeadsModel, True), ("untied", OpenAIGPTLMHeadModel, False)):
+        torch.manual_seed(3)
+        cfg = OpenAIGPTConfig(vocab_size=300, n_positions=16, n_embd=48, n_layer=2, n_head=3, tie_word_embeddings=tie)
+        hf = cls(cfg).eval()
+        hf.save_pretrained(str(tmp_path / name))
+        if tie:
+            with torch.no_grad():
+                assert_close(load_hf(str(tmp_path / name))(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+        else:
+            with pytest.raises(GPT1Error, match="not tied to the token embedding"):
+                load_hf(str(tmp_path / name))
+
+
+def test_load_hf_unreadable_files_are_named(tmp_path):
+    from gpt1.errors import GPT1Error
+
+    save_hf(random_model(), str(tmp_path / "hf"))
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(GPT1Error, match="model.safetensors cannot be read"):
+        load_hf(str(tmp_path / "hf"))
+    weights.unlink()
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    with pytest.raises(GPT1Error, match="pytorch_model.bin cannot be read"):
+        load_hf(str(tmp_path / "hf"))
+    (tmp_path / "hf" / "config.json").write_text("{")
+    with pytest.raises(GPT1Error, match="config.json is not JSON"):
+        load_hf(str(tmp_path / "hf"))
+    (tmp_path / "file").write_text("kept")
+    with pytest.raises(GPT1Error, match="is a file, not a directory"):
+        save_hf(random_model(), str(tmp_path / "file"))
+    assert (tmp_path / "file").read_text() == "kept"
 
 
 @pytest.fixture
@@ -121,6 +164,37 @@ def test_cli_generate_is_seeded(run_dir):
     a, b, c = cli(*args, "--seed", "1"), cli(*args, "--seed", "1"), cli(*args, "--seed", "2")
     assert a.returncode == 0, a.stderr
     assert a.stdout.startswith("KING:") and a.stdout == b.stdout != c.stdout
+
+
+def test_cli_generate_on_a_cpu_from_a_run_with_gpu_kernels(run_dir):
+    """A run trained with our Triton kernels (a GPU's choice) samples on a CPU without Triton's interpreter: the
+    same model with torch's ops, as the eager run gives it."""
+    args = ["generate", run_dir, "--prompt", "KING:", "--max-new-tokens", "8", "--device", "cpu"]
+    env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
+    eager = subprocess.run([sys.executable, "-m", "gpt1.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                           text=True, check=False)
+    cfg_path = os.path.join(run_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["model"].update(attn_impl="triton", loss_impl="triton_linear", norm_impl="triton", mlp_impl="triton")
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    fused = subprocess.run([sys.executable, "-m", "gpt1.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                           text=True, check=False)
+    assert eager.returncode == 0 and fused.returncode == 0, fused.stderr
+    assert fused.stdout == eager.stdout
+
+
+def test_cli_weights_of_another_config_name_the_keys(run_dir):
+    cfg_path = os.path.join(run_dir, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["model"]["n_layer"] += 1
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    res = cli("generate", run_dir)
+    assert res.returncode == 2 and 'model.pt cannot be loaded: Missing key(s) in state_dict: "h.4.' in res.stderr, \
+        res.stderr
 
 
 def cli_here(capsys, *args):

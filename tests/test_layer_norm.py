@@ -9,7 +9,13 @@ fp32 rounding step at the op's scale. With dropout both sides apply the very sam
 
 import pytest
 import torch
-from helpers import assert_all_within, assert_close, fp32_eps_at, triton_constexpr_calls_on_the_host
+from helpers import (
+    assert_all_within,
+    assert_close,
+    assert_double_backward_refused,
+    fp32_eps_at,
+    triton_constexpr_calls_on_the_host,
+)
 
 from kernels import reference
 from kernels.layer_norm import (
@@ -346,3 +352,15 @@ def test_host_path_calls_no_triton_constexpr_function(monkeypatch):
 
     n = triton_constexpr_calls_on_the_host(monkeypatch, calls)
     assert n in (0, None), n
+
+
+@pytest.mark.parametrize("path", ["function", "operator"])
+def test_double_backward_is_refused(path, device):
+    """A gradient penalty through the add + LayerNorm (eager: the autograd.Function; compiled: the operator's
+    register_autograd) gets a clear error, not second derivatives without the LayerNorm's terms."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(3, 8, device=device), torch.randn(3, 8, device=device), torch.randn(8, device=device),
+              torch.randn(8, device=device)]
+    fn = fused_add_dropout_layer_norm if path == "function" else (
+        lambda x, h, w, b: add_dropout_layer_norm_op(x, h, w, b, None, 0.0, 1e-5)[0])
+    assert_double_backward_refused(fn, inputs, "fused_add_dropout_layer_norm")

@@ -272,6 +272,8 @@ def test_kernel_attention_dropout_gives_the_gradients_of_its_mask(loss_impl, sca
     (dict(embd_pdrop="0.1"), "embd_pdrop must be a number"),
     (dict(layer_norm_epsilon=-1.0), "layer_norm_epsilon must be positive"),
     (dict(n_layer=True), "n_layer must be an int, got True"),
+    (dict(initializer_range=-0.02), "initializer_range must be >= 0"),
+    (dict(initializer_range=float("nan")), "initializer_range must be >= 0"),
 ])
 def test_config_values_of_the_wrong_type_or_sign_are_refused(overrides, msg):
     with pytest.raises(ValueError, match=msg):
@@ -288,6 +290,21 @@ def test_generate_refuses_bad_arguments(kwargs, msg):
         model.generate(torch.tensor([[1, 2]]), **{"max_new_tokens": 2, **kwargs})
     with pytest.raises(ValueError, match="T >= 1"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+
+
+def test_generate_at_a_tiny_temperature_is_greedy():
+    """logits / 1e-45 overflow float32 to inf (and softmax to NaN); the limit of sampling is the argmax."""
+    model = small_model().eval()
+    ids = torch.tensor([[1, 2, 3]])
+    out = model.generate(ids, 6, temperature=1e-45, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, model.generate(ids, 6, temperature=0))
+
+
+def test_input_ids_of_another_rank_are_refused():
+    model = small_model().eval()
+    for ids in (torch.zeros(4, dtype=torch.long), torch.zeros(2, 3, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"input_ids must be \(B, T\)"):
+            model(ids)
 
 
 def test_auto_attention_falls_back_to_sdpa_for_head_dims_the_kernel_lacks():

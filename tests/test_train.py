@@ -297,6 +297,21 @@ def test_bad_input_is_one_line_error(data, tmp_path, case):
     assert not os.path.exists(os.path.join(out, "checkpoints"))
 
 
+def test_train_split_shorter_than_a_window_writes_no_run_dir(data, tmp_path):
+    """The train split was checked only when the sampler was built, after config.json and the tokenizer had been
+    written into --out (and, with --resume, over the run's own)."""
+    short = tmp_path / "short"
+    short.mkdir()
+    for name in os.listdir(data):
+        (short / name).write_bytes(open(os.path.join(data, name), "rb").read())
+    (short / "train.bin").write_bytes((short / "train.bin").read_bytes()[:20])  # 10 uint16 tokens
+    out = tmp_path / "run"
+    res = run(train_cmd(str(short), str(out), ds_config(tmp_path, bf16=False)), ok=False)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].endswith("train.bin has 10 tokens, fewer than one window of 33")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("flags,msg", [
     (["--log-interval", "0"], "--log-interval must be at least 1, got 0"),
     (["--micro-batch-size", "-2"], "--micro-batch-size must be at least 0, got -2"),  # 0: the config's
@@ -311,6 +326,8 @@ def test_bad_input_is_one_line_error(data, tmp_path, case):
     (["--lr", "1e-3", "--min-lr", "2e-3"], "--min-lr must be in [0.0, 0.001], got 0.002"),
     (["--lr", "-1"], "--lr must be at least 0.0, got -1.0"),
     (["--dropout-seed", "-2"], "--dropout-seed must be at least 0, got -2"),  # -1: derived from --seed
+    (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),  # numpy's error, after config.json was written
+    (["--seed", str(2**32)], "--seed must be in [0, 4294967295], got 4294967296"),
 ])
 def test_flags_out_of_range_are_refused(flags, msg):
     """A value outside a flag's range is refused before anything starts, where it used to pass as a sentinel
