@@ -81,7 +81,10 @@ _HOLDS = {"pre-training": "a pre-training run", "fine-tuning": "a fine-tuning ru
 
 
 def refuse_to_write_over(path, allowed, advice):
-    """A GPT1Error naming what `path` holds (holds_run) unless it is nothing or one of the kinds in `allowed`."""
+    """A GPT1Error naming what `path` holds (holds_run) unless it is nothing or one of the kinds in `allowed`; also
+    where it is a file (makedirs would say only "File exists", save_pretrained would log it and write nothing)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise GPT1Error(f"{path} is a file, not a directory to write into; {advice}")
     kind = holds_run(path)
     if kind is not None and kind not in allowed:
         raise GPT1Error(f"{path} holds {_HOLDS[kind]}; {advice}")

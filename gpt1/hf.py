@@ -35,8 +35,6 @@ def save_hf(model: GPT1, out_dir, tokenizer=None):
     from .checkpoint import refuse_to_write_over
 
     refuse_to_write_over(out_dir, ("Hugging Face",), "export into another directory")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # save_pretrained would only log it and return
-        raise GPT1Error(f"{out_dir} is a file, not a directory to export into")
 
     state = {}
     for k, v in model.state_dict().items():

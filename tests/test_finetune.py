@@ -145,6 +145,18 @@ def test_test_file_keeps_index():
                                                           ("1", "Ship the saw Caliban.", None)]
 
 
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    """makedirs said only "[Errno 17] File exists", after DeepSpeed had started."""
+    (tmp_path / "o").write_text("kept")
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--task", "sst2", "--data-dir", os.path.join(GLUE, "SST-2"), "--init", str(tmp_path / "none"),
+                       "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'o'} is a file, not a directory to write into; choose another --out"]
+    assert (tmp_path / "o").read_text() == "kept"
+
+
 @pytest.mark.parametrize("flags,msg", [(["--train-examples", "0"], "--train-examples must be at least 1, got 0"),
                                        (["--dev-examples", "-5"], "--dev-examples must be at least 1, got -5")])
 def test_corpus_task_refuses_example_counts_below_one(tmp_path, capsys, flags, msg):

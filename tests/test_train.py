@@ -268,8 +268,10 @@ def bad_input_cases(data, tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "ft").mkdir()
     (tmp_path / "ft" / "config.json").write_text(json.dumps({"finetune": {}, "model": {}}))
+    (tmp_path / "a_file").write_text("kept")
     return {
         "fine-tuning out": (dict(config=good, out=str(tmp_path / "ft")), "holds a fine-tuning run"),
+        "file out": (dict(config=good, out=str(tmp_path / "a_file")), "a_file is a file, not a directory"),
         "batch sizes": (dict(config=ds_config(tmp_path, stage=1, train_batch_size=7)), "multiply out"),
         "unknown preset": (dict(config=good, model="gpt7"), "unknown model preset"),
         "missing ds config": (dict(config=str(tmp_path / "nope.json")), "not found"),
@@ -283,7 +285,7 @@ def bad_input_cases(data, tmp_path):
     }
 
 
-@pytest.mark.parametrize("case", ["fine-tuning out", "batch sizes", "unknown preset", "missing ds config",
+@pytest.mark.parametrize("case", ["fine-tuning out", "file out", "batch sizes", "unknown preset", "missing ds config",
                                   "broken ds config", "seq too long", "missing data", "compile mode",
                                   "inline uncompiled", "negative steps"])
 def test_bad_input_is_one_line_error(data, tmp_path, case):
